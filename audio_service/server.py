@@ -1,0 +1,162 @@
+"""AudioService servicer: gRPC messages in, batched backend calls, audio chunks out. No model logic here."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+import uuid
+
+import grpc
+
+from audio_service.backend import AudioBackend, AudioRequest, validate
+from audio_service.batching import Batcher
+from audio_service.config import AudioConfig
+from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
+from serving import audio_encoding
+from serving.errors import InvalidInput, NotReady, grpc_errors
+from serving.server import GrpcServer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = audio_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name
+
+SCHEDULERS = {
+    common_pb2.SCHEDULER_UNSPECIFIED: "dpm",
+    common_pb2.SCHEDULER_DPM_SOLVER: "dpm",
+    common_pb2.SCHEDULER_DDIM: "ddim",
+}
+SCHEDULER_ENUM = {"dpm": common_pb2.SCHEDULER_DPM_SOLVER, "ddim": common_pb2.SCHEDULER_DDIM}
+DEFAULT_STEPS = {"dpm": 20, "ddim": 200}
+ENCODINGS = {
+    common_pb2.AUDIO_ENCODING_UNSPECIFIED: audio_encoding.PCM16,
+    audio_encoding.PCM16: audio_encoding.PCM16,
+    audio_encoding.FLOAT32: audio_encoding.FLOAT32,
+    audio_encoding.WAV: audio_encoding.WAV,
+    audio_encoding.FLAC: audio_encoding.FLAC,
+}
+
+
+def audio_request(prompt: str, settings: common_pb2.AudioSettings, config: AudioConfig) -> AudioRequest:
+    """Request settings → backend request with the server's defaults; INVALID_ARGUMENT on nonsense."""
+    if settings.scheduler not in SCHEDULERS:
+        raise InvalidInput(f"settings.scheduler={settings.scheduler} is not a known scheduler")
+    scheduler = SCHEDULERS[settings.scheduler]
+    kwargs = dict(
+        prompt=prompt.strip(),
+        duration_seconds=settings.duration_seconds or config.default_duration_seconds,
+        num_inference_steps=settings.num_inference_steps or DEFAULT_STEPS[scheduler],
+        guidance_scale=settings.guidance_scale if settings.HasField("guidance_scale") else config.default_guidance_scale,
+        seed=settings.seed if settings.HasField("seed") else secrets.randbits(31),
+        num_candidates=settings.num_candidates or 1,
+        scheduler=scheduler,
+    )
+    if settings.HasField("negative_prompt"):
+        kwargs["negative_prompt"] = settings.negative_prompt
+    request = AudioRequest(**kwargs)
+    try:
+        validate(request)
+    except ValueError as exc:
+        raise InvalidInput(f"settings: {exc}") from None
+    return request
+
+
+def chunk_settings(settings: common_pb2.AudioSettings, config: AudioConfig) -> tuple[int, float]:
+    if settings.encoding not in ENCODINGS:
+        raise InvalidInput(f"settings.encoding={settings.encoding} is not a known encoding")
+    chunk_seconds = settings.chunk_duration_seconds or config.default_chunk_seconds
+    if not (math.isfinite(chunk_seconds) and 0.05 <= chunk_seconds <= 30):
+        raise InvalidInput(f"settings.chunk_duration_seconds={chunk_seconds} must be within 0.05..30")
+    return ENCODINGS[settings.encoding], chunk_seconds
+
+
+class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
+    def __init__(self, backend: AudioBackend, config: AudioConfig):
+        self.backend = backend
+        self.config = config
+        self.batcher = Batcher(
+            backend, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
+        )
+
+    @grpc_errors
+    async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
+        if not self.backend.ready:
+            raise NotReady("the audio model is still loading")
+        generation = audio_request(request.prompt, request.settings, self.config)
+        encoding, chunk_seconds = chunk_settings(request.settings, self.config)
+        clip_id = request.clip_id or uuid.uuid4().hex[:12]
+
+        # Progress events while the batch denoises; the clip follows. If the caller cancels, this
+        # coroutine is cancelled, the batcher marks the request and the backend stops early.
+        progress: asyncio.Queue = asyncio.Queue()
+        started = time.perf_counter()
+        job = asyncio.ensure_future(
+            self.batcher.submit(generation, on_step=lambda done, total: progress.put_nowait((done, total)))
+        )
+        try:
+            while not job.done():
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    done, total = getter.result()
+                    yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=done, steps_total=total))
+                else:
+                    getter.cancel()
+            result = job.result()
+        finally:
+            job.cancel()
+        elapsed = time.perf_counter() - started
+
+        metadata = common_pb2.ClipMetadata(
+            duration_seconds=len(result.waveform) / result.sample_rate_hertz,
+            sample_rate_hertz=result.sample_rate_hertz,
+            num_samples=len(result.waveform),
+            seed=generation.seed,
+            num_inference_steps=result.steps_run,
+            scheduler=SCHEDULER_ENUM[result.scheduler],
+            guidance_scale=generation.guidance_scale,
+            model_id=result.model_id,
+            prompt=generation.prompt,
+            negative_prompt=generation.negative_prompt,
+            num_candidates=generation.num_candidates,
+            generation_seconds=elapsed,
+        )
+        if result.score is not None:
+            metadata.score = result.score
+        payloads = list(audio_encoding.chunk_payloads(result.waveform, result.sample_rate_hertz, encoding, chunk_seconds))
+        for seq, payload in enumerate(payloads):
+            last = seq == len(payloads) - 1
+            yield audio_pb2.GenerateAudioResponse(
+                chunk=common_pb2.AudioChunk(
+                    clip_id=clip_id, sequence_number=seq, sample_rate_hertz=result.sample_rate_hertz, channels=1,
+                    encoding=encoding, data=payload, last=last, metadata=metadata if last else None,
+                )
+            )
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+
+def build_backend(config: AudioConfig) -> AudioBackend:
+    """The one place that picks a backend implementation from the config."""
+    if config.backend == "diffusers":
+        from audio_service.diffusers_backend import DiffusersAudioBackend
+        from serving.config import hf_token
+
+        return DiffusersAudioBackend(
+            model=config.model, revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype
+        )
+    raise ValueError(f"unknown audio backend {config.backend!r}")
+
+
+def make_server(config: AudioConfig, backend: AudioBackend) -> tuple[GrpcServer, AudioServicer]:
+    servicer = AudioServicer(backend, config)
+    server = GrpcServer(
+        config.server, lambda s: audio_pb2_grpc.add_AudioServiceServicer_to_server(servicer, s), [SERVICE_NAME]
+    )
+    return server, servicer
+
+
+def load_and_warm(backend: AudioBackend) -> None:
+    backend.load()
+    backend.warmup()

@@ -1,0 +1,265 @@
+"""Chaining the VLM and audio services for one image, pipelined.
+
+The VLM streams sound sources as it decodes them; the moment a new variant appears, its clip is
+requested from the audio service, while the VLM is still describing the rest. Events from the VLM
+reader and from every clip go through one bounded queue to the caller: a slow caller slows the
+producers down (backpressure) instead of growing memory. Audio calls in flight are bounded for the
+whole server by one semaphore shared by all images.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, orchestrator_pb2 as pb, vision_pb2, vision_pb2_grpc
+from orchestrator.mix import mix_layers
+from orchestrator.naming import clip_file_name
+from orchestrator.prompts import caption_for_variant
+from serving import audio_encoding
+from serving.errors import InvalidInput, Upstream
+
+log = logging.getLogger(__name__)
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class PipelineLimits:
+    max_audio_calls: int = 8  # audio RPCs in flight, all images together
+    max_clips_per_image: int = 32
+    event_queue_size: int = 64  # events buffered per image before producers wait for the caller
+    mix_sample_rate: int = 16000
+
+
+class Deadline:
+    """The time left for an image; downstream calls get what is left, never more."""
+
+    def __init__(self, seconds: float | None):
+        self._at = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        if self._at is None:
+            return None
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline exceeded")
+        return left
+
+
+@dataclass
+class _Clip:
+    ref: pb.ClipRef
+    prompt: str
+    payloads: list[bytes] = field(default_factory=list)
+    encoding: int = 0
+    ok: bool = False
+
+
+class Pipeline:
+    """Shared by all requests of an orchestrator: the stubs and the audio concurrency bound."""
+
+    def __init__(self, vlm: vision_pb2_grpc.VisionServiceStub | None, audio: audio_pb2_grpc.AudioServiceStub | None,
+                 limits: PipelineLimits = PipelineLimits()):
+        self.vlm = vlm
+        self.audio = audio
+        self.limits = limits
+        self.audio_slots = asyncio.Semaphore(limits.max_audio_calls)
+
+    def run(self, request: pb.ImageToSoundRequest, deadline: Deadline):
+        """The events of one image, as an async iterator. Closing it early cancels all downstream calls."""
+        return _ImageRun(self, request, deadline).events()
+
+
+class _ImageRun:
+    def __init__(self, pipeline: Pipeline, request: pb.ImageToSoundRequest, deadline: Deadline):
+        self.p = pipeline
+        self.request = request
+        self.request_id = request.request_id or uuid.uuid4().hex[:12]
+        self.deadline = deadline
+        self.options = request.options
+        self.out: asyncio.Queue = asyncio.Queue(maxsize=pipeline.limits.event_queue_size)
+        self.clip_tasks: list[asyncio.Task] = []
+        self.clips: list[_Clip] = []
+        self.sources: dict[str, common_pb2.SoundSource] = {}  # merged by id, in discovery order
+        self.scene = ("", "")
+        self.seen_variants: set[str] = set()
+        self.started = time.perf_counter()
+        self.t_scene = 0.0
+        self.t_first_audio = 0.0
+        self.vlm_stats: common_pb2.DescriptionStats | None = None
+
+    def _event(self, **kwargs) -> pb.ImageToSoundEvent:
+        return pb.ImageToSoundEvent(request_id=self.request_id, **kwargs)
+
+    async def _emit(self, **kwargs) -> None:
+        await self.out.put(self._event(**kwargs))
+
+    def _since_start(self) -> float:
+        return time.perf_counter() - self.started
+
+    async def events(self):
+        producer = asyncio.create_task(self._produce())
+        try:
+            while True:
+                item = await self.out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            producer.cancel()
+            for task in self.clip_tasks:
+                task.cancel()
+            await asyncio.gather(producer, *self.clip_tasks, return_exceptions=True)
+
+    async def _produce(self) -> None:
+        try:
+            which = self.request.WhichOneof("input")
+            if which == "image":
+                await self._describe()
+            elif which == "description":
+                await self._replay(self.request.description)
+            else:
+                raise InvalidInput("request needs an image or a description")
+            await asyncio.gather(*self.clip_tasks)
+            if self.options.scene_mix:
+                await self._emit_mix()
+            await self._emit(summary=self._summary())
+            await self.out.put(_DONE)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            await self.out.put(exc)
+
+    # --- describing ---------------------------------------------------------------------------
+    async def _describe(self) -> None:
+        if self.p.vlm is None:
+            raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no vision service; send a description")
+        call = self.p.vlm.StreamSceneDescription(
+            vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding),
+            timeout=self.deadline.left(),
+        )
+        try:
+            async for response in call:
+                kind = response.WhichOneof("event")
+                if kind == "scene":
+                    await self._on_scene(response.scene.scene, response.scene.mood)
+                elif kind == "source":
+                    await self._on_source(response.source)
+                elif kind == "final":
+                    self.vlm_stats = response.final.stats
+                    await self._emit(description=response.final.description)
+        except grpc.aio.AioRpcError as exc:
+            raise Upstream(exc.code(), f"vision service: {exc.details()}") from None
+
+    async def _replay(self, description: common_pb2.SceneDescription) -> None:
+        """A description made earlier (the seed's --skip_vlm): same events, no VLM."""
+        if not description.sources:
+            raise InvalidInput("description has no sound sources")
+        await self._on_scene(description.scene, description.mood)
+        for source in description.sources:
+            await self._on_source(source)
+        await self._emit(description=description)
+
+    async def _on_scene(self, scene: str, mood: str) -> None:
+        self.scene = (scene, mood)
+        self.t_scene = self._since_start()
+        await self._emit(scene=vision_pb2.SceneSummary(scene=scene, mood=mood))
+
+    async def _on_source(self, source: common_pb2.SoundSource) -> None:
+        merged = self.sources.setdefault(source.id, common_pb2.SoundSource(
+            id=source.id, name=source.name, material=source.material, location=source.location))
+        await self._emit(source=source)
+        for variant in source.variants:
+            if variant.id in self.seen_variants:
+                continue
+            self.seen_variants.add(variant.id)
+            merged.variants.append(variant)
+            self._start_clip(merged, variant)
+
+    # --- audio --------------------------------------------------------------------------------
+    def _start_clip(self, source: common_pb2.SoundSource, variant: common_pb2.SoundVariant) -> None:
+        limit = self.options.max_clips or self.p.limits.max_clips_per_image
+        if self.options.skip_audio or len(self.clips) >= limit:
+            return
+        index = len(self.clips) + 1
+        ref = pb.ClipRef(
+            clip_id=f"{self.request_id}-{index:02d}", kind=pb.CLIP_KIND_VARIANT, source_id=source.id,
+            variant_id=variant.id, index=index, file_name=clip_file_name(index, source.name, variant.action),
+        )
+        clip = _Clip(ref=ref, prompt=caption_for_variant(self.scene[0], self.scene[1], source, variant))
+        self.clips.append(clip)
+        self.clip_tasks.append(asyncio.create_task(self._render(clip)))
+
+    async def _render(self, clip: _Clip) -> None:
+        """One clip: an audio RPC whose chunks are forwarded as they come. Failures become ClipFailed."""
+        try:
+            if self.p.audio is None:
+                raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no audio service")
+            async with self.p.audio_slots:
+                call = self.p.audio.GenerateAudio(
+                    audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.request.audio, clip_id=clip.ref.clip_id),
+                    timeout=self.deadline.left(),
+                )
+                metadata = None
+                async for response in call:
+                    if response.WhichOneof("event") != "chunk":
+                        continue
+                    chunk = response.chunk
+                    if not self.t_first_audio:
+                        self.t_first_audio = self._since_start()
+                    if self.options.scene_mix:
+                        clip.payloads.append(chunk.data)
+                        clip.encoding = chunk.encoding
+                    await self._emit(audio=pb.ClipAudio(clip=clip.ref, chunk=chunk))
+                    if chunk.last:
+                        metadata = chunk.metadata
+                if metadata is None:
+                    raise Upstream(grpc.StatusCode.INTERNAL, "audio stream ended without its last chunk")
+            clip.ok = True
+            await self._emit(clip_done=pb.ClipDone(clip=clip.ref, prompt=clip.prompt, metadata=metadata))
+        except asyncio.CancelledError:
+            raise
+        except (grpc.aio.AioRpcError, Upstream, TimeoutError) as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else getattr(exc, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
+            message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            log.warning("clip %s failed: %s %s", clip.ref.clip_id, code.name, message)
+            await self._emit(clip_failed=pb.ClipFailed(clip=clip.ref, code=code.value[0], message=f"audio service: {message}"))
+
+    async def _emit_mix(self) -> None:
+        layers = [audio_encoding.decode_payloads(c.payloads, c.encoding) for c in self.clips if c.ok]
+        if not layers:
+            return
+        rate = self.p.limits.mix_sample_rate
+        mixed = mix_layers(layers)
+        ref = pb.ClipRef(clip_id=f"{self.request_id}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name="scene_mix.wav")
+        encoding = self.request.audio.encoding or audio_encoding.PCM16
+        chunk_seconds = self.request.audio.chunk_duration_seconds or 0.5
+        payloads = list(audio_encoding.chunk_payloads(mixed, rate, encoding, chunk_seconds))
+        metadata = common_pb2.ClipMetadata(duration_seconds=len(mixed) / rate, sample_rate_hertz=rate,
+                                           num_samples=len(mixed), prompt="scene mix of %d clips" % len(layers))
+        for seq, data in enumerate(payloads):
+            last = seq == len(payloads) - 1
+            chunk = common_pb2.AudioChunk(clip_id=ref.clip_id, sequence_number=seq, sample_rate_hertz=rate, channels=1,
+                                          encoding=encoding, data=data, last=last, metadata=metadata if last else None)
+            await self._emit(audio=pb.ClipAudio(clip=ref, chunk=chunk))
+        await self._emit(clip_done=pb.ClipDone(clip=ref, prompt=metadata.prompt, metadata=metadata))
+
+    def _summary(self) -> pb.ImageSummary:
+        summary = pb.ImageSummary(
+            sources=len(self.sources),
+            variants=len(self.seen_variants),
+            clips_done=sum(c.ok for c in self.clips),
+            clips_failed=sum(not c.ok for c in self.clips),
+            time_to_first_audio_seconds=self.t_first_audio,
+            time_to_scene_seconds=self.t_scene,
+            total_seconds=self._since_start(),
+        )
+        if self.vlm_stats is not None:
+            summary.vlm_stats.CopyFrom(self.vlm_stats)
+        return summary

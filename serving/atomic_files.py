@@ -1,0 +1,41 @@
+"""Atomic file writes: a temp file in the same folder, then rename. A reader never sees half a file,
+and an interrupted run leaves no partial output behind (so resumable batch runs can trust what exists)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
+    """Writes a PCM 16-bit WAV (16 kHz mono in this project) atomically."""
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.part", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Writes a text file atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

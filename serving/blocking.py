@@ -1,0 +1,70 @@
+"""Running blocking model code (a torch generate loop) from asyncio without blocking the event loop.
+
+Each backend gets one worker thread: models are not thread-safe, and one call at a time on one device
+is what we want anyway. Cancellation flows the other way: when the consumer goes away, `should_stop`
+turns true and the model loop can end early instead of burning GPU time for nobody.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+_END = object()
+
+
+class ModelWorker:
+    """One thread that owns a model; at most `max_queue` callers wait for it (else Overloaded)."""
+
+    def __init__(self, name: str, max_queue: int = 16):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._max_queue = max_queue
+        self._waiting = 0
+
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def stream(self, make_iter: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncIterator[T]:
+        """Yields the items of the blocking iterator `make_iter(should_stop)` as the thread produces them."""
+        from serving.errors import Overloaded
+
+        if self._waiting >= self._max_queue:
+            raise Overloaded(f"{self._waiting} requests already waiting; retry later")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                if stop.is_set():  # the caller left while queued: never start
+                    return
+                for item in make_iter(stop.is_set):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                    if stop.is_set():
+                        break
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        self._waiting += 1
+        future = loop.run_in_executor(self._executor, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._waiting -= 1
+            stop.set()
+            if not future.done():
+                # Don't wait for a long generation to notice: it ends on its own at the next step.
+                future.add_done_callback(lambda f: f.exception())
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,65 @@
+"""Checks every image before it reaches a model: clear INVALID_ARGUMENT errors instead of crashes."""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from serving.errors import InvalidInput
+
+# Formats we accept, by Pillow's name; the MIME types map onto them.
+FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp", "WEBP": "image/webp"}
+MIME_ALIASES = {"image/jpg": "image/jpeg", "image/x-ms-bmp": "image/bmp", "image/x-png": "image/png"}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    # Pixels, checked from the header before decoding (decompression bombs). The model resizes anyway.
+    max_pixels: int = 40_000_000
+    min_side: int = 8
+
+
+def decode_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLimits()):
+    """Decodes `data` into an RGB PIL image or raises InvalidInput saying what is wrong."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise InvalidInput("image.data is empty")
+    if len(data) > limits.max_bytes:
+        raise InvalidInput(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    declared = MIME_ALIASES.get(mime_type.lower().strip(), mime_type.lower().strip())
+    if declared and declared not in FORMATS.values():
+        raise InvalidInput(f"unsupported mime_type {mime_type!r}; use one of {sorted(FORMATS.values())}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = image.format or ""
+            if fmt not in FORMATS:
+                raise InvalidInput(f"unsupported image format {fmt or 'unknown'}; use JPEG, PNG, BMP or WebP")
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise InvalidInput(
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+                )
+            if min(width, height) < limits.min_side:
+                raise InvalidInput(f"image is {width}x{height}; each side must be at least {limits.min_side}")
+            image.load()  # truncated or corrupt files fail here, not later inside the model
+    except InvalidInput:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidInput("image.data is not an image Pillow can read (JPEG, PNG, BMP or WebP expected)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidInput("image is too large to decode safely (decompression bomb check)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"image.data is truncated or corrupt: {exc}") from None
+    if declared and FORMATS[fmt] != declared:
+        raise InvalidInput(f"mime_type says {declared} but the bytes are {FORMATS[fmt]}")
+    return image.convert("RGB")
+
+
+def mime_type_for(path: str) -> str:
+    """The MIME type for an image file name (by extension), '' if unknown."""
+    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    return {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "webp": "image/webp"}.get(ext, "")

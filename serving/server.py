@@ -1,0 +1,136 @@
+"""Start-up and shutdown of a grpc.aio server with standard health, reflection and metrics.
+
+Every service (VLM, audio, orchestrator) runs through `GrpcServer`:
+  start() binds the port, health says NOT_SERVING; the caller loads and warms its model, then
+  set_serving(True); on SIGTERM/SIGINT: NOT_SERVING, stop(grace), then the caller closes its backend.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving import metrics
+from serving.atomic_files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Network settings common to the three services."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free port (tests)
+    max_message_bytes: int = 32 * MiB  # images up to 20 MB plus framing
+    grace_seconds: float = 10.0
+    metrics_port: int = -1  # -1: no /metrics endpoint
+    keepalive_seconds: float = 30.0
+    port_file: str | None = None  # write the bound port here once listening (embedded mode, port 0)
+
+
+def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float = 30.0) -> list[tuple[str, int]]:
+    """Options for servers and clients alike: big messages, keepalive pings so dead peers are noticed."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+class GrpcServer:
+    """A grpc.aio server with health and reflection; the service servicers are added by `register`."""
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        register: Callable[[grpc.aio.Server], None],
+        service_names: Iterable[str],
+    ):
+        self.options = options
+        self.service_names = list(service_names)
+        self.server = grpc.aio.server(
+            options=channel_options(options.max_message_bytes, options.keepalive_seconds)
+            + [("grpc.so_reuseport", 0)]
+        )
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+        self.metrics_port = -1
+
+    @property
+    def address(self) -> str:
+        return f"{self.options.host}:{self.port}"
+
+    async def start(self) -> int:
+        """Binds and starts; health is NOT_SERVING until set_serving(True). Returns the bound port."""
+        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {self.options.host}:{self.options.port}")
+        await self.set_serving(False)
+        await self.server.start()
+        self.metrics_port = metrics.serve_metrics(self.options.metrics_port)
+        if self.options.port_file:
+            write_text_atomic(self.options.port_file, f"{self.port}\n")
+        log.info("listening on %s (metrics port %s)", self.address, self.metrics_port)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:  # "" is the whole server, as Kubernetes probes ask
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """NOT_SERVING for all, then let in-flight RPCs finish within the grace period."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.options.grace_seconds)
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM (Kubernetes) and SIGINT (Ctrl-C) set `stop`."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_until_signal(
+    server: GrpcServer,
+    become_ready: Callable[[], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+) -> None:
+    """The life of a service: start NOT_SERVING, `become_ready` (load and warm a model, or wait for the
+    model services), SERVING, wait for SIGTERM/SIGINT, then NOT_SERVING, drain, close. The port is open
+    (saying NOT_SERVING) while loading, so probes see progress rather than a refused connection."""
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    await server.start()
+    readying = asyncio.create_task(become_ready())
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({readying, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if readying in done:
+            readying.result()  # a failed load ends the process with its error
+            await server.set_serving(True)
+            log.info("SERVING on %s", server.address)
+            await waiter
+        log.info("shutting down")
+    finally:
+        waiter.cancel()
+        readying.cancel()
+        await server.stop()
+        await close()

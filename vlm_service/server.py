@@ -1,0 +1,121 @@
+"""VisionService servicer: gRPC messages in, backend calls, messages out. No model logic here."""
+from __future__ import annotations
+
+import logging
+import math
+
+import grpc
+
+from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from serving.blocking import ModelWorker
+from serving.errors import InvalidInput, NotReady, grpc_errors
+from serving.images import decode_image
+from serving.server import GrpcServer
+from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound, VisionBackend, validate
+from vlm_service.config import VlmConfig
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+
+
+def decoding_options(settings: common_pb2.DecodingSettings, limit: int) -> DecodingOptions:
+    """Request settings → backend options, with bounds checked (INVALID_ARGUMENT on nonsense)."""
+    temperature = settings.temperature if settings.HasField("temperature") else 0.0
+    top_p = settings.top_p if settings.HasField("top_p") else 1.0
+    options = DecodingOptions(
+        max_new_tokens=settings.max_new_tokens or DecodingOptions.max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=settings.seed if settings.HasField("seed") else None,
+    )
+    if options.max_new_tokens > limit:
+        raise InvalidInput(f"decoding.max_new_tokens={options.max_new_tokens} exceeds this server's limit {limit}")
+    if not all(math.isfinite(v) for v in (temperature, top_p)):
+        raise InvalidInput("decoding.temperature and decoding.top_p must be finite numbers")
+    try:
+        validate(options)
+    except ValueError as exc:
+        raise InvalidInput(f"decoding: {exc}") from None
+    return options
+
+
+def stats_message(done: DescriptionDone) -> common_pb2.DescriptionStats:
+    return common_pb2.DescriptionStats(
+        prompt_tokens=done.prompt_tokens,
+        output_tokens=done.output_tokens,
+        time_to_first_token_seconds=done.time_to_first_token_seconds,
+        total_seconds=done.total_seconds,
+    )
+
+
+class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
+    def __init__(self, backend: VisionBackend, config: VlmConfig):
+        self.backend = backend
+        self.config = config
+        self.worker = ModelWorker("vlm", max_queue=config.max_queue)
+
+    def _prepare(self, request) -> tuple:
+        if not self.backend.ready:
+            raise NotReady("the VLM is still loading")
+        if not request.HasField("image"):
+            raise InvalidInput("image is required")
+        image = decode_image(request.image.data, request.image.mime_type, self.config.image_limits)
+        return image, decoding_options(request.decoding, self.config.max_new_tokens_limit)
+
+    async def _events(self, request):
+        image, options = self._prepare(request)
+        async for event in self.worker.stream(lambda should_stop: self.backend.stream(image, options, should_stop)):
+            yield event
+
+    @grpc_errors
+    async def DescribeScene(self, request: vision_pb2.DescribeSceneRequest, context: grpc.aio.ServicerContext):
+        async for event in self._events(request):
+            if isinstance(event, DescriptionDone):
+                return vision_pb2.DescribeSceneResponse(description=event.description, stats=stats_message(event))
+        raise RuntimeError("the backend ended without a description")
+
+    @grpc_errors
+    async def StreamSceneDescription(self, request: vision_pb2.StreamSceneDescriptionRequest, context):
+        async for event in self._events(request):
+            if isinstance(event, SceneHeader):
+                yield vision_pb2.StreamSceneDescriptionResponse(
+                    scene=vision_pb2.SceneSummary(scene=event.scene, mood=event.mood)
+                )
+            elif isinstance(event, SourceFound):
+                yield vision_pb2.StreamSceneDescriptionResponse(source=event.source)
+            elif isinstance(event, DescriptionDone):
+                yield vision_pb2.StreamSceneDescriptionResponse(
+                    final=vision_pb2.DescribeSceneResponse(description=event.description, stats=stats_message(event))
+                )
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def build_backend(config: VlmConfig) -> VisionBackend:
+    """The one place that picks a backend implementation from the config."""
+    if config.backend == "transformers":
+        from serving.config import hf_token
+        from vlm_service.transformers_backend import TransformersVisionBackend
+
+        kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
+                      dtype=config.dtype, prompt_version=config.prompt_version)
+        if config.max_pixels:
+            kwargs["max_pixels"] = config.max_pixels
+        return TransformersVisionBackend(**kwargs)
+    raise ValueError(f"unknown VLM backend {config.backend!r}")
+
+
+def make_server(config: VlmConfig, backend: VisionBackend) -> tuple[GrpcServer, VisionServicer]:
+    servicer = VisionServicer(backend, config)
+    server = GrpcServer(
+        config.server,
+        lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, s),
+        [SERVICE_NAME],
+    )
+    return server, servicer
+
+
+def load_and_warm(backend: VisionBackend) -> None:
+    backend.load()
+    backend.warmup()
