@@ -19,7 +19,7 @@ import grpc
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, orchestrator_pb2 as pb, vision_pb2, vision_pb2_grpc
 from orchestrator.mix import mix_layers
 from orchestrator.naming import clip_file_name
-from orchestrator.prompts import caption_for_variant
+from orchestrator import prompts
 from serving import audio_encoding
 from serving.errors import InvalidInput, Upstream
 
@@ -33,6 +33,16 @@ class PipelineLimits:
     max_clips_per_image: int = 32
     event_queue_size: int = 64  # events buffered per image before producers wait for the caller
     mix_sample_rate: int = 16000
+
+
+def caption_for_variant(scene: str, mood: str, source: common_pb2.SoundSource, variant: common_pb2.SoundVariant) -> str:
+    """A short AudioCaps-style caption for one variant (prompt construction lives in prompts.py)."""
+    return prompts.build_caption(
+        prompts.SoundVariant(name=source.name, material=source.material, action=variant.action,
+                             timbre=tuple(variant.timbre)),
+        scene=scene,
+        mood=mood,
+    )
 
 
 class Deadline:

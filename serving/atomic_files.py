@@ -18,7 +18,7 @@ def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.part", dir=path.parent)
     os.close(fd)
     try:
-        sf.write(tmp, np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
+        sf.write(tmp, np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -51,7 +51,7 @@ def decode_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLi
     except UnidentifiedImageError:
         raise InvalidInput("image.data is not an image Pillow can read (JPEG, PNG, BMP or WebP expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidInput("image is too large to decode safely (decompression bomb check)") from None
+        raise InvalidInput("image has too many pixels to decode safely (decompression bomb check)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"image.data is truncated or corrupt: {exc}") from None
     if declared and FORMATS[fmt] != declared:

@@ -1,0 +1,49 @@
+"""Audio bytes: chunking and reassembly for every encoding, WAV files written atomically."""
+import numpy as np
+import pytest
+import soundfile as sf
+
+from serving import audio_encoding as enc
+from serving.atomic_files import write_wav
+
+RATE = 16000
+
+
+@pytest.fixture
+def wave() -> np.ndarray:
+    t = np.arange(int(2.3 * RATE)) / RATE
+    return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize("encoding", [enc.PCM16, enc.FLOAT32, enc.WAV, enc.FLAC])
+def test_chunks_reassemble_to_the_same_samples(wave, encoding):
+    payloads = list(enc.chunk_payloads(wave, RATE, encoding, chunk_seconds=0.5))
+    out = enc.decode_payloads(payloads, encoding)
+    assert out.shape == wave.shape
+    tolerance = 0 if encoding == enc.FLOAT32 else 1 / 32767 + 1e-6
+    assert np.max(np.abs(out - wave)) <= tolerance
+
+
+def test_raw_chunks_have_the_requested_duration(wave):
+    payloads = list(enc.chunk_payloads(wave, RATE, enc.PCM16, chunk_seconds=0.5))
+    assert len(payloads) == 5  # 2.3 s in 0.5 s chunks
+    assert all(len(p) == 8000 * 2 for p in payloads[:-1])
+    assert len(payloads[-1]) == int(0.3 * RATE) * 2
+
+
+def test_pcm16_clips_out_of_range_samples():
+    raw = enc.to_pcm16(np.array([2.0, -3.0, 0.0], dtype=np.float32))
+    assert np.frombuffer(raw, "<i2").tolist() == [32767, -32767, 0]
+
+
+def test_write_wav_is_pcm16_mono_and_leaves_no_temp_files(tmp_path, wave):
+    path = write_wav(tmp_path / "sub" / "clip.wav", wave, RATE)
+    info = sf.info(path)
+    assert (info.samplerate, info.channels, info.subtype, info.frames) == (RATE, 1, "PCM_16", len(wave))
+    assert [p.name for p in path.parent.iterdir()] == ["clip.wav"]
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(Exception):
+        write_wav(tmp_path / "bad.wav", np.zeros((3, 3, 3), dtype=np.float32), RATE)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,171 @@
+"""Orchestration logic on the real orchestrator with fake model services (tests/fake_services.py)."""
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
+from orchestrator.client import AsyncImageToSoundClient, ImageResult, make_request
+from tests.fake_services import FakeAudioServicer, FakeVisionServicer, fake_stack, scripted_description
+
+BOUND = 60  # seconds: a generous bound so a broken pipeline fails instead of hanging
+
+
+@pytest.fixture
+def image_bytes():
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def run_one(target, image, **kwargs) -> list[pb.ImageToSoundEvent]:
+    async with AsyncImageToSoundClient(target) as client:
+        return [e async for e in client.stream(image, **kwargs)]
+
+
+async def test_one_image_streams_scene_sources_clips_description_summary(image_bytes):
+    async with fake_stack() as (target, vision, audio):
+        events = await asyncio.wait_for(run_one(target, image_bytes, request_id="img1", duration_seconds=1.5), BOUND)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "scene" and kinds[-1] == "summary"
+    assert all(e.request_id == "img1" for e in events)
+    assert kinds.count("source") == 3 and kinds.count("description") == 1 and kinds.count("clip_done") == 6
+    result = ImageResult("img1")
+    for e in events:
+        result.add(e)
+    assert sorted(c.file_name for c in result.clips) == sorted(
+        f"{i:02d}_source_{s}_action_{v}.wav" for i, (s, v) in enumerate([(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)], 1))
+    for clip in result.clips:
+        assert clip.done and clip.waveform.shape == (24000,)
+        assert clip.instrument_role == "drums" and clip.source_name.startswith("source")
+        assert clip.prompt and clip.metadata.prompt == clip.prompt
+    summary = events[-1].summary
+    assert (summary.sources, summary.variants, summary.clips_done, summary.clips_failed) == (3, 6, 6, 0)
+    assert 0 < summary.time_to_first_audio_seconds <= summary.total_seconds
+    assert summary.vlm_stats.output_tokens == 20
+    assert len(audio.prompts) == 6 and len(set(audio.prompts)) == 6
+
+
+async def test_audio_starts_before_the_vlm_has_finished(image_bytes):
+    """Pipelining observed: the fake VLM holds its stream after the first source until the test has
+    received audio. Without pipelining no audio could arrive, and this would fail at the bound."""
+    vision = FakeVisionServicer(hold_after_first_source=True)
+
+    async def consume(target):
+        first_audio_while_vlm_busy = None
+        async with AsyncImageToSoundClient(target) as client:
+            async for event in client.stream(image_bytes, duration_seconds=1):
+                if event.WhichOneof("event") == "audio" and first_audio_while_vlm_busy is None:
+                    first_audio_while_vlm_busy = not vision.finished
+                    vision.release.set()
+        return first_audio_while_vlm_busy
+
+    async with fake_stack(vision=vision) as (target, _, _):
+        assert await asyncio.wait_for(consume(target), BOUND) is True
+
+
+async def test_a_failed_clip_is_an_event_and_the_others_complete(image_bytes):
+    audio = FakeAudioServicer(fail_word="source 2")
+    async with fake_stack(audio=audio) as (target, _, _):
+        events = await asyncio.wait_for(run_one(target, image_bytes, duration_seconds=1), BOUND)
+    failed = [e.clip_failed for e in events if e.WhichOneof("event") == "clip_failed"]
+    assert {f.clip.source_id for f in failed} == {"s2"} and len(failed) == 2
+    assert all(f.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "scripted failure" in f.message for f in failed)
+    summary = events[-1].summary
+    assert (summary.clips_done, summary.clips_failed) == (4, 2)
+
+
+async def test_bad_image_is_invalid_argument(image_bytes):
+    async with fake_stack() as (target, _, audio):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(run_one(target, b"not an image at all"), BOUND)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not an image" in info.value.details()
+        assert audio.prompts == []
+        # ... and the service goes on serving.
+        events = await asyncio.wait_for(run_one(target, image_bytes, duration_seconds=1), BOUND)
+        assert events[-1].WhichOneof("event") == "summary"
+
+
+async def test_description_input_skips_the_vlm_and_skip_audio_skips_audio(image_bytes):
+    async with fake_stack() as (target, vision, audio):
+        events = await asyncio.wait_for(run_one(target, None, description=scripted_description(2, 1), duration_seconds=1), BOUND)
+        assert vision.calls == 0 and len(audio.prompts) == 2
+        assert events[-1].summary.clips_done == 2
+        events = await asyncio.wait_for(
+            run_one(target, image_bytes, options=pb.PipelineOptions(skip_audio=True)), BOUND)
+        assert vision.calls == 1 and len(audio.prompts) == 2
+        assert not any(e.WhichOneof("event") in ("audio", "clip_done") for e in events)
+        assert events[-1].summary.variants == 6 and events[-1].summary.clips_done == 0
+
+
+async def test_bidirectional_stream_attributes_events_and_survives_a_corrupt_image(image_bytes):
+    requests = [make_request(image_bytes, request_id=f"img{i}") for i in range(3)]
+    requests.insert(1, make_request(b"\x89PNG\r\n\x1a\n broken", request_id="corrupt"))
+    async with fake_stack() as (target, _, audio):
+        async with AsyncImageToSoundClient(target) as client:
+            config = pb.StreamConfig(audio=common_pb2.AudioSettings(duration_seconds=1))
+
+            async def collect():
+                return [e async for e in client.stream_many(requests, config=config)]
+
+            events = await asyncio.wait_for(collect(), BOUND)
+    by_id: dict[str, list] = {}
+    for e in events:
+        by_id.setdefault(e.request_id, []).append(e.WhichOneof("event"))
+    assert set(by_id) == {"img0", "img1", "img2", "corrupt"}
+    assert by_id["corrupt"] == ["image_failed"]
+    for rid in ("img0", "img1", "img2"):
+        assert by_id[rid][0] == "scene" and by_id[rid][-1] == "summary" and by_id[rid].count("clip_done") == 6
+    # Events of different images interleave (they ran concurrently), and the config applied to all.
+    order = [e.request_id for e in events if e.request_id != "corrupt"]
+    assert order != sorted(order, key=lambda r: int(r[-1]))
+    assert len(audio.prompts) == 18
+
+
+async def test_audio_calls_are_bounded(image_bytes):
+    async with fake_stack(max_audio_calls=2) as (target, _, audio):
+        await asyncio.wait_for(run_one(target, image_bytes, duration_seconds=1), BOUND)
+    assert audio.max_in_flight <= 2 and len(audio.prompts) == 6
+
+
+async def test_client_cancellation_cancels_the_audio_calls(image_bytes):
+    audio = FakeAudioServicer(gate=asyncio.Event())  # audio never finishes on its own
+    async with fake_stack(audio=audio) as (target, _, _):
+        async with AsyncImageToSoundClient(target) as client:
+
+            async def consume():
+                async for _event in client.stream(image_bytes, duration_seconds=1):
+                    pass
+
+            reader = asyncio.create_task(consume())
+            await asyncio.wait_for(audio.entered.wait(), BOUND)
+            reader.cancel()  # the client goes away mid-stream
+            await asyncio.gather(reader, return_exceptions=True)
+            await asyncio.wait_for(audio.was_cancelled.wait(), BOUND)
+    assert audio.cancelled >= 1
+
+
+async def test_the_deadline_is_passed_downstream(image_bytes):
+    async with fake_stack() as (target, _, audio):
+        await asyncio.wait_for(run_one(target, image_bytes, duration_seconds=1, timeout=30), BOUND)
+    # The caller's 30 s, not the orchestrator's 600 s default (gRPC rounds deadlines up slightly).
+    assert audio.deadlines and all(d is not None and 0 < d <= 31 for d in audio.deadlines)
+
+
+async def test_scene_mix_is_streamed_as_its_own_clip(image_bytes):
+    async with fake_stack() as (target, _, _):
+        events = await asyncio.wait_for(
+            run_one(target, image_bytes, duration_seconds=1, options=pb.PipelineOptions(scene_mix=True)), BOUND)
+    result = ImageResult("x")
+    for e in events:
+        result.add(e)
+    mix = [c for c in result.clips if c.ref.kind == pb.CLIP_KIND_SCENE_MIX]
+    assert len(mix) == 1 and mix[0].file_name == "scene_mix.wav" and mix[0].done
+    wave = mix[0].waveform
+    assert wave.shape == (16000,) and np.max(np.abs(wave)) <= 0.99 and np.std(wave) > 0.01
