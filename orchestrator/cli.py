@@ -226,8 +226,8 @@ class Writer:
         if self.args.scene_mix and (job.result_dir / "scene_mix.wav").exists():
             manifest["scene_mix"] = "scene_mix.wav"
         keep = {c["file"] for c in job.clips_written} | {"scene_mix.wav"}
-        for stale in job.result_dir.glob("*.wav"):  # clips of an earlier, interrupted run
-            if stale.name not in keep:
+        for stale in [*job.result_dir.glob("*.wav"), *job.result_dir.glob(".*.part")]:
+            if stale.name not in keep:  # clips and temp files of an earlier, interrupted run
                 stale.unlink()
         # prompts.json last: its presence (with every listed file there) marks the image complete.
         if not result.failed:
