@@ -11,7 +11,8 @@ from serving.blocking import ModelWorker
 from serving.errors import InvalidInput, NotReady, grpc_errors
 from serving.images import decode_image
 from serving.server import GrpcServer
-from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound, VisionBackend, validate
+from vlm_service.backend import (BackendNotReady, BadImage, DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
+                                 VisionBackend, validate)
 from vlm_service.config import VlmConfig
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,13 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def _events(self, request):
         image, options = self._prepare(request)
-        async for event in self.worker.stream(lambda should_stop: self.backend.stream(image, options, should_stop)):
-            yield event
+        try:
+            async for event in self.worker.stream(lambda should_stop: self.backend.stream(image, options, should_stop)):
+                yield event
+        except BadImage as exc:
+            raise InvalidInput(str(exc)) from None
+        except BackendNotReady as exc:
+            raise NotReady(str(exc)) from None
 
     @grpc_errors
     async def DescribeScene(self, request: vision_pb2.DescribeSceneRequest, context: grpc.aio.ServicerContext):

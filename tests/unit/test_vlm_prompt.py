@@ -1,0 +1,148 @@
+"""Prompt templates (vlm_prompt) and what xgrammar 0.2.8 enforces of the v1 schema."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from vlm_prompt import available_versions, load_prompt
+from vlm_service import rules
+
+
+def _walk(schema, path="$"):
+    yield path, schema
+    for key, sub in schema.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{key}")
+    if "items" in schema:
+        yield from _walk(schema["items"], f"{path}[]")
+
+
+def test_v1_loads_with_all_parts():
+    prompt = load_prompt("v1")
+    assert prompt.version == "v1"
+    assert "v1" in available_versions()
+    assert prompt.system and prompt.task and prompt.schema and prompt.examples
+    assert "{example}" not in prompt.user_text
+    assert json.dumps(prompt.examples[0]["output"], separators=(",", ":")) in prompt.user_text
+    messages = prompt.messages()
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"][0] == {"type": "image"}
+    assert messages[1]["content"][1]["text"] == prompt.user_text
+    assert load_prompt() == prompt
+
+
+def test_prompt_states_the_seed_rules():
+    text = (load_prompt().system + " " + load_prompt().user_text).lower()
+    for word in ("speech", "footsteps", "clapping", "drums", "bass", "keyboard", "guitar", "none", "confidence",
+                 "material", "timbre", "no music"):
+        assert word in text, word
+
+
+@pytest.mark.parametrize("version", ["v0", "../v1", "V1", "v1/..", "", "v999"])
+def test_bad_versions_are_refused(version):
+    with pytest.raises(ValueError):
+        load_prompt(version)
+
+
+def test_schema_is_valid_and_bounds_every_string_and_array():
+    schema = load_prompt().schema
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for path, node in _walk(schema):
+        if node.get("type") == "string" and "enum" not in node:
+            assert "maxLength" in node, path
+        if node.get("type") == "array":
+            assert "maxItems" in node, path
+        if node.get("type") == "object":
+            assert node.get("additionalProperties") is False, path
+            assert set(node["required"]) <= set(node["properties"]), path
+    assert schema["properties"]["scene"]["minLength"] == 1
+    assert schema["properties"]["mood"]["minLength"] == 1
+
+
+def test_examples_validate_against_the_schema_and_survive_the_rules():
+    prompt = load_prompt()
+    for example in prompt.examples:
+        jsonschema.validate(example["output"], prompt.schema)
+        desc = rules.description_from_dict(example["output"], apply_rules=False)
+        assert rules.to_compact_dict(desc) == example["output"]
+
+
+# -- xgrammar on the schema, with the tiny checkpoint's tokenizer ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grammar(tiny_vlm_dir):
+    from transformers import AutoTokenizer
+
+    from vlm_service.decoding import build_tokenizer_info, compile_schema
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vlm_dir)
+    info = build_tokenizer_info(tokenizer, 151936, [151645, 151643])
+    return compile_schema(info, load_prompt().schema)
+
+
+def _complete(grammar, text: str) -> bool:
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(grammar)
+    return matcher.accept_string(text) and matcher.is_completed()
+
+
+def _doc(**changes):
+    doc = {"scene": "A street.", "mood": "calm", "sources": [{"name": "rain", "material": "roof", "variants": [
+        {"action": "drumming", "timbre": ["metallic"], "role": "drums", "confidence": 0.9}]}]}
+    variant = doc["sources"][0]["variants"][0]
+    for key, value in changes.items():
+        target = doc if key in doc else doc["sources"][0] if key in doc["sources"][0] else variant
+        target[key] = value
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def test_xgrammar_accepts_the_example_in_compact_form(grammar):
+    assert _complete(grammar, json.dumps(load_prompt().examples[0]["output"], separators=(",", ":")))
+    assert _complete(grammar, _doc())
+    assert _complete(grammar, _doc(confidence=1))
+    assert _complete(grammar, _doc(timbre=[]))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"scene": ""},  # minLength
+        {"mood": "m" * 49},  # maxLength
+        {"name": "n" * 41},
+        {"action": ""},
+        {"timbre": ["a", "b", "c", "d"]},  # maxItems
+        {"timbre": ["x" * 21]},
+        {"role": "violin"},  # enum
+        {"confidence": 1.5},  # maximum
+        {"confidence": -0.1},  # minimum
+        {"confidence": 0.1234567},  # at most 6 fraction digits
+        {"variants": []},  # minItems
+        {"sources": []},
+    ],
+)
+def test_xgrammar_enforces_the_bounds(grammar, changes):
+    assert not _complete(grammar, _doc(**changes))
+
+
+def test_xgrammar_bounds_the_number_of_sources_and_variants(grammar):
+    doc = json.loads(_doc())
+    doc["sources"] = doc["sources"] * 9
+    assert not _complete(grammar, json.dumps(doc, separators=(",", ":")))
+    doc = json.loads(_doc())
+    doc["sources"][0]["variants"] = doc["sources"][0]["variants"] * 5
+    assert not _complete(grammar, json.dumps(doc, separators=(",", ":")))
+
+
+def test_added_tokens_are_never_allowed_inside_strings(grammar):
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(grammar)
+    assert matcher.accept_string('{"scene":"A')
+    bitmask = xgr.allocate_token_bitmask(1, 151936)
+    matcher.fill_next_token_bitmask(bitmask)
+    allowed = {i for i in range(151643, 151665) if (int(bitmask[0, i // 32]) >> (i % 32)) & 1}
+    assert allowed == set()  # <|image_pad|>, <|vision_start|>, <|im_start|>, <tool_call>... all masked

@@ -1,0 +1,15 @@
+"""Session fixtures for the VLM side: the tiny Qwen2.5-VL checkpoint, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint (real classes, ~10 MB), written once into a temp dir."""
+    from vlm_service.tiny import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "vlm")

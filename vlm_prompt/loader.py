@@ -1,0 +1,70 @@
+"""Loads a prompt version from ``vlm_prompt/<version>/``."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_VERSION = "v1"
+EXAMPLE_PLACEHOLDER = "{example}"
+_ROOT = Path(__file__).resolve().parent
+_VERSION_RE = re.compile(r"^v[0-9]+$")
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One prompt version, as files on disk say it.
+
+    ``task`` is the raw task text (may hold the ``{example}`` placeholder); :attr:`user_text` is what
+    goes after the image in the user turn.
+    """
+
+    version: str
+    system: str
+    task: str
+    schema: dict[str, Any]
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def user_text(self) -> str:
+        example = ""
+        if self.examples:
+            example = json.dumps(self.examples[0]["output"], separators=(",", ":"), ensure_ascii=False)
+        return self.task.replace(EXAMPLE_PLACEHOLDER, example).strip()
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Chat messages in the Hugging Face / Qwen format, with one image placeholder in the user turn."""
+        return [
+            {"role": "system", "content": self.system},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.user_text}]},
+        ]
+
+
+def available_versions() -> list[str]:
+    return sorted(
+        (p.name for p in _ROOT.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)),
+        key=lambda v: int(v[1:]),
+    )
+
+
+def load_prompt(version: str = DEFAULT_VERSION) -> PromptTemplate:
+    """Read ``vlm_prompt/<version>/``: system.txt, task.txt, schema.json and optional examples.json.
+
+    Raises ValueError for an unknown or malformed version name, or an example without ``output``.
+    """
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise ValueError(f"bad prompt version {version!r}: expected v1, v2, ...")
+    folder = _ROOT / version
+    if not folder.is_dir():
+        raise ValueError(f"unknown prompt version {version!r}; available: {', '.join(available_versions())}")
+    system = (folder / "system.txt").read_text(encoding="utf-8").strip()
+    task = (folder / "task.txt").read_text(encoding="utf-8").strip()
+    schema = json.loads((folder / "schema.json").read_text(encoding="utf-8"))
+    examples_path = folder / "examples.json"
+    examples = json.loads(examples_path.read_text(encoding="utf-8")) if examples_path.exists() else []
+    if not isinstance(examples, list) or any(not isinstance(e, dict) or "output" not in e for e in examples):
+        raise ValueError(f"{examples_path}: expected a list of objects with an 'output' key")
+    return PromptTemplate(version=version, system=system, task=task, schema=schema, examples=examples)

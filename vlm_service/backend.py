@@ -1,0 +1,160 @@
+"""The VLM backend interface: what a model behind the vision service does, in domain terms.
+
+A backend turns a decoded RGB image into a ``SceneDescription`` (protos in ``image_to_sound.v1``),
+either in one go (:meth:`VisionBackend.describe`) or as a stream of events (:meth:`VisionBackend.stream`):
+one :class:`SceneHeader`, then :class:`SourceFound` events as sources are decoded (and, at the end, the
+variants re-admitted by the at-least-five rule, under ids already sent), then one
+:class:`DescriptionDone` whose description equals the merge of the SourceFound events by source id.
+
+No torch here: the servicer and tests of orchestration import this module without a model.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
+
+from PIL import Image
+
+from image_to_sound.v1 import common_pb2
+
+MAX_NEW_TOKENS_LIMIT = 2048
+MAX_TEMPERATURE = 2.0
+
+
+class BadImage(ValueError):
+    """The image cannot be described (maps to INVALID_ARGUMENT)."""
+
+
+class BackendNotReady(RuntimeError):
+    """The backend is not loaded yet, or was closed (maps to UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Decoding settings of one request. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def validate(options: DecodingOptions) -> None:
+    """Raise ValueError with a clear message when an option is out of range.
+
+    max_new_tokens: integer 1..2048; temperature: finite, 0..2; top_p: finite, in (0, 1];
+    seed: None or an integer in the signed 64-bit range.
+    """
+    n = options.max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
+        raise ValueError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got {n!r}")
+    t = options.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be a finite number from 0 to {MAX_TEMPERATURE:g}, got {t!r}")
+    p = options.top_p
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be a finite number in (0, 1], got {p!r}")
+    s = options.seed
+    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not -(2**63) <= s < 2**63):
+        raise ValueError(f"seed must be None or a 64-bit integer, got {s!r}")
+
+
+@dataclass(frozen=True)
+class SceneHeader:
+    """First event of a stream: the scene and mood (cleaned; empty when the model produced none).
+
+    Sent as soon as both are decoded. Should a source be complete first (only possible when output is
+    not constrained to the schema's key order) or the generation end first, it goes out with what is known
+    then, and the final description carries the values decoded later."""
+
+    scene: str
+    mood: str
+
+
+@dataclass(frozen=True)
+class SourceFound:
+    """A sound source with the variants admitted by this event. A source id may come again later with
+    more variants (re-admitted by the at-least-five rule); variant ids are never repeated."""
+
+    source: common_pb2.SoundSource
+
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class DescriptionDone:
+    """Last event: the whole description (after the post-rules) and stats.
+
+    ``finish_reason``: "stop" (the model finished the JSON), "length" (max_new_tokens reached: the
+    description holds what was complete), "cancelled" (``should_stop`` returned True).
+    """
+
+    description: common_pb2.SceneDescription
+    prompt_tokens: int
+    output_tokens: int
+    time_to_first_token_seconds: float
+    total_seconds: float
+    finish_reason: FinishReason = "stop"
+
+
+StreamEvent = SceneHeader | SourceFound | DescriptionDone
+
+
+class VisionBackend(ABC):
+    """A model that describes an image's sound sources.
+
+    Life cycle: construct (cheap, loads nothing) -> :meth:`load` -> :meth:`warmup` -> ``ready`` ->
+    requests -> :meth:`close`. Unless a subclass says otherwise, calls must be serialised (one request
+    at a time); :meth:`stream` is a blocking generator meant to run in a worker thread.
+    """
+
+    model_id: str
+    prompt_version: str
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights, processor and grammar. Blocking; may take minutes for real checkpoints."""
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """True once loaded and warmed up, until closed."""
+
+    @abstractmethod
+    def warmup(self) -> None:
+        """Run a short generation so the first request does not pay one-off costs."""
+
+    @abstractmethod
+    def stream(
+        self,
+        image: Image.Image,
+        options: DecodingOptions,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Describe ``image`` (decoded, RGB, size-checked), yielding SceneHeader, then SourceFound
+        events, then exactly one DescriptionDone.
+
+        ``should_stop`` is polled before generation and after every generated token (possibly from
+        another thread); when it returns True generation stops and the stream ends with a
+        DescriptionDone whose finish_reason is "cancelled". Closing the generator early also stops
+        generation. Raises, when called (before the first event): ValueError for bad options, BadImage
+        for an image the model cannot take, BackendNotReady before :meth:`load` or after :meth:`close`.
+        """
+
+    def describe(self, image: Image.Image, options: DecodingOptions) -> DescriptionDone:
+        """Describe ``image`` in one go (drains :meth:`stream`)."""
+        done: DescriptionDone | None = None
+        for event in self.stream(image, options):
+            if isinstance(event, DescriptionDone):
+                done = event
+        if done is None:  # pragma: no cover - a backend bug
+            raise RuntimeError("stream ended without DescriptionDone")
+        return done
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the model (idempotent)."""

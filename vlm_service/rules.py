@@ -1,0 +1,630 @@
+"""Descriptions as data: tolerant parsing, the seed's post-rules, and the seed's file format.
+
+No torch or transformers here (the command line's ``--skip_vlm`` path imports this module).
+
+- :func:`parse_model_output` reads what a model wrote (code fences, prose around the JSON, trailing
+  commas, truncated output, the seed's keys or the compact v1 keys) into a ``SceneDescription``.
+- :class:`PostRules` applies the seed's rules incrementally, so a stream can emit each source as it
+  closes and the re-admitted variants at the end; :func:`apply_post_rules` is the one-shot form.
+- :func:`to_seed_dict` / :func:`from_seed_dict` convert to and from the seed's JSON file format.
+
+Rules (from the seed, design.md section 3), as implemented here:
+
+1. Speech filter. A variant is dropped when its source name or action names human speech or an
+   emotional/vocal sound: always for words that only people do (talking, speech, conversation,
+   whispering, laughing, sobbing, shouting, yelling, voices, singer...); and for vocal words that animals
+   or things also do (singing, crying, screaming, humming, cheering, chanting, murmuring, calling,
+   whistling, howling...) only when the source is a person (person, man, woman, child, crowd, baby, ...
+   in the name or the action). So "birds singing" and "kettle whistling" stay, "woman singing" goes.
+   Physical human sounds stay: footsteps, clapping, rustling clothes, typing, and also breathing,
+   coughing, sneezing and snoring (bodily, non-verbal, not emotional).
+2. Dedupe: a variant whose (source name, action) equals an earlier one, case- and
+   whitespace-insensitively, is dropped. An admitted variant is never withdrawn (it may already have
+   been streamed), so the first confident one wins; a held-back one gives way to a more confident twin.
+3. Confidence: variants with confidence < 0.7 are held back (missing confidence counts as 1.0, kept).
+4. At least five: at the end, if fewer than 5 variants were admitted, the most confident held-back
+   variants are re-admitted (ties: the earlier one) until there are 5 or none is left.
+5. Sources left with no admitted variant are dropped.
+
+Ids: source ``s<i>`` is the i-th source object of the model's output (1-based) and variant
+``s<i>v<j>`` its j-th variant, so ids are stable and never reused; dropped items leave gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from image_to_sound.v1 import common_pb2
+
+MIN_CONFIDENCE = 0.7
+MIN_VARIANTS = 5
+
+# Length bounds applied when cleaning strings (characters). Looser than the v1 schema's, since they also
+# apply to seed files and unconstrained backends.
+MAX_SCENE_CHARS = 400
+MAX_MOOD_CHARS = 120
+MAX_NAME_CHARS = 60
+MAX_MATERIAL_CHARS = 60
+MAX_ACTION_CHARS = 120
+MAX_TIMBRE_CHARS = 32
+MAX_TIMBRE_WORDS = 5
+
+_SCENE_KEYS = ("scene", "scene_description")
+_MOOD_KEYS = ("mood", "mood_description")
+_SOURCES_KEYS = ("sources", "sound_sources", "objects")
+_NAME_KEYS = ("name", "source", "object")
+_MATERIAL_KEYS = ("material",)
+_VARIANTS_KEYS = ("variants",)
+_ACTION_KEYS = ("action", "play_method")
+_TIMBRE_KEYS = ("timbre",)
+_ROLE_KEYS = ("role", "mapping_to_music_instrument", "instrument")
+_CONFIDENCE_KEYS = ("confidence",)
+
+Role = common_pb2.InstrumentRole
+
+_ROLE_BY_WORD = {
+    "guitar": Role.INSTRUMENT_ROLE_GUITAR,
+    "bass": Role.INSTRUMENT_ROLE_BASS,
+    "keyboard": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "keyboards": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "keys": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "piano": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "drums": Role.INSTRUMENT_ROLE_DRUMS,
+    "drum": Role.INSTRUMENT_ROLE_DRUMS,
+    "percussion": Role.INSTRUMENT_ROLE_DRUMS,
+    "none": Role.INSTRUMENT_ROLE_NONE,
+    "no": Role.INSTRUMENT_ROLE_NONE,
+    "n/a": Role.INSTRUMENT_ROLE_NONE,
+}
+_SEED_ROLE_NAME = {
+    Role.INSTRUMENT_ROLE_GUITAR: "guitar",
+    Role.INSTRUMENT_ROLE_BASS: "bass",
+    Role.INSTRUMENT_ROLE_KEYBOARD: "keyboard",
+    Role.INSTRUMENT_ROLE_DRUMS: "drums",
+}
+_COMPACT_ROLE_NAME = {**_SEED_ROLE_NAME, Role.INSTRUMENT_ROLE_NONE: "none"}
+
+# Speech filter vocabularies (see the module docstring).
+_ALWAYS_VOCAL = frozenset("""
+speech speak speaks speaking spoken talk talks talking talked chat chats chatting conversation conversations
+conversing dialogue dialogues dialog narration narrating narrator announcement announcements announcing
+announcer whisper whispers whispering whispered gossip gossiping voice voices vocal vocals vocalizing
+vocalising lyrics laughter laugh laughs laughing laughed giggle giggles giggling chuckle chuckles chuckling
+sob sobs sobbing weep weeps weeping singer singers choir rapping shout shouts shouting shouted yell yells
+yelling yelled argue arguing argument greeting greetings
+""".split())
+_HUMAN_ONLY_VOCAL = frozenset("""
+sing sings singing sang song songs cry cries crying scream screams screaming shriek shrieks shrieking
+cheer cheers cheering chant chants chanting hum hums humming murmur murmurs murmuring mumble mumbles
+mumbling babble babbles babbling babbling chatter chatters chattering call calls calling moan moans moaning
+groan groans groaning sigh sighs sighing wail wails wailing howl howls howling whistle whistles whistling
+coo coos cooing pray prays praying prayer prayers grunt grunts grunting squeal squeals squealing
+""".split())
+_HUMAN = frozenset("""
+person persons people man men woman women child children kid kids baby babies infant infants toddler
+toddlers boy boys girl girls crowd crowds audience spectators spectator family friends couple
+teenager teenagers teen teens student students worker workers tourist tourists passerby passersby
+pedestrian pedestrians customer customers vendor vendors shopper shoppers human humans someone somebody
+guy guys lady ladies gentleman gentlemen performer performers mother father mom dad
+grandmother grandfather parent parents waiter waitress chef officer soldier soldiers farmer fisherman
+fishermen skater skaters cyclist cyclists rider riders hiker hikers swimmer swimmers diner diners
+neighbor neighbors neighbour neighbours commuter commuters traveler travelers traveller travellers
+""".split())
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cleaning
+# --------------------------------------------------------------------------------------------------
+
+
+def clean_text(value: Any, max_chars: int) -> str:
+    """Make a model- or file-provided value safe for prompts, protobuf and file names.
+
+    Converts to str (lists are joined with ", "), replaces control and format characters (C* Unicode
+    categories) with spaces or drops them, collapses whitespace, trims, and cuts to ``max_chars`` at a
+    word boundary when one is near.
+    """
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(clean_text(v, max_chars) for v in value if v is not None)
+    elif not isinstance(value, str):
+        value = str(value)
+    out = []
+    for ch in value:
+        cat = unicodedata.category(ch)
+        if ch.isspace():
+            out.append(" ")
+        elif cat[0] == "C":  # Cc control, Cf format, Cs surrogate, Co private use, Cn unassigned
+            continue
+        else:
+            out.append(ch)
+    text = " ".join("".join(out).split())
+    if len(text) > max_chars:
+        cut = text[:max_chars]
+        space = cut.rfind(" ")
+        if space >= max_chars // 2:
+            cut = cut[:space]
+        text = cut.rstrip(" ,;:-")
+    return text
+
+
+def parse_role(value: Any) -> int:
+    """Instrument role from a model's or file's value: "guitar"/"bass"/"keyboard"/"drums" (any case, a few
+    synonyms), "None"/"none" -> NONE; null, missing, empty or unknown -> UNSPECIFIED."""
+    if not isinstance(value, str):
+        return Role.INSTRUMENT_ROLE_UNSPECIFIED
+    word = value.strip().lower()
+    return _ROLE_BY_WORD.get(word, Role.INSTRUMENT_ROLE_UNSPECIFIED)
+
+
+def parse_confidence(value: Any) -> float | None:
+    """A confidence in [0, 1], or None when missing or unreadable. Numeric strings and "85%" are read;
+    values in (1, 100] are taken as percent; the rest is clamped to [0, 1]."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip().rstrip("%").strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        if value.strip().endswith("%"):
+            number /= 100.0
+    elif isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        return None
+    if not math.isfinite(number):
+        return None
+    if 1.0 < number <= 100.0:
+        number /= 100.0
+    return min(1.0, max(0.0, number))
+
+
+def parse_timbre(value: Any) -> list[str]:
+    """Timbre words from a list or a comma/semicolon/slash separated string; cleaned, deduped, at most 5."""
+    if value is None:
+        return []
+    items: list[Any]
+    if isinstance(value, str):
+        items = re.split(r"[,;/|]", value)
+    elif isinstance(value, (list, tuple)):
+        items = []
+        for item in value:
+            items.extend(re.split(r"[,;/|]", item) if isinstance(item, str) else [item])
+    else:
+        items = [value]
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        word = clean_text(item, MAX_TIMBRE_CHARS)
+        if word and word.lower() not in seen:
+            seen.add(word.lower())
+            out.append(word)
+        if len(out) == MAX_TIMBRE_WORDS:
+            break
+    return out
+
+
+def _get(d: Mapping[str, Any], keys: Iterable[str]) -> Any:
+    """The value of the first of ``keys`` present in ``d`` (exact match first, then case-insensitive)."""
+    for key in keys:
+        if key in d:
+            return d[key]
+    lowered = {str(k).strip().lower(): v for k, v in d.items()}
+    for key in keys:
+        if key in lowered:
+            return lowered[key]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw dict -> protos
+# --------------------------------------------------------------------------------------------------
+
+
+def variant_from_raw(raw: Any, variant_id: str) -> common_pb2.SoundVariant | None:
+    """One variant from a compact (action/timbre/role/confidence) or seed (play_method/timbre/
+    mapping_to_music_instrument/confidence) dict; None when it has no usable action."""
+    if isinstance(raw, str):
+        raw = {"action": raw}
+    if not isinstance(raw, Mapping):
+        return None
+    action = clean_text(_get(raw, _ACTION_KEYS), MAX_ACTION_CHARS)
+    if not action:
+        return None
+    variant = common_pb2.SoundVariant(
+        id=variant_id,
+        action=action,
+        timbre=parse_timbre(_get(raw, _TIMBRE_KEYS)),
+        instrument_role=parse_role(_get(raw, _ROLE_KEYS)),
+    )
+    confidence = parse_confidence(_get(raw, _CONFIDENCE_KEYS))
+    if confidence is not None:
+        variant.confidence = confidence
+    return variant
+
+
+def source_from_raw(raw: Any, index: int) -> common_pb2.SoundSource | None:
+    """One source (all its usable variants, cleaned, with ids) from a raw dict; None without a name."""
+    if not isinstance(raw, Mapping):
+        return None
+    name = clean_text(_get(raw, _NAME_KEYS), MAX_NAME_CHARS)
+    if not name:
+        return None
+    source = common_pb2.SoundSource(
+        id=f"s{index}", name=name, material=clean_text(_get(raw, _MATERIAL_KEYS), MAX_MATERIAL_CHARS)
+    )
+    raw_variants = _get(raw, _VARIANTS_KEYS)
+    if isinstance(raw_variants, (Mapping, str)):
+        raw_variants = [raw_variants]
+    for j, raw_variant in enumerate(raw_variants or [], start=1):
+        variant = variant_from_raw(raw_variant, f"s{index}v{j}")
+        if variant is not None:
+            source.variants.append(variant)
+    return source
+
+
+def description_from_dict(data: Mapping[str, Any], *, apply_rules: bool = True) -> common_pb2.SceneDescription:
+    """A SceneDescription from a parsed JSON object in the compact v1 or the seed format.
+
+    With ``apply_rules`` (the default) the post-rules run; without, every usable source and variant is
+    kept as written (what ``from_seed_dict`` does).
+    """
+    if not isinstance(data, Mapping):
+        raise ValueError("description must be a JSON object")
+    scene = clean_text(_get(data, _SCENE_KEYS), MAX_SCENE_CHARS)
+    mood = clean_text(_get(data, _MOOD_KEYS), MAX_MOOD_CHARS)
+    raw_sources = _get(data, _SOURCES_KEYS)
+    if isinstance(raw_sources, Mapping):
+        raw_sources = [raw_sources]
+    if not isinstance(raw_sources, list):
+        raw_sources = []
+    sources = [s for i, raw in enumerate(raw_sources, start=1) if (s := source_from_raw(raw, i)) is not None]
+    if not apply_rules:
+        return common_pb2.SceneDescription(scene=scene, mood=mood, sources=sources)
+    rules = PostRules()
+    for source in sources:
+        rules.add(source)
+    rules.finish()
+    return rules.description(scene, mood)
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-rules (incremental)
+# --------------------------------------------------------------------------------------------------
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD_RE.findall(text.lower()))
+
+
+def is_vocal(source_name: str, action: str) -> bool:
+    """True when the (source, action) pair is human speech or an emotional/vocal human sound."""
+    name_words = _words(source_name)
+    action_words = _words(action)
+    if (name_words | action_words) & _ALWAYS_VOCAL:
+        return True
+    human = bool((name_words | action_words) & _HUMAN)
+    return human and bool((action_words | name_words) & _HUMAN_ONLY_VOCAL)
+
+
+def _dedupe_key(source_name: str, action: str) -> tuple[str, str]:
+    return (" ".join(source_name.lower().split()), " ".join(action.lower().split()))
+
+
+def _confidence(variant: common_pb2.SoundVariant) -> float:
+    return variant.confidence if variant.HasField("confidence") else 1.0
+
+
+@dataclass
+class _Held:
+    confidence: float
+    order: int
+    source: common_pb2.SoundSource  # the source it came from (name, material, id); its variants unused
+    variant: common_pb2.SoundVariant
+    key: tuple[str, str]
+    dropped: bool = False
+
+
+class PostRules:
+    """The seed's post-rules, applied source by source.
+
+    ``add(source)`` takes a cleaned source with ids (as from :func:`source_from_raw`) and returns the
+    source with its variants admitted now (confident enough, not speech, not duplicates), or None when
+    none is. ``finish()`` returns the re-admitted variants, grouped as one source per source id (only the
+    new variants). The final description (:meth:`description`) is the merge of everything returned, in
+    order, by source id: exactly what a stream of those sources merges to.
+    """
+
+    def __init__(self, min_confidence: float = MIN_CONFIDENCE, min_variants: int = MIN_VARIANTS) -> None:
+        self.min_confidence = min_confidence
+        self.min_variants = min_variants
+        self._admitted_keys: set[tuple[str, str]] = set()
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._order = 0
+        self._merged: dict[str, common_pb2.SoundSource] = {}
+        self._admitted = 0
+        self._finished = False
+
+    @property
+    def admitted_count(self) -> int:
+        return self._admitted
+
+    def add(self, source: common_pb2.SoundSource) -> common_pb2.SoundSource | None:
+        if self._finished:
+            raise RuntimeError("PostRules.add after finish")
+        admitted: list[common_pb2.SoundVariant] = []
+        for variant in source.variants:
+            self._order += 1
+            if is_vocal(source.name, variant.action):
+                continue
+            key = _dedupe_key(source.name, variant.action)
+            if key in self._admitted_keys:
+                continue
+            confidence = _confidence(variant)
+            held = self._held.get(key)
+            if held is not None:
+                if confidence <= held.confidence:
+                    continue
+                held.dropped = True  # the new one is more confident: it replaces the held one
+                del self._held[key]
+            if confidence >= self.min_confidence:
+                self._admitted_keys.add(key)
+                admitted.append(variant)
+            else:
+                self._held[key] = _Held(confidence, self._order, source, variant, key)
+        if not admitted:
+            return None
+        return self._emit(source, admitted)
+
+    def finish(self) -> list[common_pb2.SoundSource]:
+        """Re-admit the most confident held-back variants until ``min_variants`` are admitted."""
+        if self._finished:
+            return []
+        self._finished = True
+        need = self.min_variants - self._admitted
+        if need <= 0 or not self._held:
+            return []
+        chosen = sorted(self._held.values(), key=lambda h: (-h.confidence, h.order))[:need]
+        chosen.sort(key=lambda h: h.order)
+        events: list[common_pb2.SoundSource] = []
+        by_source: dict[str, tuple[common_pb2.SoundSource, list[common_pb2.SoundVariant]]] = {}
+        for held in chosen:
+            entry = by_source.setdefault(held.source.id, (held.source, []))
+            entry[1].append(held.variant)
+            self._admitted_keys.add(held.key)
+        for source, variants in by_source.values():
+            events.append(self._emit(source, variants))
+        return events
+
+    def description(self, scene: str, mood: str) -> common_pb2.SceneDescription:
+        desc = common_pb2.SceneDescription(scene=scene, mood=mood)
+        for source in self._merged.values():
+            desc.sources.append(source)
+        return desc
+
+    def _emit(self, source: common_pb2.SoundSource, variants: list[common_pb2.SoundVariant]) -> common_pb2.SoundSource:
+        event = common_pb2.SoundSource(id=source.id, name=source.name, material=source.material)
+        if source.HasField("location"):
+            event.location.CopyFrom(source.location)
+        event.variants.extend(variants)
+        self._admitted += len(variants)
+        merge_into(self._merged, event)
+        return event
+
+
+def merge_into(merged: dict[str, common_pb2.SoundSource], event: common_pb2.SoundSource) -> None:
+    """Merge one streamed source into ``merged`` (id -> source): first sighting keeps name, material and
+    location; later ones append their variants."""
+    existing = merged.get(event.id)
+    if existing is None:
+        copy = common_pb2.SoundSource()
+        copy.CopyFrom(event)
+        merged[event.id] = copy
+    else:
+        existing.variants.extend(event.variants)
+
+
+def merge_sources(events: Iterable[common_pb2.SoundSource]) -> list[common_pb2.SoundSource]:
+    """The sources a stream of source events adds up to, in order of first appearance."""
+    merged: dict[str, common_pb2.SoundSource] = {}
+    for event in events:
+        merge_into(merged, event)
+    return list(merged.values())
+
+
+def apply_post_rules(
+    desc: common_pb2.SceneDescription,
+    *,
+    min_confidence: float = MIN_CONFIDENCE,
+    min_variants: int = MIN_VARIANTS,
+) -> common_pb2.SceneDescription:
+    """One-shot form of :class:`PostRules` over a description's sources (ids are kept)."""
+    rules = PostRules(min_confidence, min_variants)
+    for source in desc.sources:
+        rules.add(source)
+    rules.finish()
+    out = rules.description(desc.scene, desc.mood)
+    out.prompt_version = desc.prompt_version
+    out.model_id = desc.model_id
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tolerant parsing of model output
+# --------------------------------------------------------------------------------------------------
+
+_FENCE_RE = re.compile(r"```[a-zA-Z0-9_-]*")
+
+
+def _balanced_object(text: str, start: int) -> str | None:
+    """The text of the JSON object starting at ``text[start] == '{'`` up to its matching brace."""
+    depth = 0
+    in_string = escape = False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escape:
+                escape = False
+            elif c == "\\":
+                escape = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return text[start : i + 1]
+    return None
+
+
+def _strip_trailing_commas(text: str) -> str:
+    out = []
+    in_string = escape = False
+    for i, c in enumerate(text):
+        if in_string:
+            out.append(c)
+            if escape:
+                escape = False
+            elif c == "\\":
+                escape = True
+            elif c == '"':
+                in_string = False
+            continue
+        if c == '"':
+            in_string = True
+        elif c == ",":
+            rest = text[i + 1 :].lstrip()
+            if rest[:1] in ("}", "]"):
+                continue
+        out.append(c)
+    return "".join(out)
+
+
+def extract_json_object(text: str) -> dict[str, Any] | None:
+    """The first JSON object in ``text`` that parses (after removing code fences and trailing commas)."""
+    cleaned = _FENCE_RE.sub("", text)
+    start = cleaned.find("{")
+    while start != -1:
+        candidate = _balanced_object(cleaned, start)
+        if candidate is None:
+            return None
+        for attempt in (candidate, _strip_trailing_commas(candidate)):
+            try:
+                value = json.loads(attempt, strict=False)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+        start = cleaned.find("{", start + 1)
+    return None
+
+
+def parse_model_output(text: str, *, apply_rules: bool = True) -> common_pb2.SceneDescription:
+    """Tolerant parse of a model's answer into a SceneDescription.
+
+    Accepts code fences, prose before/after the JSON, trailing commas, control characters inside
+    strings, the seed's keys and the compact keys. If the JSON is cut off (max tokens), the scene, mood
+    and every complete source are salvaged. Raises ValueError when there is no JSON object at all.
+    """
+    data = extract_json_object(text)
+    if data is None:
+        from vlm_service.decoding import JsonStreamParser, ParsedHeader, ParsedSource
+
+        parser = JsonStreamParser()
+        events = parser.feed(_FENCE_RE.sub("", text)) + parser.close()
+        sources = [e.data for e in events if isinstance(e, ParsedSource)]
+        header = next((e for e in events if isinstance(e, ParsedHeader)), ParsedHeader("", ""))
+        if not sources and not header.scene and not header.mood:
+            raise ValueError("no JSON object found in the model output")
+        data = {"scene": header.scene, "mood": header.mood, "sources": sources}
+    return description_from_dict(data, apply_rules=apply_rules)
+
+
+# --------------------------------------------------------------------------------------------------
+# The seed's file format and the compact v1 format
+# --------------------------------------------------------------------------------------------------
+
+
+def _round_confidence(value: float) -> float:
+    return round(float(value), 3)
+
+
+def to_seed_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
+    """The seed's JSON file shape (design.md section 3). Instrument: "guitar"/"bass"/"keyboard"/"drums",
+    else "None". ``confidence`` is written rounded to 3 decimals, and left out when unset (as in the
+    seed's older files). Ids, prompt version and model id are not part of the seed format."""
+    return {
+        "scene_description": desc.scene,
+        "mood_description": desc.mood,
+        "sound_sources": [
+            {
+                "name": source.name,
+                "material": source.material,
+                "variants": [
+                    {
+                        "play_method": variant.action,
+                        "timbre": list(variant.timbre),
+                        "mapping_to_music_instrument": _SEED_ROLE_NAME.get(variant.instrument_role, "None"),
+                        **(
+                            {"confidence": _round_confidence(variant.confidence)}
+                            if variant.HasField("confidence")
+                            else {}
+                        ),
+                    }
+                    for variant in source.variants
+                ],
+            }
+            for source in desc.sources
+        ],
+    }
+
+
+def from_seed_dict(data: Mapping[str, Any]) -> common_pb2.SceneDescription:
+    """A SceneDescription from a seed file's JSON (also older shapes: ``objects`` instead of
+    ``sound_sources``, missing confidence, instrument "None"/null/absent; and the compact v1 keys).
+
+    Strings are cleaned and ids assigned; no post-rule is applied (call :func:`apply_post_rules` for that).
+    Raises ValueError when ``data`` is not an object.
+    """
+    return description_from_dict(data, apply_rules=False)
+
+
+def to_compact_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
+    """The compact v1 JSON shape (what the model writes). Unset confidence is left out, unset role is "none"."""
+    return {
+        "scene": desc.scene,
+        "mood": desc.mood,
+        "sources": [
+            {
+                "name": s.name,
+                "material": s.material,
+                "variants": [
+                    {
+                        "action": v.action,
+                        "timbre": list(v.timbre),
+                        "role": _COMPACT_ROLE_NAME.get(v.instrument_role, "none"),
+                        **({"confidence": _round_confidence(v.confidence)} if v.HasField("confidence") else {}),
+                    }
+                    for v in s.variants
+                ],
+            }
+            for s in desc.sources
+        ],
+    }
+
+
+def dumps_seed(desc: common_pb2.SceneDescription) -> str:
+    """The seed file's text (indented, UTF-8 characters kept)."""
+    return json.dumps(to_seed_dict(desc), indent=2, ensure_ascii=False)
