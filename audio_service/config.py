@@ -9,6 +9,11 @@ from serving.server import ServerOptions
 
 DEFAULT_MODEL = "cvssp/audioldm2"
 DEFAULT_PORT = 50052
+# What every clip should avoid unless the request says otherwise: AudioLDM2 drifts towards music and voices.
+DEFAULT_NEGATIVE_PROMPT = (
+    "music, melody, musical instrument, singing, speech, talking, voice, "
+    "low quality, distorted, noise, static, muffled"
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,7 @@ class AudioConfig:
     default_duration_seconds: float = 4.0  # the seed's --audio_seconds default
     default_guidance_scale: float = 3.5  # the seed's --audio_guidance default
     default_chunk_seconds: float = 0.5
+    default_negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
 
 
@@ -38,11 +44,14 @@ def parse_args(argv: list[str] | None = None) -> AudioConfig:
                    help="requests with compatible settings run as one pipeline call, up to this many")
     p.add_argument("--max-wait-ms", type=float, default=env_default("max_wait_ms", 10.0),
                    help="how long a request waits for companions to batch with")
+    p.add_argument("--negative-prompt", default=env_default("negative_prompt", DEFAULT_NEGATIVE_PROMPT),
+                   help="negative prompt for requests that set none")
     p.add_argument("--max-queue", type=int, default=env_default("max_queue", 64), help="queued requests before RESOURCE_EXHAUSTED")
     add_server_flags(p, DEFAULT_PORT)
     a = p.parse_args(argv)
     return AudioConfig(
         model=a.model, backend=a.backend, revision=a.revision, device=a.device, dtype=a.dtype,
         max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
+        default_negative_prompt=a.negative_prompt,
         server=server_options(a),
     )

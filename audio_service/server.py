@@ -10,8 +10,8 @@ import uuid
 
 import grpc
 
-from audio_service.backend import AudioBackend, AudioRequest, validate
-from audio_service.batching import Batcher
+from audio_service.backend import AudioBackend, AudioRequest, BackendNotLoaded, validate
+from audio_service.batching import Batcher, BatcherClosed
 from audio_service.config import AudioConfig
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from serving import audio_encoding
@@ -51,9 +51,10 @@ def audio_request(prompt: str, settings: common_pb2.AudioSettings, config: Audio
         num_candidates=settings.num_candidates or 1,
         scheduler=scheduler,
     )
-    if settings.HasField("negative_prompt"):
-        kwargs["negative_prompt"] = settings.negative_prompt
-    request = AudioRequest(**kwargs)
+    request = AudioRequest(
+        **kwargs,
+        negative_prompt=settings.negative_prompt if settings.HasField("negative_prompt") else config.default_negative_prompt,
+    )
     try:
         validate(request)
     except ValueError as exc:
@@ -103,6 +104,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
                 else:
                     getter.cancel()
             result = job.result()
+        except (BackendNotLoaded, BatcherClosed) as exc:
+            raise NotReady(str(exc)) from None
         finally:
             job.cancel()
         elapsed = time.perf_counter() - started

@@ -35,16 +35,6 @@ class PipelineLimits:
     mix_sample_rate: int = 16000
 
 
-def caption_for_variant(scene: str, mood: str, source: common_pb2.SoundSource, variant: common_pb2.SoundVariant) -> str:
-    """A short AudioCaps-style caption for one variant (prompt construction lives in prompts.py)."""
-    return prompts.build_caption(
-        prompts.SoundVariant(name=source.name, material=source.material, action=variant.action,
-                             timbre=tuple(variant.timbre)),
-        scene=scene,
-        mood=mood,
-    )
-
-
 class Deadline:
     """The time left for an image; downstream calls get what is left, never more."""
 
@@ -202,7 +192,7 @@ class _ImageRun:
             clip_id=f"{self.request_id}-{index:02d}", kind=pb.CLIP_KIND_VARIANT, source_id=source.id,
             variant_id=variant.id, index=index, file_name=clip_file_name(index, source.name, variant.action),
         )
-        clip = _Clip(ref=ref, prompt=caption_for_variant(self.scene[0], self.scene[1], source, variant))
+        clip = _Clip(ref=ref, prompt=prompts.caption_for_variant(self.scene[0], self.scene[1], source, variant))
         self.clips.append(clip)
         self.clip_tasks.append(asyncio.create_task(self._render(clip)))
 

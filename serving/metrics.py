@@ -17,6 +17,9 @@ MODEL_SECONDS = Histogram(
     ["stage"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+AUDIO_STOPPED_EARLY = Counter(
+    "i2s_audio_batches_stopped_early_total", "Audio batches whose callers all left, stopped before the last step"
+)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> int:

@@ -1,0 +1,1 @@
+"""AudioLDM2 sound-effect service: backend interface, diffusers backend, micro-batching."""

@@ -1,0 +1,255 @@
+"""Micro-batching for the audio backend: concurrent requests with compatible settings share one model call.
+
+    batcher = Batcher(backend, max_batch_size=4, max_wait_ms=10, max_queue=64)
+    result = await batcher.submit(request, on_step=lambda done, total: ...)
+
+- Requests with equal `AudioRequest.batch_key()` (duration, steps, guidance, scheduler, candidates)
+  that arrive within `max_wait_ms` of the oldest queued one go into one `backend.generate` call, up to
+  `max_batch_size` (a full batch leaves at once). Others wait for a later call, oldest first.
+- One worker thread runs the backend: one model, one call at a time. The event loop never blocks.
+- At most `max_queue` requests wait (the running batch not counted); beyond that `submit` raises
+  `Overloaded` (RESOURCE_EXHAUSTED).
+- A caller that is cancelled while queued is dropped: its request never runs. If every caller of the
+  running batch is cancelled, the backend's `should_stop` turns true and the loop ends at the next step.
+- `on_step(done, total)` progress reaches each caller on the event loop (call_soon_threadsafe).
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, validate
+from serving import metrics
+from serving.errors import Overloaded
+
+__all__ = ["Batcher", "BatcherClosed", "Overloaded"]
+
+log = logging.getLogger(__name__)
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher is closing or closed; the request was not run."""
+
+
+@dataclass(eq=False)
+class _Job:
+    request: AudioRequest
+    future: asyncio.Future
+    on_step: StepCallback | None
+    key: tuple = field(init=False)
+    cancelled: bool = False  # written on the loop, read by the worker thread (a plain bool: atomic)
+
+    def __post_init__(self) -> None:
+        self.key = self.request.batch_key()
+
+
+class Batcher:
+    """Groups concurrently submitted requests into backend calls (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: AudioBackend,
+        *,
+        max_batch_size: int = 4,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 64,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must not be negative")
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        self.backend = backend
+        self.max_batch_size = int(max_batch_size)
+        self.max_wait_s = float(max_wait_ms) / 1000.0
+        self.max_queue = int(max_queue)
+        self.backend_calls = 0  # number of backend.generate calls made
+        self.batch_sizes: list[int] = []  # requests per call, in call order
+        self.stopped_early: list[tuple[int, int]] = []  # (steps run, steps asked) of batches everyone left
+        self._idle: asyncio.Event | None = None  # set whenever no batch runs
+        self._queue: deque[_Job] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audio-backend")
+        self._running: list[_Job] | None = None
+        self._closed = False
+        self._stop_running = False
+
+    # -- public ------------------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a backend call (not counting the running batch)."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Requests in the backend call now running (0 when idle)."""
+        return len(self._running) if self._running else 0
+
+    async def submit(self, request: AudioRequest, on_step: StepCallback | None = None) -> AudioResult:
+        """Queues one request and returns its result when its batch is done.
+
+        Raises ValueError for an invalid request, Overloaded when `max_queue` requests already wait,
+        BatcherClosed after `close()`, and whatever the backend raised for its batch.
+        """
+        if self._closed:
+            raise BatcherClosed("the audio batcher is closed")
+        validate(request)
+        if len(self._queue) >= self.max_queue:
+            raise Overloaded(f"{len(self._queue)} audio requests already waiting; retry later")
+        loop = asyncio.get_running_loop()
+        self._start(loop)
+        job = _Job(request=request, future=loop.create_future(), on_step=on_step)
+        self._queue.append(job)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True
+            try:
+                self._queue.remove(job)  # still queued: it will never run
+            except ValueError:
+                pass  # already taken into a batch: should_stop sees the flag
+            raise
+
+    async def close(self, *, cancel_running: bool = False) -> None:
+        """Stops accepting requests and fails the queued ones with BatcherClosed.
+
+        The running batch finishes (or, with `cancel_running`, stops at its next step), then the worker
+        thread ends. Idempotent.
+        """
+        self._closed = True
+        self._stop_running = cancel_running
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():
+                job.future.set_exception(BatcherClosed("the audio service is shutting down"))
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._dispatcher is not None:
+            try:
+                await self._dispatcher
+            except asyncio.CancelledError:
+                pass
+            self._dispatcher = None
+        self._executor.shutdown(wait=False)
+
+    # -- dispatcher --------------------------------------------------------------------------------
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._dispatcher is None or self._dispatcher.done() or self._dispatcher.get_loop() is not loop:
+            self._wakeup = asyncio.Event()
+            self._dispatcher = loop.create_task(self._dispatch(), name="audio-batcher")
+
+    def _compatible(self, key: tuple) -> list[_Job]:
+        batch = []
+        for job in self._queue:
+            if job.key == key and not job.cancelled:
+                batch.append(job)
+                if len(batch) == self.max_batch_size:
+                    break
+        return batch
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while not self._closed:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            head = self._queue[0]
+            deadline = loop.time() + self.max_wait_s
+            # Wait for companions until the batch is full or the oldest request has waited long enough.
+            while not self._closed and head in self._queue and len(self._compatible(head.key)) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            if self._closed:
+                break
+            if head not in self._queue:  # the oldest caller left while we waited: start over
+                continue
+            batch = self._compatible(head.key)
+            for job in batch:
+                self._queue.remove(job)
+            await self._run_batch(loop, batch)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        def should_stop() -> bool:
+            return self._stop_running or all(job.cancelled for job in batch)
+
+        def on_step(done: int, total: int) -> None:  # worker thread
+            try:
+                loop.call_soon_threadsafe(self._progress, batch, done, total)
+            except RuntimeError:  # loop closed: nobody is listening
+                pass
+
+        self._running = batch
+        if self._idle is not None:
+            self._idle.clear()
+        self.backend_calls += 1
+        self.batch_sizes.append(len(batch))
+        call = functools.partial(
+            self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
+        )
+        try:
+            results: Sequence[AudioResult] = await loop.run_in_executor(self._executor, call)
+        except asyncio.CancelledError:  # the dispatcher itself is being torn down
+            self._stop_running = True
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(BatcherClosed("the audio batcher was stopped"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - delivered to the callers
+            if isinstance(exc, BackendCancelled):
+                self.stopped_early.append((exc.steps_run, exc.total_steps))
+                metrics.AUDIO_STOPPED_EARLY.inc()
+            if not all(job.cancelled for job in batch):
+                log.info("audio batch of %d failed: %s: %s", len(batch), type(exc).__name__, exc)
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+        else:
+            if len(results) != len(batch):
+                error = RuntimeError(f"backend returned {len(results)} results for {len(batch)} requests")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(error)
+            else:
+                for job, result in zip(batch, results):
+                    if not job.future.done():
+                        job.future.set_result(result)
+        finally:
+            self._running = None
+            if self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no batch is running (for tests and orderly shutdown)."""
+        if self._idle is None:
+            self._idle = asyncio.Event()
+            if self._running is None:
+                self._idle.set()
+        await self._idle.wait()
+
+    @staticmethod
+    def _progress(batch: list[_Job], done: int, total: int) -> None:
+        for job in batch:
+            if job.on_step is not None and not job.cancelled and not job.future.done():
+                try:
+                    job.on_step(done, total)
+                except Exception:  # noqa: BLE001 - a caller's callback must not break the others
+                    log.exception("on_step callback failed")
