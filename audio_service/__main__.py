@@ -12,14 +12,18 @@ from serving.server import run_until_signal
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s audio %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    backend = build_backend(config)
-    server, servicer = make_server(config, backend)
 
-    async def close() -> None:
-        await servicer.close()
-        backend.close()
+    async def serve() -> None:
+        backend = build_backend(config)  # cheap: loads nothing until load_and_warm
+        server, servicer = make_server(config, backend)  # grpc.aio objects belong to the running loop
 
-    asyncio.run(run_until_signal(server, lambda: asyncio.to_thread(load_and_warm, backend), close))
+        async def close() -> None:
+            await servicer.close()
+            backend.close()
+
+        await run_until_signal(server, lambda: asyncio.to_thread(load_and_warm, backend), close)
+
+    asyncio.run(serve())
 
 
 if __name__ == "__main__":

@@ -133,8 +133,9 @@ class EmbeddedServices:
         self.target = f"127.0.0.1:{port}"
         return self.target
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (graceful: NOT_SERVING, drain), then SIGKILL whatever is still alive."""
+    def stop(self, timeout: float = 15.0) -> dict[str, int]:
+        """SIGTERM (graceful: NOT_SERVING, drain), then SIGKILL whatever is still alive.
+        Returns each service's exit code (0 after a clean shutdown)."""
         for child in reversed(self.children):
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -142,9 +143,12 @@ class EmbeddedServices:
             try:
                 child.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", child.name, timeout)
                 child.process.kill()
                 child.process.wait()
+        codes = {child.name: child.process.returncode for child in self.children}
         self.children.clear()
+        return codes
 
     def __enter__(self) -> "EmbeddedServices":
         self.start()

@@ -91,6 +91,9 @@ class _ImageRun:
         self.t_scene = 0.0
         self.t_first_audio = 0.0
         self.vlm_stats: common_pb2.DescriptionStats | None = None
+        self.describing = False  # the VLM stream is open
+        self.clips_started_while_describing = 0
+        self.first_audio_while_describing = False
 
     def _event(self, **kwargs) -> pb.ImageToSoundEvent:
         return pb.ImageToSoundEvent(request_id=self.request_id, **kwargs)
@@ -140,6 +143,7 @@ class _ImageRun:
     async def _describe(self) -> None:
         if self.p.vlm is None:
             raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no vision service; send a description")
+        self.describing = True
         call = self.p.vlm.StreamSceneDescription(
             vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding),
             timeout=self.deadline.left(),
@@ -152,10 +156,13 @@ class _ImageRun:
                 elif kind == "source":
                     await self._on_source(response.source)
                 elif kind == "final":
+                    self.describing = False
                     self.vlm_stats = response.final.stats
                     await self._emit(description=response.final.description)
         except grpc.aio.AioRpcError as exc:
             raise Upstream(exc.code(), f"vision service: {exc.details()}") from None
+        finally:
+            self.describing = False
 
     async def _replay(self, description: common_pb2.SceneDescription) -> None:
         """A description made earlier (the seed's --skip_vlm): same events, no VLM."""
@@ -192,9 +199,19 @@ class _ImageRun:
             clip_id=f"{self.request_id}-{index:02d}", kind=pb.CLIP_KIND_VARIANT, source_id=source.id,
             variant_id=variant.id, index=index, file_name=clip_file_name(index, source.name, variant.action),
         )
-        clip = _Clip(ref=ref, prompt=prompts.caption_for_variant(self.scene[0], self.scene[1], source, variant))
+        clip = _Clip(ref=ref, prompt="")
         self.clips.append(clip)
+        self.clips_started_while_describing += self.describing
+        try:
+            clip.prompt = prompts.caption_for_variant(self.scene[0], self.scene[1], source, variant)
+        except ValueError as exc:  # nothing in the variant to caption: this clip fails, the image goes on
+            self.clip_tasks.append(asyncio.create_task(self._fail(clip, grpc.StatusCode.INVALID_ARGUMENT, str(exc))))
+            return
         self.clip_tasks.append(asyncio.create_task(self._render(clip)))
+
+    async def _fail(self, clip: _Clip, code: grpc.StatusCode, message: str) -> None:
+        log.warning("clip %s failed: %s %s", clip.ref.clip_id, code.name, message)
+        await self._emit(clip_failed=pb.ClipFailed(clip=clip.ref, code=code.value[0], message=message))
 
     async def _render(self, clip: _Clip) -> None:
         """One clip: an audio RPC whose chunks are forwarded as they come. Failures become ClipFailed."""
@@ -213,6 +230,7 @@ class _ImageRun:
                     chunk = response.chunk
                     if not self.t_first_audio:
                         self.t_first_audio = self._since_start()
+                        self.first_audio_while_describing = self.describing
                     if self.options.scene_mix:
                         clip.payloads.append(chunk.data)
                         clip.encoding = chunk.encoding
@@ -228,8 +246,7 @@ class _ImageRun:
         except (grpc.aio.AioRpcError, Upstream, TimeoutError) as exc:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else getattr(exc, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
             message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            log.warning("clip %s failed: %s %s", clip.ref.clip_id, code.name, message)
-            await self._emit(clip_failed=pb.ClipFailed(clip=clip.ref, code=code.value[0], message=f"audio service: {message}"))
+            await self._fail(clip, code, f"audio service: {message}")
 
     async def _emit_mix(self) -> None:
         layers = [audio_encoding.decode_payloads(c.payloads, c.encoding) for c in self.clips if c.ok]
@@ -259,6 +276,8 @@ class _ImageRun:
             time_to_first_audio_seconds=self.t_first_audio,
             time_to_scene_seconds=self.t_scene,
             total_seconds=self._since_start(),
+            clips_started_while_describing=self.clips_started_while_describing,
+            first_audio_while_describing=self.first_audio_while_describing,
         )
         if self.vlm_stats is not None:
             summary.vlm_stats.CopyFrom(self.vlm_stats)

@@ -155,6 +155,11 @@ def clean_text(value: Any, max_chars: int) -> str:
     return text
 
 
+def has_words(text: str) -> bool:
+    """A name or action must contain a letter or digit: "]," names no sound (random-weight models emit such)."""
+    return any(ch.isalnum() for ch in text)
+
+
 def parse_role(value: Any) -> int:
     """Instrument role from a model's or file's value: "guitar"/"bass"/"keyboard"/"drums" (any case, a few
     synonyms), "None"/"none" -> NONE; null, missing, empty or unknown -> UNSPECIFIED."""
@@ -238,7 +243,7 @@ def variant_from_raw(raw: Any, variant_id: str) -> common_pb2.SoundVariant | Non
     if not isinstance(raw, Mapping):
         return None
     action = clean_text(_get(raw, _ACTION_KEYS), MAX_ACTION_CHARS)
-    if not action:
+    if not has_words(action):
         return None
     variant = common_pb2.SoundVariant(
         id=variant_id,
@@ -257,7 +262,7 @@ def source_from_raw(raw: Any, index: int) -> common_pb2.SoundSource | None:
     if not isinstance(raw, Mapping):
         return None
     name = clean_text(_get(raw, _NAME_KEYS), MAX_NAME_CHARS)
-    if not name:
+    if not has_words(name):
         return None
     source = common_pb2.SoundSource(
         id=f"s{index}", name=name, material=clean_text(_get(raw, _MATERIAL_KEYS), MAX_MATERIAL_CHARS)

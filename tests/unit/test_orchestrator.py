@@ -69,6 +69,24 @@ async def test_audio_starts_before_the_vlm_has_finished(image_bytes):
         assert await asyncio.wait_for(consume(target), BOUND) is True
 
 
+async def test_summary_reports_pipelining(image_bytes):
+    vision = FakeVisionServicer(hold_after_first_source=True)
+
+    async def consume(target):
+        async with AsyncImageToSoundClient(target) as client:
+            async for event in client.stream(image_bytes, duration_seconds=1):
+                if event.WhichOneof("event") == "clip_done":
+                    vision.release.set()
+                if event.WhichOneof("event") == "summary":
+                    return event.summary
+
+    async with fake_stack(vision=vision) as (target, _, _):
+        summary = await asyncio.wait_for(consume(target), BOUND)
+    # Source 1's two clips started (and finished) while the VLM held; sources 2 and 3 came after.
+    assert summary.first_audio_while_describing
+    assert summary.clips_started_while_describing >= 2
+
+
 async def test_a_failed_clip_is_an_event_and_the_others_complete(image_bytes):
     audio = FakeAudioServicer(fail_word="source 2")
     async with fake_stack(audio=audio) as (target, _, _):
@@ -169,3 +187,15 @@ async def test_scene_mix_is_streamed_as_its_own_clip(image_bytes):
     assert len(mix) == 1 and mix[0].file_name == "scene_mix.wav" and mix[0].done
     wave = mix[0].waveform
     assert wave.shape == (16000,) and np.max(np.abs(wave)) <= 0.99 and np.std(wave) > 0.01
+
+
+async def test_a_variant_with_nothing_to_caption_fails_alone(image_bytes):
+    description = scripted_description(2, 1)
+    description.sources[0].name = "],"
+    description.sources[0].material = ""
+    description.sources[0].variants[0].action = "..."
+    async with fake_stack() as (target, _, audio):
+        events = await asyncio.wait_for(run_one(target, None, description=description, duration_seconds=1), BOUND)
+    failed = [e.clip_failed for e in events if e.WhichOneof("event") == "clip_failed"]
+    assert len(failed) == 1 and failed[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert events[-1].summary.clips_done == 1 and len(audio.prompts) == 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import re
+
 import pytest
 
 from vlm_prompt import available_versions, load_prompt
@@ -51,7 +53,9 @@ def test_schema_is_valid_and_bounds_every_string_and_array():
     jsonschema.Draft202012Validator.check_schema(schema)
     for path, node in _walk(schema):
         if node.get("type") == "string" and "enum" not in node:
-            assert "maxLength" in node, path
+            # Bounded by maxLength, or by a pattern whose last quantifier is bounded ({0,N}$).
+            pattern = node.get("pattern", "")
+            assert "maxLength" in node or re.search(r"\{0,\d+\}\)?\??\$$", pattern), path
         if node.get("type") == "array":
             assert "maxItems" in node, path
         if node.get("type") == "object":
@@ -59,6 +63,14 @@ def test_schema_is_valid_and_bounds_every_string_and_array():
             assert set(node["required"]) <= set(node["properties"]), path
     assert schema["properties"]["scene"]["minLength"] == 1
     assert schema["properties"]["mood"]["minLength"] == 1
+
+
+@pytest.mark.parametrize("text, ok", [("rain", True), ("tin roof", True), ("], ", False), ("", False),
+                                      ("9 dogs", False), ("door-bell's ring", True), ("x" * 41, False)])
+def test_names_must_be_words(text, ok):
+    """A random-weight model under the grammar names sources with words, so every source is captionable."""
+    pattern = load_prompt().schema["properties"]["sources"]["items"]["properties"]["name"]["pattern"]
+    assert bool(re.match(pattern, text)) is ok
 
 
 def test_examples_validate_against_the_schema_and_survive_the_rules():

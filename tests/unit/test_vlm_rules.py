@@ -367,3 +367,15 @@ def test_rules_module_does_not_import_torch_or_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                          env={"PYTHONPATH": f"{root}:{root / 'protos'}"})
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_names_and_actions_without_letters_or_digits_are_dropped():
+    from vlm_service.rules import description_from_dict
+
+    description = description_from_dict({"scene": "s", "mood": "m", "sources": [
+        {"name": "],", "material": "", "variants": [{"action": "ringing", "confidence": 0.9}]},
+        {"name": "bell", "material": "brass", "variants": [{"action": "--", "confidence": 0.9},
+                                                           {"action": "ringing", "confidence": 0.9}]}]},
+        apply_rules=False)
+    assert [s.name for s in description.sources] == ["bell"]
+    assert [v.action for v in description.sources[0].variants] == ["ringing"]
