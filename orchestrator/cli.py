@@ -23,7 +23,7 @@ from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from orchestrator.client import ROLE_NAMES, ImageResult, ImageToSoundClient, make_request, to_image
 from orchestrator.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic, write_wav
-from serving.seed_format import SeedFormatError, dump_seed, read_seed_file
+from serving.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -179,7 +179,7 @@ class Writer:
         if kind == "source" and not self.args.skip_audio:
             self.progress.more_clips(len(event.source.variants))
         elif kind == "description" and not job.from_description:
-            write_text_atomic(job.description_file, dump_seed(event.description))
+            write_text_atomic(job.description_file, dumps_seed(event.description) + "\n")
         elif kind == "clip_done":
             clip = next(c for c in result.clips if c.ref.clip_id == event.clip_done.clip.clip_id)
             clip.save(job.result_dir)

@@ -1,4 +1,4 @@
-"""The seed's description file format (design.md §3), read and written as SceneDescription messages.
+"""Descriptions as plain data: the seed's JSON file format (design.md §3), read tolerantly.
 
     {"scene_description": str, "mood_description": str,
      "sound_sources": [{"name": str, "material": str,
@@ -6,147 +6,296 @@
                       "mapping_to_music_instrument": "guitar"|"bass"|"keyboard"|"drums"|"None",
                       "confidence": float}]}]}
 
-Reading is tolerant of older files: `objects` instead of `sound_sources`, a missing confidence, an
-instrument that is "None", null or absent, timbre as one comma-separated string.
+Shared by the VLM service (it parses what the model wrote with the same code) and the command line
+(--skip_vlm reads these files). Reading accepts older files (`objects` instead of `sound_sources`, no
+confidence, an instrument that is "None", null or absent, timbre as one string) and the compact v1
+keys (scene, mood, sources, action, role). Every string is cleaned on the way in: no control
+characters reach prompts, protobuf or file names. No torch here.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
-from typing import Any
+import unicodedata
+from typing import Any, Iterable, Mapping
 
 from image_to_sound.v1 import common_pb2
 
-ROLE_BY_NAME = {
-    "guitar": common_pb2.INSTRUMENT_ROLE_GUITAR,
-    "bass": common_pb2.INSTRUMENT_ROLE_BASS,
-    "keyboard": common_pb2.INSTRUMENT_ROLE_KEYBOARD,
-    "keyboards": common_pb2.INSTRUMENT_ROLE_KEYBOARD,
-    "piano": common_pb2.INSTRUMENT_ROLE_KEYBOARD,
-    "drums": common_pb2.INSTRUMENT_ROLE_DRUMS,
-    "drum": common_pb2.INSTRUMENT_ROLE_DRUMS,
-    "percussion": common_pb2.INSTRUMENT_ROLE_DRUMS,
-    "none": common_pb2.INSTRUMENT_ROLE_NONE,
+# Length bounds applied when cleaning strings (characters). Looser than the v1 schema's, since they also
+# apply to seed files and unconstrained backends.
+MAX_SCENE_CHARS = 400
+MAX_MOOD_CHARS = 120
+MAX_NAME_CHARS = 60
+MAX_MATERIAL_CHARS = 60
+MAX_ACTION_CHARS = 120
+MAX_TIMBRE_CHARS = 32
+MAX_TIMBRE_WORDS = 5
+
+_SCENE_KEYS = ("scene", "scene_description")
+_MOOD_KEYS = ("mood", "mood_description")
+_SOURCES_KEYS = ("sources", "sound_sources", "objects")
+_NAME_KEYS = ("name", "source", "object")
+_MATERIAL_KEYS = ("material",)
+_VARIANTS_KEYS = ("variants",)
+_ACTION_KEYS = ("action", "play_method")
+_TIMBRE_KEYS = ("timbre",)
+_ROLE_KEYS = ("role", "mapping_to_music_instrument", "instrument")
+_CONFIDENCE_KEYS = ("confidence",)
+
+Role = common_pb2.InstrumentRole
+
+_ROLE_BY_WORD = {
+    "guitar": Role.INSTRUMENT_ROLE_GUITAR,
+    "bass": Role.INSTRUMENT_ROLE_BASS,
+    "keyboard": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "keyboards": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "keys": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "piano": Role.INSTRUMENT_ROLE_KEYBOARD,
+    "drums": Role.INSTRUMENT_ROLE_DRUMS,
+    "drum": Role.INSTRUMENT_ROLE_DRUMS,
+    "percussion": Role.INSTRUMENT_ROLE_DRUMS,
+    "none": Role.INSTRUMENT_ROLE_NONE,
+    "no": Role.INSTRUMENT_ROLE_NONE,
+    "n/a": Role.INSTRUMENT_ROLE_NONE,
 }
-NAME_BY_ROLE = {
-    common_pb2.INSTRUMENT_ROLE_GUITAR: "guitar",
-    common_pb2.INSTRUMENT_ROLE_BASS: "bass",
-    common_pb2.INSTRUMENT_ROLE_KEYBOARD: "keyboard",
-    common_pb2.INSTRUMENT_ROLE_DRUMS: "drums",
+SEED_ROLE_NAME = {
+    Role.INSTRUMENT_ROLE_GUITAR: "guitar",
+    Role.INSTRUMENT_ROLE_BASS: "bass",
+    Role.INSTRUMENT_ROLE_KEYBOARD: "keyboard",
+    Role.INSTRUMENT_ROLE_DRUMS: "drums",
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-MAX_TEXT = 300
 
 
-class SeedFormatError(ValueError):
-    """The file is not a description in the seed's format (or one of its older variants)."""
+def clean_text(value: Any, max_chars: int) -> str:
+    """Make a model- or file-provided value safe for prompts, protobuf and file names.
 
-
-def clean_text(value: Any, max_length: int = MAX_TEXT) -> str:
-    """Control characters out, whitespace collapsed, length bounded: safe for prompts, protobuf, file names."""
+    Converts to str (lists are joined with ", "), replaces control and format characters (C* Unicode
+    categories) with spaces or drops them, collapses whitespace, trims, and cuts to ``max_chars`` at a
+    word boundary when one is near.
+    """
     if value is None:
         return ""
-    text = _CONTROL.sub(" ", str(value))
-    return " ".join(text.split())[:max_length].strip()
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(clean_text(v, max_chars) for v in value if v is not None)
+    elif not isinstance(value, str):
+        value = str(value)
+    out = []
+    for ch in value:
+        cat = unicodedata.category(ch)
+        if ch.isspace():
+            out.append(" ")
+        elif cat[0] == "C":  # Cc control, Cf format, Cs surrogate, Co private use, Cn unassigned
+            continue
+        else:
+            out.append(ch)
+    text = " ".join("".join(out).split())
+    if len(text) > max_chars:
+        cut = text[:max_chars]
+        space = cut.rfind(" ")
+        if space >= max_chars // 2:
+            cut = cut[:space]
+        text = cut.rstrip(" ,;:-")
+    return text
 
 
-def role_from_name(value: Any) -> int:
-    """'drums' → INSTRUMENT_ROLE_DRUMS; 'None', null, '' → NONE; absent handled by the caller."""
-    if value is None:
-        return common_pb2.INSTRUMENT_ROLE_NONE
-    return ROLE_BY_NAME.get(clean_text(value).lower(), common_pb2.INSTRUMENT_ROLE_NONE)
+def has_words(text: str) -> bool:
+    """A name or action must contain a letter or digit: "]," names no sound (random-weight models emit such)."""
+    return any(ch.isalnum() for ch in text)
 
 
-def _timbre(value: Any) -> list[str]:
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, list | tuple) else [value]
-    return [t for t in (clean_text(item, 40) for item in items) if t][:8]
+def parse_role(value: Any) -> int:
+    """Instrument role from a model's or file's value: "guitar"/"bass"/"keyboard"/"drums" (any case, a few
+    synonyms), "None"/"none" -> NONE; null, missing, empty or unknown -> UNSPECIFIED."""
+    if not isinstance(value, str):
+        return Role.INSTRUMENT_ROLE_UNSPECIFIED
+    word = value.strip().lower()
+    return _ROLE_BY_WORD.get(word, Role.INSTRUMENT_ROLE_UNSPECIFIED)
 
 
-def _confidence(value: Any) -> float | None:
-    try:
+def parse_confidence(value: Any) -> float | None:
+    """A confidence in [0, 1], or None when missing or unreadable. Numeric strings and "85%" are read;
+    values in (1, 100] are taken as percent; the rest is clamped to [0, 1]."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip().rstrip("%").strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+        if value.strip().endswith("%"):
+            number /= 100.0
+    elif isinstance(value, (int, float)):
         number = float(value)
-    except (TypeError, ValueError):
+    else:
         return None
     if not math.isfinite(number):
         return None
+    if 1.0 < number <= 100.0:
+        number /= 100.0
     return min(1.0, max(0.0, number))
 
 
-def description_from_seed(data: dict) -> common_pb2.SceneDescription:
-    """A seed-format dict (or an older variant of it) → SceneDescription with ids s1, s1v1, ..."""
-    if not isinstance(data, dict):
-        raise SeedFormatError("a description must be a JSON object")
-    sources = data.get("sound_sources", data.get("objects"))
-    if not isinstance(sources, list):
-        raise SeedFormatError("no 'sound_sources' (or 'objects') list")
-    description = common_pb2.SceneDescription(
-        scene=clean_text(data.get("scene_description", data.get("scene", ""))),
-        mood=clean_text(data.get("mood_description", data.get("mood", ""))),
+def parse_timbre(value: Any) -> list[str]:
+    """Timbre words from a list or a comma/semicolon/slash separated string; cleaned, deduped, at most 5."""
+    if value is None:
+        return []
+    items: list[Any]
+    if isinstance(value, str):
+        items = re.split(r"[,;/|]", value)
+    elif isinstance(value, (list, tuple)):
+        items = []
+        for item in value:
+            items.extend(re.split(r"[,;/|]", item) if isinstance(item, str) else [item])
+    else:
+        items = [value]
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        word = clean_text(item, MAX_TIMBRE_CHARS)
+        if word and word.lower() not in seen:
+            seen.add(word.lower())
+            out.append(word)
+        if len(out) == MAX_TIMBRE_WORDS:
+            break
+    return out
+
+
+def _get(d: Mapping[str, Any], keys: Iterable[str]) -> Any:
+    """The value of the first of ``keys`` present in ``d`` (exact match first, then case-insensitive)."""
+    for key in keys:
+        if key in d:
+            return d[key]
+    lowered = {str(k).strip().lower(): v for k, v in d.items()}
+    for key in keys:
+        if key in lowered:
+            return lowered[key]
+    return None
+
+
+def variant_from_raw(raw: Any, variant_id: str) -> common_pb2.SoundVariant | None:
+    """One variant from a compact (action/timbre/role/confidence) or seed (play_method/timbre/
+    mapping_to_music_instrument/confidence) dict; None when it has no usable action."""
+    if isinstance(raw, str):
+        raw = {"action": raw}
+    if not isinstance(raw, Mapping):
+        return None
+    action = clean_text(_get(raw, _ACTION_KEYS), MAX_ACTION_CHARS)
+    if not has_words(action):
+        return None
+    variant = common_pb2.SoundVariant(
+        id=variant_id,
+        action=action,
+        timbre=parse_timbre(_get(raw, _TIMBRE_KEYS)),
+        instrument_role=parse_role(_get(raw, _ROLE_KEYS)),
     )
-    for s_index, raw in enumerate((s for s in sources if isinstance(s, dict)), start=1):
-        source = description.sources.add(id=f"s{s_index}", name=clean_text(raw.get("name"), 80),
-                                         material=clean_text(raw.get("material"), 80))
-        variants = raw.get("variants")
-        if not isinstance(variants, list):
-            variants = [raw]  # very old files put one variant's fields on the source itself
-        for v_index, v in enumerate((v for v in variants if isinstance(v, dict)), start=1):
-            action = clean_text(v.get("play_method", v.get("action")), 120)
-            if not action:
-                continue
-            variant = source.variants.add(
-                id=f"{source.id}v{v_index}", action=action, timbre=_timbre(v.get("timbre")),
-                instrument_role=role_from_name(v.get("mapping_to_music_instrument", v.get("role")))
-                if ("mapping_to_music_instrument" in v or "role" in v) else common_pb2.INSTRUMENT_ROLE_UNSPECIFIED,
-            )
-            confidence = _confidence(v.get("confidence"))
-            if confidence is not None:
-                variant.confidence = confidence
-        if not source.name or not source.variants:
-            del description.sources[-1]
-    return description
+    confidence = parse_confidence(_get(raw, _CONFIDENCE_KEYS))
+    if confidence is not None:
+        variant.confidence = confidence
+    return variant
 
 
-def description_to_seed(description: common_pb2.SceneDescription) -> dict:
-    """SceneDescription → the seed's dict, exactly its keys (instrument "None" when unmapped)."""
+def source_from_raw(raw: Any, index: int) -> common_pb2.SoundSource | None:
+    """One source (all its usable variants, cleaned, with ids) from a raw dict; None without a name."""
+    if not isinstance(raw, Mapping):
+        return None
+    name = clean_text(_get(raw, _NAME_KEYS), MAX_NAME_CHARS)
+    if not has_words(name):
+        return None
+    source = common_pb2.SoundSource(
+        id=f"s{index}", name=name, material=clean_text(_get(raw, _MATERIAL_KEYS), MAX_MATERIAL_CHARS)
+    )
+    raw_variants = _get(raw, _VARIANTS_KEYS)
+    if isinstance(raw_variants, (Mapping, str)):
+        raw_variants = [raw_variants]
+    for j, raw_variant in enumerate(raw_variants or [], start=1):
+        variant = variant_from_raw(raw_variant, f"s{index}v{j}")
+        if variant is not None:
+            source.variants.append(variant)
+    return source
+
+
+def description_from_raw(data: Mapping[str, Any]) -> common_pb2.SceneDescription:
+    """A SceneDescription from a parsed JSON object in the seed or the compact v1 format, every usable
+    source and variant kept as written (cleaned, with ids s<i> / s<i>v<j>); no post-rule applied."""
+    if not isinstance(data, Mapping):
+        raise ValueError("description must be a JSON object")
+    scene = clean_text(_get(data, _SCENE_KEYS), MAX_SCENE_CHARS)
+    mood = clean_text(_get(data, _MOOD_KEYS), MAX_MOOD_CHARS)
+    raw_sources = _get(data, _SOURCES_KEYS)
+    if isinstance(raw_sources, Mapping):
+        raw_sources = [raw_sources]
+    if not isinstance(raw_sources, list):
+        raw_sources = []
+    sources = [s for i, raw in enumerate(raw_sources, start=1) if (s := source_from_raw(raw, i)) is not None]
+    return common_pb2.SceneDescription(scene=scene, mood=mood, sources=sources)
+
+
+def round_confidence(value: float) -> float:
+    return round(float(value), 3)
+
+
+def to_seed_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
+    """The seed's JSON file shape (design.md section 3). Instrument: "guitar"/"bass"/"keyboard"/"drums",
+    else "None". ``confidence`` is written rounded to 3 decimals, and left out when unset (as in the
+    seed's older files). Ids, prompt version and model id are not part of the seed format."""
     return {
-        "scene_description": description.scene,
-        "mood_description": description.mood,
+        "scene_description": desc.scene,
+        "mood_description": desc.mood,
         "sound_sources": [
             {
                 "name": source.name,
                 "material": source.material,
                 "variants": [
-                    _variant_to_seed(v)
-                    for v in source.variants
+                    {
+                        "play_method": variant.action,
+                        "timbre": list(variant.timbre),
+                        "mapping_to_music_instrument": SEED_ROLE_NAME.get(variant.instrument_role, "None"),
+                        **(
+                            {"confidence": round_confidence(variant.confidence)}
+                            if variant.HasField("confidence")
+                            else {}
+                        ),
+                    }
+                    for variant in source.variants
                 ],
             }
-            for source in description.sources
+            for source in desc.sources
         ],
     }
 
 
-def _variant_to_seed(variant: common_pb2.SoundVariant) -> dict:
-    out = {
-        "play_method": variant.action,
-        "timbre": list(variant.timbre),
-        "mapping_to_music_instrument": NAME_BY_ROLE.get(variant.instrument_role, "None"),
-    }
-    if variant.HasField("confidence"):  # older files had none: don't invent one
-        out["confidence"] = round(variant.confidence, 3)
-    return out
+def from_seed_dict(data: Mapping[str, Any]) -> common_pb2.SceneDescription:
+    """A SceneDescription from a seed file's JSON (also older shapes: ``objects`` instead of
+    ``sound_sources``, missing confidence, instrument "None"/null/absent; and the compact v1 keys).
+
+    Strings are cleaned and ids assigned; no post-rule is applied (call :func:`apply_post_rules` for that).
+    Raises ValueError when ``data`` is not an object.
+    """
+    return description_from_raw(data)
 
 
-def read_seed_file(path) -> common_pb2.SceneDescription:
+def dumps_seed(desc: common_pb2.SceneDescription) -> str:
+    """The seed file's text (indented, UTF-8 characters kept)."""
+    return json.dumps(to_seed_dict(desc), indent=2, ensure_ascii=False)
+
+
+class SeedFormatError(ValueError):
+    """A file is not a description in the seed's format (or one of its older variants)."""
+
+
+def read_seed_file(path: str | os.PathLike) -> common_pb2.SceneDescription:
+    """Reads a seed description file; raises SeedFormatError saying what is wrong with it."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.loads(f.read(), strict=False)
+            data = json.loads(f.read(), strict=False)  # older files may hold raw control characters
     except json.JSONDecodeError as exc:
         raise SeedFormatError(f"{path}: not valid JSON ({exc})") from None
-    return description_from_seed(data)
-
-
-def dump_seed(description: common_pb2.SceneDescription) -> str:
-    return json.dumps(description_to_seed(description), indent=2, ensure_ascii=False) + "\n"
+    if not isinstance(data, Mapping) or not isinstance(_get(data, _SOURCES_KEYS), list):
+        raise SeedFormatError(f"{path}: no 'sound_sources' (or 'objects') list")
+    description = from_seed_dict(data)
+    if not any(source.variants for source in description.sources):
+        raise SeedFormatError(f"{path}: no sound source with a usable variant")
+    return description

@@ -33,61 +33,17 @@ Ids: source ``s<i>`` is the i-th source object of the model's output (1-based) a
 from __future__ import annotations
 
 import json
-import math
 import re
-import unicodedata
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from image_to_sound.v1 import common_pb2
+from serving.seed_format import SEED_ROLE_NAME, Role, description_from_raw, round_confidence
 
 MIN_CONFIDENCE = 0.7
 MIN_VARIANTS = 5
 
-# Length bounds applied when cleaning strings (characters). Looser than the v1 schema's, since they also
-# apply to seed files and unconstrained backends.
-MAX_SCENE_CHARS = 400
-MAX_MOOD_CHARS = 120
-MAX_NAME_CHARS = 60
-MAX_MATERIAL_CHARS = 60
-MAX_ACTION_CHARS = 120
-MAX_TIMBRE_CHARS = 32
-MAX_TIMBRE_WORDS = 5
-
-_SCENE_KEYS = ("scene", "scene_description")
-_MOOD_KEYS = ("mood", "mood_description")
-_SOURCES_KEYS = ("sources", "sound_sources", "objects")
-_NAME_KEYS = ("name", "source", "object")
-_MATERIAL_KEYS = ("material",)
-_VARIANTS_KEYS = ("variants",)
-_ACTION_KEYS = ("action", "play_method")
-_TIMBRE_KEYS = ("timbre",)
-_ROLE_KEYS = ("role", "mapping_to_music_instrument", "instrument")
-_CONFIDENCE_KEYS = ("confidence",)
-
-Role = common_pb2.InstrumentRole
-
-_ROLE_BY_WORD = {
-    "guitar": Role.INSTRUMENT_ROLE_GUITAR,
-    "bass": Role.INSTRUMENT_ROLE_BASS,
-    "keyboard": Role.INSTRUMENT_ROLE_KEYBOARD,
-    "keyboards": Role.INSTRUMENT_ROLE_KEYBOARD,
-    "keys": Role.INSTRUMENT_ROLE_KEYBOARD,
-    "piano": Role.INSTRUMENT_ROLE_KEYBOARD,
-    "drums": Role.INSTRUMENT_ROLE_DRUMS,
-    "drum": Role.INSTRUMENT_ROLE_DRUMS,
-    "percussion": Role.INSTRUMENT_ROLE_DRUMS,
-    "none": Role.INSTRUMENT_ROLE_NONE,
-    "no": Role.INSTRUMENT_ROLE_NONE,
-    "n/a": Role.INSTRUMENT_ROLE_NONE,
-}
-_SEED_ROLE_NAME = {
-    Role.INSTRUMENT_ROLE_GUITAR: "guitar",
-    Role.INSTRUMENT_ROLE_BASS: "bass",
-    Role.INSTRUMENT_ROLE_KEYBOARD: "keyboard",
-    Role.INSTRUMENT_ROLE_DRUMS: "drums",
-}
-_COMPACT_ROLE_NAME = {**_SEED_ROLE_NAME, Role.INSTRUMENT_ROLE_NONE: "none"}
+_COMPACT_ROLE_NAME = {**SEED_ROLE_NAME, Role.INSTRUMENT_ROLE_NONE: "none"}
 
 # Speech filter vocabularies (see the module docstring).
 _ALWAYS_VOCAL = frozenset("""
@@ -121,185 +77,6 @@ _WORD_RE = re.compile(r"[a-z]+")
 # --------------------------------------------------------------------------------------------------
 # Cleaning
 # --------------------------------------------------------------------------------------------------
-
-
-def clean_text(value: Any, max_chars: int) -> str:
-    """Make a model- or file-provided value safe for prompts, protobuf and file names.
-
-    Converts to str (lists are joined with ", "), replaces control and format characters (C* Unicode
-    categories) with spaces or drops them, collapses whitespace, trims, and cuts to ``max_chars`` at a
-    word boundary when one is near.
-    """
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)):
-        value = ", ".join(clean_text(v, max_chars) for v in value if v is not None)
-    elif not isinstance(value, str):
-        value = str(value)
-    out = []
-    for ch in value:
-        cat = unicodedata.category(ch)
-        if ch.isspace():
-            out.append(" ")
-        elif cat[0] == "C":  # Cc control, Cf format, Cs surrogate, Co private use, Cn unassigned
-            continue
-        else:
-            out.append(ch)
-    text = " ".join("".join(out).split())
-    if len(text) > max_chars:
-        cut = text[:max_chars]
-        space = cut.rfind(" ")
-        if space >= max_chars // 2:
-            cut = cut[:space]
-        text = cut.rstrip(" ,;:-")
-    return text
-
-
-def has_words(text: str) -> bool:
-    """A name or action must contain a letter or digit: "]," names no sound (random-weight models emit such)."""
-    return any(ch.isalnum() for ch in text)
-
-
-def parse_role(value: Any) -> int:
-    """Instrument role from a model's or file's value: "guitar"/"bass"/"keyboard"/"drums" (any case, a few
-    synonyms), "None"/"none" -> NONE; null, missing, empty or unknown -> UNSPECIFIED."""
-    if not isinstance(value, str):
-        return Role.INSTRUMENT_ROLE_UNSPECIFIED
-    word = value.strip().lower()
-    return _ROLE_BY_WORD.get(word, Role.INSTRUMENT_ROLE_UNSPECIFIED)
-
-
-def parse_confidence(value: Any) -> float | None:
-    """A confidence in [0, 1], or None when missing or unreadable. Numeric strings and "85%" are read;
-    values in (1, 100] are taken as percent; the rest is clamped to [0, 1]."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        text = value.strip().rstrip("%").strip()
-        try:
-            number = float(text)
-        except ValueError:
-            return None
-        if value.strip().endswith("%"):
-            number /= 100.0
-    elif isinstance(value, (int, float)):
-        number = float(value)
-    else:
-        return None
-    if not math.isfinite(number):
-        return None
-    if 1.0 < number <= 100.0:
-        number /= 100.0
-    return min(1.0, max(0.0, number))
-
-
-def parse_timbre(value: Any) -> list[str]:
-    """Timbre words from a list or a comma/semicolon/slash separated string; cleaned, deduped, at most 5."""
-    if value is None:
-        return []
-    items: list[Any]
-    if isinstance(value, str):
-        items = re.split(r"[,;/|]", value)
-    elif isinstance(value, (list, tuple)):
-        items = []
-        for item in value:
-            items.extend(re.split(r"[,;/|]", item) if isinstance(item, str) else [item])
-    else:
-        items = [value]
-    out: list[str] = []
-    seen: set[str] = set()
-    for item in items:
-        word = clean_text(item, MAX_TIMBRE_CHARS)
-        if word and word.lower() not in seen:
-            seen.add(word.lower())
-            out.append(word)
-        if len(out) == MAX_TIMBRE_WORDS:
-            break
-    return out
-
-
-def _get(d: Mapping[str, Any], keys: Iterable[str]) -> Any:
-    """The value of the first of ``keys`` present in ``d`` (exact match first, then case-insensitive)."""
-    for key in keys:
-        if key in d:
-            return d[key]
-    lowered = {str(k).strip().lower(): v for k, v in d.items()}
-    for key in keys:
-        if key in lowered:
-            return lowered[key]
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Raw dict -> protos
-# --------------------------------------------------------------------------------------------------
-
-
-def variant_from_raw(raw: Any, variant_id: str) -> common_pb2.SoundVariant | None:
-    """One variant from a compact (action/timbre/role/confidence) or seed (play_method/timbre/
-    mapping_to_music_instrument/confidence) dict; None when it has no usable action."""
-    if isinstance(raw, str):
-        raw = {"action": raw}
-    if not isinstance(raw, Mapping):
-        return None
-    action = clean_text(_get(raw, _ACTION_KEYS), MAX_ACTION_CHARS)
-    if not has_words(action):
-        return None
-    variant = common_pb2.SoundVariant(
-        id=variant_id,
-        action=action,
-        timbre=parse_timbre(_get(raw, _TIMBRE_KEYS)),
-        instrument_role=parse_role(_get(raw, _ROLE_KEYS)),
-    )
-    confidence = parse_confidence(_get(raw, _CONFIDENCE_KEYS))
-    if confidence is not None:
-        variant.confidence = confidence
-    return variant
-
-
-def source_from_raw(raw: Any, index: int) -> common_pb2.SoundSource | None:
-    """One source (all its usable variants, cleaned, with ids) from a raw dict; None without a name."""
-    if not isinstance(raw, Mapping):
-        return None
-    name = clean_text(_get(raw, _NAME_KEYS), MAX_NAME_CHARS)
-    if not has_words(name):
-        return None
-    source = common_pb2.SoundSource(
-        id=f"s{index}", name=name, material=clean_text(_get(raw, _MATERIAL_KEYS), MAX_MATERIAL_CHARS)
-    )
-    raw_variants = _get(raw, _VARIANTS_KEYS)
-    if isinstance(raw_variants, (Mapping, str)):
-        raw_variants = [raw_variants]
-    for j, raw_variant in enumerate(raw_variants or [], start=1):
-        variant = variant_from_raw(raw_variant, f"s{index}v{j}")
-        if variant is not None:
-            source.variants.append(variant)
-    return source
-
-
-def description_from_dict(data: Mapping[str, Any], *, apply_rules: bool = True) -> common_pb2.SceneDescription:
-    """A SceneDescription from a parsed JSON object in the compact v1 or the seed format.
-
-    With ``apply_rules`` (the default) the post-rules run; without, every usable source and variant is
-    kept as written (what ``from_seed_dict`` does).
-    """
-    if not isinstance(data, Mapping):
-        raise ValueError("description must be a JSON object")
-    scene = clean_text(_get(data, _SCENE_KEYS), MAX_SCENE_CHARS)
-    mood = clean_text(_get(data, _MOOD_KEYS), MAX_MOOD_CHARS)
-    raw_sources = _get(data, _SOURCES_KEYS)
-    if isinstance(raw_sources, Mapping):
-        raw_sources = [raw_sources]
-    if not isinstance(raw_sources, list):
-        raw_sources = []
-    sources = [s for i, raw in enumerate(raw_sources, start=1) if (s := source_from_raw(raw, i)) is not None]
-    if not apply_rules:
-        return common_pb2.SceneDescription(scene=scene, mood=mood, sources=sources)
-    rules = PostRules()
-    for source in sources:
-        rules.add(source)
-    rules.finish()
-    return rules.description(scene, mood)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -562,50 +339,6 @@ def parse_model_output(text: str, *, apply_rules: bool = True) -> common_pb2.Sce
 # --------------------------------------------------------------------------------------------------
 
 
-def _round_confidence(value: float) -> float:
-    return round(float(value), 3)
-
-
-def to_seed_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
-    """The seed's JSON file shape (design.md section 3). Instrument: "guitar"/"bass"/"keyboard"/"drums",
-    else "None". ``confidence`` is written rounded to 3 decimals, and left out when unset (as in the
-    seed's older files). Ids, prompt version and model id are not part of the seed format."""
-    return {
-        "scene_description": desc.scene,
-        "mood_description": desc.mood,
-        "sound_sources": [
-            {
-                "name": source.name,
-                "material": source.material,
-                "variants": [
-                    {
-                        "play_method": variant.action,
-                        "timbre": list(variant.timbre),
-                        "mapping_to_music_instrument": _SEED_ROLE_NAME.get(variant.instrument_role, "None"),
-                        **(
-                            {"confidence": _round_confidence(variant.confidence)}
-                            if variant.HasField("confidence")
-                            else {}
-                        ),
-                    }
-                    for variant in source.variants
-                ],
-            }
-            for source in desc.sources
-        ],
-    }
-
-
-def from_seed_dict(data: Mapping[str, Any]) -> common_pb2.SceneDescription:
-    """A SceneDescription from a seed file's JSON (also older shapes: ``objects`` instead of
-    ``sound_sources``, missing confidence, instrument "None"/null/absent; and the compact v1 keys).
-
-    Strings are cleaned and ids assigned; no post-rule is applied (call :func:`apply_post_rules` for that).
-    Raises ValueError when ``data`` is not an object.
-    """
-    return description_from_dict(data, apply_rules=False)
-
-
 def to_compact_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
     """The compact v1 JSON shape (what the model writes). Unset confidence is left out, unset role is "none"."""
     return {
@@ -620,7 +353,7 @@ def to_compact_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
                         "action": v.action,
                         "timbre": list(v.timbre),
                         "role": _COMPACT_ROLE_NAME.get(v.instrument_role, "none"),
-                        **({"confidence": _round_confidence(v.confidence)} if v.HasField("confidence") else {}),
+                        **({"confidence": round_confidence(v.confidence)} if v.HasField("confidence") else {}),
                     }
                     for v in s.variants
                 ],
@@ -630,6 +363,16 @@ def to_compact_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
     }
 
 
-def dumps_seed(desc: common_pb2.SceneDescription) -> str:
-    """The seed file's text (indented, UTF-8 characters kept)."""
-    return json.dumps(to_seed_dict(desc), indent=2, ensure_ascii=False)
+
+def description_from_dict(data: Mapping[str, Any], *, apply_rules: bool = True) -> common_pb2.SceneDescription:
+    """A SceneDescription from a parsed JSON object in the compact v1 or the seed format; with
+    ``apply_rules`` (the default) the post-rules run, without it everything usable is kept as written."""
+    description = description_from_raw(data)
+    if not apply_rules:
+        return description
+    rules = PostRules()
+    for source in description.sources:
+        rules.add(source)
+    rules.finish()
+    return rules.description(description.scene, description.mood)
+

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 
 from vlm_prompt import PromptTemplate, load_prompt
+from serving import seed_format
 from vlm_service import rules
 from vlm_service.backend import (
     BackendNotReady,
@@ -456,11 +457,11 @@ class TransformersVisionBackend(VisionBackend):
             for event in events:
                 if isinstance(event, ParsedHeader):
                     yield SceneHeader(
-                        scene=rules.clean_text(event.scene, rules.MAX_SCENE_CHARS),
-                        mood=rules.clean_text(event.mood, rules.MAX_MOOD_CHARS),
+                        scene=seed_format.clean_text(event.scene, seed_format.MAX_SCENE_CHARS),
+                        mood=seed_format.clean_text(event.mood, seed_format.MAX_MOOD_CHARS),
                     )
                 elif isinstance(event, ParsedSource):
-                    source = rules.source_from_raw(event.data, event.index)
+                    source = seed_format.source_from_raw(event.data, event.index)
                     admitted = post.add(source) if source is not None else None
                     if admitted is not None:
                         yield SourceFound(admitted)
@@ -503,8 +504,8 @@ class TransformersVisionBackend(VisionBackend):
         # The parser's final values: equal to the header's, unless sources came before scene/mood (only
         # possible without the grammar), which forces an early header with what was known then.
         description = post.description(
-            rules.clean_text(parser.scene or "", rules.MAX_SCENE_CHARS),
-            rules.clean_text(parser.mood or "", rules.MAX_MOOD_CHARS),
+            seed_format.clean_text(parser.scene or "", seed_format.MAX_SCENE_CHARS),
+            seed_format.clean_text(parser.mood or "", seed_format.MAX_MOOD_CHARS),
         )
         description.prompt_version = self.prompt_version
         description.model_id = self.model_id

@@ -14,7 +14,7 @@ import soundfile as sf
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from orchestrator.client import ImageToSoundClient, collect, make_request
 from orchestrator.embedded import EmbeddedServices
-from serving.seed_format import description_from_seed
+from serving.seed_format import read_seed_file
 from vlm_prompt import load_prompt
 from vlm_service.rules import to_compact_dict
 
@@ -78,7 +78,7 @@ def test_the_command_line_writes_the_seed_tree(tmp_path, tiny_vlm_dir, tiny_audi
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 image(s): 2 done" in done.stderr
     for stem in ("coffee", "ROCKET"):
-        description = description_from_seed(json.loads((tmp_path / "sound_sources" / stem / f"{stem}_sound_source.json").read_text()))
+        description = read_seed_file(tmp_path / "sound_sources" / stem / f"{stem}_sound_source.json")
         manifest = json.loads((tmp_path / "result" / stem / "prompts.json").read_text())
         wavs = sorted(p.name for p in (tmp_path / "result" / stem).glob("[0-9][0-9]_*.wav"))
         assert wavs == [c["file"] for c in manifest["clips"]]

@@ -1,11 +1,10 @@
-"""The seed's description files: read every older variant, write exactly the seed's keys."""
+"""The seed's description files as the command line reads and writes them (--skip_vlm, resume)."""
 import json
 
 import pytest
 
 from image_to_sound.v1 import common_pb2
-from serving.seed_format import (SeedFormatError, clean_text, description_from_seed, description_to_seed, dump_seed,
-                                 read_seed_file)
+from serving.seed_format import SeedFormatError, dumps_seed, from_seed_dict, read_seed_file, to_seed_dict
 
 SEED = {
     "scene_description": "A rainy street at night with parked cars.",
@@ -23,29 +22,32 @@ SEED = {
 }
 
 
-def test_round_trip_keeps_exactly_the_seed_format():
-    description = description_from_seed(SEED)
+def test_round_trip_keeps_exactly_the_seed_format(tmp_path):
+    description = from_seed_dict(SEED)
     assert [s.id for s in description.sources] == ["s1", "s2"]
     assert [v.id for v in description.sources[0].variants] == ["s1v1", "s1v2"]
     assert description.sources[0].variants[0].instrument_role == common_pb2.INSTRUMENT_ROLE_DRUMS
     assert description.sources[0].variants[1].instrument_role == common_pb2.INSTRUMENT_ROLE_NONE
-    assert description_to_seed(description) == SEED
+    assert to_seed_dict(description) == SEED
+    path = tmp_path / "rain_sound_source.json"
+    path.write_text(dumps_seed(description))
+    assert read_seed_file(path) == description
 
 
-@pytest.mark.parametrize("instrument", [None, "None", "none", "ABSENT"])
-def test_older_files_objects_key_missing_confidence_and_any_none_instrument(instrument):
+@pytest.mark.parametrize("instrument", [None, "None", "ABSENT"])
+def test_older_files_objects_key_missing_confidence_and_any_none_instrument(tmp_path, instrument):
     variant = {"play_method": "purring", "timbre": "soft, low"}
     if instrument != "ABSENT":
         variant["mapping_to_music_instrument"] = instrument
-    old = {"scene_description": "a cat", "mood_description": "cosy",
-           "objects": [{"name": "cat", "material": "fur", "variants": [variant]}]}
-    description = description_from_seed(old)
+    path = tmp_path / "cat_sound_source.json"
+    path.write_text(json.dumps({"scene_description": "a cat", "mood_description": "cosy",
+                                "objects": [{"name": "cat", "material": "fur", "variants": [variant]}]}))
+    description = read_seed_file(path)
     v = description.sources[0].variants[0]
     assert v.action == "purring" and list(v.timbre) == ["soft", "low"]
     assert not v.HasField("confidence")
-    expected = common_pb2.INSTRUMENT_ROLE_UNSPECIFIED if instrument == "ABSENT" else common_pb2.INSTRUMENT_ROLE_NONE
-    assert v.instrument_role == expected
-    written = description_to_seed(description)["sound_sources"][0]["variants"][0]
+    written = to_seed_dict(description)["sound_sources"][0]["variants"][0]
+    # Unmapped in any spelling is written back as the seed's "None"; a missing confidence is not invented.
     assert written["mapping_to_music_instrument"] == "None" and "confidence" not in written
 
 
@@ -56,20 +58,16 @@ def test_control_characters_are_cleaned_and_files_read_non_strict(tmp_path):
                     '[{"name": "dog\\u0007", "material": "", "variants": [{"play_method": "barking"}]}]}')
     description = read_seed_file(path)
     assert (description.scene, description.mood, description.sources[0].name) == ("a b", "c d", "dog")
-    assert clean_text("  many   spaces\x00here ") == "many spaces here"
 
 
-def test_broken_files_say_what_is_wrong(tmp_path):
-    with pytest.raises(SeedFormatError, match="sound_sources"):
-        description_from_seed({"scene_description": "x"})
-    bad = tmp_path / "bad.json"
-    bad.write_text("{not json")
-    with pytest.raises(SeedFormatError, match="not valid JSON"):
-        read_seed_file(bad)
-
-
-def test_sources_without_usable_variants_are_dropped():
-    description = description_from_seed({"sound_sources": [
-        {"name": "ghost", "variants": [{"play_method": ""}]}, {"name": "wind", "variants": [{"play_method": "howling"}]}]})
-    assert [s.name for s in description.sources] == ["wind"]
-    assert json.loads(dump_seed(description))["sound_sources"][0]["name"] == "wind"
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ('{"scene_description": "x"}', "sound_sources"),
+    ('["a list"]', "sound_sources"),
+    ('{"sound_sources": [{"name": "ghost", "variants": [{"play_method": ""}]}]}', "no sound source"),
+])
+def test_broken_files_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(SeedFormatError, match=message):
+        read_seed_file(path)

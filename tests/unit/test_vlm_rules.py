@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from image_to_sound.v1 import common_pb2
+from serving import seed_format
 from vlm_service import rules
 
 Role = common_pb2.InstrumentRole
@@ -35,19 +36,19 @@ def _all_variants(desc):
 
 
 def test_clean_text_removes_control_characters_and_collapses_whitespace():
-    assert rules.clean_text("  rain\x01 on\t\tthe \n roof\x7f\u200b ", 100) == "rain on the roof"
-    assert rules.clean_text(None, 10) == ""
-    assert rules.clean_text(0.5, 10) == "0.5"
-    assert rules.clean_text(["a", None, "b"], 10) == "a, b"
-    assert rules.clean_text("\U0006bc88unassigned", 20) == "unassigned"
+    assert seed_format.clean_text("  rain\x01 on\t\tthe \n roof\x7f\u200b ", 100) == "rain on the roof"
+    assert seed_format.clean_text(None, 10) == ""
+    assert seed_format.clean_text(0.5, 10) == "0.5"
+    assert seed_format.clean_text(["a", None, "b"], 10) == "a, b"
+    assert seed_format.clean_text("\U0006bc88unassigned", 20) == "unassigned"
 
 
 def test_clean_text_bounds_length_at_a_word_boundary():
     text = "water dripping slowly from a rusty gutter into a bucket"
-    out = rules.clean_text(text, 30)
+    out = seed_format.clean_text(text, 30)
     assert len(out) <= 30
     assert out == "water dripping slowly from a"
-    assert rules.clean_text("x" * 50, 10) == "x" * 10
+    assert seed_format.clean_text("x" * 50, 10) == "x" * 10
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,7 @@ def test_clean_text_bounds_length_at_a_word_boundary():
     ],
 )
 def test_parse_role(value, role):
-    assert rules.parse_role(value) == role
+    assert seed_format.parse_role(value) == role
 
 
 @pytest.mark.parametrize(
@@ -76,15 +77,15 @@ def test_parse_role(value, role):
      (None, None), ("high", None), (float("nan"), None), (float("inf"), None), (True, None)],
 )
 def test_parse_confidence(value, expected):
-    got = rules.parse_confidence(value)
+    got = seed_format.parse_confidence(value)
     assert got == pytest.approx(expected) if expected is not None else got is None
 
 
 def test_parse_timbre_from_list_or_string():
-    assert rules.parse_timbre("metallic, sharp;  bright") == ["metallic", "sharp", "bright"]
-    assert rules.parse_timbre(["Deep", "deep", "", "low/rumbling"]) == ["Deep", "low", "rumbling"]
-    assert rules.parse_timbre(None) == []
-    assert len(rules.parse_timbre(",".join(f"w{i}" for i in range(20)))) == rules.MAX_TIMBRE_WORDS
+    assert seed_format.parse_timbre("metallic, sharp;  bright") == ["metallic", "sharp", "bright"]
+    assert seed_format.parse_timbre(["Deep", "deep", "", "low/rumbling"]) == ["Deep", "low", "rumbling"]
+    assert seed_format.parse_timbre(None) == []
+    assert len(seed_format.parse_timbre(",".join(f"w{i}" for i in range(20)))) == seed_format.MAX_TIMBRE_WORDS
 
 
 # -- tolerant parsing ---------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def _example_description() -> common_pb2.SceneDescription:
 
 
 def test_to_seed_dict_has_exactly_the_seed_shape():
-    d = rules.to_seed_dict(_example_description())
+    d = seed_format.to_seed_dict(_example_description())
     assert set(d) == {"scene_description", "mood_description", "sound_sources"}
     for source in d["sound_sources"]:
         assert set(source) == {"name", "material", "variants"}
@@ -328,8 +329,8 @@ def test_to_seed_dict_has_exactly_the_seed_shape():
 
 def test_seed_dict_round_trip():
     desc = _example_description()
-    back = rules.from_seed_dict(json.loads(json.dumps(rules.to_seed_dict(desc))))
-    assert rules.to_seed_dict(back) == rules.to_seed_dict(desc)
+    back = seed_format.from_seed_dict(json.loads(json.dumps(seed_format.to_seed_dict(desc))))
+    assert seed_format.to_seed_dict(back) == seed_format.to_seed_dict(desc)
     assert [s.id for s in back.sources] == ["s1", "s2", "s3"]
 
 
@@ -347,7 +348,7 @@ def test_from_seed_dict_accepts_older_files_and_applies_no_rules():
             {"name": "children", "material": "", "variants": [{"play_method": "laughing", "timbre": []}]},
         ],
     }
-    desc = rules.from_seed_dict(older)
+    desc = seed_format.from_seed_dict(older)
     assert _all_variants(desc) == [("fountain", "splashing"), ("fountain", "gurgling"),
                                    ("fountain", "trickling"), ("children", "laughing")]
     roles = [v.instrument_role for v in desc.sources[0].variants]
@@ -355,7 +356,7 @@ def test_from_seed_dict_accepts_older_files_and_applies_no_rules():
     assert not desc.sources[0].variants[0].HasField("confidence")
     assert desc.prompt_version == "" and desc.model_id == ""
     with pytest.raises(ValueError):
-        rules.from_seed_dict(["not", "an", "object"])
+        seed_format.from_seed_dict(["not", "an", "object"])
 
 
 def test_rules_module_does_not_import_torch_or_transformers():
