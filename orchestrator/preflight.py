@@ -18,7 +18,7 @@ def _advice(model: str) -> str:
     return (
         f"What to do: (1) on a machine with internet access, set HF_TOKEN (or HUGGING_FACE_TOKEN) if the model is "
         f"gated and run again, which downloads it into the Hugging Face cache (HF_HOME); (2) or download it elsewhere "
-        f"(`huggingface-cli download {model}`), copy it here, and pass the folder with --vlm_model / --audio_model; "
+        f"(`hf download {model}`), copy it here, and pass the folder with --vlm_model / --audio_model; "
         f"(3) or run `make demo` to try the whole pipeline offline on tiny local models."
     )
 
@@ -37,6 +37,7 @@ def check_model(model: str) -> None:
             return  # in the local cache: the service loads it from there
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ModelUnavailable(f"{model} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set.\n{_advice(model)}")
+    _check_reachable(model)
     errors = []
     for name in CONFIG_FILES:
         try:
@@ -47,6 +48,24 @@ def check_model(model: str) -> None:
     raise ModelUnavailable(
         f"cannot fetch {model} from the Hugging Face Hub ({errors[-1]}).\n{_advice(model)}"
     )
+
+
+def _check_reachable(model: str, timeout: float = 5.0) -> None:
+    """One TCP connect to the hub (or HF_ENDPOINT): fails in seconds where the hub client would retry
+    for a minute before saying the same."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ModelUnavailable(
+            f"{model} is not in the local Hugging Face cache and {host}:{port} cannot be reached ({exc}).\n{_advice(model)}"
+        ) from None
 
 
 def check_models(*models: str | None) -> None:
