@@ -205,8 +205,10 @@ class Batcher:
         call = functools.partial(
             self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
         )
+        started = loop.time()
         try:
             results: Sequence[AudioResult] = await loop.run_in_executor(self._executor, call)
+            metrics.MODEL_SECONDS.labels(stage="audio").observe(loop.time() - started)
         except asyncio.CancelledError:  # the dispatcher itself is being torn down
             self._stop_running = True
             for job in batch:

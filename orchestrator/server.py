@@ -49,10 +49,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         are merged into one output stream. A failing image becomes an ImageFailed event."""
         out: asyncio.Queue = asyncio.Queue(maxsize=self.config.limits.event_queue_size)
         slots = asyncio.Semaphore(self.config.max_images_in_flight)
-        deadline = self._deadline(context)
         tasks: set[asyncio.Task] = set()
 
         async def run_image(request: pb.ImageToSoundRequest) -> None:
+            # The stream's deadline if the caller set one; else each image gets the default from its arrival
+            # (a streaming app may keep one stream open far longer than any single image takes).
+            deadline = self._deadline(context)
             try:
                 async for event in self.pipeline.run(request, deadline):
                     await out.put(event)

@@ -75,6 +75,7 @@ def grpc_errors(handler: Callable) -> Callable:
         @functools.wraps(handler)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
             start = time.perf_counter()
+            metrics.IN_FLIGHT.labels(method=method).inc()
             try:
                 async for item in handler(self, request, context):
                     yield item
@@ -86,6 +87,7 @@ def grpc_errors(handler: Callable) -> Callable:
             else:
                 metrics.RPCS.labels(method=method, code="OK").inc()
             finally:
+                metrics.IN_FLIGHT.labels(method=method).dec()
                 metrics.LATENCY.labels(method=method).observe(time.perf_counter() - start)
 
         return stream_wrapper
@@ -93,6 +95,7 @@ def grpc_errors(handler: Callable) -> Callable:
     @functools.wraps(handler)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         start = time.perf_counter()
+        metrics.IN_FLIGHT.labels(method=method).inc()
         try:
             response = await handler(self, request, context)
         except asyncio.CancelledError:
@@ -104,6 +107,7 @@ def grpc_errors(handler: Callable) -> Callable:
             metrics.RPCS.labels(method=method, code="OK").inc()
             return response
         finally:
+            metrics.IN_FLIGHT.labels(method=method).dec()
             metrics.LATENCY.labels(method=method).observe(time.perf_counter() - start)
 
     return unary_wrapper

@@ -10,10 +10,10 @@ LATENCY = Histogram(
     ["method"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
-IN_FLIGHT = Gauge("i2s_in_flight", "Requests being worked on, by stage", ["stage"])
+IN_FLIGHT = Gauge("i2s_rpcs_in_flight", "RPCs being served now, by method", ["method"])
 MODEL_SECONDS = Histogram(
     "i2s_model_seconds",
-    "Time spent in model calls, by stage",
+    "Time spent in model calls, by stage (vlm: one description; audio: one batch)",
     ["stage"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )

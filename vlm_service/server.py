@@ -7,6 +7,7 @@ import math
 import grpc
 
 from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from serving import metrics
 from serving.blocking import ModelWorker
 from serving.errors import InvalidInput, NotReady, grpc_errors
 from serving.images import decode_image
@@ -67,6 +68,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         image, options = self._prepare(request)
         try:
             async for event in self.worker.stream(lambda should_stop: self.backend.stream(image, options, should_stop)):
+                if isinstance(event, DescriptionDone):
+                    metrics.MODEL_SECONDS.labels(stage="vlm").observe(event.total_seconds)
                 yield event
         except BadImage as exc:
             raise InvalidInput(str(exc)) from None

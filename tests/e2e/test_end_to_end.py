@@ -40,9 +40,13 @@ def test_every_photo_gets_a_description_and_a_clip_per_variant(services):
         audio=common_pb2.AudioSettings(duration_seconds=SECONDS, num_inference_steps=2, seed=1),
         decoding=common_pb2.DecodingSettings(max_new_tokens=400, temperature=1.0, seed=3),
     )
+    requests = [make_request(p, request_id=p.name) for p in PHOTOS]
+    requests.insert(2, make_request(PHOTOS[0].read_bytes()[:2000], request_id="truncated"))  # a corrupt image among them
     with ImageToSoundClient(services.target, timeout=600) as client:
-        results = collect(client.stream_many((make_request(p, request_id=p.name) for p in PHOTOS), config=config))
-    assert set(results) == {p.name for p in PHOTOS}
+        results = collect(client.stream_many(requests, config=config))
+    assert set(results) == {p.name for p in PHOTOS} | {"truncated"}
+    failed = results.pop("truncated")
+    assert failed.error is not None and failed.error.code == 3 and "truncated or corrupt" in failed.error.message
     schema = load_prompt("v1").schema
     pipelined = 0
     for name, result in results.items():
