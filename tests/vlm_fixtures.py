@@ -13,3 +13,15 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vlm_service.tiny import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "vlm")
+
+
+def description_schema() -> dict:
+    """The v1 answer schema as it applies after the post-rules, which may drop sources (speech, duplicates,
+    word-less names) but never produce a malformed one: at least one source instead of three."""
+    import copy
+
+    from vlm_prompt import load_prompt
+
+    schema = copy.deepcopy(load_prompt("v1").schema)
+    schema["properties"]["sources"]["minItems"] = 1
+    return schema

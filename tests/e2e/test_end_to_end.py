@@ -16,6 +16,7 @@ from orchestrator.client import ImageToSoundClient, collect, make_request
 from orchestrator.embedded import EmbeddedServices
 from serving.seed_format import read_seed_file
 from vlm_prompt import load_prompt
+from tests.vlm_fixtures import description_schema
 from vlm_service.rules import to_compact_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,7 +39,7 @@ def services(tiny_vlm_dir, tiny_audio_dir):
 def test_every_photo_gets_a_description_and_a_clip_per_variant(services):
     config = pb.StreamConfig(
         audio=common_pb2.AudioSettings(duration_seconds=SECONDS, num_inference_steps=2, seed=1),
-        decoding=common_pb2.DecodingSettings(max_new_tokens=400, temperature=1.0, seed=3),
+        decoding=common_pb2.DecodingSettings(max_new_tokens=1024),
     )
     requests = [make_request(p, request_id=p.name) for p in PHOTOS]
     requests.insert(2, make_request(PHOTOS[0].read_bytes()[:2000], request_id="truncated"))  # a corrupt image among them
@@ -47,8 +48,8 @@ def test_every_photo_gets_a_description_and_a_clip_per_variant(services):
     assert set(results) == {p.name for p in PHOTOS} | {"truncated"}
     failed = results.pop("truncated")
     assert failed.error is not None and failed.error.code == 3 and "truncated or corrupt" in failed.error.message
-    schema = load_prompt("v1").schema
-    pipelined = 0
+    schema = description_schema()
+    pipelined = first_audio_early = 0
     for name, result in results.items():
         assert result.error is None, (name, result.error)
         jsonschema.validate(to_compact_dict(result.description), schema)
@@ -61,12 +62,15 @@ def test_every_photo_gets_a_description_and_a_clip_per_variant(services):
         summary = result.summary
         assert summary.clips_done == len(variants) and summary.clips_failed == 0
         pipelined += summary.clips_started_while_describing
+        first_audio_early += summary.first_audio_while_describing
         print(f"{name}: {len(result.description.sources)} sources, {len(variants)} clips, "
               f"first audio {summary.time_to_first_audio_seconds:.2f} s, total {summary.total_seconds:.2f} s, "
               f"clips started while describing {summary.clips_started_while_describing}, "
               f"first audio while describing {summary.first_audio_while_describing}")
-    # Audio was requested while the VLM was still decoding (the VLM streams each source as it closes).
-    assert pipelined > 0
+    # Pipelining observed on the real processes: audio was requested, and audio arrived, while the VLM was
+    # still decoding the same image (it streams each source as it closes; the tiny VLM needs ~2 s for its
+    # ~700 tokens, a 1 s two-step clip ~0.3 s). Seen for 5 of 5 photos here; one is required.
+    assert pipelined > 0 and first_audio_early >= 1
 
 
 def test_the_command_line_writes_the_seed_tree(tmp_path, tiny_vlm_dir, tiny_audio_dir):

@@ -103,8 +103,9 @@ def _complete(grammar, text: str) -> bool:
 
 
 def _doc(**changes):
-    doc = {"scene": "A street.", "mood": "calm", "sources": [{"name": "rain", "material": "roof", "variants": [
-        {"action": "drumming", "timbre": ["metallic"], "role": "drums", "confidence": 0.9}]}]}
+    """A valid compact answer (three sources, the minimum), with `changes` applied to the first source."""
+    doc = {"scene": "A street.", "mood": "calm", "sources": [{"name": name, "material": "roof", "variants": [
+        {"action": "drumming", "timbre": ["metallic"], "role": "drums", "confidence": 0.9}]} for name in ("rain", "wind", "car")]}
     variant = doc["sources"][0]["variants"][0]
     for key, value in changes.items():
         target = doc if key in doc else doc["sources"][0] if key in doc["sources"][0] else variant
@@ -134,6 +135,11 @@ def test_xgrammar_accepts_the_example_in_compact_form(grammar):
         {"confidence": 0.1234567},  # at most 6 fraction digits
         {"variants": []},  # minItems
         {"sources": []},
+        {"sources": [{"name": "rain", "material": "", "variants": [{"action": "falling", "timbre": [], "role": "none", "confidence": 1}]}] * 2},
+        {"name": "], rain"},  # names, materials, actions, timbre words start with a letter
+        {"material": " roof"},
+        {"action": "-drumming"},
+        {"timbre": ["9 bright"]},
     ],
 )
 def test_xgrammar_enforces_the_bounds(grammar, changes):
@@ -158,3 +164,33 @@ def test_added_tokens_are_never_allowed_inside_strings(grammar):
     matcher.fill_next_token_bitmask(bitmask)
     allowed = {i for i in range(151643, 151665) if (int(bitmask[0, i // 32]) >> (i % 32)) & 1}
     assert allowed == set()  # <|image_pad|>, <|vision_start|>, <|im_start|>, <tool_call>... all masked
+
+
+def test_any_path_through_the_grammar_is_schema_valid(tiny_vlm_dir):
+    """Always schema-valid, checked at the grammar itself: random walks over the tokens the compiled v1
+    grammar allows (what a random-weight model does) end in JSON that validates against the schema."""
+    import json
+    import random
+
+    import torch
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from vlm_service.decoding import build_tokenizer_info
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vlm_dir)
+    info = build_tokenizer_info(tokenizer, 151936, [151645, 151643])
+    schema = load_prompt().schema
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"))
+    bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
+    for trial in range(12):
+        matcher, rng, tokens = xgr.GrammarMatcher(grammar), random.Random(trial), []
+        while not matcher.is_terminated():
+            matcher.fill_next_token_bitmask(bitmask)
+            logits = torch.zeros(1, info.vocab_size)
+            xgr.apply_token_bitmask_inplace(logits, bitmask)
+            token = rng.choice(torch.nonzero(logits[0] > -1e30).flatten().tolist())
+            assert matcher.accept_token(token)
+            tokens.append(token)
+            assert len(tokens) < 5000, "the grammar must bound the output"
+        jsonschema.validate(json.loads(tokenizer.decode(tokens, skip_special_tokens=True), strict=False), schema)
