@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     more.add_argument("--orchestrator", metavar="H:P", help="use running services instead of starting them")
     more.add_argument("--vlm_model", default=DEFAULT_VLM_MODEL, help="Qwen2.5-VL hub id or local dir")
     more.add_argument("--device", default=None, help="device for both models in embedded mode (cpu, cuda, cuda:1)")
+    more.add_argument("--vlm_device", default=None, help="device for the VLM only (e.g. cuda:0)")
+    more.add_argument("--audio_device", default=None, help="device for the audio model only (e.g. cuda:1)")
     more.add_argument("--audio_scheduler", choices=["dpm", "ddim"], default="dpm", help="ddim + 200 steps is the seed's setting")
     more.add_argument("--num_candidates", type=int, default=1, help="clips generated per variant; the best by CLAP is kept")
     more.add_argument("--max_new_tokens", type=int, default=0, help="VLM output bound (default: the server's)")
@@ -327,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             # Only what this run needs: --skip_vlm starts no VLM, --skip_audio no audio model.
             with EmbeddedServices(vlm_model=None if args.skip_vlm else args.vlm_model,
                                   audio_model=None if args.skip_audio else args.audio_model,
-                                  device=args.device) as services:
+                                  device=args.device, vlm_device=args.vlm_device,
+                                  audio_device=args.audio_device) as services:
                 process(jobs, services.target, args)
         except ModelUnavailable as exc:
             log.error("%s", exc)
