@@ -20,9 +20,9 @@ from pathlib import Path
 import grpc
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from orchestrator.client import ROLE_NAMES, ImageResult, ImageToSoundClient, make_request, to_image
+from orchestrator.client import ImageResult, ImageToSoundClient, make_request, to_image
 from orchestrator.phase2 import export_phase2
-from serving.atomic_files import write_text_atomic, write_wav
+from serving.atomic_files import write_text_atomic
 from serving.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")

@@ -11,6 +11,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator, TypeVar
 
+from serving.errors import Overloaded
+
 T = TypeVar("T")
 _END = object()
 
@@ -23,13 +25,8 @@ class ModelWorker:
         self._max_queue = max_queue
         self._waiting = 0
 
-    async def call(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     async def stream(self, make_iter: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncIterator[T]:
         """Yields the items of the blocking iterator `make_iter(should_stop)` as the thread produces them."""
-        from serving.errors import Overloaded
-
         if self._waiting >= self._max_queue:
             raise Overloaded(f"{self._waiting} requests already waiting; retry later")
         loop = asyncio.get_running_loop()

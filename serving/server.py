@@ -131,6 +131,12 @@ async def run_until_signal(
         log.info("shutting down")
     finally:
         waiter.cancel()
+        still_loading = not readying.done()
         readying.cancel()
         await server.stop()
-        await close()
+        if still_loading:
+            # A loading thread cannot be interrupted; closing the model under it would race. The process
+            # exits once the thread returns.
+            log.warning("stopped while still loading the model")
+        else:
+            await close()

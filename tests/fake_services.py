@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, vision_pb2, vision_pb2_grpc

@@ -15,7 +15,6 @@ from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from orchestrator.client import ImageToSoundClient, collect, make_request
 from orchestrator.embedded import EmbeddedServices
 from serving.seed_format import read_seed_file
-from vlm_prompt import load_prompt
 from tests.vlm_fixtures import description_schema
 from vlm_service.rules import to_compact_dict
 

@@ -13,7 +13,6 @@ from PIL import Image
 from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from serving.images import ImageLimits, mime_type_for
 from serving.server import ServerOptions
-from vlm_prompt import load_prompt
 from tests.vlm_fixtures import description_schema
 from vlm_service.config import VlmConfig
 from vlm_service.rules import merge_sources, to_compact_dict
