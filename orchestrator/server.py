@@ -129,13 +129,19 @@ class Orchestrator:
             config.server, lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self.servicer, s),
             [SERVICE_NAME],
         )
+        self._mirror: asyncio.Task | None = None
 
     async def wait_for_backends(self, timeout: float | None = None) -> None:
-        """Blocks until both model services answer health SERVING (the orchestrator's readiness)."""
-        from serving.health import wait_serving
+        """Blocks until the model services answer health SERVING, then keeps the orchestrator's own health
+        in step with theirs: NOT_SERVING while any of them is not (restarting, overloaded, gone)."""
+        from serving.health import mirror_serving, wait_serving
 
         await asyncio.gather(*(wait_serving(channel, timeout=timeout) for channel in self.channels.values()))
+        self._mirror = asyncio.create_task(mirror_serving(self.channels, self.server.set_serving))
 
     async def close(self) -> None:
+        if self._mirror is not None:
+            self._mirror.cancel()
+            await asyncio.gather(self._mirror, return_exceptions=True)
         for channel in self.channels.values():
             await channel.close()

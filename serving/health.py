@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,3 +25,31 @@ async def wait_serving(channel: grpc.aio.Channel, service: str = "", timeout: fl
                 # The server went away (restart); wait_for_ready blocks the next Watch until it is back.
 
     await asyncio.wait_for(watch(), timeout)
+
+
+async def mirror_serving(
+    channels: Mapping[str, grpc.aio.Channel], set_serving: Callable[[bool], Awaitable[None]]
+) -> None:
+    """Runs until cancelled: calls set_serving(True) while every service behind `channels` says SERVING
+    and set_serving(False) as soon as one does not (or cannot be reached), so a readiness probe on a
+    front service tells the truth about what is behind it."""
+    states = {name: True for name in channels}  # called right after all were seen SERVING
+
+    async def update(name: str, serving: bool) -> None:
+        if states[name] != serving:
+            states[name] = serving
+            await set_serving(all(states.values()))
+
+    async def watch(name: str, channel: grpc.aio.Channel) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                async for response in stub.Watch(health_pb2.HealthCheckRequest(service=""), wait_for_ready=True):
+                    await update(name, response.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    await asyncio.sleep(1.0)  # e.g. UNIMPLEMENTED: not a reason to spin
+                # UNAVAILABLE: the service went away; wait_for_ready holds the next Watch until it is back.
+            await update(name, False)
+
+    await asyncio.gather(*(watch(name, channel) for name, channel in channels.items()))

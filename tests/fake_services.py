@@ -127,6 +127,7 @@ async def fake_stack(vision: FakeVisionServicer | None = None, audio: FakeAudioS
     audio = audio or FakeAudioServicer()
     async with serve(vision, vision_pb2_grpc.add_VisionServiceServicer_to_server, "image_to_sound.v1.VisionService") as v, \
             serve(audio, audio_pb2_grpc.add_AudioServiceServicer_to_server, "image_to_sound.v1.AudioService") as a:
+        vision.grpc_server, audio.grpc_server = v, a  # tests flip their health or stop them
         config = OrchestratorConfig(vlm_target=v.address, audio_target=a.address,
                                     limits=PipelineLimits(**limits), server=ServerOptions(port=0, grace_seconds=0.5))
         orchestrator = Orchestrator(config)

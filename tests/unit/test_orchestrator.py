@@ -199,3 +199,24 @@ async def test_a_variant_with_nothing_to_caption_fails_alone(image_bytes):
     failed = [e.clip_failed for e in events if e.WhichOneof("event") == "clip_failed"]
     assert len(failed) == 1 and failed[0].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert events[-1].summary.clips_done == 1 and len(audio.prompts) == 1
+
+
+async def test_orchestrator_health_follows_the_model_services():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    async with fake_stack() as (target, vision, audio):
+        async with grpc.aio.insecure_channel(target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+            async def next_status():
+                return (await asyncio.wait_for(watch.read(), BOUND)).status
+
+            assert await next_status() == serving
+            await audio.grpc_server.set_serving(False)  # e.g. the audio service is reloading
+            assert await next_status() == not_serving
+            await audio.grpc_server.set_serving(True)
+            assert await next_status() == serving
+            await vision.grpc_server.stop()  # the VLM service is gone
+            assert await next_status() == not_serving
+            watch.cancel()
