@@ -202,7 +202,7 @@ class Writer:
             self.progress.images.update(1)
 
     def _manifest_entry(self, clip) -> dict:
-        variant = _find_variant(self.job.result, clip.ref.variant_id)
+        variant = clip.variant
         m = clip.metadata
         entry = {
             "file": clip.file_name, "source": clip.source_name, "action": clip.action,
@@ -237,14 +237,6 @@ class Writer:
         else:
             write_text_atomic(job.result_dir / "prompts.partial.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 
-
-def _find_variant(result: ImageResult, variant_id: str):
-    description = result.description
-    for source in (description.sources if description else []):
-        for variant in source.variants:
-            if variant.id == variant_id:
-                return variant
-    return None
 
 
 def requests_for(jobs: list[Job]):

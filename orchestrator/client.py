@@ -89,6 +89,7 @@ class Clip:
     source_name: str = ""
     action: str = ""
     instrument_role: str = "None"
+    variant: common_pb2.SoundVariant | None = None  # what the clip renders (None for a scene mix)
     done: bool = False
 
     @property
@@ -158,6 +159,7 @@ class ImageResult:
                 clip.source_name = source.name
                 for variant in source.variants:
                     if variant.id == ref.variant_id:
+                        clip.variant = variant
                         clip.action = variant.action
                         clip.instrument_role = ROLE_NAMES[variant.instrument_role]
             self._by_id[ref.clip_id] = clip

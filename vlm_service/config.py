@@ -21,7 +21,6 @@ class VlmConfig:
     dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
     prompt_version: str = "v1"
     max_pixels: int | None = None  # None: the backend's default
-    max_new_tokens_limit: int = 2048
     max_queue: int = 16
     image_limits: ImageLimits = ImageLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
