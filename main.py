@@ -1,15 +1,12 @@
 """The seed's command line: python main.py [--single PATH] [--skip_audio] [--skip_vlm] ...
 
-A thin shim over orchestrator/cli.py; `python main.py --help` lists every option.
+A thin shim over orchestrator/cli.py (installed as the `i2s` command); `python main.py --help` lists
+every option. Needs the project installed (`make setup`, or `pip install -e .`).
 """
 import os
 import sys
-from pathlib import Path
 
-# The generated gRPC stubs live under protos/ (make protos); make them importable from a plain checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parent / "protos"))
-
-from orchestrator.cli import main  # noqa: E402
+from orchestrator.cli import main
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from serving.errors import Cancelled, NotReady
+
 SCHEDULERS = ("dpm", "ddim")
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 30.0
 MIN_STEPS, MAX_STEPS = 1, 1000
@@ -62,7 +64,7 @@ class AudioResult:
     candidate_index: int = 0  # which of the request's candidates was kept
 
 
-class BackendCancelled(Exception):
+class BackendCancelled(Cancelled):
     """`should_stop()` turned true and the denoising loop was interrupted after `steps_run` steps."""
 
     def __init__(self, steps_run: int, total_steps: int | None = None):
@@ -71,7 +73,7 @@ class BackendCancelled(Exception):
         self.total_steps = total_steps
 
 
-class BackendNotLoaded(RuntimeError):
+class BackendNotLoaded(NotReady):
     """`generate` was called before `load()` finished."""
 
 

@@ -25,14 +25,14 @@ from typing import Sequence
 
 from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, validate
 from serving import metrics
-from serving.errors import Overloaded
+from serving.errors import NotReady, Overloaded
 
 __all__ = ["Batcher", "BatcherClosed", "Overloaded"]
 
 log = logging.getLogger(__name__)
 
 
-class BatcherClosed(RuntimeError):
+class BatcherClosed(NotReady):
     """The batcher is closing or closed; the request was not run."""
 
 

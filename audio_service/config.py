@@ -1,14 +1,14 @@
-"""The audio service's configuration: one frozen dataclass, from flags and I2S_* environment variables."""
+"""The audio service's configuration: one frozen dataclass; flags and I2S_AUDIO_* variables derive from it."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
-from serving.config import add_server_flags, env_default, server_options
+from serving.config import parse_config, setting
+from serving.models import DEFAULT_AUDIO_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 
-DEFAULT_MODEL = "cvssp/audioldm2"
 DEFAULT_PORT = 50052
+ENV_PREFIX = "AUDIO"
 # What every clip should avoid unless the request says otherwise: AudioLDM2 drifts towards music and voices.
 DEFAULT_NEGATIVE_PROMPT = (
     "music, melody, musical instrument, singing, speech, talking, voice, "
@@ -18,40 +18,22 @@ DEFAULT_NEGATIVE_PROMPT = (
 
 @dataclass(frozen=True)
 class AudioConfig:
-    model: str = DEFAULT_MODEL
-    backend: str = "diffusers"  # diffusers | triton (planned)
-    revision: str | None = None
-    device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU
-    max_batch_size: int = 4
-    max_wait_ms: float = 10.0
-    max_queue: int = 64
+    model: str = setting(DEFAULT_AUDIO_MODEL, "hub id or local checkpoint dir")
+    backend: str = setting("diffusers", "where the model runs", choices=["diffusers"])
+    revision: str | None = setting(None, "hub revision (branch, tag or commit)")
+    device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
+    dtype: str | None = setting(None, "model dtype (default: float16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)
+    max_batch_size: int = setting(4, "requests with compatible settings run as one pipeline call, up to this many")
+    max_wait_ms: float = setting(10.0, "how long a request waits for companions to batch with")
+    max_queue: int = setting(64, "queued requests before RESOURCE_EXHAUSTED")
+    default_negative_prompt: str = setting(DEFAULT_NEGATIVE_PROMPT, "negative prompt for requests that set none",
+                                           flag="negative-prompt")
     default_duration_seconds: float = 4.0  # the seed's --audio_seconds default
     default_guidance_scale: float = 3.5  # the seed's --audio_guidance default
     default_chunk_seconds: float = 0.5
-    default_negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
 
 
 def parse_args(argv: list[str] | None = None) -> AudioConfig:
-    p = argparse.ArgumentParser(prog="python -m audio_service", description="AudioLDM2 sound-effect generator over gRPC")
-    p.add_argument("--model", default=env_default("model", DEFAULT_MODEL), help="hub id or local checkpoint dir")
-    p.add_argument("--backend", default=env_default("backend", "diffusers"), choices=["diffusers"])
-    p.add_argument("--revision", default=env_default("revision", None))
-    p.add_argument("--device", default=env_default("device", None), help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=env_default("dtype", None), choices=[None, "float16", "bfloat16", "float32"])
-    p.add_argument("--max-batch-size", type=int, default=env_default("max_batch_size", 4),
-                   help="requests with compatible settings run as one pipeline call, up to this many")
-    p.add_argument("--max-wait-ms", type=float, default=env_default("max_wait_ms", 10.0),
-                   help="how long a request waits for companions to batch with")
-    p.add_argument("--negative-prompt", default=env_default("negative_prompt", DEFAULT_NEGATIVE_PROMPT),
-                   help="negative prompt for requests that set none")
-    p.add_argument("--max-queue", type=int, default=env_default("max_queue", 64), help="queued requests before RESOURCE_EXHAUSTED")
-    add_server_flags(p, DEFAULT_PORT)
-    a = p.parse_args(argv)
-    return AudioConfig(
-        model=a.model, backend=a.backend, revision=a.revision, device=a.device, dtype=a.dtype,
-        max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
-        default_negative_prompt=a.negative_prompt,
-        server=server_options(a),
-    )
+    return parse_config(AudioConfig, argv, prefix=ENV_PREFIX, prog="python -m audio_service",
+                        description="AudioLDM2 sound-effect generator over gRPC")

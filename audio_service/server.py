@@ -7,15 +7,16 @@ import math
 import secrets
 import time
 import uuid
+from typing import Sequence
 
 import grpc
 
-from audio_service.backend import AudioBackend, AudioRequest, BackendNotLoaded, validate
-from audio_service.batching import Batcher, BatcherClosed
+from audio_service.backend import AudioBackend, AudioRequest, validate
+from audio_service.batching import Batcher
 from audio_service.config import AudioConfig
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from serving import audio_encoding
-from serving.errors import InvalidInput, NotReady, grpc_errors
+from serving.errors import InvalidInput, NotReady
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,6 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             backend, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
         )
 
-    @grpc_errors
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
             raise NotReady("the audio model is still loading")
@@ -104,8 +104,6 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
                 else:
                     getter.cancel()
             result = job.result()
-        except (BackendNotLoaded, BatcherClosed) as exc:
-            raise NotReady(str(exc)) from None
         finally:
             job.cancel()
         elapsed = time.perf_counter() - started
@@ -144,7 +142,7 @@ def build_backend(config: AudioConfig) -> AudioBackend:
     """The one place that picks a backend implementation from the config."""
     if config.backend == "diffusers":
         from audio_service.diffusers_backend import DiffusersAudioBackend
-        from serving.config import hf_token
+        from serving.models import hf_token
 
         return DiffusersAudioBackend(
             model=config.model, revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype
@@ -152,10 +150,13 @@ def build_backend(config: AudioConfig) -> AudioBackend:
     raise ValueError(f"unknown audio backend {config.backend!r}")
 
 
-def make_server(config: AudioConfig, backend: AudioBackend) -> tuple[GrpcServer, AudioServicer]:
+def make_server(
+    config: AudioConfig, backend: AudioBackend, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> tuple[GrpcServer, AudioServicer]:
     servicer = AudioServicer(backend, config)
     server = GrpcServer(
-        config.server, lambda s: audio_pb2_grpc.add_AudioServiceServicer_to_server(servicer, s), [SERVICE_NAME]
+        config.server, lambda s: audio_pb2_grpc.add_AudioServiceServicer_to_server(servicer, s), [SERVICE_NAME],
+        interceptors,
     )
     return server, servicer
 

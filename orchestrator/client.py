@@ -7,7 +7,7 @@
         print(clip.file_name, clip.source_name, clip.action, clip.instrument_role, clip.waveform.shape)
 
 One persistent channel per client (reuse it), a deadline on every call, retries on UNAVAILABLE
-(see channels.py), and helpers that turn the event stream into numpy arrays or WAV files.
+(see serving/channels.py), and helpers that turn the event stream into numpy arrays or WAV files.
 """
 from __future__ import annotations
 
@@ -17,24 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
 
+import grpc
 import numpy as np
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
-from orchestrator import channels
+from serving import channels
 from serving import audio_encoding
 from serving.atomic_files import write_wav
 from serving.images import mime_type_for
+from serving.seed_format import role_name
 
 ImageInput = str | os.PathLike | bytes | common_pb2.Image
 DEFAULT_TIMEOUT_SECONDS = 600.0
-ROLE_NAMES = {
-    common_pb2.INSTRUMENT_ROLE_UNSPECIFIED: "None",
-    common_pb2.INSTRUMENT_ROLE_NONE: "None",
-    common_pb2.INSTRUMENT_ROLE_GUITAR: "guitar",
-    common_pb2.INSTRUMENT_ROLE_BASS: "bass",
-    common_pb2.INSTRUMENT_ROLE_KEYBOARD: "keyboard",
-    common_pb2.INSTRUMENT_ROLE_DRUMS: "drums",
-}
 
 
 def to_image(image: ImageInput) -> common_pb2.Image:
@@ -161,7 +155,7 @@ class ImageResult:
                     if variant.id == ref.variant_id:
                         clip.variant = variant
                         clip.action = variant.action
-                        clip.instrument_role = ROLE_NAMES[variant.instrument_role]
+                        clip.instrument_role = role_name(variant.instrument_role)
             self._by_id[ref.clip_id] = clip
             self.clips.append(clip)
         return clip
@@ -185,9 +179,12 @@ def collect(events: Iterable[pb.ImageToSoundEvent]) -> dict[str, ImageResult]:
 class ImageToSoundClient:
     """Blocking client. Thread-safe; keep one per process and reuse it."""
 
-    def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS):
+    def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS, *,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 call_credentials: grpc.CallCredentials | None = None):
+        """`credentials`: TLS (grpc.ssl_channel_credentials); `call_credentials`: e.g. a bearer token."""
         self.timeout = timeout
-        self._channel = channels.sync_channel(target)
+        self._channel = channels.sync_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     def stream(self, image: ImageInput | None = None, *, timeout: float | None = None, **kwargs) -> Iterator[pb.ImageToSoundEvent]:
@@ -225,9 +222,11 @@ class ImageToSoundClient:
 class AsyncImageToSoundClient:
     """asyncio client; same calls as ImageToSoundClient, as async iterators / coroutines."""
 
-    def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS):
+    def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS, *,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 call_credentials: grpc.CallCredentials | None = None):
         self.timeout = timeout
-        self._channel = channels.aio_channel(target)
+        self._channel = channels.aio_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
     async def stream(self, image: ImageInput | None = None, *, timeout: float | None = None, **kwargs) -> AsyncIterator[pb.ImageToSoundEvent]:

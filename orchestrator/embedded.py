@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator import channels
+from serving import channels
 from serving.health import wait_serving
 
 log = logging.getLogger(__name__)
-REPO = Path(__file__).resolve().parent.parent
 
 
 class ServiceFailed(RuntimeError):
@@ -66,11 +65,10 @@ class EmbeddedServices:
     def _spawn(self, name: str, module: str, args: list[str]) -> _Child:
         port_file = self.log_dir / f"{name}.port"
         log_file = self.log_dir / f"{name}.log"
-        env = {**os.environ, **self.extra_env}
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "protos"), env.get("PYTHONPATH", "")])
+        env = {**os.environ, **self.extra_env}  # the children import the installed package, as we do
         command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), *args]
         with open(log_file, "wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                        start_new_session=True)
         child = _Child(name, process, port_file, log_file)
         self.children.append(child)

@@ -21,6 +21,7 @@ from orchestrator.mix import mix_layers
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
 from serving import audio_encoding
+from serving.config import setting
 from serving.errors import InvalidInput, Upstream
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ _DONE = object()
 
 @dataclass(frozen=True)
 class PipelineLimits:
-    max_audio_calls: int = 8  # audio RPCs in flight, all images together
+    max_audio_calls: int = setting(8, "audio requests in flight, all images together")
     max_clips_per_image: int = 32
     event_queue_size: int = 64  # events buffered per image before producers wait for the caller
     mix_sample_rate: int = 16000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from serving.config import hf_token
+from serving.models import hf_token
 
 CONFIG_FILES = ("config.json", "model_index.json")
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Sequence
 
 import grpc
 
 from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, vision_pb2_grpc
-from orchestrator import channels
+from serving import channels
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Deadline, Pipeline
-from serving.errors import InvalidInput, grpc_errors, status_for
+from serving.errors import InvalidInput, status_for
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         left = context.time_remaining()
         return Deadline(left if left is not None else self.config.default_deadline_seconds)
 
-    @grpc_errors
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
         async for event in self.pipeline.run(request, self._deadline(context)):
             yield event
 
-    @grpc_errors
     async def StreamImagesToSound(self, request_iterator, context: grpc.aio.ServicerContext):
         """Images are read as they come and run concurrently (at most max_images_in_flight); their events
         are merged into one output stream. A failing image becomes an ImageFailed event."""
@@ -114,7 +113,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 class Orchestrator:
     """The orchestrator service: channels to the model services, the pipeline and the gRPC server."""
 
-    def __init__(self, config: OrchestratorConfig):
+    def __init__(self, config: OrchestratorConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
         self.config = config
         # An empty target means "not deployed" (embedded --skip_vlm / --skip_audio runs).
         self.channels = {name: channels.aio_channel(target)
@@ -128,6 +127,7 @@ class Orchestrator:
         self.server = GrpcServer(
             config.server, lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self.servicer, s),
             [SERVICE_NAME],
+            interceptors,
         )
         self._mirror: asyncio.Task | None = None
 

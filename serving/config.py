@@ -1,50 +1,169 @@
-"""Helpers for service configs: each service has one frozen dataclass built from flags, with every flag
-also readable from the environment (I2S_<FLAG>, e.g. I2S_PORT), so a Kubernetes manifest can set either."""
+"""Service configuration: one frozen dataclass per service, and its flags and environment derived from it.
+
+A setting is written once, as a dataclass field made with `setting(default, help)`. From that field come
+its command-line flag (`max_queue` -> `--max-queue`), its environment variable (`I2S_VLM_MAX_QUEUE`: a
+per-service prefix, so services sharing a pod or a machine do not read each other's `PORT`), its type,
+default and help. Fields of nested dataclasses (`ServerOptions`, limits) are flattened into the same
+flag namespace. Fields made without `setting` are fixed in code, not configurable.
+
+Precedence: flag, then the service's variable, then the pre-prefix name `I2S_<NAME>` (read with a
+deprecation warning, for one release), then the default.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
-from serving.server import ServerOptions
+log = logging.getLogger(__name__)
 
-
-def env_default(name: str, default):
-    """The value of I2S_<NAME> converted to the type of `default`, or `default`."""
-    raw = os.environ.get("I2S_" + name.upper().replace("-", "_"))
-    if raw is None:
-        return default
-    if isinstance(default, bool):
-        return raw.lower() in ("1", "true", "yes", "on")
-    if default is None:
-        return raw
-    return type(default)(raw)
+ENV_ROOT = "I2S_"
+C = TypeVar("C")
 
 
-def add_server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
-    """--host --port --metrics-port --grace-seconds --max-message-mb, shared by all services."""
-    parser.add_argument("--host", default=env_default("host", "127.0.0.1"), help="address to bind (0.0.0.0 in a pod)")
-    parser.add_argument("--port", type=int, default=env_default("port", default_port), help="gRPC port (0: any free port)")
-    parser.add_argument("--metrics-port", type=int, default=env_default("metrics_port", -1),
-                        help="Prometheus /metrics port (-1: off, 0: any free port)")
-    parser.add_argument("--grace-seconds", type=float, default=env_default("grace_seconds", 10.0),
-                        help="on SIGTERM, how long in-flight requests may finish")
-    parser.add_argument("--max-message-mb", type=int, default=env_default("max_message_mb", 32),
-                        help="largest gRPC message accepted (images up to 20 MB)")
-    parser.add_argument("--port-file", default=env_default("port_file", None),
-                        help="write the bound port to this file once listening (with --port 0)")
+def setting(default: Any, help: str, *, flag: str | None = None, choices: Sequence[Any] | None = None) -> Any:
+    """A configurable dataclass field. `flag` overrides the name derived from the field's
+    (`--vlm` for `vlm_target`); `choices` restricts the values."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
-def server_options(args: argparse.Namespace) -> ServerOptions:
-    return ServerOptions(
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        grace_seconds=args.grace_seconds,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        port_file=args.port_file,
+@dataclass(frozen=True)
+class Setting:
+    """One configurable field, as the command line and the environment see it."""
+
+    path: tuple[str, ...]  # field names from the top-level dataclass down, e.g. ("server", "port")
+    flag: str  # without dashes: "max-queue"
+    type: type
+    optional: bool  # None is a valid value
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+
+    def env_name(self, prefix: str) -> str:
+        """`I2S_VLM_MAX_QUEUE` for prefix "VLM"."""
+        return f"{ENV_ROOT}{prefix}_{self.flag.replace('-', '_').upper()}"
+
+    def legacy_env_name(self) -> str:
+        return f"{ENV_ROOT}{self.flag.replace('-', '_').upper()}"
+
+    def convert(self, raw: str) -> Any:
+        """A string from the command line or the environment to the field's type."""
+        if self.optional and raw.strip().lower() in ("", "none"):
+            return None
+        if self.type is bool:
+            word = raw.strip().lower()
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        return self.type(raw)
+
+
+def _base_type(hint: Any) -> tuple[type, bool]:
+    """(the type, whether None is allowed) of `int`, `str | None`, `Optional[float]`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported setting type {hint}")
+        return args[0], True
+    return hint, False
+
+
+def settings(cls: type, defaults: Any = None, path: tuple[str, ...] = ()) -> Iterator[Setting]:
+    """Every configurable field of the dataclass `cls`, nested dataclasses flattened, in field order."""
+    defaults = cls() if defaults is None else defaults
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from settings(type(value), value, path + (f.name,))
+        elif "help" in f.metadata:
+            kind, optional = _base_type(hints[f.name])
+            choices = f.metadata.get("choices")
+            yield Setting(
+                path=path + (f.name,),
+                flag=f.metadata.get("flag") or f.name.replace("_", "-"),
+                type=kind,
+                optional=optional or value is None,
+                default=value,
+                help=f.metadata["help"],
+                choices=tuple(choices) if choices else None,
+            )
+
+
+def _from_environment(s: Setting, prefix: str, environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """(variable name, raw value) from the service's variable, or the deprecated unprefixed one."""
+    name = s.env_name(prefix)
+    if name in environ:
+        return name, environ[name]
+    legacy = s.legacy_env_name()
+    if legacy in environ:
+        log.warning("%s is deprecated and will be ignored in the next release: use %s", legacy, name)
+        return legacy, environ[legacy]
+    return None
+
+
+def _build(cls: type, defaults: Any, values: Mapping[tuple[str, ...], Any], path: tuple[str, ...] = ()) -> Any:
+    changes = {}
+    for f in dataclasses.fields(cls):
+        current = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(current):
+            changes[f.name] = _build(type(current), current, values, path + (f.name,))
+        elif path + (f.name,) in values:
+            changes[f.name] = values[path + (f.name,)]
+    return dataclasses.replace(defaults, **changes)
+
+
+def parse_config(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    *,
+    prefix: str,
+    prog: str,
+    description: str,
+    environ: Mapping[str, str] | None = None,
+) -> C:
+    """The config `cls` from flags (`argv`, default sys.argv) and the environment (`environ`, default
+    os.environ). Bad values end the program with a message naming the flag or the variable."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"Every flag can also be set as {ENV_ROOT}{prefix}_<FLAG> in the environment "
+        f"(e.g. {ENV_ROOT}{prefix}_PORT).",
     )
-
-
-def hf_token() -> str | None:
-    """The Hugging Face token: HUGGING_FACE_TOKEN (the seed's name) or the standard HF_TOKEN."""
-    return os.environ.get("HUGGING_FACE_TOKEN") or os.environ.get("HF_TOKEN") or None
+    table = list(settings(cls))
+    seen: dict[str, Setting] = {}
+    for s in table:
+        if s.flag in seen:
+            raise TypeError(f"{cls.__name__}: {s.path} and {seen[s.flag].path} both want --{s.flag}")
+        seen[s.flag] = s
+        default = s.default
+        source = _from_environment(s, prefix, environ)
+        if source is not None:
+            name, raw = source
+            try:
+                default = s.convert(raw)
+            except ValueError as exc:
+                parser.error(f"{name}={raw!r}: {exc}")
+            if s.choices and default not in s.choices:
+                parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, s.choices))}")
+        shown_default = "" if s.default is None else f"default: {s.default}; "
+        help_text = f"{s.help} ({shown_default}env {s.env_name(prefix)})"
+        dest = "__".join(s.path)
+        if s.type is bool:
+            parser.add_argument(f"--{s.flag}", dest=dest, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        else:
+            parser.add_argument(f"--{s.flag}", dest=dest, type=s.convert, default=default, help=help_text,
+                                choices=(*s.choices, *([None] if s.optional else [])) if s.choices else None,
+                                metavar=None if s.choices else s.type.__name__.upper())
+    namespace = vars(parser.parse_args(argv))
+    values = {s.path: namespace["__".join(s.path)] for s in table}
+    return _build(cls, cls(), values)

@@ -22,8 +22,9 @@ AUDIO_STOPPED_EARLY = Counter(
 )
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> int:
-    """Starts the /metrics endpoint unless port is negative; returns the bound port (0 picks a free one)."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Starts the /metrics endpoint on `host` (the gRPC bind address) unless port is negative; returns the
+    bound port (0 picks a free one)."""
     if port < 0:
         return -1
     server, _thread = start_http_server(port, addr=host)

@@ -68,6 +68,11 @@ SEED_ROLE_NAME = {
 }
 
 
+def role_name(role: int) -> str:
+    """The seed's word for an instrument role: "guitar"/"bass"/"keyboard"/"drums", else "None"."""
+    return SEED_ROLE_NAME.get(role, "None")
+
+
 def clean_text(value: Any, max_chars: int) -> str:
     """Make a model- or file-provided value safe for prompts, protobuf and file names.
 
@@ -252,7 +257,7 @@ def to_seed_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
                     {
                         "play_method": variant.action,
                         "timbre": list(variant.timbre),
-                        "mapping_to_music_instrument": SEED_ROLE_NAME.get(variant.instrument_role, "None"),
+                        "mapping_to_music_instrument": role_name(variant.instrument_role),
                         **(
                             {"confidence": round_confidence(variant.confidence)}
                             if variant.HasField("confidence")

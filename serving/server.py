@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,6 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from serving import metrics
 from serving.atomic_files import write_text_atomic
+from serving.config import setting
+from serving.health import HealthServicer
+from serving.interceptors import standard_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +29,19 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """Network settings common to the three services."""
+    """Network settings common to the three services (flags and environment derived by serving.config)."""
 
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 picks a free port (tests)
-    max_message_bytes: int = 32 * MiB  # images up to 20 MB plus framing
-    grace_seconds: float = 10.0
-    metrics_port: int = -1  # -1: no /metrics endpoint
+    host: str = setting("127.0.0.1", "address to bind, also for /metrics (0.0.0.0 in a pod)")
+    port: int = setting(0, "gRPC port (0: any free port)")
+    metrics_port: int = setting(-1, "Prometheus /metrics port (-1: off, 0: any free port)")
+    grace_seconds: float = setting(10.0, "on SIGTERM, how long in-flight requests may finish")
+    max_message_mb: int = setting(32, "largest gRPC message accepted, in MiB (images up to 20 MB)")
+    port_file: str | None = setting(None, "write the bound port to this file once listening (with --port 0)")
     keepalive_seconds: float = 30.0
-    port_file: str | None = None  # write the bound port here once listening (embedded mode, port 0)
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MiB
 
 
 def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float = 30.0) -> list[tuple[str, int]]:
@@ -50,22 +57,30 @@ def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float 
 
 
 class GrpcServer:
-    """A grpc.aio server with health and reflection; the service servicers are added by `register`."""
+    """A grpc.aio server with health and reflection; the service servicers are added by `register`.
+
+    Every RPC passes through the standard interceptors (metrics, error mapping), then `interceptors`
+    (e.g. authentication) in order. With `credentials` the port speaks TLS; without, plaintext.
+    """
 
     def __init__(
         self,
         options: ServerOptions,
         register: Callable[[grpc.aio.Server], None],
         service_names: Iterable[str],
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        credentials: grpc.ServerCredentials | None = None,
     ):
         self.options = options
         self.service_names = list(service_names)
+        self.credentials = credentials
         self.server = grpc.aio.server(
+            interceptors=[*standard_interceptors(), *interceptors],
             options=channel_options(options.max_message_bytes, options.keepalive_seconds)
-            + [("grpc.so_reuseport", 0)]
+            + [("grpc.so_reuseport", 0)],
         )
         register(self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
@@ -79,12 +94,16 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Binds and starts; health is NOT_SERVING until set_serving(True). Returns the bound port."""
-        self.port = self.server.add_insecure_port(f"{self.options.host}:{self.options.port}")
+        address = f"{self.options.host}:{self.options.port}"
+        if self.credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, self.credentials)
         if self.port == 0:
             raise OSError(f"could not bind {self.options.host}:{self.options.port}")
         await self.set_serving(False)
         await self.server.start()
-        self.metrics_port = metrics.serve_metrics(self.options.metrics_port)
+        self.metrics_port = metrics.serve_metrics(self.options.metrics_port, self.options.host)
         if self.options.port_file:
             write_text_atomic(self.options.port_file, f"{self.port}\n")
         log.info("listening on %s (metrics port %s)", self.address, self.metrics_port)

@@ -15,7 +15,7 @@ __all__ = ["tiny_audio_dir", "tiny_audio_backend", "tiny_clap_tokenizer"]
 @pytest.fixture(scope="session")
 def tiny_audio_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny AudioLDM2Pipeline checkpoint (all eleven real components) written with save_pretrained."""
-    from audio_service.tiny import build_tiny_audio
+    from tiny_models.audio import build_tiny_audio
 
     return build_tiny_audio(tmp_path_factory.mktemp("tiny_audio"))
 

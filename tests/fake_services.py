@@ -13,7 +13,7 @@ import numpy as np
 
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, vision_pb2, vision_pb2_grpc
 from serving import audio_encoding
-from serving.errors import InvalidInput, grpc_errors
+from serving.errors import InvalidInput
 from serving.images import decode_image
 from serving.server import GrpcServer, ServerOptions
 
@@ -41,7 +41,6 @@ class FakeVisionServicer(vision_pb2_grpc.VisionServiceServicer):
     finished: bool = False
     calls: int = 0
 
-    @grpc_errors
     async def StreamSceneDescription(self, request, context):
         self.calls += 1
         decode_image(request.image.data, request.image.mime_type)  # the real checks: bad images fail here
@@ -70,7 +69,6 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
     was_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     deadlines: list[float | None] = field(default_factory=list)  # time remaining seen by each call
 
-    @grpc_errors
     async def GenerateAudio(self, request, context):
         self.prompts.append(request.prompt)
         self.deadlines.append(context.time_remaining())

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen2.5-VL checkpoint (real classes, ~10 MB), written once into a temp dir."""
-    from vlm_service.tiny import build_tiny_vlm
+    from tiny_models.vlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm") / "vlm")
 

@@ -19,16 +19,17 @@ from typing import Callable, Iterator, Literal
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2
+from serving.errors import InvalidInput, NotReady
 
 MAX_NEW_TOKENS_LIMIT = 2048
 MAX_TEMPERATURE = 2.0
 
 
-class BadImage(ValueError):
+class BadImage(InvalidInput):
     """The image cannot be described (maps to INVALID_ARGUMENT)."""
 
 
-class BackendNotReady(RuntimeError):
+class BackendNotReady(NotReady):
     """The backend is not loaded yet, or was closed (maps to UNAVAILABLE)."""
 
 

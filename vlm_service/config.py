@@ -1,45 +1,31 @@
-"""The VLM service's configuration: one frozen dataclass, from flags and I2S_* environment variables."""
+"""The VLM service's configuration: one frozen dataclass; flags and I2S_VLM_* variables derive from it."""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
-from serving.config import add_server_flags, env_default, server_options
+from serving.config import parse_config, setting
 from serving.images import ImageLimits
+from serving.models import DEFAULT_VLM_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_PORT = 50051
+ENV_PREFIX = "VLM"
 
 
 @dataclass(frozen=True)
 class VlmConfig:
-    model: str = DEFAULT_MODEL
-    backend: str = "transformers"  # transformers | triton (planned)
-    revision: str | None = None
-    device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | None = None  # None: bf16 on GPU, fp32 on CPU
-    prompt_version: str = "v1"
-    max_pixels: int | None = None  # None: the backend's default
-    max_queue: int = 16
+    model: str = setting(DEFAULT_VLM_MODEL, "hub id or local checkpoint dir")
+    backend: str = setting("transformers", "where the model runs", choices=["transformers"])
+    revision: str | None = setting(None, "hub revision (branch, tag or commit)")
+    device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
+    dtype: str | None = setting(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)
+    prompt_version: str = setting("v1", "prompt and schema version under vlm_prompt/")
+    max_pixels: int | None = setting(None, "resize bound for the model (default: the backend's)")
+    max_queue: int = setting(16, "requests waiting before RESOURCE_EXHAUSTED")
     image_limits: ImageLimits = ImageLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
 
 
 def parse_args(argv: list[str] | None = None) -> VlmConfig:
-    p = argparse.ArgumentParser(prog="python -m vlm_service", description="Qwen2.5-VL sound-source describer over gRPC")
-    p.add_argument("--model", default=env_default("model", DEFAULT_MODEL), help="hub id or local checkpoint dir")
-    p.add_argument("--backend", default=env_default("backend", "transformers"), choices=["transformers"])
-    p.add_argument("--revision", default=env_default("revision", None), help="hub revision (branch, tag or commit)")
-    p.add_argument("--device", default=env_default("device", None), help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", default=env_default("dtype", None), choices=[None, "bfloat16", "float16", "float32"])
-    p.add_argument("--prompt-version", default=env_default("prompt_version", "v1"))
-    p.add_argument("--max-pixels", type=int, default=env_default("max_pixels", 0), help="resize bound for the model (0: default)")
-    p.add_argument("--max-queue", type=int, default=env_default("max_queue", 16), help="requests waiting before RESOURCE_EXHAUSTED")
-    add_server_flags(p, DEFAULT_PORT)
-    a = p.parse_args(argv)
-    return VlmConfig(
-        model=a.model, backend=a.backend, revision=a.revision, device=a.device, dtype=a.dtype,
-        prompt_version=a.prompt_version, max_pixels=a.max_pixels or None, max_queue=a.max_queue,
-        server=server_options(a),
-    )
+    return parse_config(VlmConfig, argv, prefix=ENV_PREFIX, prog="python -m vlm_service",
+                        description="Qwen2.5-VL sound-source describer over gRPC")

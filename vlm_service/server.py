@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import grpc
 
 from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from serving import metrics
 from serving.blocking import ModelWorker
-from serving.errors import InvalidInput, NotReady, grpc_errors
+from serving.errors import InvalidInput, NotReady
 from serving.images import decode_image
 from serving.server import GrpcServer
-from vlm_service.backend import (BackendNotReady, BadImage, DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
-                                 VisionBackend, validate)
+from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound, VisionBackend, validate
 from vlm_service.config import VlmConfig
 
 log = logging.getLogger(__name__)
@@ -59,24 +59,17 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def _events(self, request):
         image, options = self._prepare(request)
-        try:
-            async for event in self.worker.stream(lambda should_stop: self.backend.stream(image, options, should_stop)):
-                if isinstance(event, DescriptionDone):
-                    metrics.MODEL_SECONDS.labels(stage="vlm").observe(event.total_seconds)
-                yield event
-        except BadImage as exc:
-            raise InvalidInput(str(exc)) from None
-        except BackendNotReady as exc:
-            raise NotReady(str(exc)) from None
+        async for event in self.worker.stream(lambda should_stop: self.backend.stream(image, options, should_stop)):
+            if isinstance(event, DescriptionDone):
+                metrics.MODEL_SECONDS.labels(stage="vlm").observe(event.total_seconds)
+            yield event
 
-    @grpc_errors
     async def DescribeScene(self, request: vision_pb2.DescribeSceneRequest, context: grpc.aio.ServicerContext):
         async for event in self._events(request):
             if isinstance(event, DescriptionDone):
                 return vision_pb2.DescribeSceneResponse(description=event.description, stats=stats_message(event))
         raise RuntimeError("the backend ended without a description")
 
-    @grpc_errors
     async def StreamSceneDescription(self, request: vision_pb2.StreamSceneDescriptionRequest, context):
         async for event in self._events(request):
             if isinstance(event, SceneHeader):
@@ -97,7 +90,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 def build_backend(config: VlmConfig) -> VisionBackend:
     """The one place that picks a backend implementation from the config."""
     if config.backend == "transformers":
-        from serving.config import hf_token
+        from serving.models import hf_token
         from vlm_service.transformers_backend import TransformersVisionBackend
 
         kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
@@ -108,12 +101,15 @@ def build_backend(config: VlmConfig) -> VisionBackend:
     raise ValueError(f"unknown VLM backend {config.backend!r}")
 
 
-def make_server(config: VlmConfig, backend: VisionBackend) -> tuple[GrpcServer, VisionServicer]:
+def make_server(
+    config: VlmConfig, backend: VisionBackend, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> tuple[GrpcServer, VisionServicer]:
     servicer = VisionServicer(backend, config)
     server = GrpcServer(
         config.server,
         lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, s),
         [SERVICE_NAME],
+        interceptors,
     )
     return server, servicer
 

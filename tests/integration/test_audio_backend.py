@@ -11,7 +11,7 @@ import pytest
 
 from audio_service.backend import AudioRequest, BackendCancelled, num_samples, validate
 from audio_service.batching import Batcher
-from audio_service.tiny import REAL_MODEL_INDEX_CLASSES
+from tiny_models.audio import REAL_MODEL_INDEX_CLASSES
 
 SR = 16000
 
@@ -55,7 +55,7 @@ def test_the_plain_loader_hits_the_gpt2_quirk(tiny_audio_dir):
 
 
 def test_tiny_tokenizers_are_deterministic():
-    from audio_service.tiny import _train_roberta_tokenizer, _train_t5_tokenizer
+    from tiny_models.audio import _train_roberta_tokenizer, _train_t5_tokenizer
 
     for train in (_train_roberta_tokenizer, _train_t5_tokenizer):
         assert train().backend_tokenizer.to_str() == train().backend_tokenizer.to_str()

@@ -365,8 +365,7 @@ def test_rules_module_does_not_import_torch_or_transformers():
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
-                         env={"PYTHONPATH": f"{root}:{root / 'protos'}"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.split() == ["False", "False"]
 
 

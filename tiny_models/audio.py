@@ -6,7 +6,7 @@
 classes, and `model_index.json` names `GPT2Model` for `language_model`, like the real one, so the
 loader's GPT2 workaround (transformers 5.x) is exercised. 16 kHz audio, 64 mel bins, hop 160.
 
-    python -m audio_service.tiny OUT_DIR
+    python -m tiny_models.audio OUT_DIR
 """
 from __future__ import annotations
 
@@ -343,7 +343,7 @@ def build_tiny_audio(out_dir: Path | str) -> Path:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.exit("usage: python -m audio_service.tiny OUT_DIR")
+        sys.exit("usage: python -m tiny_models.audio OUT_DIR")
     print(build_tiny_audio(Path(argv[0])))
 
 

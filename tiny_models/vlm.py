@@ -13,7 +13,7 @@ torchvision is absent) and a ``generation_config.json`` with the real checkpoint
 Weights are stored in bfloat16, like the hub checkpoints, and the text model is untied like the 7B.
 Size on disk: about 10 MB, almost all of it the 151936 x 16 embedding and LM head.
 
-    python -m vlm_service.tiny OUT_DIR
+    python -m tiny_models.vlm OUT_DIR
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def build_tiny_vlm(out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in {"-h", "--help"}:
-        print("usage: python -m vlm_service.tiny OUT_DIR", file=sys.stderr)
+        print("usage: python -m tiny_models.vlm OUT_DIR", file=sys.stderr)
         return 2
     out = build_tiny_vlm(Path(argv[0]))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

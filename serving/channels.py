@@ -1,0 +1,70 @@
+"""gRPC channels to the model services and for clients: message sizes, keepalive, retries on UNAVAILABLE."""
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from serving.server import channel_options
+
+# Retries are safe: every RPC of this system is a pure function of its request (seeds included).
+# UNAVAILABLE covers a service that is restarting or still loading its model.
+RETRY_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "image_to_sound.v1.VisionService"}, {"service": "image_to_sound.v1.AudioService"},
+                 {"service": "image_to_sound.v1.Orchestrator"}],
+        "retryPolicy": {
+            "maxAttempts": 5,
+            "initialBackoff": "0.2s",
+            "maxBackoff": "5s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
+
+
+def options(max_message_mb: int = 32) -> list[tuple[str, object]]:
+    return channel_options(max_message_mb * 1024 * 1024) + [
+        ("grpc.service_config", RETRY_SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+    ]
+
+
+def channel_credentials(
+    credentials: grpc.ChannelCredentials | None, call_credentials: grpc.CallCredentials | None
+) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials combined with per-call credentials (a bearer token), or None for plaintext.
+
+    gRPC sends call credentials only over a secure channel. A token without TLS is allowed on loopback
+    alone (local credentials: tests, one-machine setups); elsewhere it would cross the network in clear.
+    """
+    if call_credentials is None:
+        return credentials
+    base = credentials if credentials is not None else grpc.local_channel_credentials()
+    return grpc.composite_channel_credentials(base, call_credentials)
+
+
+def aio_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    call_credentials: grpc.CallCredentials | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel; plaintext unless credentials are given."""
+    creds = channel_credentials(credentials, call_credentials)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=options())
+    return grpc.aio.secure_channel(target, creds, options=options())
+
+
+def sync_channel(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    call_credentials: grpc.CallCredentials | None = None,
+) -> grpc.Channel:
+    """A blocking channel (the synchronous client); plaintext unless credentials are given."""
+    creds = channel_credentials(credentials, call_credentials)
+    if creds is None:
+        return grpc.insecure_channel(target, options=options())
+    return grpc.secure_channel(target, creds, options=options())

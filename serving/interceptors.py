@@ -1,0 +1,136 @@
+"""Server interceptors: what every RPC of every service passes through, written once.
+
+`GrpcServer` installs `MetricsInterceptor` (outermost, so it records the final status) and
+`ErrorMappingInterceptor` on every server, before any interceptor a service adds (authentication, say).
+Servicers therefore only translate messages and raise the domain errors of `serving.errors`.
+
+An interceptor here is a `GuardInterceptor`: an async context manager around the whole call, for unary
+and streaming RPCs alike, so each concern is a few lines instead of four wrappers per concern.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import grpc
+
+from serving import metrics
+from serving.errors import status_for
+
+log = logging.getLogger(__name__)
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def short_method(full_method: str) -> str:
+    """"/image_to_sound.v1.VisionService/DescribeScene" -> "DescribeScene" (the metrics label)."""
+    return full_method.rsplit("/", 1)[-1]
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Runs every call of the server inside `self.guard(method, context)`, an async context manager.
+
+    Streaming handlers may be async generators (ours, reflection) or coroutines that call
+    `context.write` (the health servicer's Watch); both are wrapped.
+    """
+
+    def guard(self, method: str, context: grpc.aio.ServicerContext):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return None
+        method = handler_call_details.method
+        behaviour = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+        guard = self.guard
+
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+                async with guard(method, context):
+                    async for item in behaviour(request, context):
+                        yield item
+
+        else:
+
+            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                async with guard(method, context):
+                    return await behaviour(request, context)
+
+        factory = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    # A client that goes away cancels the handler's task, or closes its response generator.
+    return isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+
+
+class ErrorMappingInterceptor(GuardInterceptor):
+    """Domain exceptions -> gRPC status (serving.errors.status_for). INTERNAL is logged with its
+    traceback and answered with a generic message; the others are logged in one line."""
+
+    @asynccontextmanager
+    async def guard(self, method: str, context: grpc.aio.ServicerContext):
+        try:
+            yield
+        except grpc.aio.AbortError:  # the handler chose its status itself
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped in one place
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("%s failed", method, exc_info=exc)
+            else:
+                log.info("%s: %s: %s", method, code.name, message)
+            await context.abort(code, message)
+
+
+class MetricsInterceptor(GuardInterceptor):
+    """Per-RPC count by method and final status code, latency, and calls in flight."""
+
+    @asynccontextmanager
+    async def guard(self, method: str, context: grpc.aio.ServicerContext):
+        name = short_method(method)
+        started = time.perf_counter()
+        metrics.IN_FLIGHT.labels(method=name).inc()
+        code = "OK"
+        try:
+            yield
+            code = _code_name(context, default="OK")
+        except BaseException as exc:
+            code = "CANCELLED" if _is_cancellation(exc) else _code_name(context, default="UNKNOWN")
+            raise
+        finally:
+            metrics.IN_FLIGHT.labels(method=name).dec()
+            metrics.RPCS.labels(method=name, code=code).inc()
+            metrics.LATENCY.labels(method=name).observe(time.perf_counter() - started)
+
+
+def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
+    code = context.code()
+    if code is None:
+        return default
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    # Some grpc versions hand back the integer value of the status.
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
+
+
+def standard_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """What every server runs first, outermost first."""
+    return [MetricsInterceptor(), ErrorMappingInterceptor()]
+

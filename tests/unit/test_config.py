@@ -1,0 +1,74 @@
+"""Configuration derived from the config dataclasses: flags, per-service environment prefixes, precedence."""
+import pytest
+
+from audio_service.config import AudioConfig, parse_args as audio_args
+from orchestrator.config import OrchestratorConfig, parse_args as orchestrator_args
+from serving.config import settings
+from vlm_service.config import VlmConfig, parse_args as vlm_args
+
+
+def test_services_sharing_one_environment_pick_up_their_own_ports(monkeypatch):
+    monkeypatch.setenv("I2S_VLM_PORT", "7101")
+    monkeypatch.setenv("I2S_AUDIO_PORT", "7102")
+    monkeypatch.setenv("I2S_ORCHESTRATOR_PORT", "7100")
+    monkeypatch.setenv("I2S_AUDIO_METRICS_PORT", "9102")
+    assert vlm_args([]).server.port == 7101
+    assert audio_args([]).server.port == 7102
+    assert orchestrator_args([]).server.port == 7100
+    assert audio_args([]).server.metrics_port == 9102
+    assert vlm_args([]).server.metrics_port == -1  # not the audio service's
+
+
+def test_flag_beats_prefixed_variable_beats_legacy_variable_beats_default(monkeypatch, caplog):
+    assert vlm_args([]).max_queue == 16
+    monkeypatch.setenv("I2S_MAX_QUEUE", "3")  # the pre-prefix name, still read for one release
+    assert vlm_args([]).max_queue == 3
+    assert "I2S_MAX_QUEUE is deprecated" in caplog.text
+    monkeypatch.setenv("I2S_VLM_MAX_QUEUE", "5")
+    assert vlm_args([]).max_queue == 5
+    assert vlm_args(["--max-queue", "7"]).max_queue == 7
+
+
+def test_every_setting_has_a_flag_of_its_type_and_optional_ones_accept_none(monkeypatch):
+    config = vlm_args(["--max-pixels", "200704", "--dtype", "bfloat16", "--grace-seconds", "2.5",
+                       "--max-message-mb", "8", "--device", "none"])
+    assert (config.max_pixels, config.dtype, config.server.grace_seconds, config.device) == (200704, "bfloat16", 2.5, None)
+    assert config.server.max_message_bytes == 8 * 1024 * 1024
+    orchestrator = orchestrator_args(["--vlm", "dns:///vlm.ns.svc.cluster.local:50051", "--max-audio-calls", "3"])
+    assert orchestrator.vlm_target == "dns:///vlm.ns.svc.cluster.local:50051"
+    assert orchestrator.limits.max_audio_calls == 3
+    audio = audio_args(["--negative-prompt", "speech", "--max-batch-size", "8"])
+    assert (audio.default_negative_prompt, audio.max_batch_size) == ("speech", 8)
+
+
+@pytest.mark.parametrize("cls", [VlmConfig, AudioConfig, OrchestratorConfig])
+def test_the_flag_table_is_derived_from_the_fields(cls):
+    table = list(settings(cls))
+    flags = [s.flag for s in table]
+    assert len(flags) == len(set(flags))
+    assert {"host", "port", "metrics-port", "grace-seconds"} <= set(flags)
+    for s in table:  # every flag's default is the dataclass default, read through its path
+        value = cls()
+        for name in s.path:
+            value = getattr(value, name)
+        assert value == s.default
+
+
+@pytest.mark.parametrize("name,value,complaint", [
+    ("I2S_VLM_PORT", "fifty", "I2S_VLM_PORT='fifty'"),
+    ("I2S_VLM_DTYPE", "int8", "choose from"),
+])
+def test_a_bad_environment_value_names_the_variable(monkeypatch, capsys, name, value, complaint):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        vlm_args([])
+    assert info.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_bad_flag_values_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        audio_args(["--dtype", "int8"])
+    with pytest.raises(SystemExit):
+        orchestrator_args(["--max-images-in-flight", "many"])
+    assert "invalid" in capsys.readouterr().err
