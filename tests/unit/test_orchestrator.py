@@ -189,6 +189,28 @@ async def test_scene_mix_is_streamed_as_its_own_clip(image_bytes):
     assert wave.shape == (16000,) and np.max(np.abs(wave)) <= 0.99 and np.std(wave) > 0.01
 
 
+async def test_scene_mix_follows_the_clips_sample_rates(image_bytes):
+    # Clips at 24 kHz and 16 kHz (e.g. two different audio models): the mix is at the higher rate, as long as
+    # the clips (1 s), and every clip's tone is in it, none pitch-shifted by a rate mix-up.
+    audio = FakeAudioServicer(sample_rates=(24000, 16000))
+    vision = FakeVisionServicer(description=scripted_description(sources=1, variants=2))
+    async with fake_stack(vision=vision, audio=audio) as (target, _, _):
+        events = await asyncio.wait_for(
+            run_one(target, image_bytes, duration_seconds=1, options=pb.PipelineOptions(scene_mix=True)), BOUND)
+    result = ImageResult("x")
+    for e in events:
+        result.add(e)
+    clips = {c.ref.kind: [] for c in result.clips}
+    for c in result.clips:
+        clips[c.ref.kind].append(c)
+    assert sorted(c.sample_rate_hertz for c in clips[pb.CLIP_KIND_VARIANT]) == [16000, 24000]
+    (mix,) = clips[pb.CLIP_KIND_SCENE_MIX]
+    assert mix.sample_rate_hertz == mix.metadata.sample_rate_hertz == 24000
+    assert mix.waveform.shape == (24000,) and abs(mix.metadata.duration_seconds - 1.0) < 1e-6
+    spectrum = np.abs(np.fft.rfft(mix.waveform))  # 1 s at 24 kHz: bin i is i Hz
+    assert sorted(np.argsort(spectrum)[-2:].tolist()) == [201, 202]  # the fake's tones: 200 Hz + call number
+
+
 async def test_a_variant_with_nothing_to_caption_fails_alone(image_bytes):
     description = scripted_description(2, 1)
     description.sources[0].name = "],"
