@@ -222,7 +222,7 @@ class Writer:
             clip = next(c for c in result.clips if c.ref.clip_id == event.clip_done.clip.clip_id)
             clip.save(job.result_dir)
             if clip.ref.kind == pb.CLIP_KIND_VARIANT:
-                job.clips_written.append(self._manifest_entry(clip))
+                job.clips_written.append(self._manifest_entry(clip, event.clip_done.prompt_style))
                 self.progress.clips.update(1)
             clip.payloads.clear()  # written: free the memory
         elif kind == "clip_failed":
@@ -237,13 +237,13 @@ class Writer:
             job.error = f"{STATUS_NAMES.get(event.image_failed.code, event.image_failed.code)}: {event.image_failed.message}"
             self.progress.images.update(1)
 
-    def _manifest_entry(self, clip) -> dict:
+    def _manifest_entry(self, clip, prompt_style: str) -> dict:
         variant = clip.variant
         m = clip.metadata
         entry = {
             "file": clip.file_name, "source": clip.source_name, "action": clip.action,
             "timbre": list(variant.timbre) if variant else [], "instrument": clip.instrument_role,
-            "prompt": clip.prompt, "negative_prompt": m.negative_prompt, "seed": m.seed,
+            "prompt": clip.prompt, "prompt_style": prompt_style, "negative_prompt": m.negative_prompt, "seed": m.seed,
             "steps": m.num_inference_steps, "scheduler": common_pb2.Scheduler.Name(m.scheduler),
             "guidance": round(m.guidance_scale, 3), "duration_seconds": round(m.duration_seconds, 3),
             "sample_rate_hertz": m.sample_rate_hertz, "model": m.model_id,

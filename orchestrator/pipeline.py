@@ -240,7 +240,8 @@ class _ImageRun:
                 if metadata is None:
                     raise Upstream(grpc.StatusCode.INTERNAL, "audio stream ended without its last chunk")
             clip.ok = True
-            await self._emit(clip_done=pb.ClipDone(clip=clip.ref, prompt=clip.prompt, metadata=metadata))
+            await self._emit(clip_done=pb.ClipDone(clip=clip.ref, prompt=clip.prompt, metadata=metadata,
+                                                   prompt_style=prompts.PROMPT_STYLE_VERSION))
         except asyncio.CancelledError:
             raise
         except (grpc.aio.AioRpcError, Upstream, TimeoutError) as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from orchestrator import cli
+from orchestrator import cli, prompts
 from tests.fake_services import FakeAudioServicer, fake_stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +49,7 @@ async def test_batch_writes_the_seed_tree_and_resumes(workspace):
             manifest = json.loads((result / "prompts.json").read_text())
             assert [c["file"] for c in manifest["clips"]] == wavs(result)
             assert all(c["prompt"] and c["instrument"] == "drums" for c in manifest["clips"])
+            assert {c["prompt_style"] for c in manifest["clips"]} == {prompts.PROMPT_STYLE_VERSION}
             info = sf.info(result / wavs(result)[0])
             assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", 16000)
         assert "6 image(s): 6 done" in (workspace / "run.log").read_text()
