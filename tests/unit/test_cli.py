@@ -178,6 +178,17 @@ async def test_skip_vlm_without_a_description_fails_that_image(descriptions_only
         assert await run_cli(target, "--skip_vlm", "--sound_sources_dir", "missing") == 2
 
 
+async def test_skip_vlm_refuses_two_descriptions_for_one_output_folder(descriptions_only):
+    twin = descriptions_only / "descs" / "other" / "beta" / "beta_sound_source.json"
+    twin.parent.mkdir(parents=True)
+    twin.write_text(json.dumps(seed_description("beta", ["humming", "buzzing"])))
+    async with fake_stack() as (target, _, audio):
+        assert await run_cli(target, "--skip_vlm", "--sound_sources_dir", "descs", "--save_log", "run.log") == 1
+    assert wavs(descriptions_only / "result" / "beta") == ["01_beta_rolling.wav"]  # the first found, alone
+    assert not any("humming" in p.lower() for p in audio.prompts)
+    assert f"FAILED {twin.relative_to(descriptions_only)}: same file name stem as" in (descriptions_only / "run.log").read_text()
+
+
 async def test_failures_give_a_non_zero_exit_and_do_not_stop_the_batch(workspace):
     (workspace / "data" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     async with fake_stack(audio=FakeAudioServicer(fail_word="source 3")) as (target, _, _):
