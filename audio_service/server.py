@@ -124,15 +124,10 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         )
         if result.score is not None:
             metadata.score = result.score
-        payloads = list(audio_encoding.chunk_payloads(result.waveform, result.sample_rate_hertz, encoding, chunk_seconds))
-        for seq, payload in enumerate(payloads):
-            last = seq == len(payloads) - 1
-            yield audio_pb2.GenerateAudioResponse(
-                chunk=common_pb2.AudioChunk(
-                    clip_id=clip_id, sequence_number=seq, sample_rate_hertz=result.sample_rate_hertz, channels=1,
-                    encoding=encoding, data=payload, last=last, metadata=metadata if last else None,
-                )
-            )
+        for chunk in audio_encoding.audio_chunks(
+            clip_id, result.waveform, result.sample_rate_hertz, encoding, chunk_seconds, metadata
+        ):
+            yield audio_pb2.GenerateAudioResponse(chunk=chunk)
 
     async def close(self) -> None:
         await self.batcher.close()

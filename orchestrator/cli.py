@@ -3,9 +3,11 @@
 Embedded by default (the three services as local child processes); --orchestrator H:P uses running ones.
 Outputs, as the seed wrote them:
     sound_sources/<stem>/<stem>_sound_source.json      the description, in the seed's format
-    result/<stem>/NN_<source>_<action>.wav              one clip per variant (PCM 16-bit, 16 kHz mono)
+    result/<stem>/NN_<source>_<action>.wav              one clip per variant (PCM 16-bit mono)
     result/<stem>/prompts.json                          what each clip was made from
 Every file is written atomically; an image whose outputs are complete is skipped on the next run.
+With --skip_vlm the input is the descriptions, not the images: every *_sound_source.json under
+--sound_sources_dir is rendered, whatever is in --data_dir (as the seed did).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from serving.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
+DESCRIPTION_SUFFIX = "_sound_source.json"
 DEFAULT_VLM_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_AUDIO_MODEL = "cvssp/audioldm2"
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -36,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="main.py", description="Image → sound-source descriptions → sound-effect clips")
     seed = p.add_argument_group("the seed's options")
     seed.add_argument("--data_dir", default="data", help="folder of images, searched recursively")
-    seed.add_argument("--sound_sources_dir", default="sound_sources", help="where descriptions are written")
+    seed.add_argument("--sound_sources_dir", default="sound_sources",
+                      help="where descriptions are written (with --skip_vlm: read, searched recursively)")
     seed.add_argument("--result_dir", default="result", help="where clips are written")
-    seed.add_argument("--single", metavar="PATH", help="process this one image only")
+    seed.add_argument("--single", metavar="PATH",
+                      help="process this one image only (with --skip_vlm: its description, found by file stem)")
     seed.add_argument("--skip_audio", action="store_true", help="write descriptions only")
-    seed.add_argument("--skip_vlm", action="store_true", help="make audio from descriptions that already exist")
+    seed.add_argument("--skip_vlm", action="store_true",
+                      help=f"make audio from every *{DESCRIPTION_SUFFIX} under --sound_sources_dir (no images needed)")
     seed.add_argument("--audio_model", default=DEFAULT_AUDIO_MODEL, help="AudioLDM2 hub id or local dir")
     seed.add_argument("--audio_seconds", type=float, default=4.0, help="clip length in seconds")
     seed.add_argument("--audio_steps", type=int, default=0,
@@ -69,24 +75,32 @@ def find_images(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def find_descriptions(sound_sources_dir: Path) -> list[Path]:
+    """Every *_sound_source.json under sound_sources_dir, recursively, sorted (the --skip_vlm input)."""
+    return sorted(p for p in sound_sources_dir.rglob(f"*{DESCRIPTION_SUFFIX}") if p.is_file())
+
+
+def description_stem(path: Path) -> str:
+    """The image stem a description file belongs to: coffee_sound_source.json -> coffee."""
+    return path.name[: -len(DESCRIPTION_SUFFIX)] if path.name.endswith(DESCRIPTION_SUFFIX) else path.stem
+
+
 @dataclass
 class Job:
-    """One image and what this run has to do for it."""
+    """One image (or, with --skip_vlm, one description) and what this run has to do for it."""
 
-    image: Path
-    key: str  # request id: the image path as given
+    key: str  # request id and the name in the log: the image or description path as found
+    stem: str  # names the output folders
     description_file: Path
     result_dir: Path
+    image: Path | None = None  # None with --skip_vlm: the description is the input
     from_description: bool = False
+    description_read: bool = False
     skip_reason: str = ""
     error: str = ""
     result: ImageResult | None = None
     clips_written: list[dict] = field(default_factory=list)
     done: bool = False
-
-    @property
-    def stem(self) -> str:
-        return self.image.stem
 
 
 def audio_complete(result_dir: Path) -> bool:
@@ -100,34 +114,56 @@ def audio_complete(result_dir: Path) -> bool:
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
+    jobs = plan_descriptions(args) if args.skip_vlm else plan_images(args)
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if job.stem in seen and not job.error:
+            job.error = f"same file name stem as {seen[job.stem]}: outputs would collide; rename one"
+            job.skip_reason = ""
+        seen.setdefault(job.stem, job.key)
+    return jobs
+
+
+def plan_images(args: argparse.Namespace) -> list[Job]:
+    """The seed's default: one job per image; an existing description resumes it without the VLM."""
     images = [Path(args.single)] if args.single else find_images(Path(args.data_dir))
-    jobs, seen = [], {}
+    jobs = []
     for image in images:
         stem = image.stem
-        job = Job(image=image, key=str(image),
-                  description_file=Path(args.sound_sources_dir) / stem / f"{stem}_sound_source.json",
+        job = Job(key=str(image), stem=stem, image=image,
+                  description_file=Path(args.sound_sources_dir) / stem / f"{stem}{DESCRIPTION_SUFFIX}",
                   result_dir=Path(args.result_dir) / stem)
-        if stem in seen:
-            job.error = f"same file name stem as {seen[stem]}: outputs would collide; rename one"
-        seen.setdefault(stem, image)
         has_description = job.description_file.is_file()
-        if job.error:
-            pass
-        elif args.skip_audio:
+        if args.skip_audio:
             if has_description and not args.overwrite:
                 job.skip_reason = "description exists"
-        elif args.skip_vlm:
-            if not has_description:
-                job.error = f"--skip_vlm: no description at {job.description_file}"
-            elif audio_complete(job.result_dir) and not args.overwrite:
-                job.skip_reason = "clips exist"
-            else:
-                job.from_description = True
         elif has_description and not args.overwrite:
             if audio_complete(job.result_dir):
                 job.skip_reason = "description and clips exist"
             else:
                 job.from_description = True  # resume: the VLM part is done
+        jobs.append(job)
+    return jobs
+
+
+def plan_descriptions(args: argparse.Namespace) -> list[Job]:
+    """--skip_vlm: one job per description file found; --single keeps the one whose stem matches."""
+    root = Path(args.sound_sources_dir)
+    files = find_descriptions(root)
+    if args.single:
+        wanted = description_stem(Path(args.single))
+        files = [f for f in files if description_stem(f) == wanted]
+        if not files:
+            return [Job(key=args.single, stem=wanted, description_file=root / wanted / f"{wanted}{DESCRIPTION_SUFFIX}",
+                        result_dir=Path(args.result_dir) / wanted,
+                        error=f"--skip_vlm: no {wanted}{DESCRIPTION_SUFFIX} under {root}")]
+    jobs = []
+    for file in files:
+        stem = description_stem(file)
+        job = Job(key=str(file), stem=stem, description_file=file, result_dir=Path(args.result_dir) / stem,
+                  from_description=True)
+        if audio_complete(job.result_dir) and not args.overwrite:
+            job.skip_reason = "clips exist"
         jobs.append(job)
     return jobs
 
@@ -186,7 +222,7 @@ class Writer:
             clip = next(c for c in result.clips if c.ref.clip_id == event.clip_done.clip.clip_id)
             clip.save(job.result_dir)
             if clip.ref.kind == pb.CLIP_KIND_VARIANT:
-                job.clips_written.append(self._manifest_entry(clip))
+                job.clips_written.append(self._manifest_entry(clip, event.clip_done.prompt_style))
                 self.progress.clips.update(1)
             clip.payloads.clear()  # written: free the memory
         elif kind == "clip_failed":
@@ -201,13 +237,13 @@ class Writer:
             job.error = f"{STATUS_NAMES.get(event.image_failed.code, event.image_failed.code)}: {event.image_failed.message}"
             self.progress.images.update(1)
 
-    def _manifest_entry(self, clip) -> dict:
+    def _manifest_entry(self, clip, prompt_style: str) -> dict:
         variant = clip.variant
         m = clip.metadata
         entry = {
             "file": clip.file_name, "source": clip.source_name, "action": clip.action,
             "timbre": list(variant.timbre) if variant else [], "instrument": clip.instrument_role,
-            "prompt": clip.prompt, "negative_prompt": m.negative_prompt, "seed": m.seed,
+            "prompt": clip.prompt, "prompt_style": prompt_style, "negative_prompt": m.negative_prompt, "seed": m.seed,
             "steps": m.num_inference_steps, "scheduler": common_pb2.Scheduler.Name(m.scheduler),
             "guidance": round(m.guidance_scale, 3), "duration_seconds": round(m.duration_seconds, 3),
             "sample_rate_hertz": m.sample_rate_hertz, "model": m.model_id,
@@ -221,7 +257,8 @@ class Writer:
     def _write_manifest(self) -> None:
         job, result = self.job, self.job.result
         manifest = {
-            "image": str(job.image), "scene": result.scene, "mood": result.mood,
+            "image": str(job.image) if job.image else job.stem, "description": str(job.description_file),
+            "scene": result.scene, "mood": result.mood,
             "clips": sorted(job.clips_written, key=lambda c: c["file"]),
             "failed": [{"file": f.clip.file_name, "error": f.message} for f in result.failed],
         }
@@ -244,7 +281,9 @@ def requests_for(jobs: list[Job]):
     for job in jobs:
         try:
             if job.from_description:
-                yield make_request(description=read_seed_file(job.description_file), request_id=job.key)
+                description = read_seed_file(job.description_file)
+                job.description_read = True
+                yield make_request(description=description, request_id=job.key)
             else:
                 yield make_request(to_image(job.image), request_id=job.key)
         except (OSError, SeedFormatError) as exc:
@@ -275,9 +314,13 @@ def report(jobs: list[Job], elapsed: float, args: argparse.Namespace) -> int:
     for job in failed:
         log.error("FAILED %s: %s", job.key, job.error or f"{len(job.result.failed)} clip(s) failed")
     log.info(
-        "%d image(s): %d done, %d skipped (already complete), %d failed; %d clip(s) written, %d failed; %.1f s",
-        len(jobs), len(jobs) - len(failed) - len(skipped), len(skipped), len(failed), clips, clip_failures, elapsed,
+        "%d %s: %d done, %d skipped (already complete), %d failed; %d clip(s) written, %d failed; %.1f s",
+        len(jobs), "description(s)" if args.skip_vlm else "image(s)", len(jobs) - len(failed) - len(skipped),
+        len(skipped), len(failed), clips, clip_failures, elapsed,
     )
+    read = [j.key for j in jobs if j.description_read]
+    if read:
+        log.info("%d description file(s) read: %s", len(read), ", ".join(read))
     log.info("descriptions in %s/, clips in %s/", args.sound_sources_dir, args.result_dir)
     return 1 if failed else 0
 
@@ -296,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_audio and args.skip_vlm:
         log.error("--skip_audio and --skip_vlm together leave nothing to do")
         return 2
-    if args.single and not Path(args.single).is_file():
+    if args.skip_vlm:  # the descriptions are the input: no image is needed, --single only names one
+        if not Path(args.sound_sources_dir).is_dir():
+            log.error("--skip_vlm: --sound_sources_dir %s: no such folder", args.sound_sources_dir)
+            return 2
+    elif args.single and not Path(args.single).is_file():
         log.error("--single %s: no such file", args.single)
         return 2
-    if not args.single and not Path(args.data_dir).is_dir():
+    elif not args.single and not Path(args.data_dir).is_dir():
         log.error("--data_dir %s: no such folder", args.data_dir)
         return 2
     started = time.perf_counter()
@@ -307,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         if job.skip_reason:
             log.info("skip %s (%s)", job.key, job.skip_reason)
-    if not any(not j.skip_reason and not j.error for j in jobs):
+    if not jobs and args.skip_vlm:
+        log.warning("nothing to do: no *%s under %s", DESCRIPTION_SUFFIX, args.sound_sources_dir)
+    elif not any(not j.skip_reason and not j.error for j in jobs):
         log.info("nothing to do")
     elif args.orchestrator:
         process(jobs, args.orchestrator, args)

@@ -1,4 +1,7 @@
-"""The scene mix: all clips of an image layered into one soundscape, loudness-matched, never clipping."""
+"""The scene mix: all clips of an image layered into one soundscape, loudness-matched, never clipping.
+
+Clips carry their own sample rate (the audio service's model decides it): the mix is made at the highest
+rate among them, and any clip at another rate is resampled to it first (soxr, imported only then)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,3 +30,23 @@ def mix_layers(layers: Sequence[np.ndarray], target_rms: float = TARGET_RMS) -> 
     if peak > PEAK_CEILING:
         out *= PEAK_CEILING / peak
     return out.astype(np.float32)
+
+
+def mix_clips(clips: Sequence[tuple[np.ndarray, int]], target_rms: float = TARGET_RMS) -> tuple[np.ndarray, int]:
+    """`mix_layers` over (waveform, sample rate) pairs that need not share a rate. Returns the mix and its
+    rate: the highest among the clips, so no clip loses bandwidth. Raises ValueError on an empty list or a
+    rate that is not positive."""
+    if not clips:
+        raise ValueError("no clips to mix")
+    if any(rate <= 0 for _, rate in clips):
+        raise ValueError("every clip needs a positive sample rate")
+    rate = max(r for _, r in clips)
+    layers = [np.asarray(w, dtype=np.float32) if r == rate else resample(w, r, rate) for w, r in clips]
+    return mix_layers(layers, target_rms), rate
+
+
+def resample(waveform: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Mono float32 samples from one rate to another (soxr, high quality)."""
+    import soxr
+
+    return soxr.resample(np.asarray(waveform, dtype=np.float32), from_rate, to_rate).astype(np.float32)

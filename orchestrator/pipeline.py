@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, orchestrator_pb2 as pb, vision_pb2, vision_pb2_grpc
-from orchestrator.mix import mix_layers
+from orchestrator.mix import mix_clips
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
 from serving import audio_encoding
@@ -33,7 +33,6 @@ class PipelineLimits:
     max_audio_calls: int = setting(8, "audio requests in flight, all images together")
     max_clips_per_image: int = 32
     event_queue_size: int = 64  # events buffered per image before producers wait for the caller
-    mix_sample_rate: int = 16000
 
 
 class Deadline:
@@ -57,6 +56,7 @@ class _Clip:
     prompt: str
     payloads: list[bytes] = field(default_factory=list)
     encoding: int = 0
+    sample_rate_hertz: int = 0  # as the audio service's chunks say
     ok: bool = False
 
 
@@ -234,14 +234,15 @@ class _ImageRun:
                         self.first_audio_while_describing = self.describing
                     if self.options.scene_mix:
                         clip.payloads.append(chunk.data)
-                        clip.encoding = chunk.encoding
+                        clip.encoding, clip.sample_rate_hertz = chunk.encoding, chunk.sample_rate_hertz
                     await self._emit(audio=pb.ClipAudio(clip=clip.ref, chunk=chunk))
                     if chunk.last:
                         metadata = chunk.metadata
                 if metadata is None:
                     raise Upstream(grpc.StatusCode.INTERNAL, "audio stream ended without its last chunk")
             clip.ok = True
-            await self._emit(clip_done=pb.ClipDone(clip=clip.ref, prompt=clip.prompt, metadata=metadata))
+            await self._emit(clip_done=pb.ClipDone(clip=clip.ref, prompt=clip.prompt, metadata=metadata,
+                                                   prompt_style=prompts.PROMPT_STYLE_VERSION))
         except asyncio.CancelledError:
             raise
         except (grpc.aio.AioRpcError, Upstream, TimeoutError) as exc:
@@ -250,21 +251,17 @@ class _ImageRun:
             await self._fail(clip, code, f"audio service: {message}")
 
     async def _emit_mix(self) -> None:
-        layers = [audio_encoding.decode_payloads(c.payloads, c.encoding) for c in self.clips if c.ok]
+        layers = [(audio_encoding.decode_payloads(c.payloads, c.encoding), c.sample_rate_hertz)
+                  for c in self.clips if c.ok]
         if not layers:
             return
-        rate = self.p.limits.mix_sample_rate
-        mixed = mix_layers(layers)
+        mixed, rate = mix_clips(layers)
         ref = pb.ClipRef(clip_id=f"{self.request_id}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name="scene_mix.wav")
         encoding = self.request.audio.encoding or audio_encoding.PCM16
         chunk_seconds = self.request.audio.chunk_duration_seconds or 0.5
-        payloads = list(audio_encoding.chunk_payloads(mixed, rate, encoding, chunk_seconds))
         metadata = common_pb2.ClipMetadata(duration_seconds=len(mixed) / rate, sample_rate_hertz=rate,
                                            num_samples=len(mixed), prompt="scene mix of %d clips" % len(layers))
-        for seq, data in enumerate(payloads):
-            last = seq == len(payloads) - 1
-            chunk = common_pb2.AudioChunk(clip_id=ref.clip_id, sequence_number=seq, sample_rate_hertz=rate, channels=1,
-                                          encoding=encoding, data=data, last=last, metadata=metadata if last else None)
+        for chunk in audio_encoding.audio_chunks(ref.clip_id, mixed, rate, encoding, chunk_seconds, metadata):
             await self._emit(audio=pb.ClipAudio(clip=ref, chunk=chunk))
         await self._emit(clip_done=pb.ClipDone(clip=ref, prompt=metadata.prompt, metadata=metadata))
 

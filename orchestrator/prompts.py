@@ -15,8 +15,11 @@ Rules (PROMPT_STYLE_VERSION "caption-v1"):
 - Material: for things that hit or move over a surface (rain, footsteps, waves…) it is the surface
   ("on the tin roof"); otherwise it qualifies the source ("wooden door"). Uninformative materials
   ("organic", "fur", "n/a") are left out.
-- With a tokenizer, optional parts are dropped until the caption fits `max_tokens` tokens including the
-  special tokens: the scene context first, then timbre words (last first), then trailing action words.
+- Short by construction: at most MAX_CAPTION_WORDS words (the scene context goes first, then timbre
+  words, last first), so a caption of ordinary words fits CLAP's 77 tokens with no tokenizer needed here.
+
+PROMPT_STYLE_VERSION names these rules; the orchestrator sends it with every clip (ClipDone.prompt_style)
+and the command line records it in prompts.json, so a clip can be traced to the rules that captioned it.
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 PROMPT_STYLE_VERSION = "caption-v1"
-MAX_CAPTION_TOKENS = 77
 MAX_TIMBRE_WORDS = 3
 MAX_CAPTION_WORDS = 20
 
@@ -219,25 +221,9 @@ def _render(subject: list[str], action: list[str], timbre: list[str], scene: str
 # -- public ---------------------------------------------------------------------------------------------
 
 
-def fits_token_budget(caption: str, tokenizer: Any, max_tokens: int = MAX_CAPTION_TOKENS) -> bool:
-    """Whether `caption` is at most `max_tokens` tokens of `tokenizer`, special tokens included."""
-    ids = tokenizer(caption, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    return len(ids) <= max_tokens
-
-
-def build_caption(
-    variant: SoundVariant,
-    scene: str = "",
-    mood: str = "",
-    *,
-    tokenizer: Any = None,
-    max_tokens: int = MAX_CAPTION_TOKENS,
-) -> str:
+def build_caption(variant: SoundVariant, scene: str = "", mood: str = "") -> str:
     """The caption for one variant (see the module docstring). `mood` is not sound and is not used.
-
-    With a tokenizer (the CLAP/Roberta one of the audio model), the caption fits `max_tokens` tokens
-    including special tokens. Raises ValueError when the source has no usable name.
-    """
+    Raises ValueError when the source has no usable name."""
     del mood  # a mood is not a sound; kept in the signature so callers pass the whole description
     name = _words(variant.name, 5)
     if not name:
@@ -248,7 +234,7 @@ def build_caption(
     timbre = _timbre_words(variant.timbre, subject + action)
     scene_phrase = scene_context(scene)
 
-    # Keep captions AudioCaps-short regardless of the tokenizer: scene first, then timbre words go.
+    # AudioCaps-short, and so inside CLAP's 77 tokens: the scene goes first, then timbre words.
     def n_words(t: list[str], s: str) -> int:
         return len(" ".join(subject + action + t + [s]).split())
 
@@ -257,33 +243,10 @@ def build_caption(
     while timbre and n_words(timbre, scene_phrase) > MAX_CAPTION_WORDS:
         timbre = timbre[:-1]
 
-    if tokenizer is None:
-        return _render(subject, action, timbre, scene_phrase)
-
-    for candidate in _shorter_captions(subject, action, timbre, scene_phrase):
-        if fits_token_budget(candidate, tokenizer, max_tokens):
-            return candidate
-    # A single absurd word: cut at the token level.
-    ids = tokenizer(" ".join(subject), add_special_tokens=False)["input_ids"]
-    overhead = len(tokenizer("", add_special_tokens=True)["input_ids"])
-    return clean_text(tokenizer.decode(ids[: max(1, max_tokens - overhead)]))
+    return _render(subject, action, timbre, scene_phrase)
 
 
-def _shorter_captions(subject: list[str], action: list[str], timbre: list[str], scene: str):
-    yield _render(subject, action, timbre, scene)
-    if scene:
-        yield _render(subject, action, timbre, "")
-    for n in range(len(timbre) - 1, -1, -1):
-        yield _render(subject, action, timbre[:n], "")
-    for n in range(len(action) - 1, -1, -1):
-        yield _render(subject, action[:n], [], "")
-    for n in range(len(subject) - 1, 0, -1):
-        yield _render(subject[:n], [], [], "")
-
-
-def caption_for_variant(
-    scene: str, mood: str, source: Any, variant: Any, *, tokenizer: Any = None, max_tokens: int = MAX_CAPTION_TOKENS
-) -> str:
+def caption_for_variant(scene: str, mood: str, source: Any, variant: Any) -> str:
     """`build_caption` for any objects with the contract's field names (source.name/.material,
     variant.action/.timbre), e.g. the SoundSource and SoundVariant messages, without importing them."""
     return build_caption(
@@ -295,31 +258,5 @@ def caption_for_variant(
         ),
         scene,
         mood,
-        tokenizer=tokenizer,
-        max_tokens=max_tokens,
     )
 
-
-def seed_style_prompt(variant: SoundVariant, scene: str = "", mood: str = "") -> str:
-    """The original research pipeline's prompt style (scene, mood and instructions, 150-180 words).
-
-    Kept only to show the contrast: AudioLDM2's CLAP encoder reads 77 tokens, and this style spends
-    most of them on instructions. Not used to generate audio.
-    """
-    timbre = ", ".join(clean_text(t) for t in variant.timbre if clean_text(t)) or "natural"
-    return (
-        f"Scene description: {clean_text(scene)}. "
-        f"Mood of the scene: {clean_text(mood)}. "
-        f"Sound source: {clean_text(variant.name)}, made of {clean_text(variant.material) or 'an unknown material'}. "
-        f"Play method: {clean_text(variant.action)}. "
-        f"Timbre characteristics: {timbre}. "
-        "Please generate a realistic, high-quality, natural sound effect that this specific object would produce "
-        "in the scene described above, when it is played or used in the way described by the play method, "
-        "and make sure that the timbre of the generated sound clearly reflects the listed characteristics. "
-        "The sound should be clean, clear and well recorded, as if captured with a professional microphone at "
-        "a close distance, with natural reverberation that matches the size and the materials of the "
-        "surrounding environment, and with a believable attack, sustain and decay for this kind of object. "
-        "Do not include any background music, melodies, singing, human speech or talking, and avoid any "
-        "artificial, synthetic, distorted or low-quality artifacts, so that the resulting audio can later be "
-        "used as a sample for a musical instrument in a music production pipeline."
-    )

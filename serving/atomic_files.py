@@ -10,7 +10,7 @@ import numpy as np
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
-    """Writes a PCM 16-bit WAV (16 kHz mono in this project) atomically."""
+    """Writes a mono PCM 16-bit WAV at `sample_rate` atomically."""
     import soundfile as sf
 
     path = Path(path)

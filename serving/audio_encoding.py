@@ -1,4 +1,6 @@
-"""Audio bytes: encoding a waveform into AudioChunk payloads, decoding them back, writing WAV files."""
+"""Audio bytes: a waveform as the AudioChunk messages of one stream, and the payloads decoded back.
+
+(WAV files on disk are written by serving.atomic_files.write_wav.)"""
 from __future__ import annotations
 
 import io
@@ -48,6 +50,25 @@ def chunk_payloads(
     blob = encode_file(waveform, sample_rate, encoding)
     for start in range(0, len(blob), FILE_CHUNK_BYTES):
         yield blob[start : start + FILE_CHUNK_BYTES]
+
+
+def audio_chunks(
+    clip_id: str,
+    waveform: np.ndarray,
+    sample_rate: int,
+    encoding: int,
+    chunk_seconds: float,
+    metadata: common_pb2.ClipMetadata | None = None,
+) -> Iterator[common_pb2.AudioChunk]:
+    """One mono clip as the AudioChunk messages of a stream: numbered from 0, each carrying its rate and
+    encoding; the last one is marked `last` and carries `metadata`. Every service streams clips this way."""
+    payloads = list(chunk_payloads(waveform, sample_rate, encoding, chunk_seconds))
+    for seq, data in enumerate(payloads):
+        last = seq == len(payloads) - 1
+        yield common_pb2.AudioChunk(
+            clip_id=clip_id, sequence_number=seq, sample_rate_hertz=sample_rate, channels=1, encoding=encoding,
+            data=data, last=last, metadata=metadata if last else None,
+        )
 
 
 def decode_payloads(payloads: Sequence[bytes], encoding: int) -> np.ndarray:

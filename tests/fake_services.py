@@ -57,9 +57,11 @@ class FakeVisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
 @dataclass
 class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
-    """Returns a sine clip of the requested length; fails prompts containing `fail_word`."""
+    """Returns a sine clip of the requested length; fails prompts containing `fail_word`. Successive calls
+    answer at the successive rates of `sample_rates` (a model other than AudioLDM2's 16 kHz, or a mixed fleet)."""
 
     fail_word: str = "\x00never"
+    sample_rates: tuple[int, ...] = (RATE,)
     prompts: list[str] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -81,18 +83,15 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
             if self.gate is not None:
                 await self.gate.wait()
             seconds = request.settings.duration_seconds or 4.0
-            t = np.arange(int(round(seconds * RATE))) / RATE
+            rate = self.sample_rates[(len(self.prompts) - 1) % len(self.sample_rates)]
+            t = np.arange(int(round(seconds * rate))) / rate
             wave = (0.3 * np.sin(2 * np.pi * (200 + len(self.prompts)) * t)).astype(np.float32)
             yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=1, steps_total=1))
             encoding = request.settings.encoding or audio_encoding.PCM16
-            payloads = list(audio_encoding.chunk_payloads(wave, RATE, encoding, 0.5))
-            metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=RATE, num_samples=len(wave),
+            metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=rate, num_samples=len(wave),
                                                seed=request.settings.seed, prompt=request.prompt, model_id="fake")
-            for i, data in enumerate(payloads):
-                last = i == len(payloads) - 1
-                yield audio_pb2.GenerateAudioResponse(chunk=common_pb2.AudioChunk(
-                    clip_id=request.clip_id, sequence_number=i, sample_rate_hertz=RATE, channels=1, encoding=encoding,
-                    data=data, last=last, metadata=metadata if last else None))
+            for chunk in audio_encoding.audio_chunks(request.clip_id, wave, rate, encoding, 0.5, metadata):
+                yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         except asyncio.CancelledError:
             self.cancelled += 1
             self.was_cancelled.set()

@@ -14,6 +14,7 @@ import soundfile as sf
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from orchestrator.client import ImageToSoundClient, collect, make_request
 from orchestrator.embedded import EmbeddedServices
+from orchestrator.phase2 import FOLDERS
 from serving.seed_format import read_seed_file
 from tests.vlm_fixtures import description_schema
 from vlm_service.rules import to_compact_dict
@@ -94,7 +95,19 @@ def test_the_command_line_writes_the_seed_tree(tmp_path, tiny_vlm_dir, tiny_audi
             info = sf.info(tmp_path / "result" / stem / wav)
             assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", 16000)
         assert (tmp_path / "result" / stem / "scene_mix.wav").is_file()
-    assert json.loads((tmp_path / "phase2" / "manifest.json").read_text())["clips"] is not None
+    # Phase 2 export: exactly the clips with an instrument role, each copied into its instrument's folder.
+    expected = {}
+    for stem in ("coffee", "ROCKET"):
+        for clip in json.loads((tmp_path / "result" / stem / "prompts.json").read_text())["clips"]:
+            if clip["instrument"] != "None":
+                expected[f"{FOLDERS[clip['instrument']]}/{stem}__{clip['file']}"] = (stem, clip["file"])
+    exported = json.loads((tmp_path / "phase2" / "manifest.json").read_text())["clips"]
+    assert sorted(c["file"] for c in exported) == sorted(expected)
+    print(f"phase2: {len(exported)} of the clips exported (the tiny VLM picks the roles at random)")
+    for clip in exported:
+        stem, file = expected[clip["file"]]
+        assert clip["file"].split("/")[0] == clip["instrument"]
+        assert (tmp_path / "phase2" / clip["file"]).read_bytes() == (tmp_path / "result" / stem / file).read_bytes()
     assert (tmp_path / "run.log").read_text().count("2 image(s)") == 1
     # Again: all complete, nothing to do, and the services are not even started.
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

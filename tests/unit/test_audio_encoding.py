@@ -47,3 +47,21 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     with pytest.raises(Exception):
         write_wav(tmp_path / "bad.wav", np.zeros((3, 3, 3), dtype=np.float32), RATE)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("encoding", [enc.PCM16, enc.WAV])
+def test_audio_chunks_number_the_stream_and_mark_the_last(wave, encoding):
+    metadata = enc.common_pb2.ClipMetadata(sample_rate_hertz=22050, num_samples=len(wave), prompt="rain")
+    chunks = list(enc.audio_chunks("c1", wave, 22050, encoding, 0.5, metadata))
+    assert [c.sequence_number for c in chunks] == list(range(len(chunks)))
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert [c.HasField("metadata") for c in chunks] == [c.last for c in chunks]
+    assert chunks[-1].metadata == metadata
+    assert all((c.clip_id, c.sample_rate_hertz, c.channels, c.encoding) == ("c1", 22050, 1, encoding) for c in chunks)
+    out = enc.decode_payloads([c.data for c in chunks], encoding)
+    assert out.shape == wave.shape and np.max(np.abs(out - wave)) <= 1 / 32767 + 1e-6
+
+
+def test_an_empty_clip_is_one_last_chunk():
+    (chunk,) = enc.audio_chunks("c0", np.zeros(0, dtype=np.float32), RATE, enc.PCM16, 0.5)
+    assert chunk.last and chunk.sequence_number == 0 and chunk.data == b""

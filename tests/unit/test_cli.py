@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from orchestrator import cli
+from orchestrator import cli, prompts
 from tests.fake_services import FakeAudioServicer, fake_stack
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +49,7 @@ async def test_batch_writes_the_seed_tree_and_resumes(workspace):
             manifest = json.loads((result / "prompts.json").read_text())
             assert [c["file"] for c in manifest["clips"]] == wavs(result)
             assert all(c["prompt"] and c["instrument"] == "drums" for c in manifest["clips"])
+            assert {c["prompt_style"] for c in manifest["clips"]} == {prompts.PROMPT_STYLE_VERSION}
             info = sf.info(result / wavs(result)[0])
             assert (info.samplerate, info.channels, info.subtype, info.frames) == (16000, 1, "PCM_16", 16000)
         assert "6 image(s): 6 done" in (workspace / "run.log").read_text()
@@ -96,15 +97,96 @@ async def test_skip_vlm_reads_every_seed_variant(workspace, variant):
     folder.mkdir(parents=True)
     (folder / "coffee_sound_source.json").write_text(json.dumps(data))
     async with fake_stack() as (target, vision, audio):
-        assert await run_cli(target, "--single", "data/coffee.png", "--skip_vlm") == 0
+        # No --single: the one description is rendered; the five other photos in data/ are not its business.
+        assert await run_cli(target, "--skip_vlm") == 0
     assert vision.calls == 0
+    assert [p.name for p in (workspace / "result").iterdir()] == ["coffee"]
     assert wavs(workspace / "result" / "coffee") == ["01_dog_barking_loudly.wav", "02_gate_creaking.wav"]
     assert any("dog" in p.lower() and "bark" in p.lower() for p in audio.prompts)
 
 
-async def test_skip_vlm_without_a_description_fails_that_image(workspace):
-    async with fake_stack() as (target, _, _):
-        assert await run_cli(target, "--single", "data/coffee.png", "--skip_vlm") == 1
+def seed_description(name: str, actions: list[str]) -> dict:
+    """A description file as the seed wrote it: one source, one variant per action."""
+    variants = [{"play_method": a, "timbre": ["sharp"], "mapping_to_music_instrument": "drums", "confidence": 0.9}
+                for a in actions]
+    return {"scene_description": f"a scene with a {name}", "mood_description": "calm",
+            "sound_sources": [{"name": name, "material": "wood", "variants": variants}]}
+
+
+@pytest.fixture
+def descriptions_only(tmp_path, monkeypatch):
+    """A researcher's folder of descriptions (one folder per image, one nested deeper), one of them
+    malformed, and no image anywhere: no data/ folder at all."""
+    tree = {"alpha": ["knocking", "creaking"], "beta": ["rolling"], "more/gamma": ["tapping", "scraping", "thudding"]}
+    for folder, actions in tree.items():
+        stem = folder.split("/")[-1]
+        path = tmp_path / "descs" / folder / f"{stem}_sound_source.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(seed_description(stem, actions)))
+    (tmp_path / "descs" / "broken").mkdir()
+    (tmp_path / "descs" / "broken" / "broken_sound_source.json").write_text('{"scene_description": "cut off')
+    (tmp_path / "descs" / "alpha" / "notes.json").write_text("{}")  # not a description file: ignored
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+async def test_skip_vlm_renders_every_description_without_images(descriptions_only):
+    root = descriptions_only
+    broken = str(Path("descs") / "broken" / "broken_sound_source.json")
+    async with fake_stack() as (target, vision, audio):
+        code = await run_cli(target, "--skip_vlm", "--sound_sources_dir", "descs", "--save_log", "run.log")
+        assert code == 1  # the malformed file failed; the others rendered
+        assert vision.calls == 0
+        expected = {"alpha": ["01_alpha_knocking.wav", "02_alpha_creaking.wav"], "beta": ["01_beta_rolling.wav"],
+                    "gamma": ["01_gamma_tapping.wav", "02_gamma_scraping.wav", "03_gamma_thudding.wav"]}
+        assert sorted(p.name for p in (root / "result").iterdir()) == sorted(expected)  # nothing for "broken"
+        for stem, files in expected.items():
+            assert wavs(root / "result" / stem) == files
+            manifest = json.loads((root / "result" / stem / "prompts.json").read_text())
+            assert [c["file"] for c in manifest["clips"]] == files
+            assert Path(manifest["description"]).name == f"{stem}_sound_source.json"
+        assert len(audio.prompts) == 6
+        log_text = (root / "run.log").read_text()
+        assert f"FAILED {broken}: {broken}: not valid JSON" in log_text  # named, and why
+        assert "4 description(s): 3 done, 0 skipped (already complete), 1 failed; 6 clip(s) written" in log_text
+        read_line = next(line for line in log_text.splitlines() if "description file(s) read" in line)
+        assert "3 description file(s) read" in read_line
+        for folder in ("alpha/alpha", "beta/beta", "more/gamma/gamma"):
+            assert str(Path("descs") / f"{folder}_sound_source.json") in read_line
+        assert "broken" not in read_line
+
+        # The file repaired: the next run renders it alone (the others are complete) and succeeds.
+        (root / "descs" / "broken" / "broken_sound_source.json").write_text(json.dumps(seed_description("bell", ["ringing"])))
+        assert await run_cli(target, "--skip_vlm", "--sound_sources_dir", "descs") == 0
+        assert len(audio.prompts) == 7 and wavs(root / "result" / "broken") == ["01_bell_ringing.wav"]
+
+        # --single picks one description by the image's stem; the image itself need not exist.
+        assert await run_cli(target, "--skip_vlm", "--sound_sources_dir", "descs", "--single", "photos/beta.jpg",
+                             "--overwrite") == 0
+        assert len(audio.prompts) == 8 and "rolling" in audio.prompts[-1].lower()
+        assert await run_cli(target, "--skip_vlm", "--sound_sources_dir", "descs", "--single",
+                             "descs/more/gamma/gamma_sound_source.json", "--overwrite") == 0
+        assert len(audio.prompts) == 11
+
+
+async def test_skip_vlm_without_a_description_fails_that_image(descriptions_only):
+    async with fake_stack() as (target, _, audio):
+        # Descriptions exist, but none for this image: that is a failure, and nothing else is rendered.
+        assert await run_cli(target, "--single", "data/coffee.png", "--skip_vlm", "--sound_sources_dir", "descs") == 1
+        assert audio.prompts == [] and not (descriptions_only / "result").exists()
+        # No such folder at all: a usage error.
+        assert await run_cli(target, "--skip_vlm", "--sound_sources_dir", "missing") == 2
+
+
+async def test_skip_vlm_refuses_two_descriptions_for_one_output_folder(descriptions_only):
+    twin = descriptions_only / "descs" / "other" / "beta" / "beta_sound_source.json"
+    twin.parent.mkdir(parents=True)
+    twin.write_text(json.dumps(seed_description("beta", ["humming", "buzzing"])))
+    async with fake_stack() as (target, _, audio):
+        assert await run_cli(target, "--skip_vlm", "--sound_sources_dir", "descs", "--save_log", "run.log") == 1
+    assert wavs(descriptions_only / "result" / "beta") == ["01_beta_rolling.wav"]  # the first found, alone
+    assert not any("humming" in p.lower() for p in audio.prompts)
+    assert f"FAILED {twin.relative_to(descriptions_only)}: same file name stem as" in (descriptions_only / "run.log").read_text()
 
 
 async def test_failures_give_a_non_zero_exit_and_do_not_stop_the_batch(workspace):

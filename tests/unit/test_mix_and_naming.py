@@ -1,7 +1,8 @@
-"""Scene mix (loudness-matched, never clipping) and the seed's file names."""
+"""Scene mix (loudness-matched, never clipping, at the clips' own rates) and the seed's file names."""
 import numpy as np
+import pytest
 
-from orchestrator.mix import PEAK_CEILING, TARGET_RMS, mix_layers
+from orchestrator.mix import PEAK_CEILING, TARGET_RMS, mix_clips, mix_layers
 from orchestrator.naming import clip_file_name, safe_name
 
 
@@ -32,3 +33,28 @@ def test_file_names_are_safe_and_numbered_like_the_seed():
     assert safe_name("Café  crème") == "cafe_creme"
     assert safe_name("***") == "sound"
     assert len(safe_name("a" * 200)) == 40
+
+
+def tone(hertz: float, rate: int, seconds: float = 1.0) -> np.ndarray:
+    return (0.5 * np.sin(2 * np.pi * hertz * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+
+
+def test_clips_at_one_rate_mix_as_layers_at_that_rate():
+    a, b = tone(300, 22050), tone(500, 22050, 0.5)
+    mixed, rate = mix_clips([(a, 22050), (b, 22050)])
+    assert rate == 22050 and np.array_equal(mixed, mix_layers([a, b]))
+
+
+def test_clips_at_different_rates_are_mixed_at_the_highest_rate_without_pitch_shift():
+    mixed, rate = mix_clips([(tone(440, 16000), 16000), (tone(1000, 48000), 48000)])
+    assert rate == 48000 and mixed.shape == (48000,)  # 1 s each: lengths agree once resampled
+    spectrum = np.abs(np.fft.rfft(mixed))  # 1 s at 48 kHz: bin i is i Hz
+    assert sorted(np.argsort(spectrum)[-2:].tolist()) == [440, 1000]
+    assert np.max(np.abs(mixed)) <= PEAK_CEILING + 1e-6
+
+
+def test_mix_clips_rejects_nothing_and_missing_rates():
+    with pytest.raises(ValueError):
+        mix_clips([])
+    with pytest.raises(ValueError):
+        mix_clips([(tone(440, 16000), 0)])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
+from orchestrator import prompts
 from orchestrator.client import AsyncImageToSoundClient, ImageResult, make_request
 from tests.fake_services import FakeAudioServicer, FakeVisionServicer, fake_stack, scripted_description
 
@@ -35,6 +36,8 @@ async def test_one_image_streams_scene_sources_clips_description_summary(image_b
     assert kinds[0] == "scene" and kinds[-1] == "summary"
     assert all(e.request_id == "img1" for e in events)
     assert kinds.count("source") == 3 and kinds.count("description") == 1 and kinds.count("clip_done") == 6
+    # Every clip says which caption rules made its prompt.
+    assert {e.clip_done.prompt_style for e in events if e.HasField("clip_done")} == {prompts.PROMPT_STYLE_VERSION}
     result = ImageResult("img1")
     for e in events:
         result.add(e)
@@ -176,17 +179,37 @@ async def test_the_deadline_is_passed_downstream(image_bytes):
     assert audio.deadlines and all(d is not None and 0 < d <= 31 for d in audio.deadlines)
 
 
+def clips_of_kind(events, kind) -> list:
+    result = ImageResult("x")
+    for e in events:
+        result.add(e)
+    return [c for c in result.clips if c.ref.kind == kind]
+
+
 async def test_scene_mix_is_streamed_as_its_own_clip(image_bytes):
     async with fake_stack() as (target, _, _):
         events = await asyncio.wait_for(
             run_one(target, image_bytes, duration_seconds=1, options=pb.PipelineOptions(scene_mix=True)), BOUND)
-    result = ImageResult("x")
-    for e in events:
-        result.add(e)
-    mix = [c for c in result.clips if c.ref.kind == pb.CLIP_KIND_SCENE_MIX]
+    mix = clips_of_kind(events, pb.CLIP_KIND_SCENE_MIX)
     assert len(mix) == 1 and mix[0].file_name == "scene_mix.wav" and mix[0].done
     wave = mix[0].waveform
     assert wave.shape == (16000,) and np.max(np.abs(wave)) <= 0.99 and np.std(wave) > 0.01
+
+
+async def test_scene_mix_follows_the_clips_sample_rates(image_bytes):
+    # Clips at 24 kHz and 16 kHz (e.g. two different audio models): the mix is at the higher rate, as long as
+    # the clips (1 s), and every clip's tone is in it, none pitch-shifted by a rate mix-up.
+    audio = FakeAudioServicer(sample_rates=(24000, 16000))
+    vision = FakeVisionServicer(description=scripted_description(sources=1, variants=2))
+    async with fake_stack(vision=vision, audio=audio) as (target, _, _):
+        events = await asyncio.wait_for(
+            run_one(target, image_bytes, duration_seconds=1, options=pb.PipelineOptions(scene_mix=True)), BOUND)
+    assert sorted(c.sample_rate_hertz for c in clips_of_kind(events, pb.CLIP_KIND_VARIANT)) == [16000, 24000]
+    (mix,) = clips_of_kind(events, pb.CLIP_KIND_SCENE_MIX)
+    assert mix.sample_rate_hertz == mix.metadata.sample_rate_hertz == 24000
+    assert mix.waveform.shape == (24000,) and abs(mix.metadata.duration_seconds - 1.0) < 1e-6
+    spectrum = np.abs(np.fft.rfft(mix.waveform))  # 1 s at 24 kHz: bin i is i Hz
+    assert sorted(np.argsort(spectrum)[-2:].tolist()) == [201, 202]  # the fake's tones: 200 Hz + call number
 
 
 async def test_a_variant_with_nothing_to_caption_fails_alone(image_bytes):
