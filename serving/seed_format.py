@@ -276,7 +276,8 @@ def from_seed_dict(data: Mapping[str, Any]) -> common_pb2.SceneDescription:
     """A SceneDescription from a seed file's JSON (also older shapes: ``objects`` instead of
     ``sound_sources``, missing confidence, instrument "None"/null/absent; and the compact v1 keys).
 
-    Strings are cleaned and ids assigned; no post-rule is applied (call :func:`apply_post_rules` for that).
+    Strings are cleaned and ids assigned; no post-rule is applied (the VLM service applies those:
+    vlm_service.rules).
     Raises ValueError when ``data`` is not an object.
     """
     return description_from_raw(data)
