@@ -25,20 +25,24 @@ def _read(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def target_and_credentials(server, server_name: str) -> tuple[str, grpc.ChannelCredentials | None, list]:
-    """Where to dial (the service's own bind address; loopback for a wildcard) and how (TLS when the
-    service serves TLS: trusting its client CA, presenting its own certificate when it asks for one)."""
+def target_and_credentials(config, server_name: str) -> tuple[str, grpc.ChannelCredentials | None, list]:
+    """Where to dial (the service's own bind address; loopback for a wildcard) and how: TLS when the service
+    serves TLS, trusting the CA the pod holds (its client CA, or the orchestrator's downstream CA) and
+    presenting the service's own certificate when the service asks clients for one (mutual TLS)."""
+    server = config.server
     host = "127.0.0.1" if server.host in WILDCARDS else server.host
     target = f"[{host}]:{server.port}" if ":" in host else f"{host}:{server.port}"
     cert_file = getattr(server, "tls_cert_file", None)  # TLS settings: ServerOptions (security work)
     if not cert_file:
         return target, None, []
-    ca_file = getattr(server, "tls_client_ca_file", None)
+    client_ca = getattr(server, "tls_client_ca_file", None)
+    ca_file = client_ca or getattr(config, "downstream_tls_ca_file", None)
     key_file = getattr(server, "tls_key_file", None)
+    mutual = bool(client_ca and key_file)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(ca_file) if ca_file else None,
-        private_key=_read(key_file) if ca_file and key_file else None,
-        certificate_chain=_read(cert_file) if ca_file and key_file else None,
+        private_key=_read(key_file) if mutual else None,
+        certificate_chain=_read(cert_file) if mutual else None,
     )
     return target, credentials, [("grpc.ssl_target_name_override", server_name)]
 
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-name", default="localhost", help="TLS: the name the certificate carries")
     args = parser.parse_args(argv)
     config = importlib.import_module(f"{args.package}.config").parse_args([])
-    target, credentials, options = target_and_credentials(config.server, args.server_name)
+    target, credentials, options = target_and_credentials(config, args.server_name)
     try:
         status = check(target, args.service, args.timeout, credentials, options)
     except grpc.RpcError as exc:

@@ -14,9 +14,12 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2
 
 from serving.server import GrpcServer, ServerOptions
 from tests.deploy.manifests import DEPLOY, RENDERINGS, ROOT, SERVICES, render
@@ -232,3 +235,48 @@ async def test_health_check_follows_the_servers_health_on_the_configured_port(na
     finally:
         await server.stop()
     assert await asyncio.to_thread(healthcheck.main, args + ["--timeout", "1"]) == 1  # nobody listening
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a certificate it signed for "localhost" (server and client use), made with openssl."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    paths = {n: folder / n for n in ("ca.key", "ca.crt", "tls.key", "tls.csr", "tls.crt", "ext.cnf")}
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+            "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.crt"]))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", str(paths["tls.key"]), "-out", str(paths["tls.csr"]))
+    paths["ext.cnf"].write_text("subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    openssl("x509", "-req", "-in", str(paths["tls.csr"]), "-CA", str(paths["ca.crt"]), "-CAkey", str(paths["ca.key"]),
+            "-CAcreateserial", "-days", "1", "-extfile", str(paths["ext.cnf"]), "-out", str(paths["tls.crt"]))
+    return paths
+
+
+async def test_health_check_speaks_mutual_tls_with_the_pods_own_certificate(tmp_path):
+    """The TLS component's exec probes: the server wants client certificates of its CA; the health check,
+    configured like the service (TLS file settings), presents the pod's certificate and gets through."""
+    paths = _certificates(tmp_path)
+    credentials = grpc.ssl_server_credentials([(paths["tls.key"].read_bytes(), paths["tls.crt"].read_bytes())],
+                                              root_certificates=paths["ca.crt"].read_bytes(),
+                                              require_client_auth=True)
+    server = GrpcServer(ServerOptions(port=0), lambda s: None, [SERVICES["vlm"].health_name], credentials=credentials)
+    port = await server.start()
+    healthcheck = _load_healthcheck()
+    options = SimpleNamespace(host="0.0.0.0", port=port, tls_cert_file=str(paths["tls.crt"]),
+                              tls_key_file=str(paths["tls.key"]), tls_client_ca_file=str(paths["ca.crt"]))
+    try:
+        await server.set_serving(True)
+        target, creds, channel_options = healthcheck.target_and_credentials(SimpleNamespace(server=options), "localhost")
+        assert target == f"127.0.0.1:{port}" and creds is not None
+        status = await asyncio.to_thread(healthcheck.check, target, "", 10, creds, channel_options)
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        # without the client certificate the server refuses the handshake: the pair above was needed
+        no_client_cert = SimpleNamespace(server=SimpleNamespace(**{**vars(options), "tls_client_ca_file": None}),
+                                         downstream_tls_ca_file=str(paths["ca.crt"]))
+        _, creds, channel_options = healthcheck.target_and_credentials(no_client_cert, "localhost")
+        with pytest.raises(grpc.RpcError) as refused:
+            await asyncio.to_thread(healthcheck.check, target, "", 5, creds, channel_options)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop()
