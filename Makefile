@@ -45,8 +45,9 @@ test-integration: setup
 test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
 
-# checkov (the security scan of deploy/) pins packaging, boto3 and more against our lock: a venv of its own.
-TOOLS := .venv-tools
+# checkov (the security scan of deploy/) pins packaging, boto3 and more against our lock: a venv of its own,
+# inside .venv so that everything that skips .venv (git, the packaging test, rm -rf .venv) skips it too.
+TOOLS := $(VENV)/deploy-tools
 TOOLS_STAMP := $(TOOLS)/.installed
 
 deploy-tools: $(TOOLS_STAMP)

@@ -27,7 +27,7 @@ from tests.deploy.manifests import DEPLOY, RENDERINGS, ROOT, SERVICES, render
 DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE_FILES = sorted((DEPLOY / "docker").glob("compose.*.yaml"))
 HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
-CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"  # its own venv (make deploy-tools): its pins clash with ours
+CHECKOV = ROOT / ".venv" / "deploy-tools" / "bin" / "checkov"  # own venv (make deploy-tools): its pins clash with ours
 TARGET_SERVICE = {"orchestrator": "orchestrator", "vlm": "vlm", "vlm-cpu": "vlm", "audio": "audio", "audio-cpu": "audio"}
 
 
@@ -86,7 +86,7 @@ def _waived_checks() -> list[str]:
 
 
 def test_checkov_passes_on_every_rendering_and_the_dockerfile(tmp_path):
-    assert CHECKOV.exists(), "checkov runs from its own venv: `make deploy-tools` creates .venv-tools"
+    assert CHECKOV.exists(), "checkov runs from its own venv: `make deploy-tools` creates .venv/deploy-tools"
     for overlay, components in RENDERINGS:
         name = "+".join((overlay, *components))
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump_all(render(overlay, components)))
