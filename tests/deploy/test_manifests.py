@@ -127,6 +127,16 @@ def test_every_environment_variable_is_read(rendering):
             _check_env_entries(c.get("env", []), f"{owner}/{c['name']}", service)
 
 
+@each_rendering
+def test_services_are_configured_only_through_checked_variables(rendering):
+    """No command or flags on a service container: the image's entry point runs, and every setting is one
+    of the variables checked above."""
+    docs = render(*rendering)
+    for name in SERVICES:
+        c = container(docs, name)
+        assert "command" not in c and "args" not in c, name
+
+
 def _setting_env(service_name: str, *path: str) -> str:
     service = SERVICES[service_name]
     return next(name for name, s in service.settings.items() if s.path == path)
