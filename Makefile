@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/image_to_sound/v1/*.proto)
 PROTO_STAMP := protos/.generated
 TINY := models/tiny
 
-.PHONY: setup protos tiny-models test test-unit test-integration test-e2e demo run clean
+.PHONY: setup protos tiny-models test test-unit test-integration test-e2e deploy-tools deploy-check demo run clean
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -33,7 +33,7 @@ $(TINY)/vlm/config.json: | setup
 $(TINY)/audio/model_index.json: | setup
 	$(PY) -m tiny_models.audio $(TINY)/audio
 
-test: setup
+test: setup deploy-tools
 	$(PY) -m pytest -q
 
 test-unit: setup
@@ -44,6 +44,22 @@ test-integration: setup
 
 test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
+
+# checkov (the security scan of deploy/) pins packaging, boto3 and more against our lock: a venv of its own,
+# inside .venv so that everything that skips .venv (git, the packaging test, rm -rf .venv) skips it too.
+TOOLS := $(VENV)/deploy-tools
+TOOLS_STAMP := $(TOOLS)/.installed
+
+deploy-tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): deploy/requirements-tools.txt
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check -r deploy/requirements-tools.txt
+	touch $@
+
+# Render, validate, lint and scan everything under deploy/ (also part of make test).
+deploy-check: setup deploy-tools
+	$(PY) -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_dockerfiles.py
 
 # The whole job on tiny random-weight checkpoints: no network, CPU, noise instead of real sound.
 demo: setup tiny-models
