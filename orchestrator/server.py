@@ -12,7 +12,9 @@ from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, orchestrat
 from serving import channels
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Deadline, Pipeline
-from serving.errors import InvalidInput, status_for
+from serving import security
+from serving.errors import InvalidInput
+from serving.interceptors import client_status
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to the client as an event
-                code, message = status_for(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("image %s failed", request.request_id, exc_info=exc)
+                code, message = client_status(exc, "StreamImagesToSound image")
                 await out.put(pb.ImageToSoundEvent(
                     request_id=request.request_id, image_failed=pb.ImageFailed(code=code.value[0], message=message)))
             finally:
@@ -116,7 +116,10 @@ class Orchestrator:
     def __init__(self, config: OrchestratorConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
         self.config = config
         # An empty target means "not deployed" (embedded --skip_vlm / --skip_audio runs).
-        self.channels = {name: channels.aio_channel(target)
+        credentials = security.client_credentials(
+            config.downstream_tls_ca_file, config.downstream_tls_cert_file, config.downstream_tls_key_file)
+        call_credentials = security.token_call_credentials(token_file=config.downstream_token_file)
+        self.channels = {name: channels.aio_channel(target, credentials, call_credentials)
                          for name, target in (("vlm", config.vlm_target), ("audio", config.audio_target)) if target}
         pipeline = Pipeline(
             vision_pb2_grpc.VisionServiceStub(self.channels["vlm"]) if "vlm" in self.channels else None,
