@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from serving import metrics
-from serving.errors import ServiceError, status_for
+from serving.errors import ServiceError, Upstream, status_for
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,19 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, (asyncio.CancelledError, GeneratorExit))
 
 
+INTERNAL_MESSAGE = "internal error"
+
+
 def internal_error(exc: BaseException, what: str) -> str:
     """Logs an unexpected failure with its traceback and returns the client-facing message: generic,
     plus a correlation id that is in the log line too, so an operator can find the details from what
     the client reports (and the exception's text, which may name files or hold data, stays in the log)."""
     error_id = uuid.uuid4().hex[:16]
     log.error("%s failed [error id %s]", what, error_id, exc_info=exc)
-    return f"internal error (error id {error_id})"
+    return f"{INTERNAL_MESSAGE} (error id {error_id})"
+
+
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def client_status(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
@@ -96,6 +102,10 @@ def client_status(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
     code, message = status_for(exc)
     if code == grpc.StatusCode.INTERNAL and not isinstance(exc, (ServiceError, grpc.aio.AioRpcError)):
         message = internal_error(exc, what)
+    elif code in _REFUSED and isinstance(exc, (Upstream, grpc.aio.AioRpcError)):
+        # A service behind us refused OUR credentials: the server's configuration is wrong, not the
+        # caller's token, so the caller must not be told UNAUTHENTICATED.
+        code, message = grpc.StatusCode.INTERNAL, internal_error(exc, what)
     return code, message
 
 
@@ -112,7 +122,7 @@ class ErrorMappingInterceptor(GuardInterceptor):
         except Exception as exc:  # noqa: BLE001 - mapped in one place
             code, message = client_status(exc, method)
             if code == grpc.StatusCode.INTERNAL:
-                if isinstance(exc, (ServiceError, grpc.aio.AioRpcError)):  # else logged by internal_error
+                if not message.startswith(INTERNAL_MESSAGE):  # else logged by internal_error
                     log.error("%s: INTERNAL: %s", method, message)
             else:
                 log.info("%s: %s: %s", method, code.name, message)
