@@ -46,6 +46,8 @@ class ServerOptions:
     auth_tokens_env: str | None = setting(None, "name of an environment variable holding allowed bearer tokens "
                                           "(comma-separated), with or instead of --auth-tokens-file")
     reflection: bool = setting(True, "serve gRPC reflection (--no-reflection to hide the API description)")
+    health_port: int = setting(-1, "also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes "
+                               "grpc probes, which cannot speak TLS; -1: off, 0: any free port)")
     keepalive_seconds: float = 30.0
 
     @property
@@ -104,7 +106,13 @@ class GrpcServer:
             reflection.enable_server_reflection(
                 self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
             )
+        # Probes get the same health states on a port of their own: status only, nothing else served there.
+        self.health_server = None
+        if options.health_port >= 0:
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.port = 0
+        self.health_port = -1
         self.metrics_port = -1
 
     @property
@@ -122,14 +130,19 @@ class GrpcServer:
             raise OSError(f"could not bind {self.options.host}:{self.options.port}")
         await self.set_serving(False)
         await self.server.start()
+        if self.health_server is not None:
+            self.health_port = self.health_server.add_insecure_port(f"{self.options.host}:{self.options.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"could not bind {self.options.host}:{self.options.health_port}")
+            await self.health_server.start()
         self.metrics_port = metrics.serve_metrics(self.options.metrics_port, self.options.host)
         if self.options.port_file:
             write_text_atomic(self.options.port_file, f"{self.port}\n")
-        log.info("listening on %s (%s%s; metrics port %s)", self.address,
+        log.info("listening on %s (%s%s; health-only port %s; metrics port %s)", self.address,
                  "plaintext" if self.credentials is None else
                  "mutual TLS" if self.options.tls_client_ca_file else "TLS",
                  ", bearer tokens" if self.options.auth_tokens_file or self.options.auth_tokens_env else "",
-                 self.metrics_port)
+                 self.health_port, self.metrics_port)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
@@ -141,6 +154,8 @@ class GrpcServer:
         """NOT_SERVING for all, then let in-flight RPCs finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.options.grace_seconds)
+        if self.health_server is not None:  # after the drain: probes see NOT_SERVING meanwhile
+            await self.health_server.stop(0)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

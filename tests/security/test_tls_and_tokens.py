@@ -312,3 +312,29 @@ async def test_reflection_can_be_turned_off():
             assert await _health(server.address) == health_pb2.HealthCheckResponse.SERVING
         finally:
             await server.stop()
+
+
+async def test_a_plaintext_health_only_port_serves_probes_of_a_mutual_tls_server(pki, tmp_path):
+    (tmp_path / "tokens").write_text("t1\n")
+    server = GrpcServer(ServerOptions(host="127.0.0.1", port=0, health_port=0, grace_seconds=0.1,
+                                      tls_cert_file=str(pki["server"].cert), tls_key_file=str(pki["server"].key),
+                                      tls_client_ca_file=str(pki["ca"].cert_file),
+                                      auth_tokens_file=str(tmp_path / "tokens")), _register, ["test.Secure"])
+    await server.start()
+    probe = f"127.0.0.1:{server.health_port}"
+    try:
+        assert server.health_port not in (-1, 0, server.port)
+        assert await _health(probe) == health_pb2.HealthCheckResponse.NOT_SERVING
+        await server.set_serving(True)
+        assert await _health(probe) == health_pb2.HealthCheckResponse.SERVING
+        # Only health there: the service and reflection are not reachable through the plaintext port.
+        assert await _code(_call(probe)) == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(probe) as channel:
+            async def list_services():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+            assert await _code(_first(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                list_services()))) == grpc.StatusCode.UNIMPLEMENTED
+        await server.health.enter_graceful_shutdown()  # what SIGTERM does first
+        assert await _health(probe) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await server.stop()
