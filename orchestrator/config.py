@@ -23,6 +23,8 @@ class OrchestratorConfig:
     downstream_tls_key_file: str | None = setting(None, "PEM private key of --downstream-tls-cert-file")
     downstream_token_file: str | None = setting(None, "bearer token for the model services (first line; re-read "
                                                 "when it changes)")
+    downstream_tls_check_seconds: float = setting(30.0, "how often the downstream TLS files are checked for "
+                                                  "changes; new channels use the new files (0: never)")
     limits: PipelineLimits = PipelineLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
 

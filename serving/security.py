@@ -92,7 +92,8 @@ def reload_all() -> None:
         watched.invalidate()
 
 
-def _watch(files: Mapping[str, str]) -> WatchedFiles:
+def watch_files(files: Mapping[str, str]) -> WatchedFiles:
+    """WatchedFiles that SIGHUP (reload_all) also invalidates."""
     watched = WatchedFiles(files)
     _WATCHED.add(watched)
     return watched
@@ -118,7 +119,7 @@ class ServerCertificates:
         files = {"tls-cert-file": cert_file, "tls-key-file": key_file}
         if client_ca_file:
             files["tls-client-ca-file"] = client_ca_file
-        self.watched = _watch(files)
+        self.watched = watch_files(files)
         self.watched.changed()  # the initial contents are current
         self.loads = 0  # configurations built (the first one included): tests and logs
         self.initial = self._configuration()
@@ -174,7 +175,7 @@ class AllowedTokens:
         self._fixed = _split_tokens(environ.get(env_var, "")) if env_var else []
         if env_var and not self._fixed:
             raise SecurityConfigError(f"auth-tokens-env: the variable {env_var} holds no token")
-        self.watched = _watch({"auth-tokens-file": file}) if file else None
+        self.watched = watch_files({"auth-tokens-file": file}) if file else None
         self._from_file: list[bytes] = []
         self.tokens()  # fail at start-up, not at the first call, when the file is unreadable or empty
 
@@ -265,7 +266,7 @@ def client_credentials(ca_file: str | None = None, cert_file: str | None = None,
     mutual TLS the client's certificate and key. None (plaintext) when nothing is given.
 
     Read once: a channel's credentials are fixed, so a rotated client certificate takes a new channel
-    (restart the client; the server side reloads by itself)."""
+    (the orchestrator opens new ones when its files change; see Orchestrator.reload_downstream_credentials)."""
     if not (ca_file or cert_file or key_file):
         return None
     if bool(cert_file) != bool(key_file):
@@ -292,7 +293,7 @@ class _TokenPlugin(grpc.AuthMetadataPlugin):
 
 class _TokenFile:
     def __init__(self, path: str):
-        self.watched = _watch({"token-file": path})
+        self.watched = watch_files({"token-file": path})
         self._token = ""
         self()  # fail now if unreadable
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import re
 import shutil
 from pathlib import Path
@@ -38,6 +40,9 @@ def pki(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pki")
     ca = CertificateAuthority(folder, "ca")
     files = {"ca": str(ca.cert_file)}
+    ca2 = CertificateAuthority(folder / "2", "ca2")  # the next generation, for rotations
+    issued = ca2.issue("client2", server=False)
+    files.update(ca2=str(ca2.cert_file), client2_cert=str(issued.cert), client2_key=str(issued.key))
     for name, server in (("server", True), ("client", False)):
         issued = ca.issue(name, server=server)
         files[f"{name}_cert"], files[f"{name}_key"] = str(issued.cert), str(issued.key)
@@ -171,25 +176,27 @@ async def test_each_service_takes_tls_tokens_and_reflection_from_its_flags_and_e
         await close()
 
 
-def _model_service_options(pki) -> ServerOptions:
+def _model_service_options(pki, client_ca: str | None = None) -> ServerOptions:
     return ServerOptions(host="127.0.0.1", port=0, grace_seconds=0.5, tls_cert_file=pki["server_cert"],
-                         tls_key_file=pki["server_key"], tls_client_ca_file=pki["ca"], auth_tokens_file=pki["tokens"])
+                         tls_key_file=pki["server_key"], tls_client_ca_file=client_ca or pki["ca"],
+                         auth_tokens_file=pki["tokens"])
 
 
 @contextlib.asynccontextmanager
-async def secure_stack(pki, **downstream):
+async def secure_stack(pki, client_ca: str | None = None, **downstream):
     """Fake VLM + fake audio with mutual TLS and tokens, and the real orchestrator calling them over mutual
     TLS with its token (overridable), itself serving TLS with tokens. Yields (orchestrator, vision, audio)."""
     vision, audio = FakeVisionServicer(), FakeAudioServicer()
     servers = [
-        GrpcServer(_model_service_options(pki), lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(vision, s),
+        GrpcServer(_model_service_options(pki, client_ca), lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(vision, s),
                    ["image_to_sound.v1.VisionService"]),
-        GrpcServer(_model_service_options(pki), lambda s: audio_pb2_grpc.add_AudioServiceServicer_to_server(audio, s),
+        GrpcServer(_model_service_options(pki, client_ca), lambda s: audio_pb2_grpc.add_AudioServiceServicer_to_server(audio, s),
                    ["image_to_sound.v1.AudioService"]),
     ]
     for server in servers:
         await server.start()
         await server.set_serving(True)
+    vision.grpc_server, audio.grpc_server = servers  # a test may restart one
     settings_ = dict(downstream_tls_ca_file=pki["ca"], downstream_tls_cert_file=pki["client_cert"],
                      downstream_tls_key_file=pki["client_key"], downstream_token_file=pki["token"])
     settings_.update(downstream)
@@ -275,3 +282,49 @@ async def test_main_py_orchestrator_mode_connects_with_tls_and_a_token(pki, tmp_
         assert len(list((tmp_path / "result" / "coffee").glob("*.wav"))) == 6
         assert await asyncio.wait_for(asyncio.to_thread(run, "--token_file", pki["token"], "--overwrite"), BOUND) == 0
         assert vision.calls == 2
+
+
+async def test_orchestrator_moves_to_a_rotated_client_certificate_without_a_restart(pki, tmp_path):
+    """cert-manager rotates the orchestrator's client certificate and the model services' client CA."""
+    client_ca, cert, key = tmp_path / "client-ca.pem", tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki["ca"], client_ca)
+    shutil.copy(pki["client_cert"], cert)
+    shutil.copy(pki["client_key"], key)
+    async with secure_stack(pki, client_ca=str(client_ca), downstream_tls_cert_file=str(cert),
+                            downstream_tls_key_file=str(key)) as (orchestrator, vision, audio):
+        await orchestrator.wait_for_backends(timeout=BOUND)
+        await orchestrator.server.set_serving(True)
+        assert not await orchestrator.reload_downstream_credentials()  # nothing changed
+
+        async def one_image() -> None:
+            async with AsyncImageToSoundClient(f"127.0.0.1:{orchestrator.server.port}", tls_ca_file=pki["ca"],
+                                               token="new-token", timeout=BOUND) as client:
+                result = await client.generate(IMAGE, options=pb.PipelineOptions(skip_audio=True))
+            assert result.error is None and result.summary is not None
+
+        await one_image()
+        # The VLM now trusts only the next CA's client certificates, and restarts on its port with that (its
+        # pod was replaced, say): every call needs a new handshake, which the old certificate fails.
+        shutil.copy(pki["ca2"], client_ca)
+        port = vision.grpc_server.port
+        await vision.grpc_server.stop()
+        restarted = GrpcServer(dataclasses.replace(_model_service_options(pki, str(client_ca)), port=port),
+                               lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(vision, s),
+                               ["image_to_sound.v1.VisionService"])
+        await restarted.start()
+        await restarted.set_serving(True)
+        try:
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", _client_tls(pki)) as old_certificate:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await health_pb2_grpc.HealthStub(old_certificate).Check(health_pb2.HealthCheckRequest(),
+                                                                            timeout=BOUND)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            # The orchestrator's Secret is rotated to a certificate from the next CA: picked up, no restart.
+            for source, target in ((pki["client2_cert"], cert), (pki["client2_key"], key)):
+                shutil.copy(source, target)
+                os.utime(target, ns=(3_000_000_000, 3_000_000_000))
+            assert await orchestrator.reload_downstream_credentials()  # what the periodic check (and SIGHUP) runs
+            await one_image()
+            assert vision.calls == 2
+        finally:
+            await restarted.stop()
