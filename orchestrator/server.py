@@ -172,7 +172,7 @@ class Orchestrator:
             self._retired.append(channel)
             task = asyncio.create_task(channel.close(grace=self.config.default_deadline_seconds))
             self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            task.add_done_callback(lambda t, c=channel: (self._closing.discard(t), self._retired.remove(c)))
         log.info("downstream TLS credentials reloaded")
         return True
 
