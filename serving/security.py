@@ -172,7 +172,7 @@ class AllowedTokens:
     def __init__(self, file: str | None = None, env_var: str | None = None,
                  environ: Mapping[str, str] | None = None):
         environ = os.environ if environ is None else environ
-        self._fixed = _split_tokens(environ.get(env_var, "")) if env_var else []
+        self._fixed = [t.encode() for t in _split_tokens(environ.get(env_var, ""))] if env_var else []
         if env_var and not self._fixed:
             raise SecurityConfigError(f"auth-tokens-env: the variable {env_var} holds no token")
         self.watched = watch_files({"auth-tokens-file": file}) if file else None
@@ -188,7 +188,7 @@ class AllowedTokens:
                 if not self._from_file:
                     raise SecurityConfigError(f"auth-tokens-file: unusable ({exc})") from None
                 log.warning("auth tokens file changed but is unusable; keeping the previous tokens")
-                return [*self._fixed_bytes(), *self._from_file]
+                return [*self._fixed, *self._from_file]
             if not tokens:
                 if not self._from_file:
                     raise SecurityConfigError("auth-tokens-file holds no token")
@@ -198,10 +198,7 @@ class AllowedTokens:
                 if self._from_file:
                     log.info("auth tokens reloaded (%d allowed)", len(tokens))
                 self._from_file = tokens
-        return [*self._fixed_bytes(), *self._from_file]
-
-    def _fixed_bytes(self) -> list[bytes]:
-        return [t.encode() for t in self._fixed]
+        return [*self._fixed, *self._from_file]
 
     def allows(self, presented: bytes) -> bool:
         # Compare against every token, without stopping at the first match: the time taken says nothing
