@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from orchestrator.client import ImageResult, ImageToSoundClient, make_request, to_image
 from orchestrator.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
+from serving.security import SecurityConfigError
 from serving.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     more.add_argument("--export_phase2", metavar="DIR", help="lay the clips out by instrument (guitar/ bass/ keyboard/ drum/)")
     more.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     more.add_argument("--no_progress", action="store_true", help="no progress bars")
+    secure = p.add_argument_group("security (with --orchestrator; README \"Security\")")
+    secure.add_argument("--tls_ca_file", metavar="PEM", help="CA of the orchestrator's certificate: connect with TLS")
+    secure.add_argument("--tls_cert_file", metavar="PEM", help="client certificate, for mutual TLS")
+    secure.add_argument("--tls_key_file", metavar="PEM", help="private key of --tls_cert_file")
+    secure.add_argument("--token_file", metavar="FILE",
+                        help="bearer token to send (first line); or set I2S_AUTH_TOKEN")
     return p
 
 
@@ -295,13 +303,19 @@ def process(jobs: list[Job], target: str, args: argparse.Namespace) -> None:
     progress = Progress(len(todo), audio=not args.skip_audio, enabled=not args.no_progress and sys.stderr.isatty())
     writers = {job.key: Writer(job, args, progress) for job in todo}
     try:
-        with ImageToSoundClient(target) as client:
+        # The embedded services listen on loopback in plaintext; the flags are for --orchestrator.
+        secure = dict(tls_ca_file=args.tls_ca_file, tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
+                      token_file=args.token_file, token=os.environ.get("I2S_AUTH_TOKEN")) if args.orchestrator else {}
+        with ImageToSoundClient(target, **secure) as client:
             for event in client.stream_many(requests_for(todo), config=settings_from(args)):
                 writers[event.request_id].handle(event)
     except grpc.RpcError as exc:
         for job in todo:
             if not job.done and not job.error:
                 job.error = f"stream ended: {exc.code().name}: {exc.details()}"
+    except SecurityConfigError as exc:
+        for job in todo:
+            job.error = f"not started: {exc}"
     finally:
         progress.close()
 

@@ -8,6 +8,10 @@
 
 One persistent channel per client (reuse it), a deadline on every call, retries on UNAVAILABLE
 (see serving/channels.py), and helpers that turn the event stream into numpy arrays or WAV files.
+
+Against a server with TLS and tokens (README "Security"):
+    ImageToSoundClient("orchestrator.example:50050", tls_ca_file="ca.pem", token_file="token")
+and for mutual TLS also tls_cert_file= and tls_key_file= (the client's certificate and key).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import grpc
 import numpy as np
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
-from serving import channels
+from serving import channels, security
 from serving import audio_encoding
 from serving.atomic_files import write_wav
 from serving.images import mime_type_for
@@ -176,14 +180,36 @@ def collect(events: Iterable[pb.ImageToSoundEvent]) -> dict[str, ImageResult]:
     return results
 
 
+def security_credentials(
+    credentials: grpc.ChannelCredentials | None = None,
+    call_credentials: grpc.CallCredentials | None = None,
+    *,
+    tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+    token: str | None = None,
+    token_file: str | None = None,
+) -> tuple[grpc.ChannelCredentials | None, grpc.CallCredentials | None]:
+    """Channel and call credentials from files: TLS with the CA of the server's certificate (or the
+    system's roots when only a client certificate is given), mutual TLS with tls_cert_file + tls_key_file,
+    a bearer token given or read from token_file (re-read when it changes). Explicit credentials win."""
+    if credentials is None:
+        credentials = security.client_credentials(tls_ca_file, tls_cert_file, tls_key_file)
+    if call_credentials is None:
+        call_credentials = security.token_call_credentials(token, token_file)
+    return credentials, call_credentials
+
+
 class ImageToSoundClient:
     """Blocking client. Thread-safe; keep one per process and reuse it."""
 
     def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS, *,
                  credentials: grpc.ChannelCredentials | None = None,
-                 call_credentials: grpc.CallCredentials | None = None):
-        """`credentials`: TLS (grpc.ssl_channel_credentials); `call_credentials`: e.g. a bearer token."""
+                 call_credentials: grpc.CallCredentials | None = None, **security_files: str | None):
+        """`credentials`: TLS (grpc.ssl_channel_credentials); `call_credentials`: e.g. a bearer token.
+        Or from files (see `security_credentials`): tls_ca_file, tls_cert_file, tls_key_file, token, token_file."""
         self.timeout = timeout
+        credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
         self._channel = channels.sync_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
@@ -224,8 +250,9 @@ class AsyncImageToSoundClient:
 
     def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS, *,
                  credentials: grpc.ChannelCredentials | None = None,
-                 call_credentials: grpc.CallCredentials | None = None):
+                 call_credentials: grpc.CallCredentials | None = None, **security_files: str | None):
         self.timeout = timeout
+        credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
         self._channel = channels.aio_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 

@@ -18,6 +18,13 @@ class OrchestratorConfig:
     audio_target: str = setting("127.0.0.1:50052", "audio service target (as --vlm)", flag="audio")
     default_deadline_seconds: float = setting(600.0, "deadline of a request whose caller sets none")
     max_images_in_flight: int = setting(8, "images processed at once per streaming call")
+    downstream_tls_ca_file: str | None = setting(None, "PEM CA of the model services' certificates: call them over TLS")
+    downstream_tls_cert_file: str | None = setting(None, "PEM client certificate for the model services (mutual TLS)")
+    downstream_tls_key_file: str | None = setting(None, "PEM private key of --downstream-tls-cert-file")
+    downstream_token_file: str | None = setting(None, "bearer token for the model services (first line; re-read "
+                                                "when it changes)")
+    downstream_tls_check_seconds: float = setting(30.0, "how often the downstream TLS files are checked for "
+                                                  "changes; new channels use the new files (0: never)")
     limits: PipelineLimits = PipelineLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
 

@@ -12,7 +12,9 @@ from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, orchestrat
 from serving import channels
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Deadline, Pipeline
-from serving.errors import InvalidInput, status_for
+from serving import security
+from serving.errors import InvalidInput
+from serving.interceptors import client_status
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to the client as an event
-                code, message = status_for(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("image %s failed", request.request_id, exc_info=exc)
+                code, message = client_status(exc, "StreamImagesToSound image")
                 await out.put(pb.ImageToSoundEvent(
                     request_id=request.request_id, image_failed=pb.ImageFailed(code=code.value[0], message=message)))
             finally:
@@ -115,14 +115,17 @@ class Orchestrator:
 
     def __init__(self, config: OrchestratorConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()):
         self.config = config
-        # An empty target means "not deployed" (embedded --skip_vlm / --skip_audio runs).
-        self.channels = {name: channels.aio_channel(target)
-                         for name, target in (("vlm", config.vlm_target), ("audio", config.audio_target)) if target}
-        pipeline = Pipeline(
-            vision_pb2_grpc.VisionServiceStub(self.channels["vlm"]) if "vlm" in self.channels else None,
-            audio_pb2_grpc.AudioServiceStub(self.channels["audio"]) if "audio" in self.channels else None,
-            config.limits,
-        )
+        # Client TLS files are read into a channel's credentials once: when they change (a rotated Secret),
+        # new channels replace the old ones (see reload_downstream_credentials).
+        tls_files = {"downstream-tls-ca-file": config.downstream_tls_ca_file,
+                     "downstream-tls-cert-file": config.downstream_tls_cert_file,
+                     "downstream-tls-key-file": config.downstream_tls_key_file}
+        self._tls_files = security.watch_files({k: v for k, v in tls_files.items() if v})
+        self._tls_files.changed()
+        self._call_credentials = security.token_call_credentials(token_file=config.downstream_token_file)
+        self.channels = self._open_channels()
+        pipeline = Pipeline(None, None, config.limits)
+        self._use_channels(pipeline)
         self.servicer = OrchestratorServicer(pipeline, config)
         self.server = GrpcServer(
             config.server, lambda s: orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(self.servicer, s),
@@ -130,6 +133,53 @@ class Orchestrator:
             interceptors,
         )
         self._mirror: asyncio.Task | None = None
+        self._tls_watcher: asyncio.Task | None = None
+        self._retired: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task] = set()
+
+    def _open_channels(self) -> dict[str, grpc.aio.Channel]:
+        config = self.config
+        credentials = security.client_credentials(
+            config.downstream_tls_ca_file, config.downstream_tls_cert_file, config.downstream_tls_key_file)
+        # An empty target means "not deployed" (embedded --skip_vlm / --skip_audio runs).
+        return {name: channels.aio_channel(target, credentials, self._call_credentials)
+                for name, target in (("vlm", config.vlm_target), ("audio", config.audio_target)) if target}
+
+    def _use_channels(self, pipeline: Pipeline) -> None:
+        pipeline.vlm = vision_pb2_grpc.VisionServiceStub(self.channels["vlm"]) if "vlm" in self.channels else None
+        pipeline.audio = audio_pb2_grpc.AudioServiceStub(self.channels["audio"]) if "audio" in self.channels else None
+
+    async def reload_downstream_credentials(self) -> bool:
+        """If the downstream TLS files changed: new channels for new calls; calls in flight finish on the
+        old ones (closed within the default deadline). Unusable files keep the current channels.
+        Returns whether the channels were replaced."""
+        if not self._tls_files.files or not self._tls_files.changed():
+            return False
+        try:
+            fresh = self._open_channels()
+        except security.SecurityConfigError as exc:
+            log.warning("downstream TLS files changed but are unusable (%s); keeping the current channels", exc)
+            return False
+        old, self.channels = self.channels, fresh
+        self._use_channels(self.servicer.pipeline)
+        if self._mirror is not None:
+            from serving.health import mirror_serving
+
+            self._mirror.cancel()
+            await asyncio.gather(self._mirror, return_exceptions=True)
+            self._mirror = asyncio.create_task(mirror_serving(self.channels, self.server.set_serving))
+        for channel in old.values():
+            self._retired.append(channel)
+            task = asyncio.create_task(channel.close(grace=self.config.default_deadline_seconds))
+            self._closing.add(task)
+            task.add_done_callback(lambda t, c=channel: (self._closing.discard(t), self._retired.remove(c)))
+        log.info("downstream TLS credentials reloaded")
+        return True
+
+    async def _watch_tls_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.downstream_tls_check_seconds)  # polling files, not synchronising
+            await self.reload_downstream_credentials()
 
     async def wait_for_backends(self, timeout: float | None = None) -> None:
         """Blocks until the model services answer health SERVING, then keeps the orchestrator's own health
@@ -138,10 +188,14 @@ class Orchestrator:
 
         await asyncio.gather(*(wait_serving(channel, timeout=timeout) for channel in self.channels.values()))
         self._mirror = asyncio.create_task(mirror_serving(self.channels, self.server.set_serving))
+        if self._tls_files.files and self.config.downstream_tls_check_seconds > 0:
+            self._tls_watcher = asyncio.create_task(self._watch_tls_files())
 
     async def close(self) -> None:
-        if self._mirror is not None:
-            self._mirror.cancel()
-            await asyncio.gather(self._mirror, return_exceptions=True)
-        for channel in self.channels.values():
+        tasks = [t for t in (self._mirror, self._tls_watcher) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in [*self._retired, *self.channels.values()]:
             await channel.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)

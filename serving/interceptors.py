@@ -13,13 +13,14 @@ import asyncio
 import inspect
 import logging
 import time
+import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import grpc
 
 from serving import metrics
-from serving.errors import status_for
+from serving.errors import ServiceError, Upstream, status_for
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,37 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, (asyncio.CancelledError, GeneratorExit))
 
 
+INTERNAL_MESSAGE = "internal error"
+
+
+def internal_error(exc: BaseException, what: str) -> str:
+    """Logs an unexpected failure with its traceback and returns the client-facing message: generic,
+    plus a correlation id that is in the log line too, so an operator can find the details from what
+    the client reports (and the exception's text, which may name files or hold data, stays in the log)."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("%s failed [error id %s]", what, error_id, exc_info=exc)
+    return f"{INTERNAL_MESSAGE} (error id {error_id})"
+
+
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def client_status(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client sees for `exc` (an RPC's or a failure event's): the domain
+    errors' own; for anything unexpected INTERNAL with a generic message and a logged correlation id."""
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, (ServiceError, grpc.aio.AioRpcError)):
+        message = internal_error(exc, what)
+    elif code in _REFUSED and isinstance(exc, (Upstream, grpc.aio.AioRpcError)):
+        # A service behind us refused OUR credentials: the server's configuration is wrong, not the
+        # caller's token, so the caller must not be told UNAUTHENTICATED.
+        code, message = grpc.StatusCode.INTERNAL, internal_error(exc, what)
+    return code, message
+
+
 class ErrorMappingInterceptor(GuardInterceptor):
-    """Domain exceptions -> gRPC status (serving.errors.status_for). INTERNAL is logged with its
-    traceback and answered with a generic message; the others are logged in one line."""
+    """Domain exceptions -> gRPC status (serving.errors.status_for). An unexpected exception becomes
+    INTERNAL with `internal_error`'s generic message and correlation id; the others are logged in one line."""
 
     @asynccontextmanager
     async def guard(self, method: str, context: grpc.aio.ServicerContext):
@@ -91,9 +120,10 @@ class ErrorMappingInterceptor(GuardInterceptor):
         except grpc.aio.AbortError:  # the handler chose its status itself
             raise
         except Exception as exc:  # noqa: BLE001 - mapped in one place
-            code, message = status_for(exc)
+            code, message = client_status(exc, method)
             if code == grpc.StatusCode.INTERNAL:
-                log.error("%s failed", method, exc_info=exc)
+                if not message.startswith(INTERNAL_MESSAGE):  # else logged by internal_error
+                    log.error("%s: INTERNAL: %s", method, message)
             else:
                 log.info("%s: %s: %s", method, code.name, message)
             await context.abort(code, message)

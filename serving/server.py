@@ -21,6 +21,7 @@ from serving.atomic_files import write_text_atomic
 from serving.config import setting
 from serving.health import HealthServicer
 from serving.interceptors import standard_interceptors
+from serving import security
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,16 @@ class ServerOptions:
     grace_seconds: float = setting(10.0, "on SIGTERM, how long in-flight requests may finish")
     max_message_mb: int = setting(32, "largest gRPC message accepted, in MiB (images up to 20 MB)")
     port_file: str | None = setting(None, "write the bound port to this file once listening (with --port 0)")
+    tls_cert_file: str | None = setting(None, "PEM server certificate (chain): serve TLS; re-read when it changes")
+    tls_key_file: str | None = setting(None, "PEM private key of --tls-cert-file")
+    tls_client_ca_file: str | None = setting(None, "PEM CA of client certificates: require them (mutual TLS)")
+    auth_tokens_file: str | None = setting(None, "bearer tokens allowed, one per line (re-read when it changes); "
+                                           "every RPC but health then needs 'authorization: Bearer <token>'")
+    auth_tokens_env: str | None = setting(None, "name of an environment variable holding allowed bearer tokens "
+                                          "(comma-separated), with or instead of --auth-tokens-file")
+    reflection: bool = setting(True, "serve gRPC reflection (--no-reflection to hide the API description)")
+    health_port: int = setting(-1, "also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes "
+                               "grpc probes, which cannot speak TLS; -1: off, 0: any free port)")
     keepalive_seconds: float = 30.0
 
     @property
@@ -59,8 +70,10 @@ def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float 
 class GrpcServer:
     """A grpc.aio server with health and reflection; the service servicers are added by `register`.
 
-    Every RPC passes through the standard interceptors (metrics, error mapping), then `interceptors`
-    (e.g. authentication) in order. With `credentials` the port speaks TLS; without, plaintext.
+    Every RPC passes through the standard interceptors (metrics, error mapping), then bearer-token
+    authentication when the options ask for it, then `interceptors` in order. The port speaks TLS when
+    `credentials` are given or the options name a certificate (reloaded when its files change), else
+    plaintext.
     """
 
     def __init__(
@@ -73,19 +86,33 @@ class GrpcServer:
     ):
         self.options = options
         self.service_names = list(service_names)
+        # Settings are checked here, before the port opens: a bad certificate or token file ends start-up.
+        self.certificates = None
+        if credentials is None:
+            self.certificates = security.server_certificates(
+                options.tls_cert_file, options.tls_key_file, options.tls_client_ca_file)
+            credentials = self.certificates.credentials() if self.certificates else None
         self.credentials = credentials
+        auth = security.auth_interceptors(options.auth_tokens_file, options.auth_tokens_env)
         self.server = grpc.aio.server(
-            interceptors=[*standard_interceptors(), *interceptors],
+            interceptors=[*standard_interceptors(), *auth, *interceptors],
             options=channel_options(options.max_message_bytes, options.keepalive_seconds)
             + [("grpc.so_reuseport", 0)],
         )
         register(self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        if options.reflection:
+            reflection.enable_server_reflection(
+                self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+            )
+        # Probes get the same health states on a port of their own: status only, nothing else served there.
+        self.health_server = None
+        if options.health_port >= 0:
+            self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.port = 0
+        self.health_port = -1
         self.metrics_port = -1
 
     @property
@@ -103,10 +130,19 @@ class GrpcServer:
             raise OSError(f"could not bind {self.options.host}:{self.options.port}")
         await self.set_serving(False)
         await self.server.start()
+        if self.health_server is not None:
+            self.health_port = self.health_server.add_insecure_port(f"{self.options.host}:{self.options.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"could not bind {self.options.host}:{self.options.health_port}")
+            await self.health_server.start()
         self.metrics_port = metrics.serve_metrics(self.options.metrics_port, self.options.host)
         if self.options.port_file:
             write_text_atomic(self.options.port_file, f"{self.port}\n")
-        log.info("listening on %s (metrics port %s)", self.address, self.metrics_port)
+        log.info("listening on %s (%s%s; health-only port %s; metrics port %s)", self.address,
+                 "plaintext" if self.credentials is None else
+                 "mutual TLS" if self.options.tls_client_ca_file else "TLS",
+                 ", bearer tokens" if self.options.auth_tokens_file or self.options.auth_tokens_env else "",
+                 self.health_port, self.metrics_port)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
@@ -118,13 +154,17 @@ class GrpcServer:
         """NOT_SERVING for all, then let in-flight RPCs finish within the grace period."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.options.grace_seconds)
+        if self.health_server is not None:  # after the drain: probes see NOT_SERVING meanwhile
+            await self.health_server.stop(0)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:
-    """SIGTERM (Kubernetes) and SIGINT (Ctrl-C) set `stop`."""
+    """SIGTERM (Kubernetes) and SIGINT (Ctrl-C) set `stop`; SIGHUP re-reads certificate and token files
+    (they are also re-read when they change)."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, security.reload_all)
 
 
 async def run_until_signal(
