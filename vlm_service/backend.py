@@ -14,11 +14,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Literal
 
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from serving.blocking import ModelWorker
 
 MAX_NEW_TOKENS_LIMIT = 2048
 MAX_TEMPERATURE = 2.0
@@ -82,7 +85,7 @@ class SourceFound:
     source: common_pb2.SoundSource
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,10 @@ class DescriptionDone:
     """Last event: the whole description (after the post-rules) and stats.
 
     ``finish_reason``: "stop" (the model finished the JSON), "length" (max_new_tokens reached: the
-    description holds what was complete), "cancelled" (``should_stop`` returned True).
+    description holds what was complete), "cancelled" (``should_stop`` returned True, or the caller left),
+    "deadline" (the request's deadline passed). ``model_steps``: forwards of the model this request took
+    part in (prefill included); fewer than ``output_tokens`` when grammar-forced tokens rode along (0:
+    not counted by this backend).
     """
 
     description: common_pb2.SceneDescription
@@ -99,6 +105,7 @@ class DescriptionDone:
     time_to_first_token_seconds: float
     total_seconds: float
     finish_reason: FinishReason = "stop"
+    model_steps: int = 0
 
 
 StreamEvent = SceneHeader | SourceFound | DescriptionDone
@@ -109,7 +116,9 @@ class VisionBackend(ABC):
 
     Life cycle: construct (cheap, loads nothing) -> :meth:`load` -> :meth:`warmup` -> ``ready`` ->
     requests -> :meth:`close`. Unless a subclass says otherwise, calls must be serialised (one request
-    at a time); :meth:`stream` is a blocking generator meant to run in a worker thread.
+    at a time); :meth:`stream` is a blocking generator meant to run in a worker thread, and
+    :meth:`astream` runs it on the service's worker. A backend that schedules concurrent requests itself
+    (the transformers one) overrides :meth:`astream`.
     """
 
     model_id: str
@@ -144,6 +153,13 @@ class VisionBackend(ABC):
         generation. Raises, when called (before the first event): ValueError for bad options, BadImage
         for an image the model cannot take, BackendNotReady before :meth:`load` or after :meth:`close`.
         """
+
+    async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
+                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+        """:meth:`stream` for asyncio callers: on ``worker``'s thread, one request at a time, stopped when
+        the caller leaves. ``deadline`` (``time.monotonic()``) is a hint a backend may use."""
+        async for event in worker.stream(lambda should_stop: self.stream(image, options, should_stop)):
+            yield event
 
     def describe(self, image: Image.Image, options: DecodingOptions) -> DescriptionDone:
         """Describe ``image`` in one go (drains :meth:`stream`)."""
