@@ -143,6 +143,7 @@ class DecodeEngine:
         self.prefix_ids = list(prefix_ids) if options.prefix_cache else []
         self._prefix_kv: list[tuple[Any, Any]] | None = None
         self.model_steps = 0  # forwards run (prefills included), for stats
+        self.peak_rows = 0  # most rows decoded in one step
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -248,6 +249,7 @@ class DecodeEngine:
             base[r.slot], delta[r.slot], last[r.slot] = r.length, r.delta, n - 1
         logits = self.runner.decode(batch, width, span, tokens, base, delta, last)
         self.model_steps += 1
+        self.peak_rows = max(self.peak_rows, len(live))
 
         choose = {}
         for r in live:
