@@ -147,8 +147,9 @@ class VisionBackend(ABC):
         """Describe ``image`` (decoded, RGB, size-checked), yielding SceneHeader, then SourceFound
         events, then exactly one DescriptionDone.
 
-        ``should_stop`` is polled before generation and after every generated token (possibly from
-        another thread); when it returns True generation stops and the stream ends with a
+        ``should_stop`` is polled before generation and after every model step (possibly from another
+        thread; a step adds one token, or several when grammar-forced tokens ride along); when it returns
+        True generation stops and the stream ends with a
         DescriptionDone whose finish_reason is "cancelled". Closing the generator early also stops
         generation. Raises, when called (before the first event): ValueError for bad options, BadImage
         for an image the model cannot take, BackendNotReady before :meth:`load` or after :meth:`close`.

@@ -442,14 +442,15 @@ class TransformersVisionBackend(VisionBackend):
         backend has its own model thread). Leaving early cancels the request."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
 
         def deliver(item: tuple) -> None:  # on the model thread
             try:
                 loop.call_soon_threadsafe(items.put_nowait, item)
             except RuntimeError:  # the event loop is gone: nobody listens any more
-                req.cancelled.set()
+                gone.set()
 
-        req, assembler = self.submit(image, options, deliver, deadline=deadline)
+        req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set, deadline=deadline)
         try:
             while True:
                 item = await items.get()

@@ -244,3 +244,16 @@ def test_a_malformed_layout_is_refused(tmp_path, monkeypatch, layout):
     monkeypatch.setattr(loader, "_ROOT", tmp_path)
     with pytest.raises(ValueError):
         load_prompt("v2")
+
+
+def test_v2_sources_are_captioned_without_the_scene():
+    """With v2 a source's clips start before the scene is decoded: its caption is complete without it."""
+    from orchestrator.prompts import build_caption, SoundVariant
+
+    source = load_prompt("v2").examples[0]["output"]["sources"][0]
+    variant = SoundVariant(name=source["name"], material=source["material"],
+                           action=source["variants"][0]["action"], timbre=tuple(source["variants"][0]["timbre"]))
+    without = build_caption(variant, scene="")
+    with_scene = build_caption(variant, scene="A rainy street at night.")
+    assert without.lower().startswith("rain drumming on the tin roof")
+    assert with_scene.startswith(without) and "street" in with_scene and "street" not in without
