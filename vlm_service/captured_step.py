@@ -42,6 +42,13 @@ class StepRunner:
             elif self.device.type == "cuda":
                 kwargs["mode"] = "reduce-overhead"
             self._compiled = torch.compile(self._forward, **kwargs)
+            # One compiled graph per bucket shape: dynamo's default limit (8) would quietly fall back to eager.
+            import torch._dynamo.config as dynamo_config
+
+            needed = len(self.shapes()) + 8
+            for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+                if getattr(dynamo_config, name, needed) < needed:
+                    setattr(dynamo_config, name, needed)
             if self.device.type == "cuda":
                 for k, v in zip(cache.keys, cache.values):  # fixed addresses: no copies into graph inputs
                     torch._dynamo.mark_static_address(k)
@@ -106,8 +113,12 @@ class StepRunner:
             g.replay()
             return static_out.clone()
         with torch.inference_mode():
-            fn = self._compiled or self._forward
-            return fn(*args, batch=batch, width=width, span=span)
+            if self._compiled is None:
+                return self._forward(*args, batch=batch, width=width, span=span)
+            if self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer used
+            # Cloned: a compiled graph's outputs live in its memory pool and the next replay overwrites them.
+            return self._compiled(*args, batch=batch, width=width, span=span).clone()
 
     # -- warm-up -----------------------------------------------------------------------------------
 
