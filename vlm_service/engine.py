@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from serving.errors import InvalidInput
+
 log = logging.getLogger(__name__)
 
 JUMP_FORWARD_MODES = ("off", "exact", "retokenize")
@@ -116,7 +118,8 @@ class _Row:
 
 
 class DecodeEngine:
-    """Owns the row cache and the captured steps; :meth:`run_until_idle` decodes what was admitted."""
+    """Owns the row cache, the step runner and the rows. The backend's decode loop calls :meth:`admit` for
+    each waiting request while a row is free and :meth:`step` while rows are active (model thread only)."""
 
     def __init__(self, model: Any, tokenizer: Any, grammar: Any, *, vocab_size: int, stop_ids: list[int],
                  pad_id: int, repetition_penalty: float, prefix_ids: list[int], options: EngineOptions) -> None:
@@ -157,8 +160,6 @@ class DecodeEngine:
 
     def admit(self, req: EngineRequest) -> None:
         """Prefill ``req`` into a free row (there must be one) and choose its first token."""
-        import torch
-
         reason = req.stop_reason()
         if reason is not None:  # left while queued: never starts
             req.deliver(("end", reason, 0))
@@ -175,7 +176,6 @@ class DecodeEngine:
         self._finish_rows()
 
     def _prefill(self, row: _Row):
-        import torch
         import xgrammar as xgr
 
         from vlm_service.decoding import SeededSamplingLogitsProcessor
@@ -186,7 +186,8 @@ class DecodeEngine:
         ids = inputs["input_ids"]
         total = int(ids.shape[1])
         if total + opts.token_buckets[-1] >= opts.max_len:
-            raise ValueError(f"prompt of {total} tokens does not fit the engine's {opts.max_len}-slot rows")
+            raise InvalidInput(f"the image's prompt of {total} tokens does not fit the engine's rows "
+                               f"({opts.max_len} slots); lower max_pixels or raise the engine's max_len")
         positions, delta = model.model.get_rope_index(
             ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
             mm_token_type_ids=inputs["mm_token_type_ids"])

@@ -6,7 +6,6 @@ run every model call on one thread, and produce schema-valid descriptions in eve
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
