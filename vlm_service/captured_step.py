@@ -75,10 +75,12 @@ class StepRunner:
         positions = (write + delta[:, None]).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
         allowed = self._slots[None, None, None, :span] <= write[:, None, :, None]  # [B, 1, T, Lb]
         view = self.cache.view(slice(0, batch), write, span)
-        out = self.model(input_ids=tokens, position_ids=positions, attention_mask={"full_attention": self._mask(allowed)},
-                         past_key_values=view, use_cache=True, **vision)
+        out = self.model.model(input_ids=tokens, position_ids=positions, past_key_values=view, use_cache=True,
+                               attention_mask={"full_attention": self._mask(allowed)}, **vision)
+        # The LM head only where a choice is made (one position per row): a [B*T, vocab] head would cost
+        # T times the work and memory for logits nobody reads.
         rows = torch.arange(batch, device=tokens.device)
-        return out.logits[rows, last]
+        return self.model.lm_head(out.last_hidden_state[rows, last])
 
     # -- prefill -----------------------------------------------------------------------------------
 

@@ -20,7 +20,8 @@ from tests.vlm_fixtures import description_schema
 from vlm_service import rules
 from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound
 from vlm_service.engine import EngineOptions
-from vlm_service.transformers_backend import TransformersVisionBackend
+from vlm_service.transformers_backend import TransformersVisionBackend, render_chatml
+from vlm_prompt import load_prompt
 
 FULL = 1024  # room for the tiny model to finish its JSON (~400-700 tokens)
 
@@ -170,6 +171,10 @@ def test_a_deadline_that_passed_ends_the_request_without_decoding(engine):
 def test_every_output_is_schema_valid(tiny_vlm_dir, version, jump):
     b = _backend(tiny_vlm_dir, _options(jump_forward=jump, prefix_cache=True), prompt_version=version)
     try:
+        assert b.prompt_text == render_chatml(load_prompt(version))  # the checkpoint's template, same layout
+        cached = b.tokenizer.decode(b.engine.prefix_ids)  # the prompt text before the image, computed once
+        assert cached.startswith("<|im_start|>system") and cached.endswith("<|vision_start|>")
+        assert ("sources first" in cached) is (version == "v2")  # v2 puts the task text before the image
         streams = [b.stream(image, DecodingOptions(max_new_tokens=FULL)) for image in IMAGES[:2]]  # decoded together
         for events in streams:
             events = list(events)
