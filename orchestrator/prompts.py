@@ -3,7 +3,8 @@
 AudioLDM2 was trained on captions of about ten words ("A dog barks while rain falls on a tin roof"),
 and its CLAP text encoder reads 77 tokens in training. The seed sent 150-180 words, mostly instructions.
 Here a caption names the source, its material and the action, adds up to three timbre words and a
-short scene context, and nothing else:
+short scene context, and nothing else. The scene is optional: with prompt v2 the sources come before
+the scene, and their captions go without it.
 
     Rain drumming on the tin roof, sharp, metallic, steady, on a stormy night in a small town
 

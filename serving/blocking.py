@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator, TypeVar
 
 from serving.errors import Overloaded
@@ -30,6 +30,11 @@ class ModelWorker:
 
     def _mark(self) -> None:
         self.thread_ident = threading.get_ident()
+
+    def submit(self, fn: Callable[..., T], *args) -> Future:
+        """Runs `fn(*args)` on the worker's thread, for callers without an event loop (a backend's own
+        jobs and decode loop); returns its concurrent Future."""
+        return self._executor.submit(lambda: (self._mark(), fn(*args))[1])
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Runs the blocking `fn(*args)` on the worker's thread (load, warm-up) and returns its result."""

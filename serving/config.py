@@ -157,9 +157,10 @@ def parse_config(
         shown_default = "" if s.default is None else f"default: {s.default}; "
         help_text = f"{s.help} ({shown_default}env {s.env_name(prefix)})"
         dest = "__".join(s.path)
-        if s.type is bool:
-            parser.add_argument(f"--{s.flag}", dest=dest, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+        if s.type is bool:  # --engine, --engine false, --no-engine
+            parser.add_argument(f"--{s.flag}", dest=dest, nargs="?", const=True, type=s.convert, default=default,
+                                metavar="true|false", help=help_text)
+            parser.add_argument(f"--no-{s.flag}", dest=dest, action="store_false", help=argparse.SUPPRESS)
         else:
             parser.add_argument(f"--{s.flag}", dest=dest, type=s.convert, default=default, help=help_text,
                                 choices=(*s.choices, *([None] if s.optional else [])) if s.choices else None,

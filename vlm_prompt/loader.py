@@ -19,7 +19,8 @@ class PromptTemplate:
     """One prompt version, as files on disk say it.
 
     ``task`` is the raw task text (may hold the ``{example}`` placeholder); :attr:`user_text` is what
-    goes after the image in the user turn.
+    goes with the image in the user turn: after it (``image_first``, v1) or before it (v2, so that all the
+    prompt's text comes before the image and its KV can be computed once, a prefix cache).
     """
 
     version: str
@@ -27,6 +28,7 @@ class PromptTemplate:
     task: str
     schema: dict[str, Any]
     examples: list[dict[str, Any]] = field(default_factory=list)
+    image_first: bool = True
 
     @property
     def user_text(self) -> str:
@@ -37,10 +39,10 @@ class PromptTemplate:
 
     def messages(self) -> list[dict[str, Any]]:
         """Chat messages in the Hugging Face / Qwen format, with one image placeholder in the user turn."""
-        return [
-            {"role": "system", "content": self.system},
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.user_text}]},
-        ]
+        user = [{"type": "image"}, {"type": "text", "text": self.user_text}]
+        if not self.image_first:
+            user.reverse()
+        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
 
 
 def available_versions() -> list[str]:
@@ -51,7 +53,8 @@ def available_versions() -> list[str]:
 
 
 def load_prompt(version: str = DEFAULT_VERSION) -> PromptTemplate:
-    """Read ``vlm_prompt/<version>/``: system.txt, task.txt, schema.json and optional examples.json.
+    """Read ``vlm_prompt/<version>/``: system.txt, task.txt, schema.json, optional examples.json and optional
+    layout.json (``{"image_first": false}`` puts the task text before the image).
 
     Raises ValueError for an unknown or malformed version name, or an example without ``output``.
     """
@@ -67,4 +70,9 @@ def load_prompt(version: str = DEFAULT_VERSION) -> PromptTemplate:
     examples = json.loads(examples_path.read_text(encoding="utf-8")) if examples_path.exists() else []
     if not isinstance(examples, list) or any(not isinstance(e, dict) or "output" not in e for e in examples):
         raise ValueError(f"{examples_path}: expected a list of objects with an 'output' key")
-    return PromptTemplate(version=version, system=system, task=task, schema=schema, examples=examples)
+    layout_path = folder / "layout.json"
+    layout = json.loads(layout_path.read_text(encoding="utf-8")) if layout_path.exists() else {}
+    if not isinstance(layout, dict) or set(layout) - {"image_first"} or not isinstance(layout.get("image_first", True), bool):
+        raise ValueError(f"{layout_path}: expected {{\"image_first\": true|false}}")
+    return PromptTemplate(version=version, system=system, task=task, schema=schema, examples=examples,
+                          image_first=layout.get("image_first", True))

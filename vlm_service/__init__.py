@@ -1,7 +1,9 @@
 """VLM side of image-to-sound: Qwen2.5-VL describes what in an image could make sound.
 
-Modules: ``backend`` (the interface and domain events), ``transformers_backend`` (in-process
-Qwen2.5-VL with grammar-constrained decoding), ``decoding`` (xgrammar logits processor and the
-incremental JSON stream parser), ``rules`` (tolerant parser, the seed's post-rules, seed file format),
-``tiny`` (a tiny random Qwen2.5-VL checkpoint for tests and demos).
+Modules: ``backend`` (the interface and domain events), ``transformers_backend`` (in-process Qwen2.5-VL:
+loading, inputs, the model thread, the reference ``generate()`` path), ``engine`` (the decode engine:
+batched rows, jump-forward, prefix cache), ``kv_cache`` (the per-row static KV cache), ``captured_step``
+(the engine's forwards, eager or captured), ``assembly`` (token ids -> stream events), ``decoding``
+(xgrammar helpers and the incremental JSON stream parser), ``rules`` (the seed's post-rules, the compact
+answer format), ``tiny`` (a tiny random Qwen2.5-VL checkpoint for tests and demos).
 """

@@ -14,23 +14,17 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Literal
 
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2
-from serving.errors import InvalidInput, NotReady
+
+if TYPE_CHECKING:
+    from serving.blocking import ModelWorker
 
 MAX_NEW_TOKENS_LIMIT = 2048
 MAX_TEMPERATURE = 2.0
-
-
-class BadImage(InvalidInput):
-    """The image cannot be described (maps to INVALID_ARGUMENT)."""
-
-
-class BackendNotReady(NotReady):
-    """The backend is not loaded yet, or was closed (maps to UNAVAILABLE)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +77,7 @@ class SourceFound:
     source: common_pb2.SoundSource
 
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,10 @@ class DescriptionDone:
     """Last event: the whole description (after the post-rules) and stats.
 
     ``finish_reason``: "stop" (the model finished the JSON), "length" (max_new_tokens reached: the
-    description holds what was complete), "cancelled" (``should_stop`` returned True).
+    description holds what was complete), "cancelled" (``should_stop`` returned True, or the caller left),
+    "deadline" (the request's deadline passed). ``model_steps``: forwards of the model this request took
+    part in (prefill included); fewer than ``output_tokens`` when grammar-forced tokens rode along (0:
+    not counted by this backend).
     """
 
     description: common_pb2.SceneDescription
@@ -100,6 +97,7 @@ class DescriptionDone:
     time_to_first_token_seconds: float
     total_seconds: float
     finish_reason: FinishReason = "stop"
+    model_steps: int = 0
 
 
 StreamEvent = SceneHeader | SourceFound | DescriptionDone
@@ -110,7 +108,9 @@ class VisionBackend(ABC):
 
     Life cycle: construct (cheap, loads nothing) -> :meth:`load` -> :meth:`warmup` -> ``ready`` ->
     requests -> :meth:`close`. Unless a subclass says otherwise, calls must be serialised (one request
-    at a time); :meth:`stream` is a blocking generator meant to run in a worker thread.
+    at a time); :meth:`stream` is a blocking generator meant to run in a worker thread, and
+    :meth:`astream` runs it on the service's worker. A backend that schedules concurrent requests itself
+    (the transformers one) overrides :meth:`astream`.
     """
 
     model_id: str
@@ -139,12 +139,20 @@ class VisionBackend(ABC):
         """Describe ``image`` (decoded, RGB, size-checked), yielding SceneHeader, then SourceFound
         events, then exactly one DescriptionDone.
 
-        ``should_stop`` is polled before generation and after every generated token (possibly from
-        another thread); when it returns True generation stops and the stream ends with a
+        ``should_stop`` is polled before generation and after every model step (possibly from another
+        thread; a step adds one token, or several when grammar-forced tokens ride along); when it returns
+        True generation stops and the stream ends with a
         DescriptionDone whose finish_reason is "cancelled". Closing the generator early also stops
-        generation. Raises, when called (before the first event): ValueError for bad options, BadImage
-        for an image the model cannot take, BackendNotReady before :meth:`load` or after :meth:`close`.
+        generation. Raises, when called (before the first event): ValueError for bad options, InvalidInput
+        for an image the model cannot take, NotReady before :meth:`load` or after :meth:`close`.
         """
+
+    async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
+                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+        """:meth:`stream` for asyncio callers: on ``worker``'s thread, one request at a time, stopped when
+        the caller leaves. ``deadline`` (``time.monotonic()``) is a hint a backend may use."""
+        async for event in worker.stream(lambda should_stop: self.stream(image, options, should_stop)):
+            yield event
 
     def describe(self, image: Image.Image, options: DecodingOptions) -> DescriptionDone:
         """Describe ``image`` in one go (drains :meth:`stream`)."""

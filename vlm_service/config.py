@@ -19,9 +19,19 @@ class VlmConfig:
     revision: str | None = setting(None, "hub revision (branch, tag or commit)")
     device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
     dtype: str | None = setting(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)
-    prompt_version: str = setting("v1", "prompt and schema version under vlm_prompt/")
+    prompt_version: str = setting("v1", "prompt and schema version under vlm_prompt/ (v2: sources first)")
     max_pixels: int | None = setting(None, "resize bound for the model (default: the backend's)")
     max_queue: int = setting(16, "requests waiting before RESOURCE_EXHAUSTED")
+    # The decode engine (issue 10); engine=False decodes with generate(), one request at a time (the reference).
+    engine: bool = setting(True, "decode engine: batched steps, static KV cache (false: generate(), the reference)")
+    engine_max_batch: int = setting(8, "requests decoded together; batch buckets are the powers of two up to it")
+    engine_capture: str = setting("none", "decode step: eager, torch.compile reduce-overhead, or CUDA graphs",
+                                  choices=["none", "compile", "cuda-graph"])
+    engine_jump_forward: str = setting("exact", "grammar-forced tokens without a model step (retokenize: more, "
+                                       "but tokens differ from generate())", choices=["off", "exact", "retokenize"])
+    engine_prefix_cache: bool = setting(True, "reuse the KV of the prompt text before the image")
+    engine_max_len: int = setting(3072, "KV slots per request (prompt + output); the step also runs at half of it")
+    engine_token_buckets: str = setting("1,8", "new tokens per row in one step (comma list, starts at 1)")
     image_limits: ImageLimits = ImageLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
 

@@ -1,12 +1,13 @@
-"""Descriptions as data: tolerant parsing, the seed's post-rules, and the seed's file format.
+"""The seed's post-rules over descriptions, and the compact answer format.
 
 No torch or transformers here (the command line's ``--skip_vlm`` path imports this module).
 
-- :func:`parse_model_output` reads what a model wrote (code fences, prose around the JSON, trailing
-  commas, truncated output, the seed's keys or the compact v1 keys) into a ``SceneDescription``.
 - :class:`PostRules` applies the seed's rules incrementally, so a stream can emit each source as it
   closes and the re-admitted variants at the end; :func:`apply_post_rules` is the one-shot form.
-- :func:`to_seed_dict` / :func:`from_seed_dict` convert to and from the seed's JSON file format.
+- :func:`description_from_dict` reads a parsed answer (compact keys or the seed's) and applies the rules;
+  :func:`to_compact_dict` writes the compact shape the model answers in. The seed's file format itself
+  lives in :mod:`serving.seed_format` (``to_seed_dict`` / ``from_seed_dict``). Model output is parsed
+  as it streams by :class:`vlm_service.decoding.JsonStreamParser`.
 
 Rules (from the seed, design.md section 3), as implemented here:
 
@@ -32,7 +33,6 @@ Ids: source ``s<i>`` is the i-th source object of the model's output (1-based) a
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -72,11 +72,6 @@ fishermen skater skaters cyclist cyclists rider riders hiker hikers swimmer swim
 neighbor neighbors neighbour neighbours commuter commuters traveler travelers traveller travellers
 """.split())
 _WORD_RE = re.compile(r"[a-z]+")
-
-
-# --------------------------------------------------------------------------------------------------
-# Cleaning
-# --------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,106 +236,12 @@ def apply_post_rules(
 
 
 # --------------------------------------------------------------------------------------------------
-# Tolerant parsing of model output
-# --------------------------------------------------------------------------------------------------
-
-_FENCE_RE = re.compile(r"```[a-zA-Z0-9_-]*")
-
-
-def _balanced_object(text: str, start: int) -> str | None:
-    """The text of the JSON object starting at ``text[start] == '{'`` up to its matching brace."""
-    depth = 0
-    in_string = escape = False
-    for i in range(start, len(text)):
-        c = text[i]
-        if in_string:
-            if escape:
-                escape = False
-            elif c == "\\":
-                escape = True
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return text[start : i + 1]
-    return None
-
-
-def _strip_trailing_commas(text: str) -> str:
-    out = []
-    in_string = escape = False
-    for i, c in enumerate(text):
-        if in_string:
-            out.append(c)
-            if escape:
-                escape = False
-            elif c == "\\":
-                escape = True
-            elif c == '"':
-                in_string = False
-            continue
-        if c == '"':
-            in_string = True
-        elif c == ",":
-            rest = text[i + 1 :].lstrip()
-            if rest[:1] in ("}", "]"):
-                continue
-        out.append(c)
-    return "".join(out)
-
-
-def extract_json_object(text: str) -> dict[str, Any] | None:
-    """The first JSON object in ``text`` that parses (after removing code fences and trailing commas)."""
-    cleaned = _FENCE_RE.sub("", text)
-    start = cleaned.find("{")
-    while start != -1:
-        candidate = _balanced_object(cleaned, start)
-        if candidate is None:
-            return None
-        for attempt in (candidate, _strip_trailing_commas(candidate)):
-            try:
-                value = json.loads(attempt, strict=False)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-        start = cleaned.find("{", start + 1)
-    return None
-
-
-def parse_model_output(text: str, *, apply_rules: bool = True) -> common_pb2.SceneDescription:
-    """Tolerant parse of a model's answer into a SceneDescription.
-
-    Accepts code fences, prose before/after the JSON, trailing commas, control characters inside
-    strings, the seed's keys and the compact keys. If the JSON is cut off (max tokens), the scene, mood
-    and every complete source are salvaged. Raises ValueError when there is no JSON object at all.
-    """
-    data = extract_json_object(text)
-    if data is None:
-        from vlm_service.decoding import JsonStreamParser, ParsedHeader, ParsedSource
-
-        parser = JsonStreamParser()
-        events = parser.feed(_FENCE_RE.sub("", text)) + parser.close()
-        sources = [e.data for e in events if isinstance(e, ParsedSource)]
-        header = next((e for e in events if isinstance(e, ParsedHeader)), ParsedHeader("", ""))
-        if not sources and not header.scene and not header.mood:
-            raise ValueError("no JSON object found in the model output")
-        data = {"scene": header.scene, "mood": header.mood, "sources": sources}
-    return description_from_dict(data, apply_rules=apply_rules)
-
-
-# --------------------------------------------------------------------------------------------------
-# The seed's file format and the compact v1 format
+# The compact answer format (prompt v1; v2 has the same keys, sources first)
 # --------------------------------------------------------------------------------------------------
 
 
 def to_compact_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
-    """The compact v1 JSON shape (what the model writes). Unset confidence is left out, unset role is "none"."""
+    """The compact JSON shape (what the model writes). Unset confidence is left out, unset role is "none"."""
     return {
         "scene": desc.scene,
         "mood": desc.mood,
@@ -361,7 +262,6 @@ def to_compact_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
             for s in desc.sources
         ],
     }
-
 
 
 def description_from_dict(data: Mapping[str, Any], *, apply_rules: bool = True) -> common_pb2.SceneDescription:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 import grpc
@@ -57,21 +58,25 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         image = decode_image(request.image.data, request.image.mime_type, self.config.image_limits)
         return image, decoding_options(request.decoding)
 
-    async def _events(self, request):
+    async def _events(self, request, context):
         image, options = self._prepare(request)
-        async for event in self.worker.stream(lambda should_stop: self.backend.stream(image, options, should_stop)):
+        remaining = context.time_remaining() if context is not None else None
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        async for event in self.backend.astream(image, options, self.worker, deadline):
             if isinstance(event, DescriptionDone):
                 metrics.MODEL_SECONDS.labels(stage="vlm").observe(event.total_seconds)
+                if event.model_steps and context is not None:  # the bench reads model steps vs tokens here
+                    context.set_trailing_metadata((("vlm-model-steps", str(event.model_steps)),))
             yield event
 
     async def DescribeScene(self, request: vision_pb2.DescribeSceneRequest, context: grpc.aio.ServicerContext):
-        async for event in self._events(request):
+        async for event in self._events(request, context):
             if isinstance(event, DescriptionDone):
                 return vision_pb2.DescribeSceneResponse(description=event.description, stats=stats_message(event))
         raise RuntimeError("the backend ended without a description")
 
     async def StreamSceneDescription(self, request: vision_pb2.StreamSceneDescriptionRequest, context):
-        async for event in self._events(request):
+        async for event in self._events(request, context):
             if isinstance(event, SceneHeader):
                 yield vision_pb2.StreamSceneDescriptionResponse(
                     scene=vision_pb2.SceneSummary(scene=event.scene, mood=event.mood)
@@ -94,11 +99,27 @@ def build_backend(config: VlmConfig) -> VisionBackend:
         from vlm_service.transformers_backend import TransformersVisionBackend
 
         kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
-                      dtype=config.dtype, prompt_version=config.prompt_version)
+                      dtype=config.dtype, prompt_version=config.prompt_version, max_queue=config.max_queue,
+                      engine=engine_options(config))
         if config.max_pixels:
             kwargs["max_pixels"] = config.max_pixels
         return TransformersVisionBackend(**kwargs)
     raise ValueError(f"unknown VLM backend {config.backend!r}")
+
+
+def engine_options(config: VlmConfig):
+    """The decode engine's options from the service flags (None: the reference generate() path)."""
+    if not config.engine:
+        return None
+    from vlm_service.engine import EngineOptions
+
+    batch_buckets = tuple(sorted({min(2**i, config.engine_max_batch) for i in range(config.engine_max_batch.bit_length() + 1)}))
+    return EngineOptions(
+        max_batch=config.engine_max_batch, batch_buckets=batch_buckets,
+        token_buckets=tuple(int(t) for t in config.engine_token_buckets.split(",")),
+        length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
+        capture=config.engine_capture, jump_forward=config.engine_jump_forward,
+        prefix_cache=config.engine_prefix_cache)
 
 
 def make_server(

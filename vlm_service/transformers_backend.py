@@ -11,53 +11,48 @@ the processor's work for one image itself: chat template -> image processor -> e
 (1 on image tokens; transformers 5.x needs it to build Qwen2.5-VL's 3-D rope positions: without it,
 ``generate`` silently falls back to 1-D text positions for the image tokens).
 
-Thread safety: one generation at a time. The model keeps per-generation state (``model.model.rope_deltas``),
-so concurrent generations would corrupt each other; :meth:`stream` holds a lock for the whole
-generation, so concurrent callers wait. Each stream runs ``generate`` in a worker thread and hands
-tokens over through a queue; ``should_stop`` is called from that worker thread.
+Threads: every model call (load, warm-up, every generation) runs on the backend's one model thread (a
+:class:`~serving.blocking.ModelWorker`; the first ``generate`` on a new thread runs ~3x slower for the whole
+call, design.md section 6). Callers submit requests from any thread; images are checked and turned into
+CPU tensors in the caller's thread; the model thread hands back token ids, which the caller's side turns
+into events (:mod:`vlm_service.assembly`). Requests wait in a bounded queue (``Overloaded`` when full).
+
+Two decoding paths, chosen by ``engine``:
+- ``None``: the reference, ``model.generate()`` per request, one request at a time;
+- :class:`~vlm_service.engine.EngineOptions`: the decode engine (static per-row KV cache, captured decode
+  step, grammar jump-forward, concurrent requests decoded together, prefix cache), each part switchable.
+Greedy decoding gives the same tokens on both (tests/integration/test_vlm_engine.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
 import queue
 import secrets
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from PIL import Image
 
+from serving.blocking import ModelWorker
+from serving.errors import InvalidInput, NotReady, Overloaded
+from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
-from serving import seed_format
-from vlm_service import rules
-from vlm_service.backend import (
-    BackendNotReady,
-    BadImage,
-    DecodingOptions,
-    DescriptionDone,
-    SceneHeader,
-    SourceFound,
-    StreamEvent,
-    VisionBackend,
-    validate,
-)
+from vlm_service.assembly import DescriptionAssembler
+from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend, validate
 from vlm_service.decoding import (
     GrammarLogitsProcessor,
-    IncrementalDetokenizer,
-    JsonStreamParser,
-    ParsedHeader,
-    ParsedSource,
     SeededSamplingLogitsProcessor,
     StopCriterion,
     build_tokenizer_info,
     compile_schema,
 )
+from vlm_service.engine import EngineOptions, EngineRequest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 PATCH_FACTOR = 28  # patch 14 x spatial merge 2: one visual token per 28 x 28 pixels
 DEFAULT_MIN_PIXELS = 4 * 28 * 28  # the Qwen processor's own minimum (3136)
 # At most 512 visual tokens. The hub default (12845056 px) keeps a 1024x768 photo at ~1000 tokens; 512*28*28
@@ -82,9 +77,10 @@ def visual_token_count(width: int, height: int, min_pixels: int = DEFAULT_MIN_PI
 
 def render_chatml(prompt: PromptTemplate) -> str:
     """Qwen's ChatML for the prompt, for tokenizers that come without a chat template."""
+    user = _CHATML_IMAGE + prompt.user_text if prompt.image_first else prompt.user_text + _CHATML_IMAGE
     return (
         f"<|im_start|>system\n{prompt.system}<|im_end|>\n"
-        f"<|im_start|>user\n{_CHATML_IMAGE}{prompt.user_text}<|im_end|>\n"
+        f"<|im_start|>user\n{user}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
 
@@ -106,23 +102,6 @@ def _load_image_processor(model: str, revision: str | None, token: str | None, *
     return Qwen2VLImageProcessorPil.from_pretrained(model, revision=revision, token=token, **kwargs)
 
 
-def _resolve_dtype(dtype: Any, device: str):
-    import torch
-
-    if dtype is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if isinstance(dtype, str):
-        if dtype == "auto":
-            return "auto"
-        try:
-            return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                    "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
-                    "fp32": torch.float32}[dtype.lower()]
-        except KeyError:
-            raise ValueError(f"unknown dtype {dtype!r}") from None
-    return dtype
-
-
 class TransformersVisionBackend(VisionBackend):
     """Qwen2.5-VL in this process, decoding JSON constrained by the prompt version's schema (xgrammar).
 
@@ -135,11 +114,13 @@ class TransformersVisionBackend(VisionBackend):
         min_pixels, max_pixels: image resize bounds (None: the checkpoint's preprocessor config).
         prompt_version: folder of ``vlm_prompt`` to use.
         repetition_penalty: applied in greedy and sampled decoding (1.0 disables it).
+        engine: the decode engine's options; None decodes with ``generate()``, one request at a time.
+        max_queue: requests waiting for the model (not yet decoding) before ``Overloaded``.
     """
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        model: str = DEFAULT_VLM_MODEL,
         *,
         revision: str | None = None,
         token: str | None = None,
@@ -150,6 +131,8 @@ class TransformersVisionBackend(VisionBackend):
         prompt_version: str = "v1",
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
         attn_implementation: str = "sdpa",
+        engine: EngineOptions | None = None,
+        max_queue: int = 16,
     ) -> None:
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, int) or value < PATCH_FACTOR * PATCH_FACTOR):
@@ -158,8 +141,11 @@ class TransformersVisionBackend(VisionBackend):
             raise ValueError(f"min_pixels ({min_pixels}) > max_pixels ({max_pixels})")
         if not repetition_penalty > 0:
             raise ValueError("repetition_penalty must be > 0")
+        if max_queue < 1:
+            raise ValueError("max_queue must be >= 1")
         self.model_id = str(model)
         self.prompt_version = prompt_version
+        self.engine_options = engine
         self._revision = revision
         self._token = token
         self._device_arg = device
@@ -168,7 +154,14 @@ class TransformersVisionBackend(VisionBackend):
         self._max_pixels = max_pixels
         self._repetition_penalty = float(repetition_penalty)
         self._attn_implementation = attn_implementation
-        self._lock = threading.Lock()
+        self._max_queue = max_queue
+        # The model thread, and what it shares with submitters: the queue of requests not yet decoding and
+        # whether a decode loop is running on the thread (it runs while there is work, then returns).
+        self.worker = ModelWorker("vlm-model")
+        self.model_threads: set[int] = set()  # threads that ran model code (tests: exactly one)
+        self._cv = threading.Condition()
+        self._pending: list[EngineRequest] = []
+        self._running = False
         self._loaded = False
         self._warm = False
         self._closed = False
@@ -177,6 +170,7 @@ class TransformersVisionBackend(VisionBackend):
         self.tokenizer = None
         self.image_processor = None
         self.model = None
+        self.engine = None
         self._grammar = None
         self._vocab_size = 0
         self._stop_ids: list[int] = []
@@ -185,25 +179,33 @@ class TransformersVisionBackend(VisionBackend):
         self._merge_size = 2
         self.prompt_text = ""
 
-    # -- life cycle --------------------------------------------------------------------------------
+    # -- life cycle (each step a job on the model thread) -----------------------------------------
+
+    def _on_model_thread(self, fn: Callable, *args) -> Any:
+        def job():
+            self.model_threads.add(threading.get_ident())
+            return fn(*args)
+
+        return self.worker.submit(job).result()
 
     def load(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise BackendNotReady("backend is closed")
-            if self._loaded:
-                return
-            self._load_locked()
+        if self._closed:
+            raise NotReady("backend is closed")
+        self._on_model_thread(self._load_on_thread)
 
-    def _load_locked(self) -> None:
+    def _load_on_thread(self) -> None:
         import torch
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
+        if self._closed:
+            raise NotReady("backend is closed")
+        if self._loaded:
+            return
         started = time.perf_counter()
         self.prompt = load_prompt(self.prompt_version)
-        token = self._token or os.environ.get("HUGGING_FACE_TOKEN") or os.environ.get("HF_TOKEN") or None
+        token = hf_token(self._token)
         device = self._device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _resolve_dtype(self._dtype_arg, device)
+        dtype = torch_dtype(self._dtype_arg, device, gpu_default="bfloat16")
         common = {"revision": self._revision, "token": token}
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_id, **common)
@@ -260,6 +262,14 @@ class TransformersVisionBackend(VisionBackend):
         self._image_token_id = image_token_id
         self._merge_size = int(getattr(image_processor, "merge_size", 2) or 2)
         self.prompt_text = prompt_text
+        if self.engine_options is not None:
+            from vlm_service.engine import DecodeEngine
+
+            ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            self.engine = DecodeEngine(
+                model, tokenizer, grammar, vocab_size=vocab_size, stop_ids=stop_ids, pad_id=self._pad_id,
+                repetition_penalty=self._repetition_penalty, prefix_ids=ids[: ids.index(image_token_id)],
+                options=self.engine_options)
         self._loaded = True
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - started)
 
@@ -268,57 +278,63 @@ class TransformersVisionBackend(VisionBackend):
         return self._loaded and self._warm and not self._closed
 
     def warmup(self) -> None:
-        """One short constrained generation on a small grey image (8 tokens)."""
+        """Warm the model on the shapes requests use, on the model thread, before the service says SERVING:
+        the engine runs (and captures, when asked) its decode step at every bucket shape and computes the
+        prefix cache; then one short constrained description of a small grey image goes through the path
+        requests take (prefill with an image, grammar, sampling loop)."""
         self._require_loaded()
+        started = time.perf_counter()
+        if self.engine is not None:
+            self._on_model_thread(self.engine.warm)
         image = Image.new("RGB", _WARMUP_IMAGE_SIZE, (128, 128, 128))
-        options = DecodingOptions(max_new_tokens=8)
-        for _ in self._stream(self.prepare_inputs(image), options, None, time.perf_counter(), quiet=True):
+        for _ in self.stream(image, DecodingOptions(max_new_tokens=8), quiet=True):
             pass
         self._warm = True
+        log.info("warm in %.1f s", time.perf_counter() - started)
 
     def close(self) -> None:
-        with self._lock:
+        with self._cv:
             if self._closed:
                 return
             self._closed = True
-            self._loaded = False
-            cuda = bool(self.device and self.device.startswith("cuda"))
-            self.model = self.tokenizer = self.image_processor = self._grammar = None
-            if cuda:
-                import torch
+            pending, self._pending = self._pending, []
+        for req in pending:
+            req.deliver(("end", "cancelled", 0))
+        try:
+            self._on_model_thread(self._release_on_thread)
+        finally:
+            self.worker.close()
 
-                torch.cuda.empty_cache()
+    def _release_on_thread(self) -> None:
+        self._loaded = False
+        cuda = bool(self.device and self.device.startswith("cuda"))
+        self.engine = self.model = self.tokenizer = self.image_processor = self._grammar = None
+        if cuda:
+            import torch
 
-    # -- inputs ------------------------------------------------------------------------------------
+            torch.cuda.empty_cache()
 
-    def count_prompt_tokens(self, width: int, height: int) -> int:
-        """Prompt tokens (text + image) for an image of this size, without running anything."""
-        self._require_loaded()
-        text_tokens = len(self.tokenizer(self.prompt_text, add_special_tokens=False)["input_ids"])
-        size = self.image_processor.size
-        min_pixels = getattr(size, "shortest_edge", None) or DEFAULT_MIN_PIXELS
-        max_pixels = getattr(size, "longest_edge", None) or DEFAULT_MAX_PIXELS
-        return text_tokens - 1 + visual_token_count(width, height, min_pixels, max_pixels)
+    # -- inputs (caller's thread, CPU only) ---------------------------------------------------------
 
     def prepare_inputs(self, image: Image.Image) -> dict[str, Any]:
-        """Model inputs for one image: input_ids, attention_mask, pixel_values, image_grid_thw,
-        mm_token_type_ids (all on the model's device). Raises BadImage."""
+        """Model inputs for one image, as CPU tensors: input_ids, attention_mask, pixel_values,
+        image_grid_thw, mm_token_type_ids (the model thread moves them to the device). Raises InvalidInput."""
         import torch
 
         self._require_loaded()
         if not isinstance(image, Image.Image):
-            raise BadImage("expected a PIL image")
+            raise InvalidInput("expected a PIL image")
         width, height = image.size
         if width < 1 or height < 1:
-            raise BadImage(f"empty image ({width}x{height})")
+            raise InvalidInput(f"empty image ({width}x{height})")
         if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise BadImage(f"aspect ratio above {MAX_ASPECT_RATIO}: {width}x{height}")
+            raise InvalidInput(f"aspect ratio above {MAX_ASPECT_RATIO}: {width}x{height}")
         if image.mode != "RGB":
             image = image.convert("RGB")
         try:
             vision = self.image_processor(images=[image], return_tensors="pt")
         except ValueError as exc:
-            raise BadImage(f"image cannot be processed: {exc}") from exc
+            raise InvalidInput(f"image cannot be processed: {exc}") from exc
         grid = vision["image_grid_thw"]
         n_image_tokens = int(grid[0].prod().item()) // (self._merge_size**2)
         text = self.prompt_text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens, 1)
@@ -327,25 +343,150 @@ class TransformersVisionBackend(VisionBackend):
         is_image = input_ids == self._image_token_id
         if int(is_image.sum().item()) != n_image_tokens:
             raise RuntimeError("image token expansion does not match the image grid")
-        device = self.model.device
         return {
-            "input_ids": input_ids.to(device),
-            "attention_mask": encoded["attention_mask"].to(device),
-            "pixel_values": vision["pixel_values"].to(device=device, dtype=self.model.dtype),
-            "image_grid_thw": grid.to(device),
+            "input_ids": input_ids,
+            "attention_mask": encoded["attention_mask"],
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": grid,
             # 0 = text, 1 = image, 2 = video (what Qwen2_5_VLProcessor returns with return_mm_token_type_ids)
-            "mm_token_type_ids": is_image.to(torch.long).to(device),
+            "mm_token_type_ids": is_image.to(torch.long),
         }
 
     def _require_loaded(self) -> None:
         if self._closed:
-            raise BackendNotReady("backend is closed")
+            raise NotReady("backend is closed")
         if not self._loaded:
-            raise BackendNotReady("backend is not loaded")
+            raise NotReady("backend is not loaded")
 
-    # -- generation --------------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
 
-    def _generation_config(self, options: DecodingOptions):
+    def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[tuple], None], *,
+               should_stop: Callable[[], bool] | None = None, deadline: float | None = None
+               ) -> tuple[EngineRequest, DescriptionAssembler]:
+        """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
+        :class:`~vlm_service.engine.EngineRequest`). Raises ValueError (options), InvalidInput,
+        NotReady, Overloaded, before anything is queued."""
+        started = time.perf_counter()
+        validate(options)
+        self._require_loaded()
+        inputs = self.prepare_inputs(image)
+        req = EngineRequest(inputs=inputs, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
+                            top_p=options.top_p, seed=options.seed, deliver=deliver, should_stop=should_stop,
+                            deadline=deadline)
+        assembler = DescriptionAssembler(
+            self.tokenizer, prompt_version=self.prompt_version, model_id=self.model_id,
+            prompt_tokens=int(inputs["input_ids"].shape[1]), started=started, max_new_tokens=options.max_new_tokens)
+        with self._cv:
+            if self._closed:
+                raise NotReady("backend is closed")
+            if len(self._pending) >= self._max_queue:
+                raise Overloaded(f"{len(self._pending)} requests already waiting for the VLM; retry later")
+            self._pending.append(req)
+            start_loop = not self._running
+            self._running = True
+        if start_loop:
+            self.worker.submit(self._decode_loop)
+        return req, assembler
+
+    def stream(
+        self,
+        image: Image.Image,
+        options: DecodingOptions,
+        should_stop: Callable[[], bool] | None = None,
+        *,
+        deadline: float | None = None,
+        quiet: bool = False,
+    ) -> Iterator[StreamEvent]:
+        # Checks run now, in the caller's thread, not at the first next(): bad options, not loaded, bad image.
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        req, assembler = self.submit(image, options, items.put, should_stop=should_stop, deadline=deadline)
+        assembler.quiet = quiet
+        return self._events(req, assembler, items)
+
+    @staticmethod
+    def _events(req: EngineRequest, assembler: DescriptionAssembler, items: queue.SimpleQueue) -> Iterator[StreamEvent]:
+        try:
+            while True:
+                item = items.get()
+                if item[0] == "tokens":
+                    yield from assembler.tokens(item[1])
+                elif item[0] == "end":
+                    yield from assembler.finish(item[1], item[2])
+                    return
+                else:
+                    raise item[1]
+        finally:
+            req.cancelled.set()  # a consumer that leaves early stops its decoding at the next step
+
+    async def astream(self, image: Image.Image, options: DecodingOptions, worker: Any = None,
+                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+        """Events for asyncio callers, decoded concurrently with other requests; ``worker`` is unused (the
+        backend has its own model thread). Leaving early cancels the request."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+        gone = threading.Event()
+
+        def deliver(item: tuple) -> None:  # on the model thread
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody listens any more
+                gone.set()
+
+        req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set, deadline=deadline)
+        try:
+            while True:
+                item = await items.get()
+                if item[0] == "tokens":
+                    for event in assembler.tokens(item[1]):
+                        yield event
+                elif item[0] == "end":
+                    for event in assembler.finish(item[1], item[2]):
+                        yield event
+                    return
+                else:
+                    raise item[1]
+        finally:
+            req.cancelled.set()
+
+    # -- the decode loop (model thread) -------------------------------------------------------------
+
+    def _decode_loop(self) -> None:
+        """Runs on the model thread while there is work: admits waiting requests at step boundaries and
+        steps the batch (engine), or runs ``generate()`` for one request after another (reference)."""
+        self.model_threads.add(threading.get_ident())
+        engine = self.engine
+        while True:
+            with self._cv:
+                if self._closed or not self._loaded:
+                    admit, self._pending = self._pending, []
+                    self._running = False
+                    closing = True
+                else:
+                    closing = False
+                    room = engine.free_slots if engine is not None else 1
+                    admit, self._pending = self._pending[:room], self._pending[room:]
+                    if not admit and (engine is None or engine.active == 0):
+                        self._running = False
+                        return
+            if closing:
+                for req in admit:
+                    req.deliver(("end", "cancelled", 0))
+                if engine is not None:
+                    engine.cancel_all()
+                return
+            if engine is None:
+                for req in admit:
+                    self._generate_reference(req)
+                continue
+            try:
+                for req in admit:
+                    engine.admit(req)
+                engine.step()
+            except BaseException as exc:  # noqa: BLE001 - a broken step fails its batch, not the service
+                log.exception("decode step failed")
+                engine.fail_all(exc)
+
+    def _generation_config(self, options: EngineRequest):
         from transformers import GenerationConfig
 
         # Everything explicit: the hub checkpoint's generation_config.json says do_sample=True, top_k=1,
@@ -364,157 +505,56 @@ class TransformersVisionBackend(VisionBackend):
             use_cache=True,
         )
 
-    def stream(
-        self,
-        image: Image.Image,
-        options: DecodingOptions,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> Iterator[StreamEvent]:
-        # Checks run now, in the caller's thread, not at the first next(): bad options, not loaded, bad image.
-        started = time.perf_counter()
-        validate(options)
-        self._require_loaded()
-        inputs = self.prepare_inputs(image)
-        return self._stream(inputs, options, should_stop, started, quiet=False)
-
-    def _stream(
-        self,
-        inputs: dict[str, Any],
-        options: DecodingOptions,
-        should_stop: Callable[[], bool] | None,
-        started: float,
-        quiet: bool,
-    ) -> Iterator[StreamEvent]:
-        with self._lock:
-            self._require_loaded()
-            yield from self._stream_locked(inputs, options, should_stop, started, quiet)
-
-    def _stream_locked(
-        self,
-        inputs: dict[str, Any],
-        options: DecodingOptions,
-        should_stop: Callable[[], bool] | None,
-        started: float,
-        quiet: bool,
-    ) -> Iterator[StreamEvent]:
+    def _generate_reference(self, req: EngineRequest) -> None:
+        """The reference path: ``model.generate()`` with the grammar as a logits processor (batch 1)."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-
+        reason = req.stop_reason()
+        if reason is not None:
+            req.deliver(("end", reason, 0))
+            return
         processors: list[Any] = [GrammarLogitsProcessor(self._grammar, self._vocab_size)]
-        if options.temperature > 0:
-            seed = options.seed if options.seed is not None else secrets.randbits(63)
-            processors.append(SeededSamplingLogitsProcessor(options.temperature, options.top_p, seed))
-        abandoned = threading.Event()
-        stop = StopCriterion(should_stop, abandoned.is_set)
-        tokens: queue.SimpleQueue = queue.SimpleQueue()
+        if req.temperature > 0:
+            seed = req.seed if req.seed is not None else secrets.randbits(63)
+            processors.append(SeededSamplingLogitsProcessor(req.temperature, req.top_p, seed))
+        stopped: list[str] = []
 
-        class _QueueStreamer(BaseStreamer):
-            def __init__(self) -> None:
-                self.prompt_seen = False
+        def check() -> bool:
+            why = req.stop_reason()
+            if why is not None and not stopped:
+                stopped.append(why)
+            return why is not None
+
+        counted = [0]
+
+        class _Streamer(BaseStreamer):
+            prompt_seen = False
 
             def put(self, value) -> None:
                 if not self.prompt_seen:  # generate() first pushes the prompt
                     self.prompt_seen = True
                     return
-                for token_id in value.reshape(-1).tolist():
-                    tokens.put(("token", int(token_id)))
+                ids = [int(t) for t in value.reshape(-1).tolist()]
+                counted[0] += len(ids)
+                req.deliver(("tokens", ids))
 
             def end(self) -> None:
                 pass
 
-        def run() -> None:
-            try:
-                with torch.inference_mode():
-                    self.model.generate(
-                        **inputs,
-                        generation_config=self._generation_config(options),
-                        logits_processor=LogitsProcessorList(processors),
-                        stopping_criteria=StoppingCriteriaList([stop]),
-                        streamer=_QueueStreamer(),
-                    )
-                tokens.put(("end", None))
-            except BaseException as exc:  # handed to the consumer
-                tokens.put(("error", exc))
-
-        if should_stop is not None and should_stop():
-            worker = None
-            tokens.put(("end", None))
-            stop.triggered.set()
-        else:
-            worker = threading.Thread(target=run, name="vlm-generate", daemon=True)
-            worker.start()
-
-        detok = IncrementalDetokenizer(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
-        parser = JsonStreamParser()
-        post = rules.PostRules()
-        output_tokens = 0
-        first_token_at: float | None = None
-
-        def handle(events) -> Iterator[StreamEvent]:
-            for event in events:
-                if isinstance(event, ParsedHeader):
-                    yield SceneHeader(
-                        scene=seed_format.clean_text(event.scene, seed_format.MAX_SCENE_CHARS),
-                        mood=seed_format.clean_text(event.mood, seed_format.MAX_MOOD_CHARS),
-                    )
-                elif isinstance(event, ParsedSource):
-                    source = seed_format.source_from_raw(event.data, event.index)
-                    admitted = post.add(source) if source is not None else None
-                    if admitted is not None:
-                        yield SourceFound(admitted)
-
         try:
-            while True:
-                kind, value = tokens.get()
-                if kind == "token":
-                    output_tokens += 1
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    piece = detok.push(value)
-                    if piece:
-                        yield from handle(parser.feed(piece))
-                elif kind == "end":
-                    break
-                else:
-                    raise value
-        finally:
-            abandoned.set()
-            if worker is not None:
-                worker.join()
-
-        tail = detok.flush()
-        if tail:
-            yield from handle(parser.feed(tail))
-        yield from handle(parser.close())
-        for extra in post.finish():
-            yield SourceFound(extra)
-
-        if parser.complete:
-            finish_reason = "stop"
-        elif stop.triggered.is_set():
-            finish_reason = "cancelled"
-        else:
-            finish_reason = "length"
-            if not quiet:
-                log.warning("generation hit max_new_tokens=%d before the JSON was complete",
-                            options.max_new_tokens)
-        # The parser's final values: equal to the header's, unless sources came before scene/mood (only
-        # possible without the grammar), which forces an early header with what was known then.
-        description = post.description(
-            seed_format.clean_text(parser.scene or "", seed_format.MAX_SCENE_CHARS),
-            seed_format.clean_text(parser.mood or "", seed_format.MAX_MOOD_CHARS),
-        )
-        description.prompt_version = self.prompt_version
-        description.model_id = self.model_id
-        finished = time.perf_counter()
-        yield DescriptionDone(
-            description=description,
-            prompt_tokens=prompt_tokens,
-            output_tokens=output_tokens,
-            time_to_first_token_seconds=(first_token_at or finished) - started,
-            total_seconds=finished - started,
-            finish_reason=finish_reason,
-        )
+            inputs = {k: v.to(self.model.device) for k, v in req.inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+            with torch.inference_mode():
+                self.model.generate(
+                    **inputs,
+                    generation_config=self._generation_config(req),
+                    logits_processor=LogitsProcessorList(processors),
+                    stopping_criteria=StoppingCriteriaList([StopCriterion(check)]),
+                    streamer=_Streamer(),
+                )
+        except BaseException as exc:  # noqa: BLE001 - handed to the request's consumer
+            req.deliver(("error", exc))
+            return
+        req.deliver(("end", stopped[0] if stopped else "stop", counted[0]))

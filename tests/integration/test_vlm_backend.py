@@ -14,9 +14,8 @@ from PIL import Image
 from vlm_prompt import load_prompt
 from tests.vlm_fixtures import description_schema
 from vlm_service import rules
+from serving.errors import InvalidInput, NotReady
 from vlm_service.backend import (
-    BackendNotReady,
-    BadImage,
     DecodingOptions,
     DescriptionDone,
     SceneHeader,
@@ -80,7 +79,7 @@ def test_validate_accepts_the_edges():
 
 def test_not_loaded_backend_refuses(image):
     b = TransformersVisionBackend("unused/never-loaded")
-    with pytest.raises(BackendNotReady):
+    with pytest.raises(NotReady):
         b.stream(image, DecodingOptions())
     with pytest.raises(ValueError):
         TransformersVisionBackend("x", min_pixels=10_000, max_pixels=5_000)
@@ -132,11 +131,10 @@ def test_inputs_carry_mm_token_type_ids_for_the_image_tokens(backend, image):
     assert mm.shape == inputs["input_ids"].shape
     assert int(mm.sum()) == n_image
     assert bool(((inputs["input_ids"] == 151655) == (mm == 1)).all())
-    assert inputs["input_ids"].shape[1] == backend.count_prompt_tokens(64, 48)
 
 
 def test_bad_image_and_bad_options_are_refused_when_called(backend, image):
-    with pytest.raises(BadImage):
+    with pytest.raises(InvalidInput):
         backend.stream(Image.new("RGB", (600, 2)), DecodingOptions(max_new_tokens=4))  # aspect ratio > 200
     with pytest.raises(ValueError):
         backend.stream(image, DecodingOptions(temperature=3.0))

@@ -162,3 +162,68 @@ async def test_reflection_lists_the_services(vlm):
         names = {s.name for s in response.list_services_response.service}
         break
     assert {"image_to_sound.v1.VisionService", "grpc.health.v1.Health"} <= names
+
+
+# -- with the decode engine (the service's default) -------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def vlm_engine(tiny_vlm_dir):
+    """(stub, backend) of a VLM service whose backend decodes with the engine, built from the service flags."""
+    from vlm_service.config import parse_args
+    from vlm_service.server import build_backend
+
+    config = parse_args(["--model", str(tiny_vlm_dir), "--device", "cpu", "--port", "0", "--max-queue", "2",
+                         "--engine-max-batch", "4", "--engine-max-len", "2048", "--engine-jump-forward", "exact"])
+    assert config.engine and config.engine_prefix_cache
+    backend = build_backend(config)
+    server, servicer = make_server(config, backend)
+    await server.start()
+    await asyncio.to_thread(load_and_warm, backend)
+    await server.set_serving(True)
+    channel = grpc.aio.insecure_channel(server.address)
+    yield vision_pb2_grpc.VisionServiceStub(channel), backend
+    await server.stop()
+    await channel.close()
+    servicer.close()
+    backend.close()
+
+
+async def test_concurrent_requests_are_decoded_together(vlm_engine):
+    stub, backend = vlm_engine
+    backend.engine.peak_rows = 0
+    photos = [ROOT / "data" / "coffee.png", *PHOTOS[:2]]
+    calls = [stub.DescribeScene(vision_pb2.DescribeSceneRequest(
+        image=common_pb2.Image(data=p.read_bytes(), mime_type=mime_type_for(p.name)), decoding=FAST), timeout=300)
+        for p in photos]
+    responses = await asyncio.gather(*calls)
+    assert backend.engine.peak_rows >= 2
+    for call, response in zip(calls, responses):
+        jsonschema.validate(to_compact_dict(response.description), description_schema())
+        steps = int(dict(await call.trailing_metadata())["vlm-model-steps"])
+        assert 0 < steps < response.stats.output_tokens  # jump-forward: forced tokens cost no step of their own
+
+
+async def test_a_full_queue_is_resource_exhausted(vlm_engine):
+    import threading
+
+    from vlm_service.backend import DecodingOptions
+
+    stub, backend = vlm_engine
+    release = threading.Event()
+    held = backend.worker.submit(release.wait)  # the model thread is busy: what is submitted now waits
+    ended = [threading.Event() for _ in range(2)]
+    image = Image.open(io.BytesIO(png()))
+    for event in ended:  # fill the queue (--max-queue 2) directly
+        backend.submit(image, DecodingOptions(max_new_tokens=8), lambda item, e=event: item[0] == "end" and e.set())
+    request = vision_pb2.DescribeSceneRequest(image=common_pb2.Image(data=png()),
+                                              decoding=common_pb2.DecodingSettings(max_new_tokens=8))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.DescribeScene(request, timeout=60)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    release.set()
+    await asyncio.wrap_future(held)
+    for event in ended:
+        assert await asyncio.to_thread(event.wait, 120)
+    response = await stub.DescribeScene(request, timeout=120)  # and it serves again
+    assert response.stats.output_tokens == 8

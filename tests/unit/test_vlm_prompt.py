@@ -166,8 +166,9 @@ def test_added_tokens_are_never_allowed_inside_strings(grammar):
     assert allowed == set()  # <|image_pad|>, <|vision_start|>, <|im_start|>, <tool_call>... all masked
 
 
-def test_any_path_through_the_grammar_is_schema_valid(tiny_vlm_dir):
-    """Always schema-valid, checked at the grammar itself: random walks over the tokens the compiled v1
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_any_path_through_the_grammar_is_schema_valid(tiny_vlm_dir, version):
+    """Always schema-valid, checked at the grammar itself: random walks over the tokens the compiled
     grammar allows (what a random-weight model does) end in JSON that validates against the schema."""
     import json
     import random
@@ -180,7 +181,7 @@ def test_any_path_through_the_grammar_is_schema_valid(tiny_vlm_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_vlm_dir)
     info = build_tokenizer_info(tokenizer, 151936, [151645, 151643])
-    schema = load_prompt().schema
+    schema = load_prompt(version).schema
     grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False, separators=(",", ":"))
     bitmask = xgr.allocate_token_bitmask(1, info.vocab_size)
     for trial in range(12):
@@ -194,3 +195,65 @@ def test_any_path_through_the_grammar_is_schema_valid(tiny_vlm_dir):
             tokens.append(token)
             assert len(tokens) < 5000, "the grammar must bound the output"
         jsonschema.validate(json.loads(tokenizer.decode(tokens, skip_special_tokens=True), strict=False), schema)
+
+
+# -- v2: sources first -----------------------------------------------------------------------------------
+
+
+def test_v2_is_v1_with_sources_first_and_the_text_before_the_image():
+    v1, v2 = load_prompt("v1"), load_prompt("v2")
+    assert "v2" in available_versions()
+    assert list(v2.schema["properties"]) == ["sources", "scene", "mood"]
+    assert v2.schema["properties"] == v1.schema["properties"]  # same keys and bounds, another order
+    assert v1.image_first and not v2.image_first
+    assert [part["type"] for part in v2.messages()[1]["content"]] == ["text", "image"]
+    for example in v2.examples:
+        jsonschema.validate(example["output"], v2.schema)
+        assert list(example["output"]) == ["sources", "scene", "mood"]
+    assert v2.examples[0]["output"] == v1.examples[0]["output"]  # the same answer
+    # The seed file written from either is the same (the format on disk does not change).
+    from serving.seed_format import dumps_seed
+
+    assert dumps_seed(rules.description_from_dict(v2.examples[0]["output"], apply_rules=False)) == \
+        dumps_seed(rules.description_from_dict(v1.examples[0]["output"], apply_rules=False))
+
+
+def test_v2_puts_the_first_complete_source_earlier(tiny_vlm_dir):
+    """Tokens until the first source object closes, on each version's example answer (tiny tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_vlm_dir)
+    counts = {}
+    for version in ("v1", "v2"):
+        output = load_prompt(version).examples[0]["output"]
+        text = json.dumps(output, separators=(",", ":"))
+        first = json.dumps(output["sources"][0], separators=(",", ":"))
+        counts[version] = len(tokenizer(text[: text.index(first) + len(first)], add_special_tokens=False)["input_ids"])
+    print(f"tokens to the first complete source: {counts}")
+    assert counts["v2"] < counts["v1"]
+
+
+@pytest.mark.parametrize("layout", ['{"image_first": "no"}', '{"image": false}', '[]'])
+def test_a_malformed_layout_is_refused(tmp_path, monkeypatch, layout):
+    import shutil
+
+    from vlm_prompt import loader
+
+    shutil.copytree(loader._ROOT / "v2", tmp_path / "v2")
+    (tmp_path / "v2" / "layout.json").write_text(layout)
+    monkeypatch.setattr(loader, "_ROOT", tmp_path)
+    with pytest.raises(ValueError):
+        load_prompt("v2")
+
+
+def test_v2_sources_are_captioned_without_the_scene():
+    """With v2 a source's clips start before the scene is decoded: its caption is complete without it."""
+    from orchestrator.prompts import build_caption, SoundVariant
+
+    source = load_prompt("v2").examples[0]["output"]["sources"][0]
+    variant = SoundVariant(name=source["name"], material=source["material"],
+                           action=source["variants"][0]["action"], timbre=tuple(source["variants"][0]["timbre"]))
+    without = build_caption(variant, scene="")
+    with_scene = build_caption(variant, scene="A rainy street at night.")
+    assert without.lower().startswith("rain drumming on the tin roof")
+    assert with_scene.startswith(without) and "street" in with_scene and "street" not in without

@@ -1,4 +1,4 @@
-"""Tolerant parsing, cleaning, the seed's post-rules and the seed file format (vlm_service.rules)."""
+"""Reading descriptions, cleaning, the seed's post-rules and the seed file format (vlm_service.rules)."""
 
 from __future__ import annotations
 
@@ -88,19 +88,16 @@ def test_parse_timbre_from_list_or_string():
     assert len(seed_format.parse_timbre(",".join(f"w{i}" for i in range(20)))) == seed_format.MAX_TIMBRE_WORDS
 
 
-# -- tolerant parsing ---------------------------------------------------------------------------------
+# -- reading descriptions -----------------------------------------------------------------------------
 
-SEED_OUTPUT = """Here is the JSON you asked for:
-
-```json
-{
+SEED_OUTPUT = """{
   "scene_description": "A rainy street\\n at night.",
   "mood_description": "calm",
   "sound_sources": [
     {"name": "rain", "material": "tin roof", "variants": [
       {"play_method": "drumming on the roof", "timbre": "metallic, steady",
        "mapping_to_music_instrument": "drums", "confidence": 0.9},
-      {"play_method": "dripping from gutters", "timbre": ["soft"], "mapping_to_music_instrument": "None"},
+      {"play_method": "dripping from gutters", "timbre": ["soft"], "mapping_to_music_instrument": "None"}
     ]},
     {"name": "car", "material": "asphalt", "variants": [
       {"play_method": "passing by", "timbre": ["low"], "mapping_to_music_instrument": null, "confidence": 0.8},
@@ -109,15 +106,18 @@ SEED_OUTPUT = """Here is the JSON you asked for:
     {"name": "people", "material": "", "variants": [
       {"play_method": "talking under umbrellas", "timbre": ["murmur"], "mapping_to_music_instrument": "None", "confidence": 0.95},
       {"play_method": "footsteps splashing", "timbre": ["wet"], "mapping_to_music_instrument": "drums", "confidence": 0.85}
-    ]},
+    ]}
   ]
 }
-```
-I hope this helps!"""
+"""
 
 
-def test_parse_seed_output_with_fences_prose_trailing_commas_and_aliases():
-    desc = rules.parse_model_output(SEED_OUTPUT)
+def _parse(text: str, apply_rules: bool = True) -> common_pb2.SceneDescription:
+    return rules.description_from_dict(json.loads(text, strict=False), apply_rules=apply_rules)
+
+
+def test_read_seed_output_with_aliases():
+    desc = _parse(SEED_OUTPUT)
     assert desc.scene == "A rainy street at night."
     assert desc.mood == "calm"
     assert [s.id for s in desc.sources] == ["s1", "s2", "s3"]
@@ -136,11 +136,11 @@ def test_parse_seed_output_with_fences_prose_trailing_commas_and_aliases():
 def test_parse_objects_key_and_compact_keys():
     older = '{"scene_description":"Hall","mood_description":"quiet","objects":[{"name":"door","material":"oak",' \
             '"variants":[{"play_method":"creaking"}]}]}'
-    desc = rules.parse_model_output(older)
+    desc = _parse(older)
     assert _all_variants(desc) == [("door", "creaking")]
     compact = '{"scene":"Hall","mood":"quiet","sources":[{"name":"door","material":"oak","variants":' \
               '[{"action":"creaking","timbre":["dry"],"role":"guitar","confidence":0.9}]}]}'
-    desc = rules.parse_model_output(compact)
+    desc = _parse(compact)
     assert desc.sources[0].variants[0].instrument_role == Role.INSTRUMENT_ROLE_GUITAR
     assert desc.sources[0].variants[0].confidence == pytest.approx(0.9)
 
@@ -148,7 +148,7 @@ def test_parse_objects_key_and_compact_keys():
 def test_parse_raw_control_characters_inside_strings():
     text = '{"scene":"a\x01b\tc","mood":"m\x02","sources":[{"name":"bell\x03","material":"bronze\n",' \
            '"variants":[{"action":"ringing\x00 loudly","timbre":"clear\x1f"}]}]}'
-    desc = rules.parse_model_output(text)
+    desc = _parse(text)
     assert desc.scene == "ab c"
     assert desc.mood == "m"
     assert desc.sources[0].name == "bell"
@@ -157,23 +157,8 @@ def test_parse_raw_control_characters_inside_strings():
     assert list(desc.sources[0].variants[0].timbre) == ["clear"]
 
 
-def test_parse_truncated_output_salvages_complete_sources():
-    full = json.dumps({"scene": "s", "mood": "m", "sources": [
-        {"name": "a", "material": "", "variants": [{"action": "x", "confidence": 0.9}]},
-        {"name": "b", "material": "", "variants": [{"action": "y", "confidence": 0.9}]}]})
-    truncated = full[: full.index('"name": "b"') + 8]
-    desc = rules.parse_model_output(truncated)
-    assert (desc.scene, desc.mood) == ("s", "m")
-    assert [s.name for s in desc.sources] == ["a"]
-
-
-def test_parse_without_json_raises():
-    with pytest.raises(ValueError):
-        rules.parse_model_output("I cannot describe this image.")
-
-
 def test_sources_and_variants_without_name_or_action_are_dropped():
-    desc = rules.parse_model_output(json.dumps({"scene": "s", "mood": "m", "sources": [
+    desc = _parse(json.dumps({"scene": "s", "mood": "m", "sources": [
         {"name": "", "variants": [{"action": "x"}]},
         {"name": "wind", "variants": [{"action": " \x01 "}, {"action": "howling through gaps"}]},
         "not an object"]}))
@@ -307,7 +292,7 @@ def test_add_after_finish_raises():
 
 
 def _example_description() -> common_pb2.SceneDescription:
-    return rules.parse_model_output(SEED_OUTPUT, apply_rules=False)
+    return _parse(SEED_OUTPUT, apply_rules=False)
 
 
 def test_to_seed_dict_has_exactly_the_seed_shape():
