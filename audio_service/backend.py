@@ -1,7 +1,7 @@
 """The audio backend interface: a batch of generation requests in, one result per request out.
 
 A backend owns one model on one device and is not thread-safe: callers (the `Batcher`) run one
-`generate` at a time, in one worker thread. Implementations: `diffusers_backend.DiffusersAudioBackend`
+`generate` at a time. The in-process backend runs all model work on one thread of its own. Implementations: `diffusers_backend.DiffusersAudioBackend`
 (in-process AudioLDM2). Nothing here imports torch.
 """
 from __future__ import annotations
@@ -151,6 +151,10 @@ class AudioBackend(ABC):
         calling thread after each denoising step; `should_stop()` is polled before the call and after each
         step, and when it returns True the loop ends and BackendCancelled is raised.
         """
+
+    def batch_key(self, request: AudioRequest) -> tuple:
+        """Requests with equal keys may share one `generate` call (a backend that buckets durations widens it)."""
+        return request.batch_key()
 
     def warmup(self) -> None:
         """Runs one small generation so the first real request does not pay for lazy initialisation."""

@@ -113,7 +113,8 @@ async def test_batches_are_capped_at_max_batch_size():
     batcher = Batcher(backend, max_batch_size=2, max_wait_ms=20)  # the last, partial batch waits 20 ms
     results = await asyncio.gather(*(batcher.submit(req(s)) for s in range(5)))
     assert [r.waveform[0] for r in results] == [np.float32(s / 1000) for s in range(5)]
-    assert batcher.batch_sizes == [2, 2, 1] and batcher.backend_calls == 3
+    assert [len(call) for call in backend.calls] == [2, 2, 1] and batcher.backend_calls == 3
+    assert batcher.requests_batched == 5 and batcher.last_batch_size == 1
     await batcher.close()
 
 
