@@ -30,7 +30,7 @@ class AudioConfig:
     default_guidance_scale: float = 3.5  # the seed's --audio_guidance default
     default_chunk_seconds: float = 0.5
     default_negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    compile: str = "none"  # torch.compile mode of UNet, VAE decoder, vocoder: none|default|reduce-overhead|max-autotune|aot_eager
+    compile: str = "none"  # torch.compile mode of the UNet: none|default|reduce-overhead|max-autotune|aot_eager
     duration_buckets: str = ""  # e.g. "4,10,30": generate at the next bucket, trim back ("": exact; with compile: 4,10,30)
     prompt_cache_size: int = 256  # captions whose encodings are kept (LRU); 0: the pipeline encodes every batch
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> AudioConfig:
     p.add_argument("--max-queue", type=int, default=env_default("max_queue", 64), help="queued requests before RESOURCE_EXHAUSTED")
     p.add_argument("--compile", default=env_default("compile", "none"),
                    choices=["none", "default", "reduce-overhead", "max-autotune", "aot_eager"],
-                   help="torch.compile the UNet, VAE decoder and vocoder; compiled and warmed before SERVING")
+                   help="torch.compile the UNet; compiled and warmed before SERVING")
     p.add_argument("--duration-buckets", default=env_default("duration_buckets", ""),
                    help='seconds, e.g. "4,10,30": requests run at the next bucket and are trimmed back')
     p.add_argument("--prompt-cache-size", type=int, default=env_default("prompt_cache_size", 256),

@@ -24,7 +24,7 @@ The fast path, each part switchable (the defaults are the plain path):
 - `duration_buckets`: requests are generated at the smallest bucket that holds them and trimmed back,
   so a few latent shapes serve every duration, and requests of different durations in one bucket share
   a batch (`batch_key`).
-- `compile`: torch.compile of the UNet, the VAE decoder and the vocoder, warmed on every bucket and
+- `compile`: torch.compile of the UNet, warmed on every bucket and
   batch size up to `warmup_batch_sizes` in `warmup()`, before the service says SERVING. It implies
   per-caption encoding with the T5 states padded to a fixed length, so text length never changes a shape.
 The GPT-2 loop itself already reuses its KV cache with transformers 5.17 / diffusers 0.42.1 (one token
@@ -258,9 +258,13 @@ class DiffusersAudioBackend(AudioBackend):
         self.device, self.dtype = device, dtype
         if self.compile_mode != "none":
             kwargs = {"backend": "aot_eager"} if self.compile_mode == "aot_eager" else {"mode": self.compile_mode}
-            # In place (nn.Module.compile): the pipeline keeps its modules and their types.
-            for module in (pipe.unet, pipe.vae.decoder, pipe.vocoder):
-                module.compile(**kwargs)
+            # dynamic: one compile serves every batch size (CUDA graphs still record one graph per size in
+            # warm-up); otherwise the second batch size recompiles the whole UNet (~90 s on an H100).
+            kwargs["dynamic"] = True
+            # In place (nn.Module.compile): the pipeline keeps its modules and their types. The UNet only,
+            # where the time goes (20-200 calls per clip). The VAE decoder fails under dynamo on a
+            # non-contiguous input (torch 2.11, CPU aot_eager); tracing the vocoder took minutes on CPU.
+            pipe.unet.compile(**kwargs)
         self._encodings.clear()
         self._pipe = pipe
         log.info("loaded %s in %.1f s", self.model_id, time.perf_counter() - started)
@@ -346,6 +350,18 @@ class DiffusersAudioBackend(AudioBackend):
         """Like `generate`, but returns every candidate of every request with its CLAP score."""
         return self.worker.run(lambda: self._generate_candidates(requests, should_stop=should_stop, on_step=on_step))
 
+    def generation_samples(self, request: AudioRequest) -> int:
+        """How many samples are generated for the request: its own length, or with buckets its bucket's,
+        rounded up to whole UNet blocks (latent length a multiple of the UNet's 2**upsamplers, so no
+        resize path and no graph break in the compiled UNet); the clip is trimmed back after."""
+        if not self.duration_buckets:
+            return num_samples(request.duration_seconds, self.sample_rate_hertz)
+        pipe = self.pipeline
+        n = num_samples(bucket_for(request.duration_seconds, self.duration_buckets), self.sample_rate_hertz)
+        align = (int(np.prod(pipe.vocoder.config.upsample_rates)) * pipe.vae_scale_factor
+                 * 2 ** int(getattr(pipe.unet, "num_upsamplers", 0)))
+        return -(-n // align) * align
+
     def _check_batch(self, requests: list[AudioRequest]) -> None:
         if not requests:
             raise ValueError("empty batch")
@@ -377,7 +393,7 @@ class DiffusersAudioBackend(AudioBackend):
                 raise BackendCancelled(0, total)
 
             # Generated at the bucket's length, each request trimmed back to its own below.
-            n = num_samples(bucket_for(first.duration_seconds, self.duration_buckets), self.sample_rate_hertz)
+            n = self.generation_samples(first)
             hop = int(np.prod(pipe.vocoder.config.upsample_rates))
             frames = math.ceil(n / hop)
             # Half a frame of slack: the pipeline floors audio_length_in_s / hop-seconds to whole frames.

@@ -151,9 +151,10 @@ def build_backend(config: AudioConfig) -> AudioBackend:
             model=config.model, revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype,
             compile=config.compile, duration_buckets=effective_buckets(config),
             prompt_cache_size=config.prompt_cache_size,
-            # Ready means warmed on the shapes requests use: every batch size when compiled (each is a
-            # graph), else the smallest and the largest at the default clip length.
-            warmup_batch_sizes=range(1, max_batch + 1) if config.compile != "none" else (1, max_batch),
+            # Ready means warmed on the shapes requests use: compiled, every bucket at every batch size
+            # (CUDA graphs record one graph per shape); eager kernels need no per-shape warm-up, only the
+            # first call on the model thread (lazy initialisation), at the default clip length.
+            warmup_batch_sizes=range(1, max_batch + 1) if config.compile != "none" else (1,),
             warmup_duration_seconds=config.default_duration_seconds,
         )
     raise ValueError(f"unknown audio backend {config.backend!r}")
