@@ -48,7 +48,7 @@ FULL = Profile(clip_seconds=10.0, dpm_steps=20, seed_ddim_steps=200, audio_batch
                vlm_tokens=300, vlm_runs=2, seed_vlm_tokens=600, clients=4, images_per_client=1, max_clips=5,
                image_size=(1024, 768))
 TINY = Profile(clip_seconds=1.0, dpm_steps=4, seed_ddim_steps=10, audio_batches=(1, 4, 8), audio_repeats=1,
-               vlm_tokens=160, vlm_runs=2, seed_vlm_tokens=320, clients=2, images_per_client=1, max_clips=2,
+               vlm_tokens=400, vlm_runs=2, seed_vlm_tokens=800, clients=2, images_per_client=1, max_clips=2,
                image_size=(128, 96))
 SEED_TEMPERATURE, SEED_TOP_P = 0.3, 0.8  # the seed's sampling settings
 SEED_MIN_CLIPS = 5  # the seed keeps at least 5 variants per image
@@ -100,7 +100,13 @@ def environment(device: str) -> dict:
     import torch
     import transformers
 
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None
+    gpu = None
+    if device.startswith("cuda"):  # nvidia-smi, not torch: no CUDA context in the bench process
+        try:
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip().splitlines()[0] or None
+        except (OSError, IndexError, subprocess.SubprocessError):
+            gpu = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
@@ -120,14 +126,14 @@ def materialise(args: argparse.Namespace, device: str, need_vlm: bool, need_audi
             out["vlm"], out["vlm_build_s"] = args.vlm_model, 0.0
         else:
             path, seconds = (checkpoints.tiny_vlm(cache) if args.tiny else
-                             checkpoints.full_vlm(cache, args.vlm_size, device))
+                             checkpoints.in_subprocess("vlm", cache, args.vlm_size, device))
             out["vlm"], out["vlm_build_s"] = str(path), seconds
     if need_audio:
         if args.audio_model:
             out["audio"], out["audio_build_s"] = args.audio_model, 0.0
         else:
             path, seconds = (checkpoints.tiny_audio(cache) if args.tiny else
-                             checkpoints.full_audio(cache, args.audio_variant, device))
+                             checkpoints.in_subprocess("audio", cache, args.audio_variant, device))
             out["audio"], out["audio_build_s"] = str(path), seconds
     return out
 
@@ -205,8 +211,12 @@ def run(args: argparse.Namespace) -> dict:
     env = environment(device)
     built = materialise(args, device, need_vlm, need_audio)
     vlm_args, audio_args = shlex.split(args.vlm_args), default_audio_args(args.tiny) + shlex.split(args.audio_args)
+    # Tiny runs share a few CPU cores with other work: with one intra-op thread per service, two OpenMP
+    # teams per process don't spin against each other (a 1 s tiny clip took 0.3 s or 13 s at random).
+    extra_env = {"OMP_NUM_THREADS": "1"} if args.tiny else {}
     services = BenchServices(vlm_model=built["vlm"], audio_model=built["audio"], device=device,
-                             vlm_args=vlm_args, audio_args=audio_args, start_timeout_seconds=1500)
+                             vlm_args=vlm_args, audio_args=audio_args, start_timeout_seconds=1500,
+                             extra_env=extra_env)
     try:
         started_services = services.start_services(vlm=need_vlm, audio=need_audio, orchestrator=args.what == "all")
         pids = {name: s.child.process.pid for name, s in started_services.items()}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,16 @@ CONFIGS = Path(__file__).resolve().parent / "model_configs"
 VLM_CONFIGS = {"7b": "qwen2.5-vl-7b.config.json", "3b": "qwen2.5-vl-3b.config.json"}
 AUDIO_VARIANTS = ("base", "large")
 MARKER = ".complete"
+
+
+def in_subprocess(kind: str, cache: Path, name: str, device: str) -> tuple[Path, float]:
+    """Builds a full-size checkpoint in a child process, so the bench process never holds GPU memory
+    (its own CUDA context or a 16 GB model's leftovers) while it measures the services."""
+    path = cache / (f"random-qwen2.5-vl-{name}" if kind == "vlm" else f"random-audioldm2-{name}")
+    if _done(path):
+        return path, 0.0  # built by an earlier run
+    subprocess.run([sys.executable, "-m", "bench.checkpoints", kind, str(cache), name, device], check=True)
+    return path, float((path / MARKER).read_text())
 
 
 def _done(path: Path) -> bool:
@@ -75,8 +87,6 @@ def full_vlm(cache: Path, size: str, device: str) -> tuple[Path, float]:
     model.generation_config = GenerationConfig(**QWEN_VL_GENERATION_CONFIG)
     model.save_pretrained(path, max_shard_size="5GB")
     del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     (path / "generation_config.json").write_text(json.dumps(QWEN_VL_GENERATION_CONFIG, indent=2) + "\n")
     # The real image-size bounds (one visual token per 28x28 pixels), not the tiny ones.
     pre = json.loads((path / "preprocessor_config.json").read_text())
@@ -138,6 +148,10 @@ def full_audio(cache: Path, variant: str, device: str) -> tuple[Path, float]:
     index = json.loads(index_path.read_text())
     index.update(REAL_MODEL_INDEX_CLASSES)
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return path, _finish(path, started)
+
+
+if __name__ == "__main__":  # python -m bench.checkpoints vlm|audio CACHE SIZE_OR_VARIANT DEVICE
+    _kind, _cache, _name, _device = sys.argv[1:5]
+    build = full_vlm if _kind == "vlm" else full_audio
+    print(build(Path(_cache), _name, _device))

@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 TOP_LEVEL = {"label", "mode", "what", "environment", "profile", "one_gpu_for_both", "service_args", "checkpoints",
@@ -20,6 +23,7 @@ SEED = {"vlm_tokens", "temperature", "top_p", "vlm_s", "ddim_steps", "ddim_clip_
         "per_image_s", "ours_per_image_s", "ratio"}
 
 
+@pytest.mark.timeout(900)  # three services start, load and warm on 2 shared cores
 def test_tiny_bench_writes_every_field_and_prints_the_table_last(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"),
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos"), os.environ.get("PYTHONPATH", "")])}

@@ -256,3 +256,31 @@ async def test_close_fails_queued_requests():
     assert (await running).waveform[0] == np.float32(0.001)  # the running batch finishes
     await closing
     assert [[r.seed for r in call] for call in backend.calls] == [[1]]
+
+
+class FakeBucketingAudioBackend(FakeCountingAudioBackend):
+    """NOT a model: the counting fake with the real backend's bucketed batch key (durations up to 2 s share)."""
+
+    def batch_key(self, request: AudioRequest) -> tuple:
+        return ("bucket", 2.0 if request.duration_seconds <= 2.0 else request.duration_seconds) + request.batch_key()[1:]
+
+    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None) -> list[AudioResult]:
+        assert len({self.batch_key(r) for r in requests}) == 1
+        self.calls.append(list(requests))
+        return [AudioResult(waveform=np.full(num_samples(r.duration_seconds, self.sample_rate_hertz), r.seed, np.float32),
+                            sample_rate_hertz=self.sample_rate_hertz, score=None, steps_run=r.num_inference_steps,
+                            scheduler=r.scheduler, model_id=self.model_id) for r in requests]
+
+
+@pytest.mark.asyncio
+async def test_requests_of_different_durations_in_one_bucket_share_a_batch_across_clients():
+    backend = FakeBucketingAudioBackend()
+    batcher = Batcher(backend, max_batch_size=3, max_wait_ms=10_000)  # leaves when full, not on time
+
+    async def client(seed: int, seconds: float) -> AudioResult:  # each its own caller, as two images would be
+        return await batcher.submit(req(seed, duration_seconds=seconds))
+
+    results = await asyncio.gather(client(1, 1.0), client(2, 1.5), client(3, 2.0))
+    assert [[r.seed for r in call] for call in backend.calls] == [[1, 2, 3]]
+    assert [r.waveform.shape[0] for r in results] == [100, 150, 200]  # each its own length
+    await batcher.close()
