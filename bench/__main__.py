@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench import checkpoints, measure, report
@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audio-model", default=None, help="real model id or dir (default: random AudioLDM2 base)")
     p.add_argument("--audio-variant", default="base", choices=checkpoints.AUDIO_VARIANTS)
     p.add_argument("--vlm-args", default="", help='extra flags for the VLM service, e.g. "--max-queue 4"')
-    p.add_argument("--audio-args", default="", help='extra flags for the audio service, after the bench defaults')
+    p.add_argument("--audio-args", default="", help='extra flags for the audio service, after the bench defaults (write --audio-args="...")')
+    p.add_argument("--clients", type=int, default=None, help="concurrent clients for images per minute (default 4; tiny 2)")
     p.add_argument("--label", default="", help="a name for this variant, kept in the JSON")
     p.add_argument("--cache-dir", default=os.environ.get("BENCH_CACHE", str(Path(tempfile.gettempdir()) / "i2s-bench")),
                    help="where random checkpoints are written once and reused")
@@ -206,6 +207,8 @@ def run(args: argparse.Namespace) -> dict:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profile = TINY if args.tiny else FULL
+    if args.clients:
+        profile = replace(profile, clients=args.clients)
     need_vlm, need_audio = args.what in ("all", "vlm"), args.what in ("all", "audio")
     started = time.perf_counter()
     env = environment(device)
