@@ -1,7 +1,7 @@
 """The audio backend interface: a batch of generation requests in, one result per request out.
 
 A backend owns one model on one device and is not thread-safe: callers (the `Batcher`) run one
-`generate` at a time, in one worker thread. Implementations: `diffusers_backend.DiffusersAudioBackend`
+`generate` at a time. The in-process backend runs all model work on one thread of its own. Implementations: `diffusers_backend.DiffusersAudioBackend`
 (in-process AudioLDM2). Nothing here imports torch.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from serving.errors import Cancelled, NotReady
+from serving.errors import Cancelled
 
 SCHEDULERS = ("dpm", "ddim")
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 30.0
@@ -71,10 +71,6 @@ class BackendCancelled(Cancelled):
         super().__init__(f"generation cancelled after {steps_run} of {total_steps if total_steps is not None else '?'} steps")
         self.steps_run = steps_run
         self.total_steps = total_steps
-
-
-class BackendNotLoaded(NotReady):
-    """`generate` was called before `load()` finished."""
 
 
 def num_samples(duration_seconds: float, sample_rate_hertz: int) -> int:
@@ -153,6 +149,10 @@ class AudioBackend(ABC):
         calling thread after each denoising step; `should_stop()` is polled before the call and after each
         step, and when it returns True the loop ends and BackendCancelled is raised.
         """
+
+    def batch_key(self, request: AudioRequest) -> tuple:
+        """Requests with equal keys may share one `generate` call (a backend that buckets durations widens it)."""
+        return request.batch_key()
 
     def warmup(self) -> None:
         """Runs one small generation so the first real request does not pay for lazy initialisation."""

@@ -3,10 +3,12 @@
     batcher = Batcher(backend, max_batch_size=4, max_wait_ms=10, max_queue=64)
     result = await batcher.submit(request, on_step=lambda done, total: ...)
 
-- Requests with equal `AudioRequest.batch_key()` (duration, steps, guidance, scheduler, candidates)
-  that arrive within `max_wait_ms` of the oldest queued one go into one `backend.generate` call, up to
-  `max_batch_size` (a full batch leaves at once). Others wait for a later call, oldest first.
-- One worker thread runs the backend: one model, one call at a time. The event loop never blocks.
+- Requests with equal `backend.batch_key(request)` (duration or its bucket, steps, guidance, scheduler,
+  candidates), from any image or client, go into one `backend.generate` call, up to `max_batch_size`
+  (a full batch leaves at once). The oldest queued request waits at most `max_wait_ms` since it
+  arrived for companions; requests that queued while a batch ran leave together right after it.
+  Others wait for a later call, oldest first.
+- One dispatch thread calls the backend: one model, one call at a time. The event loop never blocks.
 - At most `max_queue` requests wait (the running batch not counted); beyond that `submit` raises
   `Overloaded` (RESOURCE_EXHAUSTED).
 - A caller that is cancelled while queued is dropped: its request never runs. If every caller of the
@@ -20,20 +22,16 @@ import functools
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, validate
 from serving import metrics
 from serving.errors import NotReady, Overloaded
 
-__all__ = ["Batcher", "BatcherClosed", "Overloaded"]
+__all__ = ["Batcher", "NotReady", "Overloaded"]
 
 log = logging.getLogger(__name__)
-
-
-class BatcherClosed(NotReady):
-    """The batcher is closing or closed; the request was not run."""
 
 
 @dataclass(eq=False)
@@ -41,11 +39,9 @@ class _Job:
     request: AudioRequest
     future: asyncio.Future
     on_step: StepCallback | None
-    key: tuple = field(init=False)
+    key: tuple
+    queued_at: float
     cancelled: bool = False  # written on the loop, read by the worker thread (a plain bool: atomic)
-
-    def __post_init__(self) -> None:
-        self.key = self.request.batch_key()
 
 
 class Batcher:
@@ -69,9 +65,12 @@ class Batcher:
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
+        # Counters and the last event only: per-batch history would grow for the life of the server
+        # (the i2s_* metrics count batches for operators).
         self.backend_calls = 0  # number of backend.generate calls made
-        self.batch_sizes: list[int] = []  # requests per call, in call order
-        self.stopped_early: list[tuple[int, int]] = []  # (steps run, steps asked) of batches everyone left
+        self.requests_batched = 0  # requests in those calls
+        self.last_batch_size = 0
+        self.last_stopped_early: tuple[int, int | None] | None = None  # (steps run, asked) of the last batch everyone left
         self._idle: asyncio.Event | None = None  # set whenever no batch runs
         self._queue: deque[_Job] = deque()
         self._wakeup: asyncio.Event | None = None
@@ -97,16 +96,19 @@ class Batcher:
         """Queues one request and returns its result when its batch is done.
 
         Raises ValueError for an invalid request, Overloaded when `max_queue` requests already wait,
-        BatcherClosed after `close()`, and whatever the backend raised for its batch.
+        NotReady after `close()`, and whatever the backend raised for its batch.
         """
         if self._closed:
-            raise BatcherClosed("the audio batcher is closed")
+            raise NotReady("the audio batcher is closed")
         validate(request)
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"{len(self._queue)} audio requests already waiting; retry later")
         loop = asyncio.get_running_loop()
         self._start(loop)
-        job = _Job(request=request, future=loop.create_future(), on_step=on_step)
+        # Backends that are not AudioBackend subclasses (test doubles) group by the request's own key.
+        batch_key = getattr(self.backend, "batch_key", None)
+        key = batch_key(request) if batch_key is not None else request.batch_key()
+        job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time())
         self._queue.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -121,7 +123,7 @@ class Batcher:
             raise
 
     async def close(self, *, cancel_running: bool = False) -> None:
-        """Stops accepting requests and fails the queued ones with BatcherClosed.
+        """Stops accepting requests and fails the queued ones with NotReady.
 
         The running batch finishes (or, with `cancel_running`, stops at its next step), then the worker
         thread ends. Idempotent.
@@ -131,7 +133,7 @@ class Batcher:
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
-                job.future.set_exception(BatcherClosed("the audio service is shutting down"))
+                job.future.set_exception(NotReady("the audio service is shutting down"))
         if self._wakeup is not None:
             self._wakeup.set()
         if self._dispatcher is not None:
@@ -167,7 +169,7 @@ class Batcher:
                 await self._wakeup.wait()
                 continue
             head = self._queue[0]
-            deadline = loop.time() + self.max_wait_s
+            deadline = head.queued_at + self.max_wait_s
             # Wait for companions until the batch is full or the oldest request has waited long enough.
             while not self._closed and head in self._queue and len(self._compatible(head.key)) < self.max_batch_size:
                 remaining = deadline - loop.time()
@@ -201,7 +203,8 @@ class Batcher:
         if self._idle is not None:
             self._idle.clear()
         self.backend_calls += 1
-        self.batch_sizes.append(len(batch))
+        self.requests_batched += len(batch)
+        self.last_batch_size = len(batch)
         call = functools.partial(
             self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
         )
@@ -213,11 +216,11 @@ class Batcher:
             self._stop_running = True
             for job in batch:
                 if not job.future.done():
-                    job.future.set_exception(BatcherClosed("the audio batcher was stopped"))
+                    job.future.set_exception(NotReady("the audio batcher was stopped"))
             raise
         except Exception as exc:  # noqa: BLE001 - delivered to the callers
             if isinstance(exc, BackendCancelled):
-                self.stopped_early.append((exc.steps_run, exc.total_steps))
+                self.last_stopped_early = (exc.steps_run, exc.total_steps)
                 metrics.AUDIO_STOPPED_EARLY.inc()
             if not all(job.cancelled for job in batch):
                 log.info("audio batch of %d failed: %s: %s", len(batch), type(exc).__name__, exc)

@@ -23,11 +23,18 @@ class AudioConfig:
     revision: str | None = setting(None, "hub revision (branch, tag or commit)")
     device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
     dtype: str | None = setting(None, "model dtype (default: float16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)
-    max_batch_size: int = setting(4, "requests with compatible settings run as one pipeline call, up to this many")
+    max_batch_size: int = setting(0, "requests with compatible settings run as one pipeline call, up to this many "
+                                  "(0: 8 on GPU, 4 on CPU)")
     max_wait_ms: float = setting(10.0, "how long a request waits for companions to batch with")
     max_queue: int = setting(64, "queued requests before RESOURCE_EXHAUSTED")
     default_negative_prompt: str = setting(DEFAULT_NEGATIVE_PROMPT, "negative prompt for requests that set none",
                                            flag="negative-prompt")
+    compile: str = setting("none", "torch.compile the UNet; compiled and warmed before SERVING",
+                           choices=["none", "default", "reduce-overhead", "max-autotune", "aot_eager"])
+    duration_buckets: str = setting("", 'seconds, e.g. "4,10,30": requests run at the next bucket and are trimmed '
+                                    'back ("": exact lengths; with --compile: 4,10,30)')
+    prompt_cache_size: int = setting(256, "captions whose encodings are kept (LRU); 0 lets the pipeline encode "
+                                     "every batch")
     default_duration_seconds: float = 4.0  # the seed's --audio_seconds default
     default_guidance_scale: float = 3.5  # the seed's --audio_guidance default
     default_chunk_seconds: float = 0.5
@@ -37,3 +44,25 @@ class AudioConfig:
 def parse_args(argv: list[str] | None = None) -> AudioConfig:
     return parse_config(AudioConfig, argv, prefix=ENV_PREFIX, prog="python -m audio_service",
                         description="AudioLDM2 sound-effect generator over gRPC")
+
+
+COMPILE_DEFAULT_BUCKETS = "4,10,30"  # the seed's default clip, the benchmark's 10 s, the longest accepted
+
+
+def effective_max_batch_size(config: AudioConfig) -> int:
+    """`max_batch_size`, or its device default when 0 (8 on GPU, 4 on CPU)."""
+    if config.max_batch_size > 0:
+        return config.max_batch_size
+    device = config.device
+    if device is None:
+        import torch  # only here: deciding the device default needs it
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 8 if device.startswith("cuda") else 4
+
+
+def effective_buckets(config: AudioConfig) -> str:
+    """The duration buckets; compiled models always get some, so no request shape compiles after SERVING."""
+    if config.duration_buckets or config.compile == "none":
+        return config.duration_buckets
+    return COMPILE_DEFAULT_BUCKETS

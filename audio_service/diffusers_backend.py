@@ -12,14 +12,32 @@ What this adds to a plain `AudioLDM2Pipeline.from_pretrained`:
 - DPM-Solver++ (20-25 steps) by default; DDIM (the seed's 200-step setting) on request.
 - Progress and cancellation through the pipeline's per-step `callback` (diffusers 0.42.1's AudioLDM2
   has `callback`/`callback_steps`, not `callback_on_step_end`).
+- One model thread: every CUDA call (load, warm-up, each generation, CLAP scoring, close) runs on one
+  long-lived thread the backend owns, whichever thread calls it. The first `generate` on a new thread
+  runs ~3x slower for the whole call (measured, design.md section 6), so no request may land on a cold one.
+
+The fast path, each part switchable (the defaults are the plain path):
+- `prompt_cache_size` > 0: each caption (and negative prompt) is encoded on its own, once (CLAP, T5,
+  projection and the 8-step GPT-2 loop), and kept in an LRU; batches are built from the cached
+  encodings, the T5 states padded with masked positions. A caption's encoding then no longer depends on
+  its batch-mates (the plain pipeline pads the negative prompt to the prompt's T5 length, or cuts it).
+- `duration_buckets`: requests are generated at the smallest bucket that holds them and trimmed back,
+  so a few latent shapes serve every duration, and requests of different durations in one bucket share
+  a batch (`batch_key`).
+- `compile`: torch.compile of the UNet, warmed on every bucket and
+  batch size up to `warmup_batch_sizes` in `warmup()`, before the service says SERVING. It implies
+  per-caption encoding with the T5 states padded to a fixed length, so text length never changes a shape.
+The GPT-2 loop itself already reuses its KV cache with transformers 5.17 / diffusers 0.42.1 (one token
+per step after the first; tests/integration/test_audio_fast_path.py checks it stays so).
 """
 from __future__ import annotations
 
 import gc
 import logging
 import math
-import os
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -30,20 +48,24 @@ from audio_service.backend import (
     AudioRequest,
     AudioResult,
     BackendCancelled,
-    BackendNotLoaded,
     StepCallback,
     StopCheck,
-    check_batch,
     num_samples,
     validate,
 )
+from serving.blocking import ModelWorker
+from serving.errors import NotReady
+from serving.models import hf_token, torch_dtype
 
-__all__ = ["DiffusersAudioBackend", "Candidates", "candidate_seed", "fit_length", "resample", "validate"]
+__all__ = ["DiffusersAudioBackend", "Candidates", "COMPILE_MODES", "bucket_for", "candidate_seed", "fit_length",
+           "parse_buckets", "resample", "validate"]
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float32": "float32", "fp32": "float32", "float": "float32"}
+# torch.compile modes; "aot_eager" traces with dynamo but runs eagerly (CPU tests of the compiled path).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "aot_eager")
+WARMUP_STEPS = 3  # CUDA graph trees run a shape eagerly, then record it, then replay: three calls
+
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,8 +114,31 @@ def resample(audio: np.ndarray, orig_hertz: int, target_hertz: int) -> np.ndarra
     return (np.fft.irfft(out, n=m, axis=-1) * (m / n)).astype(np.float32)
 
 
-def _resolve_token(token: str | None) -> str | None:
-    return token or os.environ.get("HUGGING_FACE_TOKEN") or os.environ.get("HF_TOKEN") or None
+def parse_buckets(text: str | Sequence[float] | None) -> tuple[float, ...]:
+    """"4,10,30" (or a sequence) -> (4.0, 10.0, 30.0), sorted; "" or None -> () (no bucketing)."""
+    if text is None or text == "":
+        return ()
+    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
+    if any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"duration buckets must be positive seconds, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def bucket_for(duration_seconds: float, buckets: Sequence[float]) -> float:
+    """The smallest bucket that holds the duration; the duration itself when none does (or no buckets)."""
+    for bucket in buckets:
+        if duration_seconds <= bucket + 1e-9:
+            return float(bucket)
+    return float(duration_seconds)
+
+
+@dataclass(frozen=True, eq=False)
+class _Encoding:
+    """One caption's conditioning, as `encode_prompt` gives it for a batch of one."""
+
+    t5: Any  # (1, L, D) T5 hidden states
+    mask: Any  # (1, L) attention mask of the T5 states
+    generated: Any  # (1, 8, D_gpt2) GPT-2 generated states
 
 
 class DiffusersAudioBackend(AudioBackend):
@@ -108,12 +153,34 @@ class DiffusersAudioBackend(AudioBackend):
         token: str | None = None,
         *,
         local_files_only: bool = False,
+        compile: str = "none",
+        duration_buckets: str | Sequence[float] | None = None,
+        prompt_cache_size: int = 0,
+        warmup_batch_sizes: Sequence[int] = (1,),
+        warmup_duration_seconds: float = 1.0,
     ):
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r} is not one of {', '.join(COMPILE_MODES)}")
+        if prompt_cache_size < 0:
+            raise ValueError("prompt_cache_size must not be negative")
+        if not warmup_batch_sizes or min(warmup_batch_sizes) < 1:
+            raise ValueError("warmup_batch_sizes must be positive")
+        self.compile_mode = compile
+        self.duration_buckets = parse_buckets(duration_buckets)
+        self.prompt_cache_size = int(prompt_cache_size)
+        self.warmup_batch_sizes = tuple(sorted(set(int(b) for b in warmup_batch_sizes)))
+        self.warmup_duration_seconds = float(warmup_duration_seconds)
+        # Compiled shapes must not depend on caption length: the per-caption path pads T5 to a fixed length.
+        self._own_encoding = self.prompt_cache_size > 0 or compile != "none"
+        self._encodings: OrderedDict[str, _Encoding] = OrderedDict()
+        self.encode_calls = 0  # captions encoded (cache misses), for tests and logs
+        self.warmed_shapes: list[tuple[float, int]] = []  # (bucket seconds, batch size) warmed by warmup()
+        self.worker = ModelWorker("audio-model")
         self.model_id = str(model)
         self._device_arg = device
         self._dtype_arg = dtype
         self.revision = revision
-        self._token = _resolve_token(token)
+        self._token = hf_token(token)
         self.local_files_only = local_files_only
         self.sample_rate_hertz = 16000  # replaced by the vocoder's rate on load
         self.device: str | None = None
@@ -132,24 +199,33 @@ class DiffusersAudioBackend(AudioBackend):
     def pipeline(self) -> Any:
         """The loaded AudioLDM2Pipeline (for tests and benchmarks)."""
         if self._pipe is None:
-            raise BackendNotLoaded("the audio model is not loaded")
+            raise NotReady("the audio model is not loaded")
         return self._pipe
 
+    @property
+    def thread_ident(self) -> int | None:
+        """The identity of the model thread (None until it ran something)."""
+        return self.worker.thread_ident
+
+    def batch_key(self, request: AudioRequest) -> tuple:
+        """Like `request.batch_key()`, with the duration replaced by its bucket: one bucket, one batch."""
+        key = request.batch_key()
+        return (round(bucket_for(request.duration_seconds, self.duration_buckets), 6),) + key[1:]
+
     def load(self) -> None:
+        self.worker.run(self._load)
+
+    def _load(self) -> None:
         if self._pipe is not None:
             return
+        started = time.perf_counter()
         import torch
         from diffusers import AudioLDM2Pipeline, DDIMScheduler, DPMSolverMultistepScheduler
         from transformers import GPT2LMHeadModel
 
         device = self._device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self._dtype_arg is None:
-            dtype_name = "float16" if device.startswith("cuda") else "float32"
-        elif self._dtype_arg in _DTYPES:
-            dtype_name = _DTYPES[self._dtype_arg]
-        else:
-            raise ValueError(f"dtype={self._dtype_arg!r} is not one of {', '.join(sorted(set(_DTYPES.values())))}")
-        dtype = getattr(torch, dtype_name)
+        dtype = torch_dtype(self._dtype_arg, device, gpu_default="float16")
+        dtype_name = str(dtype).removeprefix("torch.")
         common = dict(revision=self.revision, token=self._token, local_files_only=self.local_files_only)
 
         log.info("loading %s (revision %s) on %s as %s", self.model_id, self.revision or "default", device, dtype_name)
@@ -169,17 +245,51 @@ class DiffusersAudioBackend(AudioBackend):
         }
         self.sample_rate_hertz = int(pipe.vocoder.config.sampling_rate)
         self.device, self.dtype = device, dtype
+        if self.compile_mode != "none":
+            kwargs = {"backend": "aot_eager"} if self.compile_mode == "aot_eager" else {"mode": self.compile_mode}
+            # dynamic=None (automatic): the first shape compiles static, the second batch size recompiles
+            # once with the batch dimension symbolic, and later sizes reuse it (CUDA graphs still record
+            # one graph per size, in warm-up). dynamic=True (all dims symbolic from the start) traced
+            # 5x slower on CPU (329 s against 64 s for the tiny UNet, aot_eager).
+            # In place (nn.Module.compile): the pipeline keeps its modules and their types. The UNet only,
+            # where the time goes (20-200 calls per clip). The VAE decoder fails under dynamo on a
+            # non-contiguous input (torch 2.11, CPU aot_eager); tracing the vocoder took minutes on CPU.
+            pipe.unet.compile(**kwargs)
+        self._encodings.clear()
         self._pipe = pipe
+        log.info("loaded %s in %.1f s", self.model_id, time.perf_counter() - started)
 
     def warmup(self) -> None:
-        """One tiny generation (1 s, 2 steps, 2 candidates so CLAP scoring is warm too)."""
-        self.generate([AudioRequest(prompt="warm up", duration_seconds=1.0, num_inference_steps=2, seed=0,
-                                    num_candidates=2)])
+        self.worker.run(self._warmup)
+
+    def _warmup(self) -> None:
+        """Runs every shape requests will use before the service says SERVING: each duration bucket (or
+        the warm-up duration without buckets) at each warm-up batch size, guided, plus one 2-candidate
+        request so CLAP scoring is warm too. With `compile` set this is where compiling happens."""
+        started = time.perf_counter()
+        durations = self.duration_buckets or (self.warmup_duration_seconds,)
+        self.warmed_shapes = []
+        for duration in durations:
+            for size in self.warmup_batch_sizes:
+                self._generate_candidates([
+                    AudioRequest(prompt=f"warm up {i}", duration_seconds=duration, num_inference_steps=WARMUP_STEPS,
+                                 seed=i, negative_prompt="warm up negative" if i % 2 else "")
+                    for i in range(size)
+                ])
+                self.warmed_shapes.append((duration, size))
+        self._generate_candidates([AudioRequest(prompt="warm up", duration_seconds=durations[0],
+                                                num_inference_steps=2, seed=0, num_candidates=2)])
+        log.info("warm-up (compile=%s) of %d shapes in %.1f s", self.compile_mode, len(self.warmed_shapes),
+                 time.perf_counter() - started)
 
     def close(self) -> None:
+        self.worker.run(self._close)
+
+    def _close(self) -> None:
         with self._lock:
             pipe, self._pipe = self._pipe, None
             self._schedulers = {}
+            self._encodings.clear()
         if pipe is None:
             return
         del pipe
@@ -198,8 +308,12 @@ class DiffusersAudioBackend(AudioBackend):
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
     ) -> list[AudioResult]:
+        return self.worker.run(lambda: self._generate(requests, should_stop, on_step))
+
+    def _generate(self, requests: Sequence[AudioRequest], should_stop: StopCheck | None,
+                  on_step: StepCallback | None) -> list[AudioResult]:
         requests = list(requests)
-        candidates = self.generate_candidates(requests, should_stop=should_stop, on_step=on_step)
+        candidates = self._generate_candidates(requests, should_stop=should_stop, on_step=on_step)
         results = []
         for request, cands in zip(requests, candidates):
             best = 0 if cands.scores is None else int(np.argmax(cands.scores))
@@ -224,8 +338,41 @@ class DiffusersAudioBackend(AudioBackend):
         on_step: StepCallback | None = None,
     ) -> list[Candidates]:
         """Like `generate`, but returns every candidate of every request with its CLAP score."""
+        return self.worker.run(lambda: self._generate_candidates(requests, should_stop=should_stop, on_step=on_step))
+
+    def generation_samples(self, request: AudioRequest) -> int:
+        """How many samples are generated for the request: its own length, or with buckets its bucket's,
+        rounded up to whole UNet blocks (latent length a multiple of the UNet's 2**upsamplers, so no
+        resize path and no graph break in the compiled UNet); the clip is trimmed back after."""
+        if not self.duration_buckets:
+            return num_samples(request.duration_seconds, self.sample_rate_hertz)
+        pipe = self.pipeline
+        n = num_samples(bucket_for(request.duration_seconds, self.duration_buckets), self.sample_rate_hertz)
+        align = (int(np.prod(pipe.vocoder.config.upsample_rates)) * pipe.vae_scale_factor
+                 * 2 ** int(getattr(pipe.unet, "num_upsamplers", 0)))
+        return -(-n // align) * align
+
+    def _check_batch(self, requests: list[AudioRequest]) -> None:
+        if not requests:
+            raise ValueError("empty batch")
+        for r in requests:
+            validate(r)
+        keys = {self.batch_key(r) for r in requests}
+        if len(keys) > 1:
+            raise ValueError(
+                "requests in one batch must share duration (bucket), steps, guidance, scheduler and "
+                "num_candidates; got " + "; ".join(str(k) for k in sorted(keys, key=str))
+            )
+
+    def _generate_candidates(
+        self,
+        requests: Sequence[AudioRequest],
+        *,
+        should_stop: StopCheck | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[Candidates]:
         requests = list(requests)
-        check_batch(requests)
+        self._check_batch(requests)
         import torch
 
         first = requests[0]
@@ -235,7 +382,8 @@ class DiffusersAudioBackend(AudioBackend):
             if should_stop is not None and should_stop():
                 raise BackendCancelled(0, total)
 
-            n = num_samples(first.duration_seconds, self.sample_rate_hertz)
+            # Generated at the bucket's length, each request trimmed back to its own below.
+            n = self.generation_samples(first)
             hop = int(np.prod(pipe.vocoder.config.upsample_rates))
             frames = math.ceil(n / hop)
             # Half a frame of slack: the pipeline floors audio_length_in_s / hop-seconds to whole frames.
@@ -256,10 +404,14 @@ class DiffusersAudioBackend(AudioBackend):
                     raise _Stop(steps_run)
 
             pipe.scheduler = self._schedulers[first.scheduler]
+            prompts = [r.prompt.strip() for r in requests]
+            if self._own_encoding:
+                conditioning = self._conditioning(prompts, negatives, guided=first.guidance_scale > 1.0)
+            else:
+                conditioning = dict(prompt=prompts, negative_prompt=negatives if any(negatives) else None)
             try:
                 output = pipe(
-                    prompt=[r.prompt.strip() for r in requests],
-                    negative_prompt=negatives if any(negatives) else None,
+                    **conditioning,
                     audio_length_in_s=audio_length_in_s,
                     num_inference_steps=total,
                     guidance_scale=float(first.guidance_scale),
@@ -276,13 +428,71 @@ class DiffusersAudioBackend(AudioBackend):
             if not np.all(np.isfinite(audio)):
                 log.warning("non-finite samples in generated audio (dtype %s); replaced by 0", self.dtype)
                 audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
-            scores = self.score_candidates([r.prompt.strip() for r in requests], audio) if k > 1 else None
+            clips = [np.ascontiguousarray(audio[b, :, : num_samples(r.duration_seconds, self.sample_rate_hertz)])
+                     for b, r in enumerate(requests)]
+            scores: list[Any] = [None] * len(requests)
+            if k > 1:
+                if len({c.shape[-1] for c in clips}) == 1:  # one CLAP forward for the batch
+                    scores = list(self._score_candidates(prompts, np.stack(clips)))
+                else:
+                    scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
         return [
-            Candidates(waveforms=audio[b], scores=None if scores is None else scores[b], steps_run=steps_run or total)
+            Candidates(waveforms=clips[b], scores=scores[b], steps_run=steps_run or total)
             for b in range(len(requests))
         ]
 
+    # -- per-caption encoding (the fast path) ------------------------------------------------------
+
+    def _encode(self, caption: str) -> _Encoding:
+        """The caption's conditioning, from the LRU or computed alone (a batch of one: no padding)."""
+        import torch
+
+        cached = self._encodings.get(caption)
+        if cached is not None:
+            self._encodings.move_to_end(caption)
+            return cached
+        pipe = self.pipeline
+        with torch.no_grad():
+            t5, mask, generated = pipe.encode_prompt([caption], pipe._execution_device, 1, False)
+        encoding = _Encoding(t5=t5, mask=mask, generated=generated)
+        self.encode_calls += 1
+        if self.prompt_cache_size > 0:
+            self._encodings[caption] = encoding
+            while len(self._encodings) > self.prompt_cache_size:
+                self._encodings.popitem(last=False)
+        return encoding
+
+    def _conditioning(self, prompts: list[str], negatives: list[str], *, guided: bool) -> dict[str, Any]:
+        """Pipeline kwargs built from per-caption encodings: T5 states right-padded (mask 0) to one length,
+        fixed (the tokenizer's maximum) under compile so the UNet sees one text shape."""
+        import torch
+
+        positive = [self._encode(p) for p in prompts]
+        negative = [self._encode(n) for n in negatives] if guided else []
+        if self.compile_mode != "none":
+            length = int(self.pipeline.tokenizer_2.model_max_length)
+        else:
+            length = max(e.t5.shape[1] for e in positive + negative)
+
+        def stack(encodings: list[_Encoding]) -> tuple[Any, Any, Any]:
+            t5, masks = [], []
+            for e in encodings:
+                pad = length - e.t5.shape[1]
+                t5.append(torch.nn.functional.pad(e.t5, (0, 0, 0, pad)))
+                masks.append(torch.nn.functional.pad(e.mask, (0, pad)))
+            return torch.cat(t5), torch.cat(masks), torch.cat([e.generated for e in encodings])
+
+        kwargs: dict[str, Any] = {}
+        kwargs["prompt_embeds"], kwargs["attention_mask"], kwargs["generated_prompt_embeds"] = stack(positive)
+        if guided:
+            (kwargs["negative_prompt_embeds"], kwargs["negative_attention_mask"],
+             kwargs["negative_generated_prompt_embeds"]) = stack(negative)
+        return kwargs
+
     def score_candidates(self, prompts: Sequence[str], waveforms: np.ndarray) -> np.ndarray:
+        return self.worker.run(self._score_candidates, prompts, waveforms)
+
+    def _score_candidates(self, prompts: Sequence[str], waveforms: np.ndarray) -> np.ndarray:
         """CLAP cosine similarity of each prompt to each of ITS OWN candidates: (B, K) for waveforms (B, K, N).
 
         One CLAP forward for the whole batch; only the block of each prompt's own candidates is read

@@ -13,7 +13,7 @@ import grpc
 
 from audio_service.backend import AudioBackend, AudioRequest, validate
 from audio_service.batching import Batcher
-from audio_service.config import AudioConfig
+from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from serving import audio_encoding
 from serving.errors import InvalidInput, NotReady
@@ -77,7 +77,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         self.backend = backend
         self.config = config
         self.batcher = Batcher(
-            backend, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
+            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
         )
 
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
@@ -139,8 +139,16 @@ def build_backend(config: AudioConfig) -> AudioBackend:
         from audio_service.diffusers_backend import DiffusersAudioBackend
         from serving.models import hf_token
 
+        max_batch = effective_max_batch_size(config)
         return DiffusersAudioBackend(
-            model=config.model, revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype
+            model=config.model, revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype,
+            compile=config.compile, duration_buckets=effective_buckets(config),
+            prompt_cache_size=config.prompt_cache_size,
+            # Ready means warmed on the shapes requests use: compiled, every bucket at every batch size
+            # (CUDA graphs record one graph per shape); eager kernels need no per-shape warm-up, only the
+            # first call on the model thread (lazy initialisation), at the default clip length.
+            warmup_batch_sizes=range(1, max_batch + 1) if config.compile != "none" else (1,),
+            warmup_duration_seconds=config.default_duration_seconds,
         )
     raise ValueError(f"unknown audio backend {config.backend!r}")
 
@@ -157,5 +165,6 @@ def make_server(
 
 
 def load_and_warm(backend: AudioBackend) -> None:
+    """Loads and warms; the in-process backend runs both on its own model thread, whoever calls this."""
     backend.load()
     backend.warmup()

@@ -36,6 +36,17 @@ class ModelWorker:
         jobs and decode loop); returns its concurrent Future."""
         return self._executor.submit(lambda: (self._mark(), fn(*args))[1])
 
+    def run(self, fn: Callable[..., T], *args) -> T:
+        """Runs the blocking `fn(*args)` on the worker's thread and waits for it, from any thread.
+
+        Called on the worker's own thread (a backend method calling another), it runs inline instead of
+        queueing behind itself. For backends that own their thread, so every caller (the batcher, a
+        loader in `asyncio.to_thread`, a test) lands on the same one.
+        """
+        if threading.get_ident() == self.thread_ident:
+            return fn(*args)
+        return self.submit(fn, *args).result()
+
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Runs the blocking `fn(*args)` on the worker's thread (load, warm-up) and returns its result."""
         loop = asyncio.get_running_loop()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, check_batch, num_samples
-from audio_service.batching import Batcher, BatcherClosed, Overloaded
+from audio_service.batching import Batcher, NotReady, Overloaded
 from serving.errors import Overloaded as ServingOverloaded
 
 WAIT = 10.0  # seconds a test waits on an event before failing (never a sleep)
@@ -113,7 +113,8 @@ async def test_batches_are_capped_at_max_batch_size():
     batcher = Batcher(backend, max_batch_size=2, max_wait_ms=20)  # the last, partial batch waits 20 ms
     results = await asyncio.gather(*(batcher.submit(req(s)) for s in range(5)))
     assert [r.waveform[0] for r in results] == [np.float32(s / 1000) for s in range(5)]
-    assert batcher.batch_sizes == [2, 2, 1] and batcher.backend_calls == 3
+    assert [len(call) for call in backend.calls] == [2, 2, 1] and batcher.backend_calls == 3
+    assert batcher.requests_batched == 5 and batcher.last_batch_size == 1
     await batcher.close()
 
 
@@ -236,7 +237,7 @@ async def test_invalid_requests_are_rejected_before_queueing_and_close_refuses_n
         await batcher.submit(req(1, duration_seconds=60.0))
     assert batcher.backend_calls == 0
     await batcher.close()
-    with pytest.raises(BatcherClosed):
+    with pytest.raises(NotReady):
         await batcher.submit(req(1))
 
 
@@ -249,9 +250,37 @@ async def test_close_fails_queued_requests():
     queued = asyncio.create_task(batcher.submit(req(2)))
     await wait_until(lambda: batcher.queue_depth == 1)
     closing = asyncio.create_task(batcher.close())
-    with pytest.raises(BatcherClosed):
+    with pytest.raises(NotReady):
         await queued
     backend.proceed.set()
     assert (await running).waveform[0] == np.float32(0.001)  # the running batch finishes
     await closing
     assert [[r.seed for r in call] for call in backend.calls] == [[1]]
+
+
+class FakeBucketingAudioBackend(FakeCountingAudioBackend):
+    """NOT a model: the counting fake with the real backend's bucketed batch key (durations up to 2 s share)."""
+
+    def batch_key(self, request: AudioRequest) -> tuple:
+        return ("bucket", 2.0 if request.duration_seconds <= 2.0 else request.duration_seconds) + request.batch_key()[1:]
+
+    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None) -> list[AudioResult]:
+        assert len({self.batch_key(r) for r in requests}) == 1
+        self.calls.append(list(requests))
+        return [AudioResult(waveform=np.full(num_samples(r.duration_seconds, self.sample_rate_hertz), r.seed, np.float32),
+                            sample_rate_hertz=self.sample_rate_hertz, score=None, steps_run=r.num_inference_steps,
+                            scheduler=r.scheduler, model_id=self.model_id) for r in requests]
+
+
+@pytest.mark.asyncio
+async def test_requests_of_different_durations_in_one_bucket_share_a_batch_across_clients():
+    backend = FakeBucketingAudioBackend()
+    batcher = Batcher(backend, max_batch_size=3, max_wait_ms=10_000)  # leaves when full, not on time
+
+    async def client(seed: int, seconds: float) -> AudioResult:  # each its own caller, as two images would be
+        return await batcher.submit(req(seed, duration_seconds=seconds))
+
+    results = await asyncio.gather(client(1, 1.0), client(2, 1.5), client(3, 2.0))
+    assert [[r.seed for r in call] for call in backend.calls] == [[1, 2, 3]]
+    assert [r.waveform.shape[0] for r in results] == [100, 150, 200]  # each its own length
+    await batcher.close()
