@@ -19,7 +19,9 @@ DEFAULT_NEGATIVE_PROMPT = (
 @dataclass(frozen=True)
 class AudioConfig:
     model: str = DEFAULT_MODEL
-    backend: str = "diffusers"  # diffusers | triton (planned)
+    backend: str = "diffusers"  # diffusers (in this process) | triton (a Triton server hosts the model)
+    triton_url: str = "localhost:8001"  # Triton's gRPC host:port (--backend triton)
+    triton_model: str = "audio"  # the model's name in Triton's repository (deploy/triton/audio)
     revision: str | None = None
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU
@@ -36,7 +38,9 @@ class AudioConfig:
 def parse_args(argv: list[str] | None = None) -> AudioConfig:
     p = argparse.ArgumentParser(prog="python -m audio_service", description="AudioLDM2 sound-effect generator over gRPC")
     p.add_argument("--model", default=env_default("model", DEFAULT_MODEL), help="hub id or local checkpoint dir")
-    p.add_argument("--backend", default=env_default("backend", "diffusers"), choices=["diffusers"])
+    p.add_argument("--backend", default=env_default("backend", "diffusers"), choices=["diffusers", "triton"])
+    p.add_argument("--triton-url", default=env_default("triton_url", "localhost:8001"), help="Triton gRPC host:port (--backend triton)")
+    p.add_argument("--triton-model", default=env_default("triton_model", "audio"), help="model name in Triton (--backend triton)")
     p.add_argument("--revision", default=env_default("revision", None))
     p.add_argument("--device", default=env_default("device", None), help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default=env_default("dtype", None), choices=[None, "float16", "bfloat16", "float32"])
@@ -50,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> AudioConfig:
     add_server_flags(p, DEFAULT_PORT)
     a = p.parse_args(argv)
     return AudioConfig(
-        model=a.model, backend=a.backend, revision=a.revision, device=a.device, dtype=a.dtype,
+        model=a.model, backend=a.backend, triton_url=a.triton_url, triton_model=a.triton_model, revision=a.revision, device=a.device, dtype=a.dtype,
         max_batch_size=a.max_batch_size, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue,
         default_negative_prompt=a.negative_prompt,
         server=server_options(a),

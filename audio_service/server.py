@@ -149,6 +149,10 @@ def build_backend(config: AudioConfig) -> AudioBackend:
         return DiffusersAudioBackend(
             model=config.model, revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype
         )
+    if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
+        from audio_service.triton_backend import TritonAudioBackend
+
+        return TritonAudioBackend(config.triton_url, config.triton_model)
     raise ValueError(f"unknown audio backend {config.backend!r}")
 
 
