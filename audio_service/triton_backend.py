@@ -102,7 +102,8 @@ class TritonAudioBackend(AudioBackend):
     """Generates clips through Triton's gRPC API; the model runs in the Triton server."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *,
-                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0):
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 readiness_ttl_seconds: float = 1.0):
         self.url = url
         self.model_name = model_name
         self.model_id = f"triton:{model_name}"  # each result carries the checkpoint the server ran
@@ -111,6 +112,9 @@ class TritonAudioBackend(AudioBackend):
         self.request_timeout_seconds = request_timeout_seconds
         self._client = None
         self._loaded = False
+        # The servicer asks before every request, from its event loop: reuse an answer for this long.
+        self.readiness_ttl_seconds = readiness_ttl_seconds
+        self._ready, self._ready_at = False, -math.inf
 
     def load(self) -> None:
         import tritonclient.grpc as triton
@@ -122,7 +126,12 @@ class TritonAudioBackend(AudioBackend):
     @property
     def ready(self) -> bool:
         """Follows Triton's model readiness: an unloaded or failed model reads False."""
-        return self._loaded and model_ready(self._client, self.model_name)
+        if not self._loaded:
+            return False
+        now = time.monotonic()
+        if now - self._ready_at >= self.readiness_ttl_seconds:
+            self._ready, self._ready_at = model_ready(self._client, self.model_name), now
+        return self._ready
 
     def generate(self, requests: Sequence[AudioRequest], *, should_stop: StopCheck | None = None,
                  on_step: StepCallback | None = None, timeout_seconds: float | None = None) -> list[AudioResult]:
@@ -185,7 +194,7 @@ def _translate(error, exception_type) -> Exception:
 
 # -- readiness (the VLM's twin lives in vlm_service/triton_backend.py: services share no internals) -----
 
-def model_ready(client, model_name: str, timeout_seconds: float = 2.0) -> bool:
+def model_ready(client, model_name: str, timeout_seconds: float = 0.5) -> bool:
     """Triton's server-ready and model-ready calls; any failure (down, unknown model) reads as not ready."""
     try:
         return bool(client.is_server_ready(client_timeout=timeout_seconds)

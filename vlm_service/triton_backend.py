@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import time
 from typing import Callable, Iterator
@@ -111,7 +112,8 @@ class TritonVisionBackend(VisionBackend):
     """Describes images through Triton's gRPC streaming API; events arrive as the model decodes them."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *, prompt_version: str = "v1",
-                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0):
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 readiness_ttl_seconds: float = 1.0):
         self.url = url
         self.model_name = model_name
         self.model_id = f"triton:{model_name}"  # the checkpoint is the Triton model's business
@@ -120,6 +122,7 @@ class TritonVisionBackend(VisionBackend):
         self.request_timeout_seconds = request_timeout_seconds
         self._client = None  # for readiness calls; each stream opens its own (one stream per client)
         self._loaded = self._warm = self._closed = False
+        self._readiness = Readiness(readiness_ttl_seconds)
 
     def _new_client(self):
         import tritonclient.grpc as triton
@@ -137,7 +140,7 @@ class TritonVisionBackend(VisionBackend):
         """Follows Triton's model readiness (a cheap gRPC call): an unloaded or failed model reads False."""
         if not (self._loaded and self._warm and not self._closed):
             return False
-        return model_ready(self._client, self.model_name)
+        return self._readiness.check(lambda: model_ready(self._client, self.model_name))
 
     def warmup(self) -> None:
         """One short generation end to end, so the first request finds channel and model warm."""
@@ -208,7 +211,12 @@ class TritonVisionBackend(VisionBackend):
             )
         finally:
             # Not finished (stopped, or the consumer closed us): cancel, so Triton stops generating.
+            stream = getattr(client, "_stream", None)
             client.stop_stream(cancel_requests=not finished)
+            if not finished and stream is not None:
+                # tritonclient 2.73 cancels without ending the request iterator, and gRPC's thread that
+                # reads it would wait forever: one leaked thread per cancelled stream. End it.
+                stream._request_queue.put(None)
             client.close()
 
     def close(self) -> None:
@@ -231,7 +239,22 @@ def _translate(error, exception_type) -> Exception:
 
 # -- readiness (shared with the audio backend) ------------------------------------------------------
 
-def model_ready(client, model_name: str, timeout_seconds: float = 2.0) -> bool:
+class Readiness:
+    """The last readiness answer, reused for `ttl_seconds`: the servicer asks before every request, from
+    its event loop, and a gRPC round trip per request (up to its timeout when Triton hangs) is too much."""
+
+    def __init__(self, ttl_seconds: float):
+        self.ttl_seconds = ttl_seconds
+        self._value, self._at = False, -math.inf
+
+    def check(self, ask: Callable[[], bool]) -> bool:
+        now = time.monotonic()
+        if now - self._at >= self.ttl_seconds:
+            self._value, self._at = ask(), now
+        return self._value
+
+
+def model_ready(client, model_name: str, timeout_seconds: float = 0.5) -> bool:
     """Triton's server-live and model-ready calls; any failure (down, unknown model) reads as not ready."""
     try:
         return bool(client.is_server_ready(client_timeout=timeout_seconds)

@@ -91,7 +91,6 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "protos"), env.get("PYTHONPATH", "")])
-        env.setdefault("OMP_NUM_THREADS", "1")  # tests share two cores with other processes
         return env
 
     def start(self, timeout_seconds: float = 300.0, attempts: int = 3) -> str:

@@ -53,7 +53,7 @@ class TritonPythonModel:
 
             arrays = {name: _input(request, name)
                       for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED)}
-            image = Image.fromarray(arrays[wire.IMAGE], mode="RGB")
+            image = Image.fromarray(arrays[wire.IMAGE])  # uint8 (H, W, 3): RGB
             # A cancelled request (the client stopped its stream) stops generation at the next token.
             for event in self.backend.stream(image, wire.options_from_arrays(arrays), sender.is_cancelled):
                 if sender.is_cancelled():
