@@ -108,8 +108,9 @@ def test_concurrent_audio_requests_are_batched_by_triton_and_match_the_in_proces
 
     from audio_service.backend import AudioRequest
 
-    requests = [AudioRequest(prompt=f"a dog barks {i}", duration_seconds=1.0 + (i % 2), num_inference_steps=3,
-                             seed=i, num_candidates=1 + (i == 0)) for i in range(4)]
+    # Three kinds of settings among four requests: the model must split what Triton batches together.
+    requests = [AudioRequest(prompt=f"a dog barks {i}", duration_seconds=1.0, num_inference_steps=2, seed=i,
+                             num_candidates=1 + (i == 0), guidance_scale=2.0 if i == 3 else 3.5) for i in range(4)]
     with grpcclient.InferenceServerClient(triton.url) as client:
         before = client.get_inference_statistics("audio").model_stats[0]
         with ThreadPoolExecutor(len(requests)) as pool:  # four callers at once, as four replicas would
