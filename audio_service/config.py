@@ -19,7 +19,10 @@ DEFAULT_NEGATIVE_PROMPT = (
 @dataclass(frozen=True)
 class AudioConfig:
     model: str = setting(DEFAULT_AUDIO_MODEL, "hub id or local checkpoint dir")
-    backend: str = setting("diffusers", "where the model runs", choices=["diffusers"])
+    backend: str = setting("diffusers", "where the model runs: in this process, or in a Triton server",
+                           choices=["diffusers", "triton"])
+    triton_url: str = setting("localhost:8001", "Triton's gRPC host:port (--backend triton)")
+    triton_model: str = setting("audio", "the model's name in Triton's repository (deploy/triton/audio)")
     revision: str | None = setting(None, "hub revision (branch, tag or commit)")
     device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
     dtype: str | None = setting(None, "model dtype (default: float16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)

@@ -150,6 +150,10 @@ def build_backend(config: AudioConfig) -> AudioBackend:
             warmup_batch_sizes=range(1, max_batch + 1) if config.compile != "none" else (1,),
             warmup_duration_seconds=config.default_duration_seconds,
         )
+    if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
+        from audio_service.triton_backend import TritonAudioBackend
+
+        return TritonAudioBackend(config.triton_url, config.triton_model)
     raise ValueError(f"unknown audio backend {config.backend!r}")
 
 

@@ -15,7 +15,10 @@ ENV_PREFIX = "VLM"
 @dataclass(frozen=True)
 class VlmConfig:
     model: str = setting(DEFAULT_VLM_MODEL, "hub id or local checkpoint dir")
-    backend: str = setting("transformers", "where the model runs", choices=["transformers"])
+    backend: str = setting("transformers", "where the model runs: in this process, or in a Triton server",
+                           choices=["transformers", "triton"])
+    triton_url: str = setting("localhost:8001", "Triton's gRPC host:port (--backend triton)")
+    triton_model: str = setting("vlm", "the model's name in Triton's repository (deploy/triton/vlm)")
     revision: str | None = setting(None, "hub revision (branch, tag or commit)")
     device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
     dtype: str | None = setting(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)

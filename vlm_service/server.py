@@ -104,6 +104,10 @@ def build_backend(config: VlmConfig) -> VisionBackend:
         if config.max_pixels:
             kwargs["max_pixels"] = config.max_pixels
         return TransformersVisionBackend(**kwargs)
+    if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
+        from vlm_service.triton_backend import TritonVisionBackend
+
+        return TritonVisionBackend(config.triton_url, config.triton_model, prompt_version=config.prompt_version)
     raise ValueError(f"unknown VLM backend {config.backend!r}")
 
 

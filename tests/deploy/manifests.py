@@ -29,12 +29,6 @@ COMBINATIONS = [
 ]
 RENDERINGS = [(o, ()) for o in OVERLAYS] + COMBINATIONS
 
-# Settings the triton branch is adding (the Triton URL). The manifests already wire it; once the field
-# exists, the tests check its name against the config class like any other. Field names only: the variable
-# names derive from them as serving.config does.
-PENDING_FIELDS = {"vlm": {"triton_url"}, "audio": {"triton_url"}, "orchestrator": set()}
-
-
 @dataclass(frozen=True)
 class Service:
     """One of the three services as its code defines it."""
@@ -68,9 +62,6 @@ class Service:
         """Environment variable name -> setting, for every setting the service reads."""
         return {s.env_name(self.prefix): s for s in settings(self.config_class)}
 
-    def pending_env_names(self) -> set[str]:
-        return {Setting(path=(f,), flag=f.replace("_", "-"), type=str, optional=True, default=None, help="",
-                        choices=None).env_name(self.prefix) for f in PENDING_FIELDS[self.name]}
 
 
 SERVICES = {s.name: s for s in (Service("vlm", "vlm_service"), Service("audio", "audio_service"),

@@ -5,6 +5,7 @@ DEFAULT_PORT, serving.models, the generated stubs), never from a copy."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -26,8 +27,6 @@ K8S_VERSION = kubernetes_validate.latest_version()  # the newest schema the pinn
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # no schema ships for these; checked by hand below
 # Variables for third-party code in the pods (huggingface_hub reads them), besides the services' own settings.
 HUB_VARIABLES = {"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN_PATH"}
-# Values agreed for settings other branches are adding (the triton branch adds "triton" to --backend).
-PENDING_CHOICES = {("backend", "triton")}
 MODEL_SERVICES = ("vlm", "audio")
 
 
@@ -102,14 +101,11 @@ def _check_env_entries(entries: list[dict], owner: str, service=None) -> None:
             assert ref in names[:i], f"{owner}: {name} expands $({ref}), which is not set before it"
         if service is not None and name.startswith("I2S_"):
             setting = service.settings.get(name)
-            if setting is None:
-                assert name in service.pending_env_names(), f"{owner}: {service.package} does not read {name}"
-                continue
+            assert setting is not None, f"{owner}: {service.package} does not read {name}"
             if value is not None:
                 converted = setting.convert(value)
                 if setting.choices:
-                    assert converted in setting.choices or (setting.path[-1], converted) in PENDING_CHOICES, \
-                        f"{owner}: {name}={value!r} is not one of {setting.choices}"
+                    assert converted in setting.choices, f"{owner}: {name}={value!r} is not one of {setting.choices}"
         elif name in HUB_VARIABLES:
             assert f'"{name}"' in inspect.getsource(huggingface_hub.constants), f"huggingface_hub ignores {name}"
         else:
@@ -311,9 +307,12 @@ def test_autoscalers_scale_on_metrics_the_services_export():
         assert spec["scaleTargetRef"]["name"] == name
         (metric,) = spec["metrics"]
         assert metric["pods"]["metric"]["name"] in _metric_names()
-    # the audio target is one full batch per pod
+    # the audio target is one full batch per pod, at the batch size the service uses on a GPU
+    from audio_service.config import effective_max_batch_size
+
     audio_target = autoscalers["audio"]["spec"]["metrics"][0]["pods"]["target"]["averageValue"]
-    assert int(audio_target) == SERVICES["audio"].config_class().max_batch_size
+    gpu_config = dataclasses.replace(SERVICES["audio"].config_class(), device="cuda")
+    assert int(audio_target) == effective_max_batch_size(gpu_config)
 
 
 def test_metric_names_in_the_deploy_readme_exist():

@@ -1,0 +1,172 @@
+"""The Triton path against a real Triton Inference Server (the 2.51 binary nvidia-pytriton ships) hosting
+this project's model repository (deploy/triton, rendered for CPU) with the tiny checkpoints: the VLM
+through the decoupled model (the checkpoint set through the config parameter), AudioLDM2 through the
+dynamically batched one (the checkpoint set through the environment)."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.deploy.triton_server import TritonServer, render_repository
+from tests.e2e import test_end_to_end as in_process_e2e
+
+ROOT = in_process_e2e.ROOT
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory, tiny_vlm_dir, tiny_audio_dir):
+    work = tmp_path_factory.mktemp("triton")
+    repository = render_repository(work / "models", parameters={"vlm": {"checkpoint": str(tiny_vlm_dir)}})
+    server = TritonServer(repository, work, {"I2S_TRITON_AUDIO_CHECKPOINT": str(tiny_audio_dir)})
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def vlm(triton):
+    from vlm_service.triton_backend import TritonVisionBackend
+
+    backend = TritonVisionBackend(triton.url)
+    backend.load()
+    backend.warmup()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def audio(triton):
+    from audio_service.triton_backend import TritonAudioBackend
+
+    backend = TritonAudioBackend(triton.url, readiness_ttl_seconds=0.0)  # every `ready` asks Triton
+    backend.load()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def in_process_vlm(tiny_vlm_dir):
+    from vlm_service.transformers_backend import TransformersVisionBackend
+
+    backend = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu")
+    backend.load()
+    backend.warmup()
+    yield backend
+    backend.close()
+
+
+def _photo() -> Image.Image:
+    return Image.open(ROOT / "data" / "coffee.png").convert("RGB")
+
+
+def test_the_vlm_streams_through_triton_what_the_in_process_backend_computes(vlm, in_process_vlm):
+    from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound
+
+    options = DecodingOptions(max_new_tokens=1024)  # greedy: the same tokens in both processes
+    through_triton = list(vlm.stream(_photo(), options))
+    in_process = list(in_process_vlm.stream(_photo(), options))
+    assert [type(e) for e in through_triton] == [type(e) for e in in_process]
+    assert isinstance(through_triton[0], SceneHeader) and isinstance(through_triton[-1], DescriptionDone)
+    assert any(isinstance(e, SourceFound) for e in through_triton)
+    assert through_triton[0] == in_process[0]
+    assert [e.source for e in through_triton if isinstance(e, SourceFound)] == \
+        [e.source for e in in_process if isinstance(e, SourceFound)]
+    done, expected = through_triton[-1], in_process[-1]
+    assert done.description == expected.description
+    assert (done.prompt_tokens, done.output_tokens, done.finish_reason) == \
+        (expected.prompt_tokens, expected.output_tokens, expected.finish_reason)
+
+
+def test_a_stopped_vlm_stream_ends_cancelled_and_triton_serves_the_next_one(vlm):
+    from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader
+
+    seen = []
+    events = vlm.stream(_photo(), DecodingOptions(max_new_tokens=1024), should_stop=lambda: bool(seen))
+    for event in events:
+        seen.append(event)
+    assert isinstance(seen[0], SceneHeader)
+    assert isinstance(seen[-1], DescriptionDone) and seen[-1].finish_reason == "cancelled"
+    assert len(seen) == 2  # the header, then the stop: nothing else was waited for
+    # The cancelled request freed the model instance: a new stream runs to the end.
+    done = vlm.describe(_photo(), DecodingOptions(max_new_tokens=16))
+    assert done.finish_reason == "length" and done.output_tokens == 16
+
+
+def test_bad_decoding_options_fail_before_anything_is_sent(vlm):
+    from vlm_service.backend import DecodingOptions
+
+    with pytest.raises(ValueError, match="top_p"):
+        vlm.stream(_photo(), DecodingOptions(top_p=0.0))
+
+
+def test_concurrent_audio_requests_are_batched_by_triton_and_match_the_in_process_backend(triton, audio,
+                                                                                        tiny_audio_backend):
+    import tritonclient.grpc as grpcclient
+
+    from audio_service.backend import AudioRequest
+
+    # Three kinds of settings among four requests: the model must split what Triton batches together.
+    requests = [AudioRequest(prompt=f"a dog barks {i}", duration_seconds=1.0, num_inference_steps=2, seed=i,
+                             num_candidates=1 + (i == 0), guidance_scale=2.0 if i == 3 else 3.5) for i in range(4)]
+    with grpcclient.InferenceServerClient(triton.url) as client:
+        before = client.get_inference_statistics("audio").model_stats[0]
+        with ThreadPoolExecutor(len(requests)) as pool:  # four callers at once, as four replicas would
+            results = list(pool.map(lambda r: audio.generate([r])[0], requests))
+        after = client.get_inference_statistics("audio").model_stats[0]
+    assert after.inference_count - before.inference_count == len(requests)
+    # Triton's dynamic batcher put requests together: fewer model executions than requests.
+    assert after.execution_count - before.execution_count < len(requests)
+    for request, result in zip(requests, results):
+        expected = tiny_audio_backend.generate([request])[0]
+        assert result.waveform.shape == (int(request.duration_seconds * 16000),)
+        # Triton ran it inside a batch, the reference alone: GEMM shapes differ, so rounding does (measured:
+        # at most ~4e-5 on clips peaking near 0.05); another seed or prompt differs by the whole amplitude.
+        np.testing.assert_allclose(result.waveform, expected.waveform, atol=1e-2 * np.abs(expected.waveform).max())
+        assert (result.score is None) == (expected.score is None) and result.steps_run == expected.steps_run
+        if expected.score is not None:
+            assert result.score == pytest.approx(expected.score, abs=1e-3)
+        assert result.candidate_index == expected.candidate_index and result.model_id == expected.model_id
+
+
+def test_audio_readiness_follows_the_triton_model(triton, audio):
+    import tritonclient.grpc as grpcclient
+
+    from audio_service.backend import AudioRequest
+    from serving.errors import NotReady
+
+    assert audio.ready
+    with grpcclient.InferenceServerClient(triton.url) as client:
+        client.unload_model("audio")
+        try:
+            assert not audio.ready  # the service's health and its UNAVAILABLE answers follow this
+            with pytest.raises(NotReady):
+                audio.generate([AudioRequest(prompt="rain", duration_seconds=1.0, num_inference_steps=2)])
+        finally:
+            client.load_model("audio")  # blocks until loaded (and warmed: initialize warms up)
+    assert audio.ready
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)  # seconds on an idle machine; minutes when other suites share the two cores
+def test_the_orchestrator_end_to_end_checks_pass_through_triton(triton, tiny_vlm_dir, tiny_audio_dir, monkeypatch):
+    from orchestrator.embedded import EmbeddedServices
+
+    # Two of the five photos (plus the corrupt one the check adds): the in-process run covers them all,
+    # this one shows the Triton path, and ~700 tokens per photo on a shared CPU is what costs time.
+    monkeypatch.setattr(in_process_e2e, "PHOTOS", [ROOT / "data" / "coffee.png", ROOT / "data" / "space" / "rocket.jpg"])
+
+    services = EmbeddedServices(vlm_model=str(tiny_vlm_dir), audio_model=str(tiny_audio_dir), device="cpu",
+                                start_timeout_seconds=300,
+                                extra_env={"I2S_VLM_BACKEND": "triton", "I2S_VLM_TRITON_URL": triton.url,
+                                           "I2S_AUDIO_BACKEND": "triton", "I2S_AUDIO_TRITON_URL": triton.url})
+    services.start()
+    try:
+        # The in-process path's own end-to-end check, unchanged: every photo, a corrupt one, schema-valid
+        # descriptions, one clip per variant, and audio requested while the VLM was still streaming.
+        in_process_e2e.test_every_photo_gets_a_description_and_a_clip_per_variant(services)
+    finally:
+        codes = services.stop()
+    assert codes == {"vlm": 0, "audio": 0, "orchestrator": 0}

@@ -1,0 +1,274 @@
+"""VisionBackend that forwards to a Triton Inference Server hosting the VLM (deploy/triton/vlm).
+
+The Triton model is decoupled: one request (the decoded RGB pixels and the decoding options) gets one
+response per StreamEvent, as the model decodes, then a final empty response. This module also holds the
+wire format of those events, used by both ends (the model in deploy/triton imports it), so the two
+cannot drift: every event is (EVENT_KIND, EVENT) where EVENT is a serialized protobuf.
+
+tritonclient is imported lazily: building the backend, or the model importing the codec, costs nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import time
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from image_to_sound.v1 import common_pb2, vision_pb2
+from serving.errors import InvalidInput, NotReady
+from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
+                                 StreamEvent, VisionBackend, validate)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "vlm"
+# Tensor names of deploy/triton/vlm/config.pbtxt.
+IMAGE, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED = "IMAGE", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "SEED"
+EVENT_KIND, EVENT = "EVENT_KIND", "EVENT"
+HEADER, SOURCE, DONE, ERROR = b"header", b"source", b"done", b"error"
+# How often a waiting stream looks at should_stop (the Triton callback cannot be told to look).
+_STOP_POLL_SECONDS = 0.05
+
+
+# -- wire format (both ends) ------------------------------------------------------------------------
+
+def encode_event(event: StreamEvent) -> tuple[bytes, bytes]:
+    if isinstance(event, SceneHeader):
+        return HEADER, vision_pb2.SceneSummary(scene=event.scene, mood=event.mood).SerializeToString()
+    if isinstance(event, SourceFound):
+        return SOURCE, event.source.SerializeToString()
+    if isinstance(event, DescriptionDone):
+        final = vision_pb2.DescribeSceneResponse(
+            description=event.description,
+            stats=common_pb2.DescriptionStats(
+                prompt_tokens=event.prompt_tokens, output_tokens=event.output_tokens,
+                time_to_first_token_seconds=event.time_to_first_token_seconds, total_seconds=event.total_seconds,
+            ),
+        )
+        # finish_reason has no protobuf field: it rides in the kind ("done:stop", "done:length", ...).
+        return DONE + b":" + event.finish_reason.encode(), final.SerializeToString()
+    raise TypeError(f"not a stream event: {event!r}")
+
+
+def encode_error(exc: BaseException) -> tuple[bytes, bytes]:
+    """An error the client must re-raise as the same domain exception (Triton's stream errors carry no code)."""
+    kind = "bad_image" if isinstance(exc, InvalidInput) else "invalid" if isinstance(exc, ValueError) else (
+        "not_ready" if isinstance(exc, NotReady) else "internal")
+    return ERROR, json.dumps({"kind": kind, "message": str(exc)}).encode()
+
+
+def decode_event(kind: bytes, payload: bytes) -> StreamEvent:
+    if kind == HEADER:
+        summary = vision_pb2.SceneSummary.FromString(payload)
+        return SceneHeader(scene=summary.scene, mood=summary.mood)
+    if kind == SOURCE:
+        return SourceFound(common_pb2.SoundSource.FromString(payload))
+    if kind.startswith(DONE + b":"):
+        final = vision_pb2.DescribeSceneResponse.FromString(payload)
+        return DescriptionDone(
+            description=final.description, prompt_tokens=final.stats.prompt_tokens,
+            output_tokens=final.stats.output_tokens,
+            time_to_first_token_seconds=final.stats.time_to_first_token_seconds,
+            total_seconds=final.stats.total_seconds, finish_reason=kind[len(DONE) + 1:].decode(),
+        )
+    if kind == ERROR:
+        error = json.loads(payload)
+        exc_type = {"bad_image": InvalidInput, "invalid": ValueError, "not_ready": NotReady}.get(error["kind"])
+        raise (exc_type or RuntimeError)(error["message"])
+    raise RuntimeError(f"unknown event kind {kind!r} from Triton")
+
+
+def request_arrays(image: Image.Image, options: DecodingOptions) -> dict[str, np.ndarray]:
+    """The model's inputs: raw RGB pixels (the service has decoded and size-checked the image already, so
+    nothing is re-encoded) and the options; SEED is optional and left out when None."""
+    arrays = {
+        IMAGE: np.asarray(image.convert("RGB"), dtype=np.uint8),
+        MAX_NEW_TOKENS: np.array([options.max_new_tokens], dtype=np.int32),
+        TEMPERATURE: np.array([options.temperature], dtype=np.float32),
+        TOP_P: np.array([options.top_p], dtype=np.float32),
+    }
+    if options.seed is not None:
+        arrays[SEED] = np.array([options.seed], dtype=np.int64)
+    return arrays
+
+
+def options_from_arrays(arrays: dict[str, np.ndarray | None]) -> DecodingOptions:
+    seed = arrays.get(SEED)
+    return DecodingOptions(
+        max_new_tokens=int(arrays[MAX_NEW_TOKENS].reshape(-1)[0]),
+        temperature=float(arrays[TEMPERATURE].reshape(-1)[0]),
+        top_p=float(arrays[TOP_P].reshape(-1)[0]),
+        seed=None if seed is None else int(seed.reshape(-1)[0]),
+    )
+
+
+# -- the client side --------------------------------------------------------------------------------
+
+class TritonVisionBackend(VisionBackend):
+    """Describes images through Triton's gRPC streaming API; events arrive as the model decodes them."""
+
+    def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *, prompt_version: str = "v1",
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 readiness_ttl_seconds: float = 1.0):
+        self.url = url
+        self.model_name = model_name
+        self.model_id = f"triton:{model_name}"  # the checkpoint is the Triton model's business
+        self.prompt_version = prompt_version
+        self.load_timeout_seconds = load_timeout_seconds
+        self.request_timeout_seconds = request_timeout_seconds
+        self._client = None  # for readiness calls; each stream opens its own (one stream per client)
+        self._loaded = self._warm = self._closed = False
+        self._readiness = Readiness(readiness_ttl_seconds)
+
+    def _new_client(self):
+        import tritonclient.grpc as triton
+
+        return triton.InferenceServerClient(self.url)
+
+    def load(self) -> None:
+        """Waits (bounded) until Triton says the model is ready: Triton loads it, not us."""
+        self._client = self._new_client()
+        wait_model_ready(self._client, self.model_name, self.load_timeout_seconds)
+        self._loaded = True
+
+    @property
+    def ready(self) -> bool:
+        """Follows Triton's model readiness (a cheap gRPC call): an unloaded or failed model reads False."""
+        if not (self._loaded and self._warm and not self._closed):
+            return False
+        return self._readiness.check(lambda: model_ready(self._client, self.model_name))
+
+    def warmup(self) -> None:
+        """One short generation end to end, so the first request finds channel and model warm."""
+        for _ in self.stream(Image.new("RGB", (56, 56), (128, 128, 128)), DecodingOptions(max_new_tokens=8)):
+            pass
+        self._warm = True
+
+    def stream(self, image: Image.Image, options: DecodingOptions,
+               should_stop: Callable[[], bool] | None = None, *,
+               timeout_seconds: float | None = None) -> Iterator[StreamEvent]:
+        validate(options)  # bad options fail here, in the caller's thread, as the interface says
+        if not self._loaded or self._closed:
+            raise NotReady("the Triton VLM backend is not loaded")
+        return self._stream(request_arrays(image, options), should_stop,
+                            timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds)
+
+    def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,
+                timeout_seconds: float | None) -> Iterator[StreamEvent]:
+        import tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+
+        started = time.perf_counter()
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        client = self._new_client()
+        inputs = []
+        for name, array in arrays.items():
+            tensor = triton.InferInput(name, list(array.shape), triton.np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [triton.InferRequestedOutput(EVENT_KIND), triton.InferRequestedOutput(EVENT)]
+        client.start_stream(callback=lambda result, error: responses.put((result, error)),
+                            stream_timeout=timeout_seconds)
+        finished = False
+        header: SceneHeader | None = None
+        sources: dict[int, common_pb2.SoundSource] = {}
+        try:
+            client.async_stream_infer(self.model_name, inputs, outputs=outputs, enable_empty_final_response=True)
+            while True:
+                if should_stop is not None and should_stop():
+                    break
+                try:
+                    result, error = responses.get(timeout=_STOP_POLL_SECONDS)
+                except queue.Empty:
+                    continue
+                if error is not None:
+                    finished = True
+                    raise _translate(error, InferenceServerException)
+                response = result.get_response()
+                if response.parameters["triton_final_response"].bool_param and not response.outputs:
+                    finished = True
+                    return
+                event = decode_event(result.as_numpy(EVENT_KIND).reshape(-1)[0],
+                                     result.as_numpy(EVENT).reshape(-1)[0])
+                if isinstance(event, SceneHeader):
+                    header = event
+                elif isinstance(event, SourceFound):
+                    merged = sources.setdefault(event.source.id, common_pb2.SoundSource())
+                    merged.MergeFrom(event.source)
+                yield event
+            # should_stop: the stream ends like the in-process one, with what was decoded so far.
+            yield DescriptionDone(
+                description=common_pb2.SceneDescription(
+                    scene=header.scene if header else "", mood=header.mood if header else "",
+                    sources=list(sources.values()),
+                ),
+                prompt_tokens=0, output_tokens=0, time_to_first_token_seconds=0.0,
+                total_seconds=time.perf_counter() - started, finish_reason="cancelled",
+            )
+        finally:
+            # Not finished (stopped, or the consumer closed us): cancel, so Triton stops generating.
+            stream = getattr(client, "_stream", None)
+            client.stop_stream(cancel_requests=not finished)
+            if not finished and stream is not None:
+                # tritonclient 2.73 cancels without ending the request iterator, and gRPC's thread that
+                # reads it would wait forever: one leaked thread per cancelled stream. End it.
+                stream._request_queue.put(None)
+            client.close()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _translate(error, exception_type) -> Exception:
+    """Triton client errors → the interface's exceptions (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
+    status = error.status() if isinstance(error, exception_type) else None
+    message = error.message() if isinstance(error, exception_type) else str(error)
+    if status and "DEADLINE_EXCEEDED" in status:
+        return TimeoutError(f"Triton: {message}")
+    if status and "UNAVAILABLE" in status or "not ready" in message.lower() or "unknown model" in message.lower():
+        return NotReady(f"Triton: {message}")
+    return RuntimeError(f"Triton: {message}")
+
+
+# -- readiness (shared with the audio backend) ------------------------------------------------------
+
+class Readiness:
+    """The last readiness answer, reused for `ttl_seconds`: the servicer asks before every request, from
+    its event loop, and a gRPC round trip per request (up to its timeout when Triton hangs) is too much."""
+
+    def __init__(self, ttl_seconds: float):
+        self.ttl_seconds = ttl_seconds
+        self._value, self._at = False, -math.inf
+
+    def check(self, ask: Callable[[], bool]) -> bool:
+        now = time.monotonic()
+        if now - self._at >= self.ttl_seconds:
+            self._value, self._at = ask(), now
+        return self._value
+
+
+def model_ready(client, model_name: str, timeout_seconds: float = 0.5) -> bool:
+    """Triton's server-live and model-ready calls; any failure (down, unknown model) reads as not ready."""
+    try:
+        return bool(client.is_server_ready(client_timeout=timeout_seconds)
+                    and client.is_model_ready(model_name, client_timeout=timeout_seconds))
+    except Exception:  # noqa: BLE001 - unreachable or refusing: not ready, which is all we report
+        return False
+
+
+def wait_model_ready(client, model_name: str, timeout_seconds: float, retry_seconds: float = 0.5) -> None:
+    """Bounded retry loop on Triton's readiness calls (Triton may still be loading the model)."""
+    deadline = time.monotonic() + timeout_seconds
+    while not model_ready(client, model_name):
+        if time.monotonic() > deadline:
+            raise NotReady(f"Triton model {model_name!r} not ready after {timeout_seconds:.0f} s")
+        time.sleep(retry_seconds)  # back-off between calls, not synchronisation
+    log.info("Triton model %s is ready", model_name)
