@@ -8,7 +8,8 @@ PROTO_SRC := $(wildcard protos/image_to_sound/v1/*.proto)
 PROTO_STAMP := protos/.generated
 TINY := models/tiny
 
-.PHONY: setup protos tiny-models test test-unit test-integration test-e2e deploy-tools deploy-check demo run clean
+
+.PHONY: setup protos tiny-models test test-unit test-integration test-e2e deploy-tools deploy-check device-wheels demo run clean
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -70,6 +71,18 @@ demo: setup tiny-models
 # The main job: every image under data/ with the real models (downloads them on first use).
 run: setup
 	$(PY) main.py $(ARGS)
+
+# The wheels a GPU device image lacks (Python 3.12, manylinux x86-64), for bench/device_run.sh.
+DEVICE_WHEELS := grpcio==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 protobuf==6.33.6 \
+	xgrammar==0.2.8 apache-tvm-ffi diffusers==0.42.1 importlib_metadata soundfile==0.14.0 cffi pycparser \
+	jsonschema==4.26.0 jsonschema-specifications referencing rpds-py pydantic pydantic_core annotated-types \
+	typing-inspection soxr==1.1.0
+device-wheels:
+	mkdir -p .whl
+	for w in $(DEVICE_WHEELS); do $(PY) -m pip download --quiet --disable-pip-version-check --no-deps \
+		--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux1_x86_64 --platform any -d .whl $$w || exit 1; done
 
 clean:
 	rm -rf demo_out $(TINY) $(PROTO_STAMP) protos/image_to_sound/v1/*_pb2*.py*

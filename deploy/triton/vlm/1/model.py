@@ -2,7 +2,7 @@
 
 Each request gets one response per stream event (encoded by vlm_service.triton_backend, which the
 service side decodes), then a final empty response. The project must be importable in Triton's Python
-environment (installed, or on PYTHONPATH).
+environment (`pip install .` there; see deploy/README.md).
 """
 import json
 import os
