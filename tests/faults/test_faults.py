@@ -124,7 +124,7 @@ async def test_killed_audio_service_fails_its_clips_and_the_orchestrator_recover
                             if event.WhichOneof("event") == "summary":
                                 return seen
 
-                # Image 1: a long render (1000 steps); the audio service is killed once it has been asked.
+                # Image 1: a long render (500 steps); the audio service is killed once it has been asked.
                 request = described(sources=2, steps=500)
                 request.request_id = "before"
                 await requests.put(pb.StreamImagesToSoundRequest(image=request))
@@ -167,11 +167,10 @@ async def test_client_going_away_stops_the_denoising_loop_within_one_step(tiny_v
             call = orchestrator_pb2_grpc.OrchestratorStub(channel).ImageToSound(described(sources=1, steps=500),
                                                                                 timeout=BOUND)
             watched_audio.first_step.clear()
-            async for _ in call:
-                if watched_audio.first_step.is_set():
-                    break
-            await asyncio.to_thread(watched_audio.first_step.wait, BOUND)
-            call.cancel()
+            reader = asyncio.ensure_future(call.read())  # the scene event; then the call waits on the clip
+            assert await asyncio.to_thread(watched_audio.first_step.wait, BOUND)
+            call.cancel()  # the client goes away while the model is denoising
+            await asyncio.gather(reader, return_exceptions=True)
             assert await asyncio.to_thread(watched_audio.returned.wait, BOUND)
         from audio_service.backend import BackendCancelled
 
@@ -237,7 +236,7 @@ async def test_sigterm_flips_health_refuses_new_calls_finishes_in_flight_and_exi
             assert (await asyncio.wait_for(statuses.__anext__(), BOUND)).status == SERVING
             request = audio_pb2.GenerateAudioRequest(
                 prompt="rain on a tin roof", clip_id="in-flight",
-                settings=common_pb2.AudioSettings(duration_seconds=1, num_inference_steps=300))
+                settings=common_pb2.AudioSettings(duration_seconds=1, num_inference_steps=40))
             in_flight_call = stub.GenerateAudio(request, timeout=BOUND)
             responses = in_flight_call.__aiter__()
             first = await asyncio.wait_for(responses.__anext__(), BOUND)
