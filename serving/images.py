@@ -20,6 +20,8 @@ class ImageLimits:
     # Pixels, checked from the header before decoding (decompression bombs). The model resizes anyway.
     max_pixels: int = 40_000_000
     min_side: int = 8
+    # Qwen2.5-VL's resize refuses ratios over 200 (a ValueError deep in the processor); keep well inside it.
+    max_aspect_ratio: float = 100.0
 
 
 def check_declared(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLimits()) -> str:
@@ -56,6 +58,8 @@ def decode_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLi
                 )
             if min(width, height) < limits.min_side:
                 raise InvalidInput(f"image is {width}x{height}; each side must be at least {limits.min_side}")
+            if max(width, height) > limits.max_aspect_ratio * min(width, height):
+                raise InvalidInput(f"image is {width}x{height}; the aspect ratio may be at most {limits.max_aspect_ratio:g}:1")
             if getattr(image, "n_frames", 1) > 1:
                 raise InvalidInput(f"image is animated ({image.n_frames} frames); send one still frame")
             image.load()  # truncated or corrupt files fail here, not later inside the model
