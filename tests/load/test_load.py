@@ -17,7 +17,6 @@ import soundfile as sf
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from serving import audio_encoding
-from serving.atomic_files import write_wav
 from tests.fake_services import scripted_description
 from tests.real_stack import ServiceProcess, audio_process, png
 
@@ -105,9 +104,8 @@ async def test_32_streaming_clients_lose_and_duplicate_nothing(services, tmp_pat
                 assert [c.last for c in clip_chunks].count(True) == 1 and clip_chunks[-1].last
                 assert {c.encoding for c in clip_chunks} == {audio_encoding.PCM16}
                 streamed = b"".join(c.data for c in clip_chunks)
-                waveform = audio_encoding.decode_payloads([c.data for c in clip_chunks], audio_encoding.PCM16)
-                path = tmp_path / f"{clip_id}.wav"
-                write_wav(path, waveform, clip_chunks[0].sample_rate_hertz)
+                path = tmp_path / f"{clip_id}.wav"  # the samples as streamed, written as a PCM 16-bit WAV
+                sf.write(path, np.frombuffer(streamed, dtype="<i2"), clip_chunks[0].sample_rate_hertz, subtype="PCM_16")
                 written, rate = sf.read(path, dtype="int16")
                 assert rate == 16000 and len(written) == done[clip_id].metadata.num_samples == 16000
                 assert hashlib.sha256(written.astype("<i2").tobytes()).digest() == hashlib.sha256(streamed).digest()
@@ -144,7 +142,9 @@ async def test_overload_beyond_the_limits_is_resource_exhausted_not_a_hang(servi
                     await asyncio.wait_for(stub.ImageToSound(pb.ImageToSoundRequest(
                         description=scripted_description(sources=1, variants=1)), timeout=BOUND).read(), BOUND)
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and fragment in info.value.details()
-                rest = [e async for e in holder]
+                rest = []
+                while (event := await asyncio.wait_for(holder.read(), BOUND)) != grpc.aio.EOF:
+                    rest.append(event)
                 assert [e.WhichOneof("event") for e in rest].count("clip_done") == 2
         finally:
             await orchestrator.server.stop()
