@@ -17,6 +17,7 @@ from audio_service.config import AudioConfig, effective_buckets, effective_max_b
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from serving import audio_encoding
 from serving.errors import InvalidInput, NotReady
+from serving.seed_format import clean_text
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,12 @@ def audio_request(prompt: str, settings: common_pb2.AudioSettings, config: Audio
     if settings.scheduler not in SCHEDULERS:
         raise InvalidInput(f"settings.scheduler={settings.scheduler} is not a known scheduler")
     scheduler = SCHEDULERS[settings.scheduler]
+    # Control and format characters removed, whitespace collapsed: what is left must say something.
+    cleaned = clean_text(prompt, max(len(prompt), 1))
+    if prompt and not cleaned:
+        raise InvalidInput("prompt has no printable characters")
     kwargs = dict(
-        prompt=prompt.strip(),
+        prompt=cleaned,
         duration_seconds=settings.duration_seconds or config.default_duration_seconds,
         num_inference_steps=settings.num_inference_steps or DEFAULT_STEPS[scheduler],
         guidance_scale=settings.guidance_scale if settings.HasField("guidance_scale") else config.default_guidance_scale,
@@ -85,7 +90,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             raise NotReady("the audio model is still loading")
         generation = audio_request(request.prompt, request.settings, self.config)
         encoding, chunk_seconds = chunk_settings(request.settings, self.config)
-        clip_id = request.clip_id or uuid.uuid4().hex[:12]
+        clip_id = clean_text(request.clip_id, 128) or uuid.uuid4().hex[:12]  # echoed: bounded, printable
 
         # Progress events while the batch denoises; the clip follows. If the caller cancels, this
         # coroutine is cancelled, the batcher marks the request and the backend stops early.

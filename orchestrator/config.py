@@ -18,6 +18,12 @@ class OrchestratorConfig:
     audio_target: str = setting("127.0.0.1:50052", "audio service target (as --vlm)", flag="audio")
     default_deadline_seconds: float = setting(600.0, "deadline of a request whose caller sets none")
     max_images_in_flight: int = setting(8, "images processed at once per streaming call")
+    max_images_total: int = setting(16, "images processed at once, all calls together (keep <= the VLM's queue)")
+    max_images_waiting: int = setting(128, "images waiting for a slot (each holds its image in memory) before "
+                                    "RESOURCE_EXHAUSTED at once")
+    admission_wait_seconds: float = setting(60.0, "longest wait for an image slot before RESOURCE_EXHAUSTED")
+    overloaded_retries: int = setting(3, "retries (with backoff) of a model call refused RESOURCE_EXHAUSTED "
+                                      "before it produced anything")
     downstream_tls_ca_file: str | None = setting(None, "PEM CA of the model services' certificates: call them over TLS")
     downstream_tls_cert_file: str | None = setting(None, "PEM client certificate for the model services (mutual TLS)")
     downstream_tls_key_file: str | None = setting(None, "PEM private key of --downstream-tls-cert-file")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,10 +24,30 @@ from orchestrator.naming import clip_file_name
 from orchestrator import prompts
 from serving import audio_encoding
 from serving.config import setting
-from serving.errors import InvalidInput, Upstream
+from serving.errors import InvalidInput, Upstream, excerpt
 
 log = logging.getLogger(__name__)
 _DONE = object()
+# Messages written by our own model services about the request itself: safe and useful to pass on.
+_PASS_ON = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND}
+_ADDRESS = re.compile(r"\b(?:dns|unix|ipv[46]):[^\s,;)]*|\[[0-9a-fA-F:.]+\](?::\d+)?|\b[0-9a-fA-F.:]*[0-9a-fA-F]:\d{2,5}\b")
+
+
+def downstream_message(service: str, code: grpc.StatusCode, details: str | None) -> str:
+    """What a client is told about a failed model-service call: our services' own messages (bounded), else
+    a generic line per code. gRPC's transport details name internal addresses ("ipv4:10.0.3.7:50052:
+    Connection refused"): those stay in the server log."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"{service} unavailable; retry later"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{service}: deadline exceeded"
+    if code == grpc.StatusCode.CANCELLED:
+        return f"{service}: cancelled"
+    if code not in _PASS_ON:
+        return f"{service} failed ({code.name})"
+    text = _ADDRESS.sub("<address>", details or code.name)
+    return f"{service}: {text[:200]}" + ("..." if len(text) > 200 else "")
 
 
 @dataclass(frozen=True)
@@ -64,22 +86,38 @@ class Pipeline:
     """Shared by all requests of an orchestrator: the stubs and the audio concurrency bound."""
 
     def __init__(self, vlm: vision_pb2_grpc.VisionServiceStub | None, audio: audio_pb2_grpc.AudioServiceStub | None,
-                 limits: PipelineLimits = PipelineLimits()):
+                 limits: PipelineLimits = PipelineLimits(), overloaded_retries: int = 3):
         self.vlm = vlm
         self.audio = audio
         self.limits = limits
         self.audio_slots = asyncio.Semaphore(limits.max_audio_calls)
+        self.overloaded_retries = overloaded_retries
 
-    def run(self, request: pb.ImageToSoundRequest, deadline: Deadline):
-        """The events of one image, as an async iterator. Closing it early cancels all downstream calls."""
-        return _ImageRun(self, request, deadline).events()
+    def run(self, request: pb.ImageToSoundRequest, deadline: Deadline, clip_prefix: str | None = None):
+        """The events of one image, as an async iterator. Closing it early cancels all downstream calls.
+        `clip_prefix` (default: the request id) starts every clip id of the image."""
+        return _ImageRun(self, request, deadline, clip_prefix).events()
+
+    async def backoff(self, attempt: int, deadline: Deadline) -> bool:
+        """After a RESOURCE_EXHAUSTED that produced nothing yet: wait (jittered, doubling) and say whether
+        to try again: not when retries are used up or the wait would pass the deadline."""
+        if attempt >= self.overloaded_retries:
+            return False
+        pause = 0.1 * 2**attempt * (0.5 + random.random())
+        left = deadline.left()
+        if left is not None and left <= pause:
+            return False
+        await asyncio.sleep(pause)
+        return True
 
 
 class _ImageRun:
-    def __init__(self, pipeline: Pipeline, request: pb.ImageToSoundRequest, deadline: Deadline):
+    def __init__(self, pipeline: Pipeline, request: pb.ImageToSoundRequest, deadline: Deadline,
+                 clip_prefix: str | None = None):
         self.p = pipeline
         self.request = request
         self.request_id = request.request_id or uuid.uuid4().hex[:12]
+        self.clip_prefix = clip_prefix or self.request_id
         self.deadline = deadline
         self.options = request.options
         self.out: asyncio.Queue = asyncio.Queue(maxsize=pipeline.limits.event_queue_size)
@@ -145,23 +183,35 @@ class _ImageRun:
         if self.p.vlm is None:
             raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no vision service; send a description")
         self.describing = True
-        call = self.p.vlm.StreamSceneDescription(
-            vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding),
-            timeout=self.deadline.left(),
-        )
+        attempt = 0
         try:
-            async for response in call:
-                kind = response.WhichOneof("event")
-                if kind == "scene":
-                    await self._on_scene(response.scene.scene, response.scene.mood)
-                elif kind == "source":
-                    await self._on_source(response.source)
-                elif kind == "final":
-                    self.describing = False
-                    self.vlm_stats = response.final.stats
-                    await self._emit(description=response.final.description)
-        except grpc.aio.AioRpcError as exc:
-            raise Upstream(exc.code(), f"vision service: {exc.details()}") from None
+            while True:
+                received = False
+                call = self.p.vlm.StreamSceneDescription(
+                    vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding),
+                    timeout=self.deadline.left(),
+                )
+                try:
+                    async for response in call:
+                        received = True
+                        kind = response.WhichOneof("event")
+                        if kind == "scene":
+                            await self._on_scene(response.scene.scene, response.scene.mood)
+                        elif kind == "source":
+                            await self._on_source(response.source)
+                        elif kind == "final":
+                            self.describing = False
+                            self.vlm_stats = response.final.stats
+                            await self._emit(description=response.final.description)
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    # A full VLM queue refuses before describing anything: asking again repeats nothing.
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not received \
+                            and await self.p.backoff(attempt, self.deadline):
+                        attempt += 1
+                        continue
+                    log.info("image %s: vision service: %s %s", self.request_id, exc.code().name, excerpt(exc.details(), 300))
+                    raise Upstream(exc.code(), downstream_message("vision service", exc.code(), exc.details())) from None
         finally:
             self.describing = False
 
@@ -197,7 +247,7 @@ class _ImageRun:
             return
         index = len(self.clips) + 1
         ref = pb.ClipRef(
-            clip_id=f"{self.request_id}-{index:02d}", kind=pb.CLIP_KIND_VARIANT, source_id=source.id,
+            clip_id=f"{self.clip_prefix}-{index:02d}", kind=pb.CLIP_KIND_VARIANT, source_id=source.id,
             variant_id=variant.id, index=index, file_name=clip_file_name(index, source.name, variant.action),
         )
         clip = _Clip(ref=ref, prompt="")
@@ -220,24 +270,37 @@ class _ImageRun:
             if self.p.audio is None:
                 raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no audio service")
             async with self.p.audio_slots:
-                call = self.p.audio.GenerateAudio(
-                    audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.request.audio, clip_id=clip.ref.clip_id),
-                    timeout=self.deadline.left(),
-                )
                 metadata = None
-                async for response in call:
-                    if response.WhichOneof("event") != "chunk":
-                        continue
-                    chunk = response.chunk
-                    if not self.t_first_audio:
-                        self.t_first_audio = self._since_start()
-                        self.first_audio_while_describing = self.describing
-                    if self.options.scene_mix:
-                        clip.payloads.append(chunk.data)
-                        clip.encoding, clip.sample_rate_hertz = chunk.encoding, chunk.sample_rate_hertz
-                    await self._emit(audio=pb.ClipAudio(clip=clip.ref, chunk=chunk))
-                    if chunk.last:
-                        metadata = chunk.metadata
+                attempt = 0
+                while True:
+                    forwarded = False
+                    call = self.p.audio.GenerateAudio(
+                        audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.request.audio, clip_id=clip.ref.clip_id),
+                        timeout=self.deadline.left(),
+                    )
+                    try:
+                        async for response in call:
+                            if response.WhichOneof("event") != "chunk":
+                                continue
+                            chunk = response.chunk
+                            if not self.t_first_audio:
+                                self.t_first_audio = self._since_start()
+                                self.first_audio_while_describing = self.describing
+                            if self.options.scene_mix:
+                                clip.payloads.append(chunk.data)
+                                clip.encoding, clip.sample_rate_hertz = chunk.encoding, chunk.sample_rate_hertz
+                            forwarded = True
+                            await self._emit(audio=pb.ClipAudio(clip=clip.ref, chunk=chunk))
+                            if chunk.last:
+                                metadata = chunk.metadata
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        # Retried only while no chunk has reached the client: a retry never duplicates audio.
+                        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not forwarded \
+                                and await self.p.backoff(attempt, self.deadline):
+                            attempt += 1
+                            continue
+                        raise
                 if metadata is None:
                     raise Upstream(grpc.StatusCode.INTERNAL, "audio stream ended without its last chunk")
             clip.ok = True
@@ -245,10 +308,12 @@ class _ImageRun:
                                                    prompt_style=prompts.PROMPT_STYLE_VERSION))
         except asyncio.CancelledError:
             raise
-        except (grpc.aio.AioRpcError, Upstream, TimeoutError) as exc:
-            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else getattr(exc, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
-            message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            await self._fail(clip, code, f"audio service: {message}")
+        except grpc.aio.AioRpcError as exc:
+            log.info("clip %s: audio service: %s %s", clip.ref.clip_id, exc.code().name, excerpt(exc.details(), 300))
+            await self._fail(clip, exc.code(), downstream_message("audio service", exc.code(), exc.details()))
+        except (Upstream, TimeoutError) as exc:
+            code = getattr(exc, "code", grpc.StatusCode.DEADLINE_EXCEEDED)
+            await self._fail(clip, code, f"audio service: {exc}")
 
     async def _emit_mix(self) -> None:
         layers = [(audio_encoding.decode_payloads(c.payloads, c.encoding), c.sample_rate_hertz)
@@ -256,7 +321,7 @@ class _ImageRun:
         if not layers:
             return
         mixed, rate = mix_clips(layers)
-        ref = pb.ClipRef(clip_id=f"{self.request_id}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name="scene_mix.wav")
+        ref = pb.ClipRef(clip_id=f"{self.clip_prefix}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name="scene_mix.wav")
         encoding = self.request.audio.encoding or audio_encoding.PCM16
         chunk_seconds = self.request.audio.chunk_duration_seconds or 0.5
         metadata = common_pb2.ClipMetadata(duration_seconds=len(mixed) / rate, sample_rate_hertz=rate,

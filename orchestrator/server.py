@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from typing import Sequence
 
 import grpc
 
 from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, vision_pb2_grpc
 from serving import channels
+from orchestrator.admission import Admission, StreamShare
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Deadline, Pipeline
+from orchestrator.validation import clean_request_id, validate_request
 from serving import security
 from serving.errors import InvalidInput
 from serving.interceptors import client_status
@@ -36,14 +37,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, pipeline: Pipeline, config: OrchestratorConfig):
         self.pipeline = pipeline
         self.config = config
+        self.admission = Admission(total=config.max_images_total, per_stream=config.max_images_in_flight,
+                                   max_waiting=config.max_images_waiting, wait_seconds=config.admission_wait_seconds)
+
+    def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
+        return validate_request(request, self.config.limits.max_clips_per_image)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         left = context.time_remaining()
         return Deadline(left if left is not None else self.config.default_deadline_seconds)
 
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
-        async for event in self.pipeline.run(request, self._deadline(context)):
-            yield event
+        deadline = self._deadline(context)
+        request = self._validate(request)  # before any wait or work: INVALID_ARGUMENT
+        async with self.admission.slot(StreamShare()):  # RESOURCE_EXHAUSTED when no slot comes in time
+            async for event in self.pipeline.run(request, deadline):
+                yield event
 
     async def StreamImagesToSound(self, request_iterator, context: grpc.aio.ServicerContext):
         """Images are read as they come and run concurrently (at most max_images_in_flight); their events
@@ -52,19 +61,27 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         slots = asyncio.Semaphore(self.config.max_images_in_flight)
         tasks: set[asyncio.Task] = set()
 
+        share = StreamShare()
+        clip_prefixes: dict[str, int] = {}  # request id -> images seen with it, so clip ids stay unique
+
         async def run_image(request: pb.ImageToSoundRequest) -> None:
             # The stream's deadline if the caller set one; else each image gets the default from its arrival
             # (a streaming app may keep one stream open far longer than any single image takes).
             deadline = self._deadline(context)
+            request_id = clean_request_id(request.request_id)
             try:
-                async for event in self.pipeline.run(request, deadline):
-                    await out.put(event)
+                request = self._validate(request)
+                seen = clip_prefixes[request_id] = clip_prefixes.get(request_id, 0) + 1
+                prefix = request_id if seen == 1 else f"{request_id}~{seen}"
+                async with self.admission.slot(share):
+                    async for event in self.pipeline.run(request, deadline, clip_prefix=prefix):
+                        await out.put(event)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to the client as an event
                 code, message = client_status(exc, "StreamImagesToSound image")
                 await out.put(pb.ImageToSoundEvent(
-                    request_id=request.request_id, image_failed=pb.ImageFailed(code=code.value[0], message=message)))
+                    request_id=request_id, image_failed=pb.ImageFailed(code=code.value[0], message=message)))
             finally:
                 slots.release()
 
@@ -79,7 +96,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     config = message.config
                 elif kind == "image":
                     image = with_defaults(message.image, config)
-                    image.request_id = image.request_id or uuid.uuid4().hex[:12]
+                    image.request_id = clean_request_id(image.request_id)
                     await slots.acquire()  # backpressure: stop reading while enough images run
                     task = asyncio.create_task(run_image(image))
                     tasks.add(task)
@@ -124,7 +141,7 @@ class Orchestrator:
         self._tls_files.changed()
         self._call_credentials = security.token_call_credentials(token_file=config.downstream_token_file)
         self.channels = self._open_channels()
-        pipeline = Pipeline(None, None, config.limits)
+        pipeline = Pipeline(None, None, config.limits, overloaded_retries=config.overloaded_retries)
         self._use_channels(pipeline)
         self.servicer = OrchestratorServicer(pipeline, config)
         self.server = GrpcServer(

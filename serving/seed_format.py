@@ -32,6 +32,7 @@ MAX_MATERIAL_CHARS = 60
 MAX_ACTION_CHARS = 120
 MAX_TIMBRE_CHARS = 32
 MAX_TIMBRE_WORDS = 5
+MAX_FILE_BYTES = 1024 * 1024  # a description file is a few KB; a bigger one is not read into memory
 
 _SCENE_KEYS = ("scene", "scene_description")
 _MOOD_KEYS = ("mood", "mood_description")
@@ -215,7 +216,9 @@ def source_from_raw(raw: Any, index: int) -> common_pb2.SoundSource | None:
     raw_variants = _get(raw, _VARIANTS_KEYS)
     if isinstance(raw_variants, (Mapping, str)):
         raw_variants = [raw_variants]
-    for j, raw_variant in enumerate(raw_variants or [], start=1):
+    if not isinstance(raw_variants, list):  # true, 3, null: no variants rather than a crash
+        raw_variants = []
+    for j, raw_variant in enumerate(raw_variants, start=1):
         variant = variant_from_raw(raw_variant, f"s{index}v{j}")
         if variant is not None:
             source.variants.append(variant)
@@ -295,10 +298,17 @@ class SeedFormatError(ValueError):
 def read_seed_file(path: str | os.PathLike) -> common_pb2.SceneDescription:
     """Reads a seed description file; raises SeedFormatError saying what is wrong with it."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.loads(f.read(), strict=False)  # older files may hold raw control characters
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise SeedFormatError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not a description")
+        data = json.loads(raw.decode("utf-8"), strict=False)  # older files may hold raw control characters
+    except UnicodeDecodeError:
+        raise SeedFormatError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise SeedFormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # "[[[[...": nesting deeper than any description
+        raise SeedFormatError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, Mapping) or not isinstance(_get(data, _SOURCES_KEYS), list):
         raise SeedFormatError(f"{path}: no 'sound_sources' (or 'objects') list")
     description = from_seed_dict(data)
