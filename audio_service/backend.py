@@ -18,6 +18,9 @@ from serving.errors import Cancelled
 SCHEDULERS = ("dpm", "ddim")
 MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 30.0
 MIN_STEPS, MAX_STEPS = 1, 1000
+# DPM-Solver on AudioLDM2's 1000 training steps: at 999 steps the last update is not finite and at 1000
+# diffusers' scheduler indexes past its sigmas (IndexError); it is meant for tens of steps anyway.
+MAX_STEPS_BY_SCHEDULER = {"dpm": 500, "ddim": MAX_STEPS}
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
 MIN_CANDIDATES, MAX_CANDIDATES = 1, 8
 MAX_PROMPT_CHARS = 2000
@@ -104,6 +107,9 @@ def validate(request: AudioRequest) -> None:
         raise ValueError(f"seed={request.seed} must be an integer within 0..{MAX_SEED}")
     if request.scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={request.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if s > MAX_STEPS_BY_SCHEDULER[request.scheduler]:
+        raise ValueError(f"num_inference_steps={s}: the {request.scheduler} scheduler takes at most "
+                         f"{MAX_STEPS_BY_SCHEDULER[request.scheduler]}")
 
 
 def check_batch(requests: Sequence[AudioRequest]) -> None:

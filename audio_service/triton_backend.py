@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from typing import Sequence
 
 import numpy as np
 
 from serving.errors import NotReady
+from serving.triton_client import Readiness, model_ready, translate_error, wait_model_ready
 from audio_service.backend import (AudioBackend, AudioRequest, AudioResult, BackendCancelled,
                                    StepCallback, StopCheck, check_batch)
 
@@ -114,8 +114,7 @@ class TritonAudioBackend(AudioBackend):
         self._client = None
         self._loaded = False
         # The servicer asks before every request, from its event loop: reuse an answer for this long.
-        self.readiness_ttl_seconds = readiness_ttl_seconds
-        self._ready, self._ready_at = False, -math.inf
+        self._readiness = Readiness(readiness_ttl_seconds)
 
     def load(self) -> None:
         import tritonclient.grpc as triton
@@ -129,15 +128,11 @@ class TritonAudioBackend(AudioBackend):
         """Follows Triton's model readiness: an unloaded or failed model reads False."""
         if not self._loaded:
             return False
-        now = time.monotonic()
-        if now - self._ready_at >= self.readiness_ttl_seconds:
-            self._ready, self._ready_at = model_ready(self._client, self.model_name), now
-        return self._ready
+        return self._readiness.check(lambda: model_ready(self._client, self.model_name))
 
     def generate(self, requests: Sequence[AudioRequest], *, should_stop: StopCheck | None = None,
                  on_step: StepCallback | None = None, timeout_seconds: float | None = None) -> list[AudioResult]:
         import tritonclient.grpc as triton
-        from tritonclient.utils import InferenceServerException
 
         check_batch(requests)
         if not self._loaded:
@@ -167,7 +162,7 @@ class TritonAudioBackend(AudioBackend):
                 raise BackendCancelled(0, total)
         error = outcome["error"]
         if error is not None:
-            raise _translate(error, InferenceServerException)
+            raise translate_error(error)
         result = outcome["result"]
         results = results_from_arrays({n: result.as_numpy(n) for n in OUTPUTS}, requests)
         if on_step is not None:
@@ -179,36 +174,3 @@ class TritonAudioBackend(AudioBackend):
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-def _translate(error, exception_type) -> Exception:
-    status = error.status() if isinstance(error, exception_type) else None
-    message = error.message() if isinstance(error, exception_type) else str(error)
-    if status and "DEADLINE_EXCEEDED" in status:
-        return TimeoutError(f"Triton: {message}")
-    if status and "INVALID_ARGUMENT" in status:
-        return ValueError(f"Triton: {message}")
-    if status and "UNAVAILABLE" in status or "not ready" in message.lower() or "unknown model" in message.lower():
-        return NotReady(f"Triton: {message}")
-    return RuntimeError(f"Triton: {message}")
-
-
-# -- readiness (the VLM's twin lives in vlm_service/triton_backend.py: services share no internals) -----
-
-def model_ready(client, model_name: str, timeout_seconds: float = 0.5) -> bool:
-    """Triton's server-ready and model-ready calls; any failure (down, unknown model) reads as not ready."""
-    try:
-        return bool(client.is_server_ready(client_timeout=timeout_seconds)
-                    and client.is_model_ready(model_name, client_timeout=timeout_seconds))
-    except Exception:  # noqa: BLE001 - unreachable or refusing: not ready, which is all we report
-        return False
-
-
-def wait_model_ready(client, model_name: str, timeout_seconds: float, retry_seconds: float = 0.5) -> None:
-    """Bounded retry loop on Triton's readiness calls (Triton may still be loading the model)."""
-    deadline = time.monotonic() + timeout_seconds
-    while not model_ready(client, model_name):
-        if time.monotonic() > deadline:
-            raise NotReady(f"Triton model {model_name!r} not ready after {timeout_seconds:.0f} s")
-        time.sleep(retry_seconds)  # back-off between calls, not synchronisation
-    log.info("Triton model %s is ready", model_name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import time
 from typing import Callable, Iterator
@@ -21,6 +20,7 @@ from PIL import Image
 
 from image_to_sound.v1 import common_pb2, vision_pb2
 from serving.errors import InvalidInput, NotReady
+from serving.triton_client import Readiness, model_ready, translate_error, wait_model_ready
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
                                  StreamEvent, VisionBackend, validate)
 
@@ -161,7 +161,6 @@ class TritonVisionBackend(VisionBackend):
     def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,
                 timeout_seconds: float | None) -> Iterator[StreamEvent]:
         import tritonclient.grpc as triton
-        from tritonclient.utils import InferenceServerException
 
         started = time.perf_counter()
         responses: queue.SimpleQueue = queue.SimpleQueue()
@@ -188,7 +187,7 @@ class TritonVisionBackend(VisionBackend):
                     continue
                 if error is not None:
                     finished = True
-                    raise _translate(error, InferenceServerException)
+                    raise translate_error(error)
                 response = result.get_response()
                 if response.parameters["triton_final_response"].bool_param and not response.outputs:
                     finished = True
@@ -225,50 +224,3 @@ class TritonVisionBackend(VisionBackend):
         if self._client is not None:
             self._client.close()
             self._client = None
-
-
-def _translate(error, exception_type) -> Exception:
-    """Triton client errors → the interface's exceptions (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
-    status = error.status() if isinstance(error, exception_type) else None
-    message = error.message() if isinstance(error, exception_type) else str(error)
-    if status and "DEADLINE_EXCEEDED" in status:
-        return TimeoutError(f"Triton: {message}")
-    if status and "UNAVAILABLE" in status or "not ready" in message.lower() or "unknown model" in message.lower():
-        return NotReady(f"Triton: {message}")
-    return RuntimeError(f"Triton: {message}")
-
-
-# -- readiness (shared with the audio backend) ------------------------------------------------------
-
-class Readiness:
-    """The last readiness answer, reused for `ttl_seconds`: the servicer asks before every request, from
-    its event loop, and a gRPC round trip per request (up to its timeout when Triton hangs) is too much."""
-
-    def __init__(self, ttl_seconds: float):
-        self.ttl_seconds = ttl_seconds
-        self._value, self._at = False, -math.inf
-
-    def check(self, ask: Callable[[], bool]) -> bool:
-        now = time.monotonic()
-        if now - self._at >= self.ttl_seconds:
-            self._value, self._at = ask(), now
-        return self._value
-
-
-def model_ready(client, model_name: str, timeout_seconds: float = 0.5) -> bool:
-    """Triton's server-live and model-ready calls; any failure (down, unknown model) reads as not ready."""
-    try:
-        return bool(client.is_server_ready(client_timeout=timeout_seconds)
-                    and client.is_model_ready(model_name, client_timeout=timeout_seconds))
-    except Exception:  # noqa: BLE001 - unreachable or refusing: not ready, which is all we report
-        return False
-
-
-def wait_model_ready(client, model_name: str, timeout_seconds: float, retry_seconds: float = 0.5) -> None:
-    """Bounded retry loop on Triton's readiness calls (Triton may still be loading the model)."""
-    deadline = time.monotonic() + timeout_seconds
-    while not model_ready(client, model_name):
-        if time.monotonic() > deadline:
-            raise NotReady(f"Triton model {model_name!r} not ready after {timeout_seconds:.0f} s")
-        time.sleep(retry_seconds)  # back-off between calls, not synchronisation
-    log.info("Triton model %s is ready", model_name)

@@ -194,3 +194,26 @@ async def test_batcher_with_the_real_backend(tiny_audio_backend):
     assert len({r.waveform.tobytes() for r in results}) == 4
     direct = tiny_audio_backend.generate(requests)  # the same batch, called directly: the same clips, in order
     assert [r.waveform.tobytes() for r in direct] == [r.waveform.tobytes() for r in results]
+
+
+def test_step_bounds_follow_what_each_scheduler_can_run(tiny_audio_dir):
+    """DPM-Solver's largest accepted step count runs to a finite result on the checkpoint's scheduler
+    config; one more is refused up front (at 1000, diffusers' DPM scheduler raises IndexError)."""
+    import torch
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from audio_service.backend import MAX_STEPS_BY_SCHEDULER
+
+    base = DDIMScheduler.from_pretrained(tiny_audio_dir, subfolder="scheduler").config
+    most = MAX_STEPS_BY_SCHEDULER["dpm"]
+    scheduler = DPMSolverMultistepScheduler.from_config(base)
+    scheduler.set_timesteps(most)
+    x = torch.randn(1, 8, 16, 4, generator=torch.Generator().manual_seed(0))
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.randn_like(x), t, x).prev_sample
+    assert torch.isfinite(x).all()
+    request = AudioRequest(prompt="rain on a tin roof", num_inference_steps=most, scheduler="dpm")
+    validate(request)
+    with pytest.raises(ValueError, match="dpm scheduler takes at most"):
+        validate(dataclasses.replace(request, num_inference_steps=most + 1))
+    validate(dataclasses.replace(request, num_inference_steps=1000, scheduler="ddim"))

@@ -1,0 +1,62 @@
+"""What both model services' Triton backends share on the client side: readiness that follows Triton's
+model state, and Triton's errors translated into the domain errors (tritonclient is imported lazily)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+from serving.errors import NotReady
+
+log = logging.getLogger(__name__)
+
+
+def translate_error(error: Exception) -> Exception:
+    """A tritonclient error -> the backend interfaces' exceptions (DEADLINE_EXCEEDED, INVALID_ARGUMENT,
+    UNAVAILABLE for a model that is down or unknown; anything else stays internal)."""
+    from tritonclient.utils import InferenceServerException
+
+    status = error.status() if isinstance(error, InferenceServerException) else None
+    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+    if status and "DEADLINE_EXCEEDED" in status:
+        return TimeoutError(f"Triton: {message}")
+    if status and "INVALID_ARGUMENT" in status:
+        return ValueError(f"Triton: {message}")
+    if status and "UNAVAILABLE" in status or "not ready" in message.lower() or "unknown model" in message.lower():
+        return NotReady(f"Triton: {message}")
+    return RuntimeError(f"Triton: {message}")
+
+
+class Readiness:
+    """The last readiness answer, reused for `ttl_seconds`: the servicer asks before every request, from
+    its event loop, and a gRPC round trip per request (up to its timeout when Triton hangs) is too much."""
+
+    def __init__(self, ttl_seconds: float):
+        self.ttl_seconds = ttl_seconds
+        self._value, self._at = False, -math.inf
+
+    def check(self, ask: Callable[[], bool]) -> bool:
+        now = time.monotonic()
+        if now - self._at >= self.ttl_seconds:
+            self._value, self._at = ask(), now
+        return self._value
+
+
+def model_ready(client, model_name: str, timeout_seconds: float = 0.5) -> bool:
+    """Triton's server-ready and model-ready calls; any failure (down, unknown model) reads as not ready."""
+    try:
+        return bool(client.is_server_ready(client_timeout=timeout_seconds)
+                    and client.is_model_ready(model_name, client_timeout=timeout_seconds))
+    except Exception:  # noqa: BLE001 - unreachable or refusing: not ready, which is all we report
+        return False
+
+
+def wait_model_ready(client, model_name: str, timeout_seconds: float, retry_seconds: float = 0.5) -> None:
+    """Bounded retry loop on Triton's readiness calls (Triton may still be loading the model)."""
+    deadline = time.monotonic() + timeout_seconds
+    while not model_ready(client, model_name):
+        if time.monotonic() > deadline:
+            raise NotReady(f"Triton model {model_name!r} not ready after {timeout_seconds:.0f} s")
+        time.sleep(retry_seconds)  # back-off between calls, not synchronisation
+    log.info("Triton model %s is ready", model_name)
