@@ -72,3 +72,13 @@ def test_bad_flag_values_are_refused(capsys):
     with pytest.raises(SystemExit):
         orchestrator_args(["--max-images-in-flight", "many"])
     assert "invalid" in capsys.readouterr().err
+
+
+def test_boolean_settings_take_a_bare_flag_a_value_or_no(monkeypatch):
+    assert vlm_args([]).engine is True
+    assert vlm_args(["--engine", "false"]).engine is False
+    assert vlm_args(["--no-engine"]).engine is False
+    assert vlm_args(["--no-engine", "--engine"]).engine is True
+    assert vlm_args(["--no-reflection"]).server.reflection is False
+    monkeypatch.setenv("I2S_VLM_ENGINE_PREFIX_CACHE", "off")
+    assert vlm_args([]).engine_prefix_cache is False
