@@ -4,7 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+import socket
 from pathlib import Path
 
 import grpc
@@ -61,17 +61,19 @@ def _wait_serving(target: str, timeout: float = 600.0) -> None:
                 return
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _start(venv: Path, script: str, args: list[str], tmp_path: Path) -> tuple[subprocess.Popen, str]:
-    port_file = tmp_path / f"{script}.port"
+    """Starts a console script on a free port; callers synchronise on its health (wait_for_ready)."""
+    port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    process = subprocess.Popen([str(venv / "bin" / script), "--port", "0", "--port-file", str(port_file), *args],
+    process = subprocess.Popen([str(venv / "bin" / script), "--port", str(port), *args],
                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not port_file.exists():  # the port file appears once listening; polling a file is the only way
-        assert process.poll() is None, f"{script} exited with {process.returncode}"
-        assert time.monotonic() < deadline, f"{script} did not start listening"
-        time.sleep(0.1)
-    return process, f"127.0.0.1:{port_file.read_text().strip()}"
+    return process, f"127.0.0.1:{port}"
 
 
 def test_console_scripts_of_the_installed_package_serve_health(installed, tiny_vlm_dir, tiny_audio_dir, tmp_path):
@@ -84,7 +86,7 @@ def test_console_scripts_of_the_installed_package_serve_health(installed, tiny_v
                                       tmp_path)
         processes.append(orchestrator)
         for t in (vlm_target, audio_target, target):
-            _wait_serving(t)
+            _wait_serving(t, timeout=300)
             assert _health(t) == health_pb2.HealthCheckResponse.SERVING
         for process in processes:
             process.terminate()
