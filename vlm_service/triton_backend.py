@@ -13,7 +13,7 @@ import json
 import logging
 import queue
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -23,6 +23,9 @@ from serving.errors import InvalidInput, NotReady
 from serving.triton_client import Readiness, model_ready, translate_error, wait_model_ready
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
                                  StreamEvent, VisionBackend, validate)
+
+if TYPE_CHECKING:
+    from serving.blocking import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,14 @@ class TritonVisionBackend(VisionBackend):
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
                             timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds)
+
+    async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
+                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+        """The caller's deadline becomes Triton's stream timeout, so Triton itself stops at it."""
+        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        async for event in worker.stream(
+                lambda should_stop: self.stream(image, options, should_stop, timeout_seconds=timeout)):
+            yield event
 
     def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,
                 timeout_seconds: float | None) -> Iterator[StreamEvent]:

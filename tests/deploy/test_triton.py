@@ -95,6 +95,29 @@ def test_a_stopped_vlm_stream_ends_cancelled_and_triton_serves_the_next_one(vlm)
     assert done.finish_reason == "length" and done.output_tokens == 16
 
 
+def test_the_callers_deadline_becomes_tritons_stream_timeout(vlm):
+    import asyncio
+    import time
+
+    from serving.blocking import ModelWorker
+    from vlm_service.backend import DecodingOptions
+
+    async def describe_with_deadline(seconds: float) -> list:
+        worker = ModelWorker("vlm-test")
+        try:
+            return [e async for e in vlm.astream(_photo(), DecodingOptions(max_new_tokens=1024), worker,
+                                                   deadline=time.monotonic() + seconds)]
+        finally:
+            worker.close()
+
+    # A 1024-token description takes seconds here: Triton ends the stream at the deadline, which the
+    # service answers DEADLINE_EXCEEDED (TimeoutError), instead of decoding on for nobody.
+    with pytest.raises(TimeoutError):
+        asyncio.run(describe_with_deadline(0.2))
+    done = vlm.describe(_photo(), DecodingOptions(max_new_tokens=16))  # and the next request is served
+    assert done.finish_reason == "length"
+
+
 def test_bad_decoding_options_fail_before_anything_is_sent(vlm):
     from vlm_service.backend import DecodingOptions
 
