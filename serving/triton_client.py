@@ -60,3 +60,15 @@ def wait_model_ready(client, model_name: str, timeout_seconds: float, retry_seco
             raise NotReady(f"Triton model {model_name!r} not ready after {timeout_seconds:.0f} s")
         time.sleep(retry_seconds)  # back-off between calls, not synchronisation
     log.info("Triton model %s is ready", model_name)
+
+
+# -- inside Triton: what both Python-backend models of deploy/triton read from their arguments --------
+
+def model_parameters(model_config: dict) -> dict[str, str]:
+    """The `parameters { key: ... value: { string_value: ... } }` of a model's config.pbtxt, as a dict."""
+    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
+
+
+def instance_device(args: dict) -> str:
+    """The device of a Triton model instance: KIND_GPU instances run on their own GPU, KIND_CPU on the CPU."""
+    return f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"

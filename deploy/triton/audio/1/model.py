@@ -13,25 +13,18 @@ from audio_service import triton_backend as layout
 from audio_service.backend import BackendCancelled, validate
 from audio_service.diffusers_backend import DiffusersAudioBackend
 from serving.models import hf_token
+from serving.triton_client import instance_device, model_parameters
 
 CHECKPOINT_ENV = "I2S_TRITON_AUDIO_CHECKPOINT"
-
-
-def _parameters(model_config: dict) -> dict:
-    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
-
-
-def _device(args: dict) -> str:
-    return f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = _parameters(config)
+        params = model_parameters(config)
         self.max_batch_size = max(1, int(config.get("max_batch_size", 1)))
         self.backend = DiffusersAudioBackend(
-            os.environ.get(CHECKPOINT_ENV) or params["checkpoint"], device=_device(args),
+            os.environ.get(CHECKPOINT_ENV) or params["checkpoint"], device=instance_device(args),
             dtype=params.get("dtype") or None, revision=params.get("revision") or None, token=hf_token(),
         )
         self.backend.load()

@@ -10,25 +10,17 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from serving.models import hf_token
+from serving.triton_client import instance_device, model_parameters
 from vlm_service import triton_backend as wire
 from vlm_service.transformers_backend import TransformersVisionBackend
 
 CHECKPOINT_ENV = "I2S_TRITON_VLM_CHECKPOINT"
 
 
-def _parameters(model_config: dict) -> dict:
-    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
-
-
-def _device(args: dict) -> str:
-    # KIND_GPU instances run on their own device; KIND_CPU (the tests' rendering) on the CPU.
-    return f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
-
-
 class TritonPythonModel:
     def initialize(self, args):
-        params = _parameters(json.loads(args["model_config"]))
-        kwargs = dict(revision=params.get("revision") or None, token=hf_token(), device=_device(args),
+        params = model_parameters(json.loads(args["model_config"]))
+        kwargs = dict(revision=params.get("revision") or None, token=hf_token(), device=instance_device(args),
                       dtype=params.get("dtype") or None, prompt_version=params.get("prompt_version") or "v1")
         if params.get("max_pixels"):
             kwargs["max_pixels"] = int(params["max_pixels"])
