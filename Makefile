@@ -9,7 +9,7 @@ PROTO_STAMP := protos/.generated
 TINY := models/tiny
 
 
-.PHONY: setup protos tiny-models test test-unit test-integration test-e2e deploy-tools deploy-check device-wheels demo run clean
+.PHONY: setup protos tiny-models browser-tools test test-unit test-integration test-e2e deploy-tools deploy-check device-wheels demo run clean
 
 setup: $(STAMP) $(PROTO_STAMP)
 
@@ -34,7 +34,7 @@ $(TINY)/vlm/config.json: | setup
 $(TINY)/audio/model_index.json: | setup
 	$(PY) -m tiny_models.audio $(TINY)/audio
 
-test: setup deploy-tools
+test: setup deploy-tools browser-tools
 	$(PY) -m pytest -q
 
 test-unit: setup
@@ -45,6 +45,12 @@ test-integration: setup
 
 test-e2e: setup
 	$(PY) -m pytest -q tests/e2e
+
+# The browser tests drive Debian's Chromium with its matching driver (tests/browser.py); nothing downloads a
+# browser at run time. Installs them with apt-get when they are missing (needs root, as in CI).
+browser-tools:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # checkov (the security scan of deploy/) pins packaging, boto3 and more against our lock: a venv of its own,
 # inside .venv so that everything that skips .venv (git, the packaging test, rm -rf .venv) skips it too.
