@@ -149,7 +149,7 @@ def test_a_resumed_run_rewrites_the_gallery_with_every_image(demo_run):
     assert {stem for stem, _ in now} == {"coffee", "rocket"}
     assert set(first) < set(now)
     # The first image's spectrograms were kept, not drawn again.
-    kept = {name: mtime for name, mtime in run.spectrograms_after_first.items()}
+    kept = run.spectrograms_after_first
     assert kept and all((run.result / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
 
 
