@@ -60,7 +60,7 @@ class AudioResult:
 
     waveform: np.ndarray
     sample_rate_hertz: int
-    score: float | None  # CLAP text-audio cosine similarity of the chosen candidate; None if num_candidates == 1
+    score: float | None  # CLAP text-audio cosine similarity (-1..1) of the clip to its prompt; None if the backend does not score
     steps_run: int
     scheduler: str
     model_id: str

@@ -5,8 +5,10 @@ What this adds to a plain `AudioLDM2Pipeline.from_pretrained`:
   `_update_model_kwargs_for_generation`, which the pipeline calls. The language model is loaded as
   `GPT2LMHeadModel` from the same folder (the GPT2Model weights load into it cleanly; its lm_head is
   tied to the embeddings) and passed in (diffusers #12630).
-- Candidates are ranked per prompt with CLAP here. The pipeline's own `score_waveforms` ranks across
-  the whole batch when several prompts are batched (diffusers #13602), so it is switched off.
+- Every clip gets a CLAP score (`score_candidates`: cosine similarity of the caption's and the clip's CLAP
+  embeddings, from the CLAP model inside the checkpoint), and candidates are ranked per prompt by that
+  same function. The pipeline's own `score_waveforms` ranks across the whole batch when several prompts
+  are batched (diffusers #13602), so it is switched off.
 - One CPU `torch.Generator` per (request, candidate): a request's noise depends only on its own seed,
   and is the same on any device.
 - DPM-Solver++ (20-25 steps) by default; DDIM (the seed's 200-step setting) on request.
@@ -73,7 +75,7 @@ class Candidates:
     """All candidates generated for one request, in generation order."""
 
     waveforms: np.ndarray  # (num_candidates, num_samples) float32
-    scores: np.ndarray | None  # (num_candidates,) CLAP cosine similarity to the request's prompt; None if one candidate
+    scores: np.ndarray  # (num_candidates,) CLAP cosine similarity of each candidate to the request's prompt
     steps_run: int
 
 
@@ -316,12 +318,12 @@ class DiffusersAudioBackend(AudioBackend):
         candidates = self._generate_candidates(requests, should_stop=should_stop, on_step=on_step)
         results = []
         for request, cands in zip(requests, candidates):
-            best = 0 if cands.scores is None else int(np.argmax(cands.scores))
+            best = int(np.argmax(cands.scores))
             results.append(
                 AudioResult(
                     waveform=cands.waveforms[best].copy(),
                     sample_rate_hertz=self.sample_rate_hertz,
-                    score=None if cands.scores is None else float(cands.scores[best]),
+                    score=float(cands.scores[best]),
                     steps_run=cands.steps_run,
                     scheduler=request.scheduler,
                     model_id=self.model_id,
@@ -337,7 +339,7 @@ class DiffusersAudioBackend(AudioBackend):
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
     ) -> list[Candidates]:
-        """Like `generate`, but returns every candidate of every request with its CLAP score."""
+        """Like `generate`, but returns every candidate of every request with its CLAP score (`score_candidates`)."""
         return self.worker.run(lambda: self._generate_candidates(requests, should_stop=should_stop, on_step=on_step))
 
     def generation_samples(self, request: AudioRequest) -> int:
@@ -430,12 +432,11 @@ class DiffusersAudioBackend(AudioBackend):
                 audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
             clips = [np.ascontiguousarray(audio[b, :, : num_samples(r.duration_seconds, self.sample_rate_hertz)])
                      for b, r in enumerate(requests)]
-            scores: list[Any] = [None] * len(requests)
-            if k > 1:
-                if len({c.shape[-1] for c in clips}) == 1:  # one CLAP forward for the batch
-                    scores = list(self._score_candidates(prompts, np.stack(clips)))
-                else:
-                    scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
+            # Every clip is scored (its quality number), not only when there are candidates to rank.
+            if len({c.shape[-1] for c in clips}) == 1:  # one CLAP forward for the batch
+                scores = list(self._score_candidates(prompts, np.stack(clips)))
+            else:
+                scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
         return [
             Candidates(waveforms=clips[b], scores=scores[b], steps_run=steps_run or total)
             for b in range(len(requests))
@@ -490,6 +491,7 @@ class DiffusersAudioBackend(AudioBackend):
         return kwargs
 
     def score_candidates(self, prompts: Sequence[str], waveforms: np.ndarray) -> np.ndarray:
+        """The clip score and the candidate ranking, one function: see `_score_candidates`."""
         return self.worker.run(self._score_candidates, prompts, waveforms)
 
     def _score_candidates(self, prompts: Sequence[str], waveforms: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ Outputs, as the seed wrote them:
     sound_sources/<stem>/<stem>_sound_source.json      the description, in the seed's format
     result/<stem>/NN_<source>_<action>.wav              one clip per variant (PCM 16-bit mono)
     result/<stem>/prompts.json                          what each clip was made from
+    result/index.html                                   the gallery of every image (orchestrator/gallery.py)
 Every file is written atomically; an image whose outputs are complete is skipped on the next run.
 With --skip_vlm the input is the descriptions, not the images: every *_sound_source.json under
 --sound_sources_dir is rendered, whatever is in --data_dir (as the seed did).
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from orchestrator.client import ImageResult, ImageToSoundClient, make_request, to_image
+from orchestrator.gallery import write_gallery
 from orchestrator.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
 from serving.security import SecurityConfigError
@@ -258,8 +261,8 @@ class Writer:
         }
         if variant is not None and variant.HasField("confidence"):
             entry["confidence"] = round(variant.confidence, 3)
-        if m.HasField("score"):
-            entry["score"] = round(m.score, 4)
+        if m.HasField("score"):  # CLAP score, as ClipDone's float32 in its shortest exact decimal
+            entry["score"] = float(np.format_float_positional(np.float32(m.score)))
         return entry
 
     def _write_manifest(self) -> None:
@@ -393,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         except ServiceFailed as exc:
             log.error("a service failed to start: %s", exc)
             return 3
+    if not args.skip_audio:
+        gallery = write_gallery(Path(args.result_dir))  # every image under result/, this run's and earlier ones
+        if gallery is not None:
+            log.info("gallery: %s", gallery)
     if args.export_phase2:
         count = export_phase2(Path(args.result_dir), Path(args.export_phase2))
         log.info("exported %d clip(s) for Phase 2 to %s", count, args.export_phase2)

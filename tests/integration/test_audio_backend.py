@@ -69,7 +69,10 @@ def test_generates_a_clip_of_exact_length(tiny_audio_backend):
     assert wave.dtype == np.float32
     assert np.all(np.isfinite(wave)) and np.any(wave != 0)
     assert result.sample_rate_hertz == SR and result.steps_run == 3 and result.scheduler == "dpm"
-    assert result.score is None and result.model_id == tiny_audio_backend.model_id
+    assert result.model_id == tiny_audio_backend.model_id
+    # One candidate is scored too, by the function that ranks candidates (the clip's quality number).
+    [[expected]] = tiny_audio_backend.score_candidates([request.prompt], wave[None, None])
+    assert -1.0 <= result.score <= 1.0 and result.score == pytest.approx(float(expected), abs=1e-6)
 
 
 def test_same_seed_same_bytes_different_seed_different_audio(tiny_audio_backend):

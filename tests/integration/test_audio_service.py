@@ -64,7 +64,8 @@ async def test_chunks_reassemble_to_exactly_the_requested_length(audio):
     meta = chunks[-1].metadata
     assert (meta.num_samples, meta.seed, meta.num_inference_steps) == (20800, 11, 4)
     assert meta.prompt == PROMPT and meta.negative_prompt == DEFAULT_NEGATIVE_PROMPT
-    assert meta.scheduler == common_pb2.SCHEDULER_DPM_SOLVER and not meta.HasField("score")
+    assert meta.scheduler == common_pb2.SCHEDULER_DPM_SOLVER
+    assert meta.HasField("score") and -1 <= meta.score <= 1  # every clip is scored, one candidate or several
     assert progress and progress[-1].steps_done == progress[-1].steps_total == 4
 
 

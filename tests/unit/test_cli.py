@@ -100,7 +100,7 @@ async def test_skip_vlm_reads_every_seed_variant(workspace, variant):
         # No --single: the one description is rendered; the five other photos in data/ are not its business.
         assert await run_cli(target, "--skip_vlm") == 0
     assert vision.calls == 0
-    assert [p.name for p in (workspace / "result").iterdir()] == ["coffee"]
+    assert sorted(p.name for p in (workspace / "result").iterdir()) == ["coffee", "index.html"]  # + the gallery
     assert wavs(workspace / "result" / "coffee") == ["01_dog_barking_loudly.wav", "02_gate_creaking.wav"]
     assert any("dog" in p.lower() and "bark" in p.lower() for p in audio.prompts)
 
@@ -139,7 +139,7 @@ async def test_skip_vlm_renders_every_description_without_images(descriptions_on
         assert vision.calls == 0
         expected = {"alpha": ["01_alpha_knocking.wav", "02_alpha_creaking.wav"], "beta": ["01_beta_rolling.wav"],
                     "gamma": ["01_gamma_tapping.wav", "02_gamma_scraping.wav", "03_gamma_thudding.wav"]}
-        assert sorted(p.name for p in (root / "result").iterdir()) == sorted(expected)  # nothing for "broken"
+        assert sorted(p.name for p in (root / "result").iterdir() if p.is_dir()) == sorted(expected)  # nothing for "broken"
         for stem, files in expected.items():
             assert wavs(root / "result" / stem) == files
             manifest = json.loads((root / "result" / stem / "prompts.json").read_text())

@@ -1,0 +1,87 @@
+"""The gallery writer on hand-made result folders: what it draws, what it links, what it refuses."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from orchestrator import gallery
+from serving.atomic_files import write_wav
+
+SR = 16000
+
+
+def tone(hertz: float, seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.5 * np.sin(2 * np.pi * hertz * t)).astype(np.float32)
+
+
+def image_folder(result, stem, clips, **manifest):
+    folder = result / stem
+    for entry in clips:
+        if isinstance(entry, dict) and "/" not in entry["file"] and not entry.pop("_missing", False):
+            write_wav(folder / entry["file"], tone(entry.pop("_hertz", 440.0)), SR)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.json").write_text(json.dumps({"image": "", "scene": "s", "mood": "m", "clips": clips, **manifest}))
+    return folder
+
+
+def clip(file, **extra):
+    return {"file": file, "source": "kettle", "action": "whistling", "instrument": "None", "prompt": "A kettle whistles",
+            "negative_prompt": "music", "seed": 7, "steps": 2, "score": 0.1234567, **extra}
+
+
+def test_log_mel_puts_a_tone_in_its_mel_band():
+    power = gallery.log_mel(tone(1000.0), SR)
+    assert power.shape[0] == gallery.N_MELS and power.shape[1] == pytest.approx(SR * 1.0 / (gallery.HOP_SECONDS * SR), abs=2)
+    assert power.max() - power.min() == pytest.approx(gallery.DB_RANGE, abs=0.01)
+    # Band centres on the HTK mel scale, 0 Hz to Nyquist: the loudest band holds 1 kHz.
+    mel = np.linspace(0.0, gallery._mel(SR / 2), gallery.N_MELS + 2)
+    centres = 700.0 * (10 ** (mel / 2595.0) - 1.0)
+    loudest = centres[1:-1][np.argmax(power[:, power.shape[1] // 2])]
+    assert abs(loudest - 1000.0) < (centres[2] - centres[1]) * 3
+
+
+def test_nothing_to_show_writes_nothing(tmp_path):
+    assert gallery.write_gallery(tmp_path) is None and not (tmp_path / "index.html").exists()
+
+
+def test_a_hostile_manifest_is_escaped_and_links_stay_in_the_image_folder(tmp_path):
+    outside = tmp_path / "outside.wav"
+    write_wav(outside, tone(440.0), SR)
+    result = tmp_path / "result"
+    image_folder(result, "a b#", [
+        clip("01_x y#.wav", prompt="<script>alert(1)</script> a kettle", _hertz=2000.0),
+        clip("../../outside.wav"), clip("sub/02.wav"), "not a clip", clip("03_missing.wav", _missing=True),
+    ])
+    (result / "broken").mkdir()
+    (result / "broken" / "prompts.json").write_text("{not json")
+    page = gallery.write_gallery(result)
+    html = page.read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; a kettle" in html
+    assert 'src="a%20b%23/01_x%20y%23.wav"' in html and 'src="a%20b%23/spectrograms/01_x%20y%23.png"' in html
+    assert "outside" not in html and "sub/02" not in html and "03_missing" not in html
+    assert "picture not found" in html and 'data-stem="broken"' not in html
+    assert 'data-score="0.1234567"' in html and ">0.1235<" in html
+    png = result / "a b#" / "spectrograms" / "01_x y#.png"
+    from PIL import Image
+
+    with Image.open(png) as drawn:
+        assert drawn.format == "PNG" and drawn.size == (480, 220)
+
+
+def test_spectrograms_follow_their_clips(tmp_path):
+    result = tmp_path / "result"
+    folder = image_folder(result, "one", [clip("01_a.wav"), clip("02_b.wav")])
+    gallery.write_gallery(result)
+    first, second = folder / "spectrograms" / "01_a.png", folder / "spectrograms" / "02_b.png"
+    assert first.is_file() and second.is_file()
+    os.utime(first, ns=(1, 1))  # older than its clip: drawn again
+    os.utime(second, ns=(2**62, 2**62))  # newer than its clip: kept
+    gallery.write_gallery(result)
+    assert first.stat().st_mtime_ns > 1 and second.stat().st_mtime_ns == 2**62
+    manifest = json.loads((folder / "prompts.json").read_text())
+    manifest["clips"] = manifest["clips"][:1]  # a later run made one clip only
+    (folder / "prompts.json").write_text(json.dumps(manifest))
+    gallery.write_gallery(result)
+    assert first.is_file() and not second.exists()
