@@ -70,5 +70,5 @@ class HttpFront:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._socket is not None:
-            self._socket.close()
+            self._socket.detach()  # Hypercorn adopted the descriptor and has closed it
         await self.upstream.close()

@@ -59,7 +59,8 @@ export class ClipPlayer {
     const floats = this.floats();
     this.wav = wavBlob(floats, this.sampleRate);
     const seconds = (floats.length / this.sampleRate).toFixed(1);
-    this.state.textContent = `${seconds} s · seed ${done.metadata?.seed ?? "?"} · ${done.prompt || ""}`;
+    const seed = done.metadata?.seed === undefined ? "" : ` · seed ${done.metadata.seed}`;
+    this.state.textContent = `${seconds} s${seed} · ${done.prompt || ""}`;
     this.element.append(canvas("waveform", (c) => drawWaveform(c, floats)),
                         canvas("spectrogram", (c) => drawSpectrogram(c, floats)));
     const audio = document.createElement("audio");
