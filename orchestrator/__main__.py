@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def serve() -> None:
         orchestrator = Orchestrator(config)
-        front, close = None, orchestrator.close
+        front = folder = None
         if config.http.http_port >= 0:
             from gateway.front import HttpFront
 
@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> None:
             orchestrator.server.server.add_insecure_port(f"unix:{socket_path}")
             front = HttpFront(config.http, config.server, f"unix:{socket_path}")
             await front.start()
-
-            async def close() -> None:
+        try:
+            # SERVING once both model services are SERVING: a readiness probe then means "can do the job".
+            await run_until_signal(orchestrator.server, orchestrator.wait_for_backends, orchestrator.close)
+        finally:
+            # After the gRPC drain, so HTTP calls in flight finished through it (or got its refusal).
+            if front is not None:
                 await front.stop()
-                await orchestrator.close()
                 shutil.rmtree(folder, ignore_errors=True)
-        # SERVING once both model services are SERVING: a readiness probe then means "can do the job".
-        await run_until_signal(orchestrator.server, orchestrator.wait_for_backends, close)
 
     asyncio.run(serve())
 
