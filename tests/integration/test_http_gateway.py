@@ -96,16 +96,17 @@ def comparable(events: list[pb.ImageToSoundEvent]) -> tuple[list[str], dict[str,
 
 
 async def test_http_streams_carry_the_grpc_stream(front):
-    """JSON lines and Connect (binary protobuf, HTTP/1.1) give the same events and audio bytes as gRPC."""
+    """JSON lines, Connect (binary protobuf and JSON) and gRPC-Web give the same events and audio bytes as
+    gRPC for the same request and seeds."""
     from connectrpc.compat import google_protobuf_json_codec
+    from connectrpc.protocol import ProtocolType
     from image_to_sound.v1.orchestrator_connect import OrchestratorClient
 
     stack, base = front
     reference = comparable(await grpc_events(stack.target, reference_request()))
     assert len(reference[1]) >= 2 and all(reference[1].values())
     assert comparable(await json_lines_events(base, reference_request())) == reference
-    for codec in (None, google_protobuf_json_codec()):  # binary protobuf, then Connect JSON
-        kwargs = {} if codec is None else {"codec": codec}
+    for kwargs in ({}, {"codec": google_protobuf_json_codec()}, {"protocol": ProtocolType.GRPC_WEB}):
         async with OrchestratorClient(base, **kwargs) as client:
             events = [e async for e in client.image_to_sound(reference_request(), headers=AUTH, timeout_ms=WAIT * 1000)]
         assert comparable(events) == reference
