@@ -54,7 +54,7 @@ def create_app(upstream: Upstream, cors_origins: str = "") -> Starlette:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=origins, allow_methods=["POST", "GET"],
             allow_headers=["authorization", "content-type", "connect-protocol-version", "connect-timeout-ms",
-                           "x-grpc-web", "x-user-agent", "x-request-id"],
+                           "x-grpc-web", "x-user-agent"],
             expose_headers=["grpc-status", "grpc-message"]))
     return Starlette(
         routes=[

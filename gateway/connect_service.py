@@ -8,7 +8,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.request import RequestContext
 
-from gateway.upstream import Upstream
+from gateway.upstream import FORWARDED_HEADERS, Upstream
 from image_to_sound.v1 import orchestrator_pb2 as pb
 from image_to_sound.v1.orchestrator_connect import OrchestratorASGIApplication
 
@@ -19,7 +19,7 @@ class ConnectOrchestrator:
 
     async def image_to_sound(self, request: pb.ImageToSoundRequest, ctx: RequestContext) -> AsyncIterator[pb.ImageToSoundEvent]:
         timeout_ms = ctx.timeout_ms
-        headers = {name: ctx.request_headers.get(name, "") for name in ("authorization", "x-request-id")}
+        headers = {name: ctx.request_headers.get(name, "") for name in FORWARDED_HEADERS}
         async for event in self.upstream.image_to_sound(
                 request, headers, None if timeout_ms is None else timeout_ms / 1000):
             yield event

@@ -11,8 +11,8 @@ from gateway.errors import from_grpc
 from image_to_sound.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from serving.server import channel_options
 
-# Request headers passed on as gRPC metadata: the bearer token, and ids a caller may use to correlate.
-FORWARDED_HEADERS = ("authorization", "x-request-id")
+# Request headers passed on as gRPC metadata: the bearer token, checked by the gRPC server's interceptor.
+FORWARDED_HEADERS = ("authorization",)
 
 
 class Upstream:
