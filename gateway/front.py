@@ -10,6 +10,7 @@ import ssl
 from gateway.app import create_app
 from gateway.options import HttpOptions
 from gateway.upstream import Upstream
+from serving import security
 from serving.atomic_files import write_text_atomic
 from serving.server import ServerOptions
 
@@ -28,12 +29,29 @@ class HttpFront:
         self.port = -1
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._tls_watcher: asyncio.Task | None = None
         self._socket: socket.socket | None = None
+        self._ssl_context: ssl.SSLContext | None = None
+        self._tls_files = None
+        if server.tls_cert_file:
+            files = {"tls-cert-file": server.tls_cert_file, "tls-key-file": server.tls_key_file}
+            if server.tls_client_ca_file:
+                files["tls-client-ca-file"] = server.tls_client_ca_file
+            self._tls_files = security.watch_files(files)  # SIGHUP invalidates it too
+            self._tls_files.changed()
 
     def _config(self):
         from hypercorn.config import Config
 
-        config = Config()
+        front = self
+
+        class KeptContext(Config):
+            # Hypercorn builds its SSL context once; kept here so rotated files can be loaded into it.
+            def create_ssl_context(self):
+                front._ssl_context = super().create_ssl_context()
+                return front._ssl_context
+
+        config = KeptContext()
         config.bind = [f"fd://{self._socket.fileno()}"]
         config.graceful_timeout = self.server.grace_seconds
         config.accesslog = None
@@ -59,13 +77,40 @@ class HttpFront:
         self._socket.setblocking(False)
         self.port = self._socket.getsockname()[1]
         self._task = asyncio.create_task(serve(self.app, self._config(), shutdown_trigger=self._stop.wait))
+        if self._tls_files is not None and self.options.http_tls_check_seconds > 0:
+            self._tls_watcher = asyncio.create_task(self._watch_tls_files())
         if self.options.http_port_file:
             write_text_atomic(self.options.http_port_file, f"{self.port}\n")
         log.info("HTTP front on %s:%d (%s)", self.server.host, self.port,
                  "TLS" if self.server.tls_cert_file else "plaintext h2c/HTTP/1.1")
         return self.port
 
+    def reload_tls(self) -> bool:
+        """Loads changed TLS files into the live context: new handshakes use them. Unusable files (a rotation
+        half done) keep the current certificate. Returns whether it reloaded."""
+        if self._tls_files is None or self._ssl_context is None or not self._tls_files.changed():
+            return False
+        cert, key, ca = self.server.tls_cert_file, self.server.tls_key_file, self.server.tls_client_ca_file
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # a dry run first
+            self._ssl_context.load_cert_chain(cert, key)
+            if ca:
+                self._ssl_context.load_verify_locations(ca)
+        except (ssl.SSLError, OSError, ValueError):
+            log.warning("TLS files changed but are unusable; the HTTP port keeps the previous certificate")
+            return False
+        log.info("HTTP port: TLS certificate reloaded")
+        return True
+
+    async def _watch_tls_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.http_tls_check_seconds)  # polling files, not synchronising
+            self.reload_tls()
+
     async def stop(self) -> None:
+        if self._tls_watcher is not None:
+            self._tls_watcher.cancel()
+            await asyncio.gather(self._tls_watcher, return_exceptions=True)
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)

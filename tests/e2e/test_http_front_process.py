@@ -37,7 +37,7 @@ def orchestrator_process(tmp_path_factory):
         [sys.executable, "-m", "orchestrator", "--vlm", "127.0.0.1:1", "--audio", "127.0.0.1:2", "--host", "127.0.0.1",
          "--port", "0", "--http-port", "0", "--http-port-file", str(port_file), "--tls-cert-file", str(server.cert),
          "--tls-key-file", str(server.key), "--tls-client-ca-file", str(ca.cert_file),
-         "--auth-tokens-file", str(folder / "tokens")],
+         "--auth-tokens-file", str(folder / "tokens"), "--http-tls-check-seconds", "0.2"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "TMPDIR": str(folder / "tmp")})
     try:
         give_up = time.monotonic() + START_TIMEOUT
@@ -83,6 +83,27 @@ async def test_calls_go_through_the_grpc_servers_token_check_and_error_mapping(o
     # With the token the request passes validation and admission; the VLM is not there: UNAVAILABLE, 503.
     assert unavailable.status_code == 503 and unavailable.json()["code"] == "unavailable"
     assert "Traceback" not in unavailable.text and len(unavailable.text) < 1000
+
+
+async def test_a_rotated_certificate_is_served_without_a_restart(orchestrator_process):
+    _, base, context, _, folder = orchestrator_process
+    new_ca = CertificateAuthority(folder / "next", "ca-next")
+    issued = new_ca.issue("server", server=True)
+    # As a Secret volume updates: each file replaced whole (the key first: the half-rotated pair is refused).
+    os.replace(issued.key, folder / "server.key")
+    os.replace(issued.cert, folder / "server.crt")
+    trusting_new = ssl.create_default_context(cafile=str(new_ca.cert_file))
+    trusting_new.load_cert_chain(str(folder / "client.crt"), str(folder / "client.key"))  # still the old CA's client
+    give_up = time.monotonic() + START_TIMEOUT
+    while True:  # until the next check loads the files (every 0.2 s here); bounded
+        try:
+            async with httpx.AsyncClient(http2=True, verify=trusting_new, timeout=5) as client:
+                response = await client.get(base + "/")
+            break
+        except httpx.ConnectError:
+            assert time.monotonic() < give_up, "the HTTP port never served the new certificate"
+            await asyncio.sleep(0.1)  # polling a reload that has no event to wait on
+    assert response.status_code == 200 and response.http_version == "HTTP/2"
 
 
 async def test_sigterm_stops_both_ports_and_removes_the_private_socket(orchestrator_process):
