@@ -112,7 +112,7 @@ async def test_http_streams_carry_the_grpc_stream(front):
         assert comparable(events) == reference
 
 
-@pytest.mark.parametrize("case", ["too_large", "wrong_type", "no_token", "bad_token", "malformed", "invalid"])
+@pytest.mark.parametrize("case", ["too_large", "wrong_type", "no_token", "bad_token", "malformed", "invalid", "deadline"])
 async def test_bad_input_over_http_gets_the_mapped_status(front, case):
     stack, base = front
     small = reference_request()
@@ -122,7 +122,7 @@ async def test_bad_input_over_http_gets_the_mapped_status(front, case):
     headers = {**AUTH, "content-type": "application/json"}
     expected = {"too_large": (413, "resource_exhausted"), "wrong_type": (415, None), "no_token": (401, "unauthenticated"),
                 "bad_token": (401, "unauthenticated"), "malformed": (400, "invalid_argument"),
-                "invalid": (400, "invalid_argument")}[case]
+                "invalid": (400, "invalid_argument"), "deadline": (504, "deadline_exceeded")}[case]
     if case == "too_large":
         big = pb.ImageToSoundRequest()
         big.image.data = os.urandom(2 * 1024 * 1024)
@@ -135,6 +135,8 @@ async def test_bad_input_over_http_gets_the_mapped_status(front, case):
         headers["authorization"] = "Bearer not-the-token"
     elif case == "malformed":
         body = '{"image": {"data": "not base64!!"}, "audio": '
+    elif case == "deadline":
+        headers["connect-timeout-ms"] = "20"  # far less than the VLM's first token takes
     elif case == "invalid":
         invalid = pb.ImageToSoundRequest.FromString(small.SerializeToString())
         invalid.options.max_clips = 10_000  # well-formed, refused by the gRPC port's own validation
