@@ -91,4 +91,4 @@ device-wheels:
 		--platform manylinux1_x86_64 --platform any -d .whl $$w || exit 1; done
 
 clean:
-	rm -rf demo_out $(TINY) $(PROTO_STAMP) protos/image_to_sound/v1/*_pb2*.py*
+	rm -rf demo_out $(TINY) $(PROTO_STAMP) protos/image_to_sound/v1/*_pb2*.py* protos/image_to_sound/v1/*_connect.py

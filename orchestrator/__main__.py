@@ -1,8 +1,11 @@
-"""python -m orchestrator --vlm H:P --audio H:P --host H --port P"""
+"""python -m orchestrator --vlm H:P --audio H:P --host H --port P [--http-port P]"""
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
+import tempfile
 
 from orchestrator.config import parse_args
 from orchestrator.server import Orchestrator
@@ -15,8 +18,25 @@ def main(argv: list[str] | None = None) -> None:
 
     async def serve() -> None:
         orchestrator = Orchestrator(config)
-        # SERVING once both model services are SERVING: a readiness probe then means "can do the job".
-        await run_until_signal(orchestrator.server, orchestrator.wait_for_backends, orchestrator.close)
+        front = folder = None
+        if config.http.http_port >= 0:
+            from gateway.front import HttpFront
+
+            # The HTTP front calls the gRPC server itself, through a Unix socket only this process can open
+            # (a private folder), so every HTTP call passes the same interceptors and servicer.
+            folder = tempfile.mkdtemp(prefix="i2s-orchestrator-")
+            socket_path = os.path.join(folder, "grpc.sock")
+            orchestrator.server.server.add_insecure_port(f"unix:{socket_path}")
+            front = HttpFront(config.http, config.server, f"unix:{socket_path}")
+            await front.start()
+        try:
+            # SERVING once both model services are SERVING: a readiness probe then means "can do the job".
+            await run_until_signal(orchestrator.server, orchestrator.wait_for_backends, orchestrator.close)
+        finally:
+            # After the gRPC drain, so HTTP calls in flight finished through it (or got its refusal).
+            if front is not None:
+                await front.stop()
+                shutil.rmtree(folder, ignore_errors=True)
 
     asyncio.run(serve())
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.options import HttpOptions
 from orchestrator.pipeline import PipelineLimits
 from serving.config import parse_config, setting
 from serving.server import ServerOptions
@@ -33,6 +34,7 @@ class OrchestratorConfig:
                                                   "changes; new channels use the new files (0: never)")
     limits: PipelineLimits = PipelineLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
+    http: HttpOptions = HttpOptions()
 
 
 def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:

@@ -19,7 +19,7 @@ SKIP_DIRS = {".venv", ".git", "models", "demo_out", "__pycache__", "build", "sou
 def _clean_copy(dest: Path) -> Path:
     """The source tree as a fresh clone has it: no venv, no generated stubs, no build output."""
     def ignore(folder, names):
-        return {n for n in names if n in SKIP_DIRS or "_pb2" in n or n.endswith(".egg-info")}
+        return {n for n in names if n in SKIP_DIRS or "_pb2" in n or n.endswith(("_connect.py", ".egg-info"))}
 
     shutil.copytree(ROOT, dest, ignore=ignore)
     return dest
@@ -100,10 +100,11 @@ def test_console_scripts_of_the_installed_package_serve_health(installed, tiny_v
 def test_the_installed_package_carries_stubs_prompts_and_scripts_but_no_tiny_builders(installed):
     python = installed / "bin" / "python"
     code = ("import image_to_sound.v1.orchestrator_pb2_grpc, vlm_prompt.loader as l, importlib.util as u;"
-            "print(l.load_prompt('v1').schema['type']);"
+            "import image_to_sound.v1.orchestrator_connect, gateway.app as g;"
+            "print(l.load_prompt('v1').schema['type'], (g.STATIC / 'index.html').is_file(), (g.STATIC / 'app.js').is_file());"
             "print(u.find_spec('vlm_service.tiny') is None and u.find_spec('audio_service.tiny') is None)")
     out = subprocess.run([str(python), "-c", code], cwd=installed, check=True, capture_output=True, text=True).stdout
-    assert out.split() == ["object", "True"]
+    assert out.split() == ["object", "True", "True", "True"]
     for script in ("i2s", "i2s-vlm", "i2s-audio", "i2s-orchestrator"):
         assert (installed / "bin" / script).exists()
     help_text = subprocess.run([str(installed / "bin" / "i2s"), "--help"], check=True, capture_output=True,
