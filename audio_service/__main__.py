@@ -7,11 +7,13 @@ import logging
 from audio_service.config import parse_args
 from audio_service.server import build_backend, load_and_warm, make_server
 from serving.server import run_until_signal
+from serving.threads import apply_torch_threads
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s audio %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
 
     async def serve() -> None:
         backend = build_backend(config)  # cheap: loads nothing until load_and_warm

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     more.add_argument("--device", default=None, help="device for both models in embedded mode (cpu, cuda, cuda:1)")
     more.add_argument("--vlm_device", default=None, help="device for the VLM only (e.g. cuda:0)")
     more.add_argument("--audio_device", default=None, help="device for the audio model only (e.g. cuda:1)")
+    more.add_argument("--torch_threads", type=int, default=0,
+                      help="CPU threads per model service (default 0: the machine's cores divided between them)")
     more.add_argument("--audio_scheduler", choices=["dpm", "ddim"], default="dpm", help="ddim + 200 steps is the seed's setting")
     more.add_argument("--num_candidates", type=int, default=1, help="clips generated per variant; the best by CLAP is kept")
     more.add_argument("--max_new_tokens", type=int, default=0, help="VLM output bound (default: the server's)")
@@ -385,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             with EmbeddedServices(vlm_model=None if args.skip_vlm else args.vlm_model,
                                   audio_model=None if args.skip_audio else args.audio_model,
                                   device=args.device, vlm_device=args.vlm_device,
-                                  audio_device=args.audio_device) as services:
+                                  audio_device=args.audio_device, torch_threads=args.torch_threads) as services:
                 process(jobs, services.target, args)
         except ModelUnavailable as exc:
             log.error("%s", exc)

@@ -16,8 +16,13 @@ from pathlib import Path
 
 from serving import channels
 from serving.health import wait_serving
+from serving.threads import threads_per_service
 
 log = logging.getLogger(__name__)
+
+
+MODEL_MODULES = ("vlm_service", "audio_service")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class ServiceFailed(RuntimeError):
@@ -54,6 +59,7 @@ class EmbeddedServices:
     vlm_device: str | None = None
     audio_device: str | None = None
     start_timeout_seconds: float = 1800.0  # first runs download the real weights
+    torch_threads: int = 0  # per model service; 0: the machine's cores divided between the model services
     extra_env: dict[str, str] = field(default_factory=dict)
     children: list[_Child] = field(default_factory=list)
     target: str = ""
@@ -65,7 +71,10 @@ class EmbeddedServices:
     def _spawn(self, name: str, module: str, args: list[str]) -> _Child:
         port_file = self.log_dir / f"{name}.port"
         log_file = self.log_dir / f"{name}.log"
-        env = {**os.environ, **self.extra_env}  # the children import the installed package, as we do
+        # The native thread pools besides torch's (OpenMP, OpenBLAS, MKL) size themselves from the
+        # environment when loaded; they get the same share, unless the user set them.
+        threads = str(self.model_threads() if module in MODEL_MODULES else 1)
+        env = {**{variable: threads for variable in THREAD_VARIABLES}, **os.environ, **self.extra_env}
         command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), *args]
         with open(log_file, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -108,17 +117,25 @@ class EmbeddedServices:
         except TimeoutError:
             raise ServiceFailed(f"{child.name} was not SERVING in time:\n{child.log_tail()}") from None
 
+    def model_threads(self) -> int:
+        """torch threads for each model service: the cores shared by those this run starts, so that two
+        services on two cores do not run four threads."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return threads_per_service(sum(1 for m in (self.vlm_model, self.audio_model) if m))
+
     def start(self) -> str:
         deadline = time.monotonic() + self.start_timeout_seconds
         try:
             device_args = lambda d: ["--device", d] if d else []  # noqa: E731
+            threads = ["--torch-threads", str(self.model_threads())]
             models = []
             if self.vlm_model:
-                models.append(self._spawn("vlm", "vlm_service",
-                                          ["--model", self.vlm_model, *device_args(self.vlm_device or self.device)]))
+                models.append(self._spawn("vlm", "vlm_service", ["--model", self.vlm_model, *threads,
+                                                                 *device_args(self.vlm_device or self.device)]))
             if self.audio_model:
-                models.append(self._spawn("audio", "audio_service",
-                                          ["--model", self.audio_model, *device_args(self.audio_device or self.device)]))
+                models.append(self._spawn("audio", "audio_service", ["--model", self.audio_model, *threads,
+                                                                     *device_args(self.audio_device or self.device)]))
             targets = {c.name: f"127.0.0.1:{self._port(c, deadline)}" for c in models}
             orch = self._spawn("orchestrator", "orchestrator",
                                ["--vlm", targets.get("vlm", ""), "--audio", targets.get("audio", "")])

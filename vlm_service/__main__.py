@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 from serving.server import run_until_signal
+from serving.threads import apply_torch_threads
 from vlm_service.config import parse_args
 from vlm_service.server import build_backend, load_and_warm, make_server
 
@@ -12,6 +13,7 @@ from vlm_service.server import build_backend, load_and_warm, make_server
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vlm %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
 
     async def serve() -> None:
         backend = build_backend(config)  # cheap: loads nothing until load_and_warm
