@@ -28,10 +28,11 @@ MODEL_MODULES = ("vlm_service", "audio_service")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-# A tqdm bar (downloads, loading checkpoint shards): relayed every PROGRESS_EVERY seconds, not every update.
+# A tqdm bar (downloads, loading checkpoint shards): relayed at most every PROGRESS_EVERY seconds per service.
 PROGRESS_BAR = re.compile(r"\d+%\|")
 PROGRESS_EVERY = 10.0
-LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ ")  # the services' time stamp and name
+# The services' time stamp and name, and the level and logger of INFO lines (warnings keep theirs).
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ (INFO \S+: )?")
 
 
 class ServiceFailed(RuntimeError):
@@ -108,7 +109,7 @@ class EmbeddedServices:
                 line = LOG_PREFIX.sub("", line).strip()
                 if not line:
                     continue
-                if PROGRESS_BAR.search(line) and "100%" not in line:
+                if PROGRESS_BAR.search(line):
                     now = time.monotonic()
                     if now - child.progress_at < PROGRESS_EVERY:
                         continue

@@ -22,8 +22,12 @@ class StartupError(Exception):
 
 
 def looks_like_path(model: str) -> bool:
-    """A folder rather than a hub id: exists, starts like a path, or is no valid `owner/name` id."""
-    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+    """A folder rather than a hub id: exists, starts like a path, lies in a folder that exists here, or is
+    no valid `owner/name` id."""
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")):
+        return True
+    if path.parent != Path(".") and path.parent.is_dir():  # models/vlmm when models/ is here: a folder typo
         return True
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
