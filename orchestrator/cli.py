@@ -39,6 +39,10 @@ DEFAULT_AUDIO_MODEL = "cvssp/audioldm2"
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
+def image_kinds() -> str:
+    return ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+
+
 def orchestrator_address(value: str) -> str:
     """--orchestrator: host:port (a bare port is the commonest slip)."""
     if value.isdigit():
@@ -60,24 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Runs resume: images whose outputs are complete are skipped; run the same command again after an "
         "interruption. Examples: %(prog)s --single data/coffee.png; %(prog)s --skip_audio; "
         "%(prog)s --orchestrator localhost:50050")
-    io = p.add_argument_group("input and output")
-    io.add_argument("--data_dir", default="data", metavar="DIR",
-                    help=f"folder of images, searched recursively ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}; "
-                    "default: data)")
-    io.add_argument("--sound_sources_dir", default="sound_sources", metavar="DIR",
-                    help="where descriptions are written; with --skip_vlm, where they are read (default: sound_sources)")
-    io.add_argument("--result_dir", default="result", metavar="DIR", help="where clips are written (default: result)")
-    io.add_argument("--single", metavar="PATH",
-                    help="process this one image only (with --skip_vlm: its description, found by file name)")
-    io.add_argument("--skip_audio", action="store_true", help="write descriptions only")
-    io.add_argument("--skip_vlm", action="store_true",
-                    help=f"make clips from every *{DESCRIPTION_SUFFIX} under --sound_sources_dir (no images needed)")
-    io.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
-    io.add_argument("--scene_mix", action="store_true", help="also write result/<image>/scene_mix.wav, all clips layered")
-    io.add_argument("--export_phase2", metavar="DIR", help="also copy the clips into DIR/guitar, bass, keyboard, drum "
-                    "by instrument")
-    io.add_argument("--save_log", metavar="FILE", help="also write the log to FILE")
-    io.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
+    files = p.add_argument_group("input and output")
+    files.add_argument("--data_dir", default="data", metavar="DIR",
+                       help=f"folder of images, searched recursively ({image_kinds()}; default: data)")
+    files.add_argument("--sound_sources_dir", default="sound_sources", metavar="DIR",
+                       help="where descriptions are written; with --skip_vlm, where they are read "
+                       "(default: sound_sources)")
+    files.add_argument("--result_dir", default="result", metavar="DIR", help="where clips are written (default: result)")
+    files.add_argument("--single", metavar="PATH",
+                       help="process this one image only (with --skip_vlm: its description, found by file name)")
+    files.add_argument("--skip_audio", action="store_true", help="write descriptions only")
+    files.add_argument("--skip_vlm", action="store_true",
+                       help=f"make clips from every *{DESCRIPTION_SUFFIX} under --sound_sources_dir (no images needed)")
+    files.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    files.add_argument("--scene_mix", action="store_true", help="also write result/<image>/scene_mix.wav, all clips layered")
+    files.add_argument("--export_phase2", metavar="DIR", help="also copy the clips into DIR/guitar, bass, keyboard, drum "
+                       "by instrument")
+    files.add_argument("--save_log", metavar="FILE", help="also write the log to FILE")
+    files.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
     audio = p.add_argument_group("sound")
     audio.add_argument("--audio_seconds", type=float, default=4.0, metavar="SECONDS",
                        help="clip length (default: 4)")
@@ -422,8 +426,7 @@ def check_inputs(args: argparse.Namespace) -> str:
     elif not args.single and not Path(args.data_dir).is_dir():
         return f"--data_dir {args.data_dir}: no such folder"
     elif not args.single and not find_images(Path(args.data_dir)):
-        kinds = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
-        return f"no images ({kinds}) found under {args.data_dir}/: put some there, or pass --data_dir DIR"
+        return f"no images ({image_kinds()}) found under {args.data_dir}/: put some there, or pass --data_dir DIR"
     return ""
 
 

@@ -247,3 +247,21 @@ async def test_ctrl_c_ends_with_a_summary_and_how_to_resume(workspace):
     assert code == 130
     one_line_error(rest, "interrupted: what finished is kept; run the same command again to resume")
     assert "not finished" in rest
+
+
+def test_a_service_that_dies_while_starting_says_why_in_one_line_and_leaves_its_log(tmp_path):
+    from orchestrator.embedded import EmbeddedServices, ServiceFailed
+
+    missing = tmp_path / "no-such-model"
+    services = EmbeddedServices(vlm_model=str(missing), audio_model=None, start_timeout_seconds=BOUND)
+    try:
+        with pytest.raises(ServiceFailed) as info:
+            services.start()
+        assert str(info.value) == (f"the vlm service exited with code 2 while starting: python -m vlm_service: error: "
+                                   f"--model {missing}: no such folder; give a checkpoint folder or a hub id like "
+                                   f"owner/name")
+        kept = services.keep_logs(tmp_path / "service_logs")
+        assert "no such folder" in (kept / "vlm.log").read_text()
+    finally:
+        services.stop()
+        services.close()
