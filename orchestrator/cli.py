@@ -368,7 +368,7 @@ def process(jobs: list[Job], target: str, args: argparse.Namespace) -> None:
         with ImageToSoundClient(target, **secure) as client, \
                 (logging_redirect_tqdm() if bars else contextlib.nullcontext()):
             if args.orchestrator:
-                client.wait_for_ready(timeout=args.wait_seconds)
+                wait_for_orchestrator(client, args)
             for event in client.stream_many(requests_for(todo), config=settings_from(args)):
                 writers[event.request_id].handle(event)
     except grpc.RpcError as exc:
@@ -380,6 +380,18 @@ def process(jobs: list[Job], target: str, args: argparse.Namespace) -> None:
             job.error = f"not started: {exc}"
     finally:
         progress.close()
+
+
+def wait_for_orchestrator(client: ImageToSoundClient, args: argparse.Namespace) -> None:
+    """Ready at once as a rule; otherwise say what we wait for, so the wait is not silence."""
+    first = min(1.0, args.wait_seconds)
+    try:
+        client.wait_for_ready(timeout=first)
+    except OrchestratorUnavailable:
+        if args.wait_seconds <= first:
+            raise
+        log.info("waiting up to %.0f s for the orchestrator at %s to be ready", args.wait_seconds, args.orchestrator)
+        client.wait_for_ready(timeout=args.wait_seconds - first)
 
 
 def report(jobs: list[Job], elapsed: float, args: argparse.Namespace, interrupted: bool = False) -> int:
@@ -430,6 +442,9 @@ def check_inputs(args: argparse.Namespace) -> str:
     return ""
 
 
+UNRECORDED = (None, 0, 0.0, "SCHEDULER_UNSPECIFIED")
+
+
 def warn_changed_settings(jobs: list[Job], args: argparse.Namespace) -> None:
     """Images kept from an earlier run whose clips were made with other audio settings: say so once, since
     skipping them silently looks as if the new settings had been applied."""
@@ -450,7 +465,8 @@ def warn_changed_settings(jobs: list[Job], args: argparse.Namespace) -> None:
             clips = json.loads((job.result_dir / "prompts.json").read_text())["clips"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        differ = {k for clip in clips for k, v in wanted.items() if k in clip and clip[k] != v}
+        # A value the service did not record (0, unspecified) cannot be said to differ.
+        differ = {k for clip in clips for k, v in wanted.items() if clip.get(k) not in UNRECORDED and clip[k] != v}
         for key in differ:
             changed.setdefault(key, set()).update(clip.get(key) for clip in clips)
         count += bool(differ)
