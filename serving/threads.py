@@ -8,6 +8,7 @@ model loads; embedded mode (orchestrator/embedded.py) divides the cores between 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,12 +23,29 @@ class ThreadOptions:
                                  "process may use)")
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def cgroup_cpu_limit(path: str = CGROUP_CPU_MAX) -> int | None:
+    """The CPU limit of this container in whole cores (a Kubernetes `limits.cpu: 3` is "300000 100000" in
+    cgroup v2's cpu.max), or None where there is none. A limit is a time quota, not fewer visible cores."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        with open(path, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity (which taskset and cpusets narrow), bounded by the
+    container's CPU limit."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, limit) if limit else cores)
 
 
 def threads_per_service(services: int, cores: int | None = None) -> int:

@@ -42,3 +42,16 @@ def test_a_service_process_applies_the_setting_before_its_model_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
     assert out.stdout.strip() == "1"
+
+
+def test_a_container_cpu_limit_bounds_the_cores(tmp_path, monkeypatch):
+    from serving import threads
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("250000 100000\n")  # limits.cpu: 2.5
+    assert threads.cgroup_cpu_limit(str(cpu_max)) == 3
+    cpu_max.write_text("max 100000\n")
+    assert threads.cgroup_cpu_limit(str(cpu_max)) is None
+    assert threads.cgroup_cpu_limit(str(tmp_path / "absent")) is None
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: 1)
+    assert threads.available_cores() == 1
