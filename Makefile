@@ -13,9 +13,14 @@ TINY := models/tiny
 
 setup: $(STAMP) $(PROTO_STAMP)
 
+# torch's build (CPU or CUDA) is chosen by the index, not by the pin: PyPI's Linux wheel is the CUDA one;
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU build (2.13.0+cpu, no CUDA libraries).
+TORCH_INDEX ?=
+
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+		-r requirements.txt
 	rm -f $(VENV)/lib/python*/site-packages/image_to_sound_protos.pth  # the path trick of earlier versions
 	touch $@
 

@@ -6,12 +6,24 @@ import logging
 
 from audio_service.config import parse_args
 from audio_service.server import build_backend, load_and_warm, make_server
+from serving.config import program_name
 from serving.server import run_until_signal
+from serving.startup import AUDIO, check_model_folder, check_ports_free, run_program
+from serving.threads import apply_torch_threads
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s audio %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    run_program(program_name("python -m audio_service"), lambda: serve_until_signal(config))
+
+
+def serve_until_signal(config) -> None:
+    # The usual mistakes (a folder typo, the two model folders swapped, a port in use) end here in one line.
+    if config.backend == "diffusers":
+        check_model_folder(config.model, AUDIO)
+    check_ports_free(config.server)
+    apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
 
     async def serve() -> None:
         backend = build_backend(config)  # cheap: loads nothing until load_and_warm

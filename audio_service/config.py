@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from serving.config import parse_config, setting
 from serving.models import DEFAULT_AUDIO_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
+from serving.threads import ThreadOptions
 
 DEFAULT_PORT = 50052
 ENV_PREFIX = "AUDIO"
@@ -42,6 +43,7 @@ class AudioConfig:
     default_guidance_scale: float = 3.5  # the seed's --audio_guidance default
     default_chunk_seconds: float = 0.5
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
+    threads: ThreadOptions = ThreadOptions()
 
 
 def parse_args(argv: list[str] | None = None) -> AudioConfig:

@@ -13,6 +13,7 @@ With --skip_vlm the input is the descriptions, not the images: every *_sound_sou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -23,9 +24,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from orchestrator.client import ImageResult, ImageToSoundClient, make_request, to_image
+from orchestrator.client import ImageResult, ImageToSoundClient, OrchestratorUnavailable, make_request, to_image
 from orchestrator.gallery import write_gallery
 from orchestrator.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
@@ -33,56 +35,102 @@ from serving.security import SecurityConfigError
 from serving.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # what serving/images.py accepts
 DESCRIPTION_SUFFIX = "_sound_source.json"
 DEFAULT_VLM_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_AUDIO_MODEL = "cvssp/audioldm2"
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
+def image_kinds() -> str:
+    return ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+
+
+def orchestrator_address(value: str) -> str:
+    """--orchestrator: host:port (a bare port is the commonest slip)."""
+    if value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is a port alone: give host:port, e.g. localhost:{value}")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: give host:port, e.g. localhost:50050")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="main.py", description="Image → sound-source descriptions → sound-effect clips")
-    seed = p.add_argument_group("the seed's options")
-    seed.add_argument("--data_dir", default="data", help="folder of images, searched recursively")
-    seed.add_argument("--sound_sources_dir", default="sound_sources",
-                      help="where descriptions are written (with --skip_vlm: read, searched recursively)")
-    seed.add_argument("--result_dir", default="result", help="where clips are written")
-    seed.add_argument("--single", metavar="PATH",
-                      help="process this one image only (with --skip_vlm: its description, found by file stem)")
-    seed.add_argument("--skip_audio", action="store_true", help="write descriptions only")
-    seed.add_argument("--skip_vlm", action="store_true",
-                      help=f"make audio from every *{DESCRIPTION_SUFFIX} under --sound_sources_dir (no images needed)")
-    seed.add_argument("--audio_model", default=DEFAULT_AUDIO_MODEL, help="AudioLDM2 hub id or local dir")
-    seed.add_argument("--audio_seconds", type=float, default=4.0, help="clip length in seconds")
-    seed.add_argument("--audio_steps", type=int, default=0,
-                      help="denoising steps (default: 20 with DPM-Solver; the seed used 200 with DDIM)")
-    seed.add_argument("--audio_guidance", type=float, default=3.5, help="classifier-free guidance scale")
-    seed.add_argument("--audio_seed", type=int, default=None, help="seed for every clip (default: random, recorded)")
-    seed.add_argument("--save_log", metavar="FILE", help="also write the log to FILE")
-    more = p.add_argument_group("beyond the seed")
-    more.add_argument("--orchestrator", metavar="H:P", help="use running services instead of starting them")
-    more.add_argument("--vlm_model", default=DEFAULT_VLM_MODEL, help="Qwen2.5-VL hub id or local dir")
-    more.add_argument("--device", default=None, help="device for both models in embedded mode (cpu, cuda, cuda:1)")
-    more.add_argument("--vlm_device", default=None, help="device for the VLM only (e.g. cuda:0)")
-    more.add_argument("--audio_device", default=None, help="device for the audio model only (e.g. cuda:1)")
-    more.add_argument("--audio_scheduler", choices=["dpm", "ddim"], default="dpm", help="ddim + 200 steps is the seed's setting")
-    more.add_argument("--num_candidates", type=int, default=1, help="clips generated per variant; the best by CLAP is kept")
-    more.add_argument("--max_new_tokens", type=int, default=0, help="VLM output bound (default: the server's)")
-    more.add_argument("--scene_mix", action="store_true", help="also write result/<stem>/scene_mix.wav")
-    more.add_argument("--export_phase2", metavar="DIR", help="lay the clips out by instrument (guitar/ bass/ keyboard/ drum/)")
-    more.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
-    more.add_argument("--no_progress", action="store_true", help="no progress bars")
-    secure = p.add_argument_group("security (with --orchestrator; README \"Security\")")
-    secure.add_argument("--tls_ca_file", metavar="PEM", help="CA of the orchestrator's certificate: connect with TLS")
-    secure.add_argument("--tls_cert_file", metavar="PEM", help="client certificate, for mutual TLS")
-    secure.add_argument("--tls_key_file", metavar="PEM", help="private key of --tls_cert_file")
-    secure.add_argument("--token_file", metavar="FILE",
+    from serving.config import program_name
+
+    p = argparse.ArgumentParser(
+        prog=program_name("main.py"), usage="%(prog)s [options]",
+        description="Describe the sound sources in each image (Qwen2.5-VL), then make a sound-effect clip for "
+        "each (AudioLDM2). By default the three services are started here as child processes on this machine "
+        "and stopped at the end; --orchestrator uses services that are already running.",
+        epilog="Runs resume: images whose outputs are complete are skipped; run the same command again after an "
+        "interruption. Examples: %(prog)s --single data/coffee.png; %(prog)s --skip_audio; "
+        "%(prog)s --orchestrator localhost:50050")
+    files = p.add_argument_group("input and output")
+    files.add_argument("--data_dir", default="data", metavar="DIR",
+                       help=f"folder of images, searched recursively ({image_kinds()}; default: data)")
+    files.add_argument("--sound_sources_dir", default="sound_sources", metavar="DIR",
+                       help="where descriptions are written; with --skip_vlm, where they are read "
+                       "(default: sound_sources)")
+    files.add_argument("--result_dir", default="result", metavar="DIR", help="where clips are written (default: result)")
+    files.add_argument("--single", metavar="PATH",
+                       help="process this one image only (with --skip_vlm: its description, found by file name)")
+    files.add_argument("--skip_audio", action="store_true", help="write descriptions only")
+    files.add_argument("--skip_vlm", action="store_true",
+                       help=f"make clips from every *{DESCRIPTION_SUFFIX} under --sound_sources_dir (no images needed)")
+    files.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    files.add_argument("--scene_mix", action="store_true", help="also write result/<image>/scene_mix.wav, all clips layered")
+    files.add_argument("--export_phase2", metavar="DIR", help="also copy the clips into DIR/guitar, bass, keyboard, drum "
+                       "by instrument")
+    files.add_argument("--save_log", metavar="FILE", help="also write the log to FILE")
+    files.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
+    audio = p.add_argument_group("sound")
+    audio.add_argument("--audio_seconds", type=float, default=4.0, metavar="SECONDS",
+                       help="clip length (default: 4)")
+    audio.add_argument("--audio_steps", type=int, default=0, metavar="N",
+                       help="denoising steps: more is slower and cleaner (default: 20; the original script used 200 "
+                       "with --audio_scheduler ddim)")
+    audio.add_argument("--audio_guidance", type=float, default=3.5, metavar="SCALE",
+                       help="how closely the sound follows its caption (default: 3.5)")
+    audio.add_argument("--audio_seed", type=int, default=None, metavar="N",
+                       help="random seed for every clip, to repeat a run (default: a new one per clip, recorded in "
+                       "prompts.json)")
+    audio.add_argument("--audio_scheduler", choices=["dpm", "ddim"], default="dpm",
+                       help="denoising method (default: dpm; ddim with 200 steps is the original script's)")
+    audio.add_argument("--num_candidates", type=int, default=1, metavar="N",
+                       help="clips made per sound; the one that best matches its caption is kept (default: 1)")
+    models = p.add_argument_group("models and devices (for the services started here)")
+    models.add_argument("--vlm_model", default=DEFAULT_VLM_MODEL, metavar="ID_OR_DIR",
+                        help=f"image describer: Hugging Face id or local folder (default: {DEFAULT_VLM_MODEL})")
+    models.add_argument("--audio_model", default=DEFAULT_AUDIO_MODEL, metavar="ID_OR_DIR",
+                        help=f"sound generator: Hugging Face id or local folder (default: {DEFAULT_AUDIO_MODEL})")
+    models.add_argument("--device", default=None, metavar="DEVICE",
+                        help="cpu, cuda or cuda:1, for both models (default: cuda if there is a GPU, else cpu)")
+    models.add_argument("--vlm_device", default=None, metavar="DEVICE", help="device for the image describer only")
+    models.add_argument("--audio_device", default=None, metavar="DEVICE", help="device for the sound generator only")
+    models.add_argument("--max_new_tokens", type=int, default=0, metavar="N",
+                        help="longest description, in tokens (default: the service's)")
+    models.add_argument("--torch_threads", type=int, default=0, metavar="N",
+                        help="CPU threads per model service (default: this machine's cores divided between them)")
+    models.add_argument("--service_logs", metavar="DIR",
+                        help="keep the services' logs in DIR (default: kept only when a service fails, in "
+                        "service_logs/ beside --result_dir)")
+    remote = p.add_argument_group("running services (README \"Phase 2\" and \"Security\")")
+    remote.add_argument("--orchestrator", metavar="HOST:PORT", type=orchestrator_address,
+                        help="use the orchestrator running there instead of starting the services here")
+    remote.add_argument("--wait_seconds", type=float, default=30.0, metavar="SECONDS",
+                        help="with --orchestrator: how long to wait for it to be ready (default: 30)")
+    remote.add_argument("--tls_ca_file", metavar="PEM", help="CA of the orchestrator's certificate: connect with TLS")
+    remote.add_argument("--tls_cert_file", metavar="PEM", help="client certificate, for mutual TLS")
+    remote.add_argument("--tls_key_file", metavar="PEM", help="private key of --tls_cert_file")
+    remote.add_argument("--token_file", metavar="FILE",
                         help="bearer token to send (first line); or set I2S_AUTH_TOKEN")
     return p
 
 
 def find_images(data_dir: Path) -> list[Path]:
-    """Every jpg, jpeg, png or bmp under data_dir, any case, recursively, sorted."""
+    """Every jpg, jpeg, png, bmp or webp under data_dir, any case, recursively, sorted."""
     return sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -229,13 +277,16 @@ class Writer:
             self.progress.more_clips(len(event.source.variants))
         elif kind == "description" and not job.from_description:
             write_text_atomic(job.description_file, dumps_seed(event.description) + "\n")
+            log.info("%s: described, %d sound source(s) -> %s", job.key, len(event.description.sources),
+                     job.description_file)
         elif kind == "clip_done":
             clip = next(c for c in result.clips if c.ref.clip_id == event.clip_done.clip.clip_id)
-            clip.save(job.result_dir)
+            path = clip.save(job.result_dir)
             if clip.ref.kind == pb.CLIP_KIND_VARIANT:
                 job.clips_written.append(self._manifest_entry(clip, event.clip_done.prompt_style))
                 self.progress.clips.update(1)
             clip.payloads.clear()  # written: free the memory
+            log.info("%s: clip %s", job.key, path)
         elif kind == "clip_failed":
             self.progress.clips.update(1)
             log.error("%s: clip %s failed: %s", job.key, event.clip_failed.clip.file_name, event.clip_failed.message)
@@ -244,9 +295,13 @@ class Writer:
                 self._write_manifest()
             job.done = True
             self.progress.images.update(1)
+            summary = event.summary
+            log.info("%s: done (%d clip(s)%s) in %.1f s", job.key, len(job.clips_written),
+                     f", {len(result.failed)} failed" if result.failed else "", summary.total_seconds)
         elif kind == "image_failed":
             job.error = f"{STATUS_NAMES.get(event.image_failed.code, event.image_failed.code)}: {event.image_failed.message}"
             self.progress.images.update(1)
+            log.error("%s: FAILED: %s", job.key, job.error)
 
     def _manifest_entry(self, clip, prompt_style: str) -> dict:
         variant = clip.variant
@@ -302,14 +357,21 @@ def requests_for(jobs: list[Job]):
 
 
 def process(jobs: list[Job], target: str, args: argparse.Namespace) -> None:
+    """Streams the jobs through the orchestrator at `target`, writing each image's files as its events come.
+    Raises OrchestratorUnavailable when --orchestrator names one that is not there or not ready."""
     todo = [j for j in jobs if not j.skip_reason and not j.error]
-    progress = Progress(len(todo), audio=not args.skip_audio, enabled=not args.no_progress and sys.stderr.isatty())
+    bars = not args.no_progress and sys.stderr.isatty()
+    progress = Progress(len(todo), audio=not args.skip_audio, enabled=bars)
     writers = {job.key: Writer(job, args, progress) for job in todo}
     try:
         # The embedded services listen on loopback in plaintext; the flags are for --orchestrator.
         secure = dict(tls_ca_file=args.tls_ca_file, tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
                       token_file=args.token_file, token=os.environ.get("I2S_AUTH_TOKEN")) if args.orchestrator else {}
-        with ImageToSoundClient(target, **secure) as client:
+        # With bars, log lines go above them instead of through them.
+        with ImageToSoundClient(target, **secure) as client, \
+                (logging_redirect_tqdm() if bars else contextlib.nullcontext()):
+            if args.orchestrator:
+                wait_for_orchestrator(client, args)
             for event in client.stream_many(requests_for(todo), config=settings_from(args)):
                 writers[event.request_id].handle(event)
     except grpc.RpcError as exc:
@@ -323,22 +385,39 @@ def process(jobs: list[Job], target: str, args: argparse.Namespace) -> None:
         progress.close()
 
 
-def report(jobs: list[Job], elapsed: float, args: argparse.Namespace) -> int:
+def wait_for_orchestrator(client: ImageToSoundClient, args: argparse.Namespace) -> None:
+    """Ready at once as a rule; otherwise say what we wait for, so the wait is not silence."""
+    first = min(1.0, args.wait_seconds)
+    try:
+        client.wait_for_ready(timeout=first)
+    except OrchestratorUnavailable:
+        if args.wait_seconds <= first:
+            raise
+        log.info("waiting up to %.0f s for the orchestrator at %s to be ready", args.wait_seconds, args.orchestrator)
+        client.wait_for_ready(timeout=args.wait_seconds - first)
+
+
+def report(jobs: list[Job], elapsed: float, args: argparse.Namespace, interrupted: bool = False) -> int:
     failed = [j for j in jobs if j.error or (j.result and j.result.failed)]
     skipped = [j for j in jobs if j.skip_reason]
+    unfinished = [j for j in jobs if j.result is not None and not j.done and not j.error] if interrupted else []
     clips = sum(len(j.clips_written) for j in jobs)
     clip_failures = sum(len(j.result.failed) for j in jobs if j.result)
     for job in failed:
         log.error("FAILED %s: %s", job.key, job.error or f"{len(job.result.failed)} clip(s) failed")
     log.info(
-        "%d %s: %d done, %d skipped (already complete), %d failed; %d clip(s) written, %d failed; %.1f s",
-        len(jobs), "description(s)" if args.skip_vlm else "image(s)", len(jobs) - len(failed) - len(skipped),
-        len(skipped), len(failed), clips, clip_failures, elapsed,
+        "%d %s: %d done, %d skipped (already complete), %d failed%s; %d clip(s) written, %d failed; %.1f s",
+        len(jobs), "description(s)" if args.skip_vlm else "image(s)",
+        len(jobs) - len(failed) - len(skipped) - len(unfinished), len(skipped), len(failed),
+        f", {len(unfinished)} not finished" if interrupted else "", clips, clip_failures, elapsed,
     )
     read = [j.key for j in jobs if j.description_read]
     if read:
         log.info("%d description file(s) read: %s", len(read), ", ".join(read))
     log.info("descriptions in %s/, clips in %s/", args.sound_sources_dir, args.result_dir)
+    if interrupted:
+        log.warning("interrupted: what finished is kept; run the same command again to resume")
+        return 130
     return 1 if failed else 0
 
 
@@ -350,57 +429,134 @@ def setup_logging(save_log: str | None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", handlers=handlers, force=True)
 
 
+def check_inputs(args: argparse.Namespace) -> str:
+    """What is wrong with the inputs named on the command line, in one line ("" if nothing)."""
+    if args.skip_audio and args.skip_vlm:
+        return "--skip_audio and --skip_vlm together leave nothing to do"
+    if args.skip_vlm:  # the descriptions are the input: no image is needed, --single only names one
+        if not Path(args.sound_sources_dir).is_dir():
+            return f"--skip_vlm: --sound_sources_dir {args.sound_sources_dir}: no such folder"
+    elif args.single and not Path(args.single).is_file():
+        return f"--single {args.single}: no such file"
+    elif not args.single and not Path(args.data_dir).is_dir():
+        return f"--data_dir {args.data_dir}: no such folder"
+    elif not args.single and not find_images(Path(args.data_dir)):
+        return f"no images ({image_kinds()}) found under {args.data_dir}/: put some there, or pass --data_dir DIR"
+    return ""
+
+
+UNRECORDED = (None, 0, 0.0, "SCHEDULER_UNSPECIFIED")
+
+
+def warn_changed_settings(jobs: list[Job], args: argparse.Namespace) -> None:
+    """Images kept from an earlier run whose clips were made with other audio settings: say so once, since
+    skipping them silently looks as if the new settings had been applied."""
+    if args.skip_audio:
+        return
+    wanted = {"duration_seconds": round(args.audio_seconds, 3), "guidance": round(args.audio_guidance, 3),
+              "scheduler": "SCHEDULER_DDIM" if args.audio_scheduler == "ddim" else "SCHEDULER_DPM_SOLVER"}
+    if args.audio_steps:
+        wanted["steps"] = args.audio_steps
+    if args.audio_seed is not None:
+        wanted["seed"] = args.audio_seed
+    changed: dict[str, set] = {}
+    count = 0
+    for job in jobs:
+        if not job.skip_reason:
+            continue
+        try:
+            clips = json.loads((job.result_dir / "prompts.json").read_text())["clips"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        # A value the service did not record (0, unspecified) cannot be said to differ.
+        differ = {k for clip in clips for k, v in wanted.items() if clip.get(k) not in UNRECORDED and clip[k] != v}
+        for key in differ:
+            changed.setdefault(key, set()).update(clip.get(key) for clip in clips)
+        count += bool(differ)
+    if count:
+        what = "; ".join(f"{k} {', '.join(map(str, sorted(v, key=str)))} (now {wanted[k]})" for k, v in changed.items())
+        log.warning("%d image(s) kept from an earlier run with other audio settings (%s): pass --overwrite to "
+                    "redo them", count, what)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.save_log)
-    if args.skip_audio and args.skip_vlm:
-        log.error("--skip_audio and --skip_vlm together leave nothing to do")
-        return 2
-    if args.skip_vlm:  # the descriptions are the input: no image is needed, --single only names one
-        if not Path(args.sound_sources_dir).is_dir():
-            log.error("--skip_vlm: --sound_sources_dir %s: no such folder", args.sound_sources_dir)
-            return 2
-    elif args.single and not Path(args.single).is_file():
-        log.error("--single %s: no such file", args.single)
-        return 2
-    elif not args.single and not Path(args.data_dir).is_dir():
-        log.error("--data_dir %s: no such folder", args.data_dir)
+    problem = check_inputs(args)
+    if problem:
+        log.error("%s", problem)
         return 2
     started = time.perf_counter()
     jobs = plan(args)
     for job in jobs:
         if job.skip_reason:
             log.info("skip %s (%s)", job.key, job.skip_reason)
-    if not jobs and args.skip_vlm:
-        log.warning("nothing to do: no *%s under %s", DESCRIPTION_SUFFIX, args.sound_sources_dir)
-    elif not any(not j.skip_reason and not j.error for j in jobs):
-        log.info("nothing to do")
-    elif args.orchestrator:
-        process(jobs, args.orchestrator, args)
-    else:
-        from orchestrator.embedded import EmbeddedServices, ServiceFailed
-        from orchestrator.preflight import ModelUnavailable, check_models
-
-        try:
-            check_models(None if args.skip_vlm else args.vlm_model, None if args.skip_audio else args.audio_model)
-            log.info("starting the services (VLM %s, audio %s)", args.vlm_model, args.audio_model)
-            # Only what this run needs: --skip_vlm starts no VLM, --skip_audio no audio model.
-            with EmbeddedServices(vlm_model=None if args.skip_vlm else args.vlm_model,
-                                  audio_model=None if args.skip_audio else args.audio_model,
-                                  device=args.device, vlm_device=args.vlm_device,
-                                  audio_device=args.audio_device) as services:
-                process(jobs, services.target, args)
-        except ModelUnavailable as exc:
-            log.error("%s", exc)
-            return 3
-        except ServiceFailed as exc:
-            log.error("a service failed to start: %s", exc)
-            return 3
-    if not args.skip_audio:
+    warn_changed_settings(jobs, args)
+    interrupted = False
+    try:
+        code = run(jobs, args)
+        if code:
+            return code
+    except KeyboardInterrupt:
+        interrupted = True
+    if not args.skip_audio and not interrupted:
         gallery = write_gallery(Path(args.result_dir))  # every image under result/, this run's and earlier ones
         if gallery is not None:
             log.info("gallery: %s", gallery)
-    if args.export_phase2:
+    if args.export_phase2 and not interrupted:
         count = export_phase2(Path(args.result_dir), Path(args.export_phase2))
         log.info("exported %d clip(s) for Phase 2 to %s", count, args.export_phase2)
-    return report(jobs, time.perf_counter() - started, args)
+    return report(jobs, time.perf_counter() - started, args, interrupted)
+
+
+def run(jobs: list[Job], args: argparse.Namespace) -> int:
+    """Processes the jobs, starting the services this run needs unless --orchestrator names running ones.
+    Returns an exit code when it could not start (the error is logged in one line), else 0."""
+    todo = [j for j in jobs if not j.skip_reason and not j.error]
+    if not jobs and args.skip_vlm:
+        log.warning("nothing to do: no *%s under %s", DESCRIPTION_SUFFIX, args.sound_sources_dir)
+        return 0
+    if not todo:
+        log.info("nothing to do")
+        return 0
+    if args.orchestrator:
+        try:
+            process(jobs, args.orchestrator, args)
+        except OrchestratorUnavailable as exc:
+            log.error("%s (or leave out --orchestrator to start the services here)", exc)
+            return 3
+        return 0
+    from orchestrator.embedded import EmbeddedServices, ServiceFailed
+    from orchestrator.preflight import ModelUnavailable, check_models
+    from serving.startup import StartupError
+
+    # Only the models this run needs: a resumed run whose descriptions all exist starts no VLM.
+    vlm_model = args.vlm_model if any(not j.from_description for j in todo) else None
+    audio_model = None if args.skip_audio else args.audio_model
+    try:
+        check_models(vlm_model, audio_model)
+    except (ModelUnavailable, StartupError) as exc:
+        log.error("%s", exc)
+        return 3
+    log.info("starting the services (%s) on this machine", ", ".join(
+        f"{kind} {model}" for kind, model in (("VLM", vlm_model), ("audio", audio_model)) if model))
+    services = EmbeddedServices(vlm_model=vlm_model, audio_model=audio_model, device=args.device,
+                                vlm_device=args.vlm_device, audio_device=args.audio_device,
+                                torch_threads=args.torch_threads, logs_dir=args.service_logs)
+    logs_beside_results = Path(args.result_dir).resolve().parent / "service_logs"
+    try:
+        try:
+            services.start()
+        except ServiceFailed as exc:
+            log.error("%s (its log: %s/)", exc, services.keep_logs(logs_beside_results))
+            return 3
+        process(jobs, services.target, args)
+    finally:
+        codes = services.stop()
+        died = {name: code for name, code in codes.items() if code != 0}
+        if died:
+            where = services.keep_logs(logs_beside_results)
+            log.error("service(s) ended badly: %s; their logs: %s/",
+                      ", ".join(f"{name} (exit code {code})" for name, code in died.items()), where)
+        services.close()
+    return 0

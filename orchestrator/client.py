@@ -2,7 +2,10 @@
 
     from orchestrator.client import ImageToSoundClient
     with ImageToSoundClient("localhost:50050") as client:
+        client.wait_for_ready(timeout=600)  # the services may still be loading their models
         result = client.generate("data/street.jpg", duration_seconds=4, seed=7)
+    if not result.ok:
+        print("failed:", result.error or [f.message for f in result.failed])
     for clip in result.clips:
         print(clip.file_name, clip.source_name, clip.action, clip.instrument_role, clip.waveform.shape)
 
@@ -15,7 +18,9 @@ and for mutual TLS also tls_cert_file= and tls_key_file= (the client's certifica
 """
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,8 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import grpc
 import numpy as np
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from serving import channels, security
@@ -200,6 +207,18 @@ def security_credentials(
     return credentials, call_credentials
 
 
+class OrchestratorUnavailable(ConnectionError):
+    """The orchestrator did not answer, or did not become ready, in time; the message says what to check."""
+
+
+def unavailable_message(target: str, waited: float, listening: bool) -> str:
+    if listening:
+        return (f"the orchestrator at {target} answers but was not ready within {waited:.0f} s (its model services "
+                f"are still loading, or one of them is down): wait longer, or check the services' logs")
+    return (f"nothing answers at {target} (waited {waited:.0f} s): is the orchestrator running? Start the services "
+            f"(README \"Phase 2\": i2s-vlm, i2s-audio, i2s-orchestrator), or check the host and port")
+
+
 class ImageToSoundClient:
     """Blocking client. Thread-safe; keep one per process and reuse it."""
 
@@ -209,9 +228,31 @@ class ImageToSoundClient:
         """`credentials`: TLS (grpc.ssl_channel_credentials); `call_credentials`: e.g. a bearer token.
         Or from files (see `security_credentials`): tls_ca_file, tls_cert_file, tls_key_file, token, token_file."""
         self.timeout = timeout
+        self.target = target
         credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
         self._channel = channels.sync_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+
+    def wait_for_ready(self, timeout: float = 60.0) -> None:
+        """Returns once the orchestrator says SERVING (its model services are loaded); until then a call
+        would fail UNAVAILABLE. Raises OrchestratorUnavailable after `timeout` seconds, saying whether
+        anything answered at all."""
+        started = time.monotonic()
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=False)) from None
+        health = health_pb2_grpc.HealthStub(self._channel)
+        remaining = max(0.1, timeout - (time.monotonic() - started))
+        try:
+            for response in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=remaining,
+                                         wait_for_ready=True):
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=True))
 
     def stream(self, image: ImageInput | None = None, *, timeout: float | None = None, **kwargs) -> Iterator[pb.ImageToSoundEvent]:
         """The raw event stream of one image (see make_request for the arguments)."""
@@ -252,6 +293,7 @@ class AsyncImageToSoundClient:
                  credentials: grpc.ChannelCredentials | None = None,
                  call_credentials: grpc.CallCredentials | None = None, **security_files: str | None):
         self.timeout = timeout
+        self.target = target
         credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
         self._channel = channels.aio_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
@@ -286,6 +328,20 @@ class AsyncImageToSoundClient:
 
     async def close(self) -> None:
         await self._channel.close()
+
+    async def wait_for_ready(self, timeout: float = 60.0) -> None:
+        """As ImageToSoundClient.wait_for_ready."""
+        from serving.health import wait_serving
+
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=False)) from None
+        try:
+            await wait_serving(self._channel, timeout=max(0.1, timeout - (time.monotonic() - started)))
+        except asyncio.TimeoutError:
+            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=True)) from None
 
     async def __aenter__(self) -> "AsyncImageToSoundClient":
         return self

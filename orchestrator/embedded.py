@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import shutil
 import signal
+import threading
 import subprocess
 import sys
 import tempfile
@@ -16,12 +19,24 @@ from pathlib import Path
 
 from serving import channels
 from serving.health import wait_serving
+from serving.threads import threads_per_service
 
 log = logging.getLogger(__name__)
 
 
+MODEL_MODULES = ("vlm_service", "audio_service")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+# A tqdm bar (downloads, loading checkpoint shards): relayed at most every PROGRESS_EVERY seconds per service.
+PROGRESS_BAR = re.compile(r"\d+%\|")
+PROGRESS_EVERY = 10.0
+# The services' time stamp and name, and the level and logger of INFO lines (warnings keep theirs).
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ (INFO \S+: )?")
+
+
 class ServiceFailed(RuntimeError):
-    """A child service exited or never became ready; the message ends with its log."""
+    """A child service exited or never became ready; the message is one line ending with its last log line."""
 
 
 @dataclass
@@ -30,6 +45,16 @@ class _Child:
     process: subprocess.Popen
     port_file: Path
     log_file: Path
+    relayed: int = 0  # bytes of the log already relayed to ours
+    progress_at: float = 0.0  # when a progress bar line was last relayed
+
+    def last_line(self) -> str:
+        """The log's last line that says something (a traceback's last line is the error itself)."""
+        lines = [line.strip() for line in self.log_tail(50).replace("\r", "\n").splitlines() if line.strip()]
+        return LOG_PREFIX.sub("", lines[-1]) if lines else "(nothing in its log)"
+
+    def failure(self, what: str) -> str:
+        return f"the {self.name} service {what}: {self.last_line()}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -54,18 +79,65 @@ class EmbeddedServices:
     vlm_device: str | None = None
     audio_device: str | None = None
     start_timeout_seconds: float = 1800.0  # first runs download the real weights
+    torch_threads: int = 0  # per model service; 0: the machine's cores divided between the model services
+    logs_dir: str | None = None  # keep the services' logs there; None: a temporary folder (see keep_logs)
+    relay_logs: bool = True  # log the services' start-up lines (model loading, download progress) as ours
     extra_env: dict[str, str] = field(default_factory=dict)
     children: list[_Child] = field(default_factory=list)
     target: str = ""
 
     def __post_init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="i2s-embedded-")
-        self.log_dir = Path(self._tmp.name)
+        self._tmp = None if self.logs_dir else tempfile.TemporaryDirectory(prefix="i2s-embedded-")
+        self.log_dir = Path(self.logs_dir) if self.logs_dir else Path(self._tmp.name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def relay(self) -> None:
+        """Logs what the services wrote since the last call (their start-up, and on a first run the model
+        downloads, which take minutes): the user sees progress instead of silence."""
+        if not self.relay_logs:
+            return
+        for child in list(self.children):
+            try:
+                with open(child.log_file, "rb") as f:
+                    f.seek(child.relayed)
+                    data = f.read()
+            except OSError:
+                continue
+            complete = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1  # a partial line waits for the next call
+            child.relayed += complete
+            for line in re.split(r"[\r\n]+", data[:complete].decode(errors="replace")):
+                line = LOG_PREFIX.sub("", line).strip()
+                if not line:
+                    continue
+                if PROGRESS_BAR.search(line):
+                    now = time.monotonic()
+                    if now - child.progress_at < PROGRESS_EVERY:
+                        continue
+                    child.progress_at = now
+                log.info("%s: %s", child.name, line)
+
+    def keep_logs(self, folder: str | Path) -> Path:
+        """Copies the services' logs into `folder` (unless they are written there already); returns it."""
+        folder = Path(folder)
+        if self._tmp is None:
+            return self.log_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        for log_file in self.log_dir.glob("*.log"):
+            shutil.copyfile(log_file, folder / log_file.name)
+        return folder
+
+    def close(self) -> None:
+        """Deletes the temporary log folder (not one given as logs_dir)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     def _spawn(self, name: str, module: str, args: list[str]) -> _Child:
         port_file = self.log_dir / f"{name}.port"
         log_file = self.log_dir / f"{name}.log"
-        env = {**os.environ, **self.extra_env}  # the children import the installed package, as we do
+        # The native thread pools besides torch's (OpenMP, OpenBLAS, MKL) size themselves from the
+        # environment when loaded; they get the same share, unless the user set them.
+        threads = str(self.model_threads() if module in MODEL_MODULES else 1)
+        env = {**{variable: threads for variable in THREAD_VARIABLES}, **os.environ, **self.extra_env}
         command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), *args]
         with open(log_file, "wb") as out:
             process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -78,9 +150,10 @@ class EmbeddedServices:
         # The port file appears within a second of start (before the model loads); polling is fine here.
         while not child.port_file.exists():
             if child.process.poll() is not None:
-                raise ServiceFailed(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
+                self.relay()
+                raise ServiceFailed(child.failure(f"exited with code {child.process.returncode} while starting"))
             if time.monotonic() > deadline:
-                raise ServiceFailed(f"{child.name} did not open its port:\n{child.log_tail()}")
+                raise ServiceFailed(child.failure("did not open its port in time"))
             time.sleep(0.05)
         return int(child.port_file.read_text().strip())
 
@@ -91,34 +164,50 @@ class EmbeddedServices:
             channel = channels.aio_channel(f"127.0.0.1:{port}")
             waiter = asyncio.ensure_future(wait_serving(channel, timeout=max(1.0, deadline - time.monotonic())))
             exits = {asyncio.ensure_future(_exited(c.process)): c for c in self.children}
+            relaying = asyncio.ensure_future(self._relay_every(0.5))
             try:
                 done, _ = await asyncio.wait({waiter, *exits}, return_when=asyncio.FIRST_COMPLETED)
+                self.relay()
                 if waiter in done:
                     waiter.result()
                     return
                 dead = exits[next(iter(done))]
-                raise ServiceFailed(f"{dead.name} exited with {dead.process.returncode}:\n{dead.log_tail()}")
+                raise ServiceFailed(dead.failure(f"exited with code {dead.process.returncode} while starting"))
             finally:
-                for task in (waiter, *exits):
+                for task in (waiter, relaying, *exits):
                     task.cancel()
                 await channel.close()
 
         try:
             asyncio.run(wait())
         except TimeoutError:
-            raise ServiceFailed(f"{child.name} was not SERVING in time:\n{child.log_tail()}") from None
+            raise ServiceFailed(child.failure(f"was not ready within {self.start_timeout_seconds:.0f} s")) from None
+
+    async def _relay_every(self, seconds: float) -> None:
+        # The services write their logs to files; there is nothing to wait on but time.
+        while True:
+            self.relay()
+            await asyncio.sleep(seconds)
+
+    def model_threads(self) -> int:
+        """torch threads for each model service: the cores shared by those this run starts, so that two
+        services on two cores do not run four threads."""
+        if self.torch_threads > 0:
+            return self.torch_threads
+        return threads_per_service(sum(1 for m in (self.vlm_model, self.audio_model) if m))
 
     def start(self) -> str:
         deadline = time.monotonic() + self.start_timeout_seconds
         try:
             device_args = lambda d: ["--device", d] if d else []  # noqa: E731
+            threads = ["--torch-threads", str(self.model_threads())]
             models = []
             if self.vlm_model:
-                models.append(self._spawn("vlm", "vlm_service",
-                                          ["--model", self.vlm_model, *device_args(self.vlm_device or self.device)]))
+                models.append(self._spawn("vlm", "vlm_service", ["--model", self.vlm_model, *threads,
+                                                                 *device_args(self.vlm_device or self.device)]))
             if self.audio_model:
-                models.append(self._spawn("audio", "audio_service",
-                                          ["--model", self.audio_model, *device_args(self.audio_device or self.device)]))
+                models.append(self._spawn("audio", "audio_service", ["--model", self.audio_model, *threads,
+                                                                     *device_args(self.audio_device or self.device)]))
             targets = {c.name: f"127.0.0.1:{self._port(c, deadline)}" for c in models}
             orch = self._spawn("orchestrator", "orchestrator",
                                ["--vlm", targets.get("vlm", ""), "--audio", targets.get("audio", "")])
@@ -133,7 +222,17 @@ class EmbeddedServices:
 
     def stop(self, timeout: float = 15.0) -> dict[str, int]:
         """SIGTERM (graceful: NOT_SERVING, drain), then SIGKILL whatever is still alive.
-        Returns each service's exit code (0 after a clean shutdown)."""
+        Returns each service's exit code (0 after a clean shutdown). A second Ctrl-C meanwhile is ignored:
+        interrupting this would leave the services running."""
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main and self.children else None
+        try:
+            return self._stop(timeout)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop(self, timeout: float) -> dict[str, int]:
         for child in reversed(self.children):
             if child.process.poll() is None:
                 child.process.send_signal(signal.SIGTERM)
@@ -154,4 +253,4 @@ class EmbeddedServices:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        self._tmp.cleanup()
+        self.close()

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from serving.models import hf_token
+from serving.startup import AUDIO, VLM, check_model_folder
 
 CONFIG_FILES = ("config.json", "model_index.json")
 
@@ -23,10 +24,15 @@ def _advice(model: str) -> str:
     )
 
 
-def check_model(model: str) -> None:
-    """Raises ModelUnavailable unless `model` is a checkpoint folder, is in the local cache, or can be fetched."""
+def check_model(model: str, kind: str | None = None, flag: str = "--model") -> None:
+    """Raises ModelUnavailable unless `model` is a checkpoint folder, is in the local cache, or can be fetched;
+    with `kind` (serving.startup.VLM or AUDIO), a folder of the other kind or no folder at all (a typo)
+    raises StartupError, in one line."""
     path = Path(model)
-    if path.exists():
+    if kind is not None:
+        if check_model_folder(model, kind, flag):
+            return
+    elif path.exists():
         if not any((path / name).is_file() for name in CONFIG_FILES):
             raise ModelUnavailable(f"{model} is a folder but holds no config.json or model_index.json")
         return
@@ -68,7 +74,9 @@ def _check_reachable(model: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def check_models(*models: str | None) -> None:
-    for model in models:
-        if model:
-            check_model(model)
+def check_models(vlm_model: str | None, audio_model: str | None) -> None:
+    """The command line's two models (None: not needed by this run)."""
+    if vlm_model:
+        check_model(vlm_model, VLM, "--vlm_model")
+    if audio_model:
+        check_model(audio_model, AUDIO, "--audio_model")

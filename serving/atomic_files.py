@@ -1,5 +1,6 @@
 """Atomic file writes: a temp file in the same folder, then rename. A reader never sees half a file,
-and an interrupted run leaves no partial output behind (so resumable batch runs can trust what exists)."""
+and an interrupted run leaves no partial output behind (so resumable batch runs can trust what exists).
+The file gets the mode any new file gets (0666 less the umask: 0644 usually), not the temp file's 0600."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,27 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask both sets and reads,
+    which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Gives the temp file a new file's mode, then renames it into place."""
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, path)
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
@@ -19,7 +41,7 @@ def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -
     os.close(fd)
     try:
         sf.write(tmp, np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -34,7 +56,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -120,6 +121,51 @@ def _build(cls: type, defaults: Any, values: Mapping[tuple[str, ...], Any], path
     return dataclasses.replace(defaults, **changes)
 
 
+# Titles of the --help groups: nested option sets by their field name, top-level flags by a shared first word.
+GROUP_TITLES = {"server": "network, TLS and tokens", "threads": "CPU threads", "limits": "pipeline limits",
+                "image_limits": "image limits"}
+NOT_A_GROUP = {"max", "default"}  # first words that many unrelated flags share
+
+
+def program_name(fallback: str) -> str:
+    """The name the user typed: `i2s-vlm` for the console script, else `fallback` (`python -m vlm_service`)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") and name not in ("-c", "-m") else fallback
+
+
+def _group_key(s: Setting, first_words: Mapping[str, int]) -> str:
+    if len(s.path) > 1:
+        return s.path[0]
+    word = s.flag.split("-")[0]
+    return word if first_words.get(word, 0) >= 2 and word not in NOT_A_GROUP and word != s.flag else ""
+
+
+def _help_text(s: Setting, prefix: str) -> str:
+    if s.default is None or s.default == "":
+        shown = ""
+    elif s.type is bool:
+        shown = f"default: {'true' if s.default else 'false'}; "
+    else:
+        shown = f"default: {s.default}; "
+    return f"{s.help} ({shown}env {s.env_name(prefix)})".replace("%", "%%")
+
+
+def _converter(s: Setting):
+    """The flag's type: converts, and checks choices itself so that --help shows no None among them."""
+
+    def convert(raw: str) -> Any:
+        try:
+            value = s.convert(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if s.choices and value is not None and value not in s.choices:
+            raise argparse.ArgumentTypeError(f"{raw!r}: choose from {', '.join(map(str, s.choices))}")
+        return value
+
+    convert.__name__ = s.type.__name__
+    return convert
+
+
 def parse_config(
     cls: type[C],
     argv: Sequence[str] | None = None,
@@ -130,41 +176,49 @@ def parse_config(
     environ: Mapping[str, str] | None = None,
 ) -> C:
     """The config `cls` from flags (`argv`, default sys.argv) and the environment (`environ`, default
-    os.environ). Bad values end the program with a message naming the flag or the variable."""
+    os.environ). Bad values end the program with a message naming the flag or the variable. --help lists
+    the flags in groups, each with its default and variable."""
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog=program_name(prog),
+        usage="%(prog)s [options]",
         description=description,
         epilog=f"Every flag can also be set as {ENV_ROOT}{prefix}_<FLAG> in the environment "
-        f"(e.g. {ENV_ROOT}{prefix}_PORT).",
+        f"(e.g. {ENV_ROOT}{prefix}_PORT); a flag wins over the variable.",
     )
     table = list(settings(cls))
+    first_words: dict[str, int] = {}
+    for s in table:
+        if len(s.path) == 1:
+            word = s.flag.split("-")[0]
+            first_words[word] = first_words.get(word, 0) + 1
+    groups: dict[str, argparse._ArgumentGroup] = {"": parser.add_argument_group("service settings")}
     seen: dict[str, Setting] = {}
     for s in table:
         if s.flag in seen:
             raise TypeError(f"{cls.__name__}: {s.path} and {seen[s.flag].path} both want --{s.flag}")
         seen[s.flag] = s
+        key = _group_key(s, first_words)
+        if key not in groups:
+            groups[key] = parser.add_argument_group(GROUP_TITLES.get(key, f"{key.replace('_', ' ')} settings"))
+        group = groups[key]
         default = s.default
         source = _from_environment(s, prefix, environ)
         if source is not None:
             name, raw = source
             try:
-                default = s.convert(raw)
-            except ValueError as exc:
+                default = _converter(s)(raw)
+            except argparse.ArgumentTypeError as exc:
                 parser.error(f"{name}={raw!r}: {exc}")
-            if s.choices and default not in s.choices:
-                parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, s.choices))}")
-        shown_default = "" if s.default is None else f"default: {s.default}; "
-        help_text = f"{s.help} ({shown_default}env {s.env_name(prefix)})"
         dest = "__".join(s.path)
         if s.type is bool:  # --engine, --engine false, --no-engine
-            parser.add_argument(f"--{s.flag}", dest=dest, nargs="?", const=True, type=s.convert, default=default,
-                                metavar="true|false", help=help_text)
-            parser.add_argument(f"--no-{s.flag}", dest=dest, action="store_false", help=argparse.SUPPRESS)
+            group.add_argument(f"--{s.flag}", dest=dest, nargs="?", const=True, type=_converter(s), default=default,
+                               metavar="true|false", help=_help_text(s, prefix))
+            group.add_argument(f"--no-{s.flag}", dest=dest, action="store_false", help=argparse.SUPPRESS)
         else:
-            parser.add_argument(f"--{s.flag}", dest=dest, type=s.convert, default=default, help=help_text,
-                                choices=(*s.choices, *([None] if s.optional else [])) if s.choices else None,
-                                metavar=None if s.choices else s.type.__name__.upper())
+            metavar = "{" + ",".join(map(str, s.choices)) + "}" if s.choices else s.flag.split("-")[-1].upper()
+            group.add_argument(f"--{s.flag}", dest=dest, type=_converter(s), default=default, metavar=metavar,
+                               help=_help_text(s, prefix))
     namespace = vars(parser.parse_args(argv))
     values = {s.path: namespace["__".join(s.path)] for s in table}
     return _build(cls, cls(), values)

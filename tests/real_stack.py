@@ -106,8 +106,9 @@ class ServiceProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="i2s-fault-")
         self.port_file = Path(self._tmp.name) / "port"
         self.log_file = Path(self._tmp.name) / "log"
+        threads = ["--torch-threads", "1"] if module in ("vlm_service", "audio_service") else []  # a shared 2-core box
         command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
-                   "--port-file", str(self.port_file), *args]
+                   "--port-file", str(self.port_file), *threads, *args]
         with open(self.log_file, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
                                             start_new_session=True)

@@ -7,6 +7,7 @@ from serving.config import parse_config, setting
 from serving.images import ImageLimits
 from serving.models import DEFAULT_VLM_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
+from serving.threads import ThreadOptions
 
 DEFAULT_PORT = 50051
 ENV_PREFIX = "VLM"
@@ -37,6 +38,7 @@ class VlmConfig:
     engine_token_buckets: str = setting("1,8", "new tokens per row in one step (comma list, starts at 1)")
     image_limits: ImageLimits = ImageLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
+    threads: ThreadOptions = ThreadOptions()
 
 
 def parse_args(argv: list[str] | None = None) -> VlmConfig:

@@ -82,3 +82,43 @@ def test_boolean_settings_take_a_bare_flag_a_value_or_no(monkeypatch):
     assert vlm_args(["--no-reflection"]).server.reflection is False
     monkeypatch.setenv("I2S_VLM_ENGINE_PREFIX_CACHE", "off")
     assert vlm_args([]).engine_prefix_cache is False
+
+
+HELP_CASES = [
+    ("vlm_service.config", "i2s-vlm", ["network, TLS and tokens:", "engine settings:", "CPU threads:",
+                                       "(default: 16; env I2S_VLM_MAX_QUEUE)", "--dtype {bfloat16,float16,float32}"]),
+    ("audio_service.config", "i2s-audio", ["triton settings:", "--port PORT", "(default: 64; env I2S_AUDIO_MAX_QUEUE)"]),
+    ("orchestrator.config", "i2s-orchestrator", ["downstream settings:", "pipeline limits:", "--vlm VLM"]),
+]
+
+
+@pytest.mark.parametrize("module, script, expected", HELP_CASES, ids=[c[1] for c in HELP_CASES])
+def test_help_is_grouped_with_defaults_plain_placeholders_and_the_name_typed(module, script, expected, monkeypatch,
+                                                                             capsys):
+    import importlib
+
+    monkeypatch.setattr("sys.argv", [f"/venv/bin/{script}", "--help"])
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith(f"usage: {script} [options]")
+    for part in expected:
+        assert part in text, part
+    for jargon in (",None}", " STR ", " INT ", " FLOAT ", "(default: ;", "(default: None"):
+        assert jargon not in text, jargon
+
+
+def test_the_command_lines_help_shows_defaults_in_plain_groups(monkeypatch, capsys):
+    from orchestrator import cli
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/i2s", "--help"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith("usage: i2s [options]")
+    for part in ("input and output:", "sound:", "models and devices", "webp; default: data)", "(default: 4)",
+                 "(default: 3.5)", "(default: Qwen/Qwen2.5-VL-7B-Instruct)", "(default: cvssp/audioldm2)", "webp",
+                 "--orchestrator HOST:PORT"):
+        assert part in text, part
+    for jargon in ("the seed's options", "embedded mode", "None", " STR"):
+        assert jargon not in text, jargon
