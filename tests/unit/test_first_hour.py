@@ -160,7 +160,7 @@ async def test_a_non_terminal_run_logs_each_image_and_clip_as_it_finishes(worksp
         clips = [i for i, line in enumerate(err_lines) if f"{key}: clip " in line]
         assert len(done) == 1 and len(clips) == 6 and max(clips) < done[0], key  # each image's line, as it ended
     written = [p for folder in ("sound_sources", "result") for p in Path(folder).rglob("*") if p.is_file()]
-    assert len(written) == 3 + 18 + 3  # descriptions, clips, manifests
+    assert len(written) == 3 + 18 + 3 + 1 + 18  # descriptions, clips, manifests; the gallery and a spectrogram per clip
     assert {p.stat().st_mode & 0o777 for p in written} == {0o666 & ~umask}
 
 
