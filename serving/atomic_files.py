@@ -32,15 +32,22 @@ def _publish(tmp: str, path: Path) -> None:
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
-    """Writes a mono PCM 16-bit WAV at `sample_rate` atomically."""
+    """Writes a mono PCM 16-bit WAV at `sample_rate` atomically. Samples are quantised as the audio service
+    streams them (serving.audio_encoding.to_pcm16), so a PCM 16-bit stream saved here keeps every sample exactly
+    (libsndfile's own float conversion scales by 32768 and would move many by one step)."""
     import soundfile as sf
 
+    from serving.audio_encoding import to_pcm16
+
+    if np.ndim(waveform) != 1:
+        raise ValueError(f"a mono waveform has one dimension, not the shape {np.shape(waveform)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.part", dir=path.parent)
     os.close(fd)
     try:
-        sf.write(tmp, np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+        samples = np.frombuffer(to_pcm16(waveform), dtype="<i2")
+        sf.write(tmp, samples, sample_rate, format="WAV", subtype="PCM_16")
         _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

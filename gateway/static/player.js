@@ -47,17 +47,18 @@ export class ClipPlayer {
     }
   }
 
-  floats() {
+  pcm() {
     const total = this.samples.reduce((n, s) => n + s.length, 0);
     const all = new Int16Array(total);
     let offset = 0;
     for (const s of this.samples) { all.set(s, offset); offset += s.length; }
-    return asFloats(all);
+    return all;
   }
 
   finish(done) {
-    const floats = this.floats();
-    this.wav = wavBlob(floats, this.sampleRate);
+    const samples = this.pcm();
+    this.wav = wavBlob(samples, this.sampleRate);
+    const floats = asFloats(samples);
     const seconds = (floats.length / this.sampleRate).toFixed(1);
     const seed = done.metadata?.seed === undefined ? "" : ` · seed ${done.metadata.seed}`;
     this.state.textContent = `${seconds} s${seed} · ${done.prompt || ""}`;

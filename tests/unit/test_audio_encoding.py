@@ -65,3 +65,15 @@ def test_audio_chunks_number_the_stream_and_mark_the_last(wave, encoding):
 def test_an_empty_clip_is_one_last_chunk():
     (chunk,) = enc.audio_chunks("c0", np.zeros(0, dtype=np.float32), RATE, enc.PCM16, 0.5)
     assert chunk.last and chunk.sequence_number == 0 and chunk.data == b""
+
+
+def test_a_pcm16_stream_saved_as_wav_keeps_every_sample(tmp_path):
+    # Every 16-bit value but -32768 (the services quantise symmetrically), decoded as clients decode a
+    # stream, then saved: the file holds the streamed samples exactly.
+    import soundfile as sf
+
+    streamed = np.arange(-32767, 32768, dtype="<i2")
+    decoded = enc.decode_payloads([streamed.tobytes()], enc.PCM16)
+    path = write_wav(tmp_path / "all.wav", decoded, RATE)
+    saved, rate = sf.read(path, dtype="int16")
+    assert rate == RATE and np.array_equal(saved, streamed)
