@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from serving import request_log, tracing
 from serving.server import run_until_signal
 from vlm_service.config import parse_args
 from vlm_service.server import build_backend, load_and_warm, make_server
@@ -12,6 +13,8 @@ from vlm_service.server import build_backend, load_and_warm, make_server
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vlm %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
+    request_log.configure_logging("vlm", config.server.telemetry.log_format)
+    tracing.setup("vlm", config.server.telemetry)  # before any server or channel is built
 
     async def serve() -> None:
         backend = build_backend(config)  # cheap: loads nothing until load_and_warm

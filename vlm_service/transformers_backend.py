@@ -360,6 +360,11 @@ class TransformersVisionBackend(VisionBackend):
 
     # -- requests ----------------------------------------------------------------------------------
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted and waiting for the model (the i2s_queue_depth gauge)."""
+        return len(self._pending)
+
     def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[tuple], None], *,
                should_stop: Callable[[], bool] | None = None, deadline: float | None = None
                ) -> tuple[EngineRequest, DescriptionAssembler]:
