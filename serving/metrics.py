@@ -54,7 +54,8 @@ class GpuMemoryCollector:
         yield family
 
 
-REGISTRY.register(GpuMemoryCollector())
+GPU_MEMORY = GpuMemoryCollector()
+REGISTRY.register(GPU_MEMORY)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
