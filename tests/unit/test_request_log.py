@@ -135,3 +135,29 @@ def test_every_dashboard_metric_is_one_the_services_define():
             defined.add(f"{metric.name}_total")
     assert names and names <= defined, names - defined
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+async def test_a_stream_logs_each_image_and_the_model_calls_name_its_request(json_lines):
+    """The orchestrator (real, over fake model services) writes a line per image of a stream with its
+    status and timings, and sends the image's request id to the model services, whose lines name it."""
+    from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
+    from tests.fake_services import fake_stack, scripted_description
+
+    config = pb.StreamConfig(audio=common_pb2.AudioSettings(duration_seconds=1, num_inference_steps=2, seed=1))
+    messages = [pb.StreamImagesToSoundRequest(config=config)]
+    for request_id in ("a", "b"):
+        image = pb.ImageToSoundRequest(request_id=request_id, description=scripted_description(sources=1, variants=2))
+        messages.append(pb.StreamImagesToSoundRequest(image=image))
+    messages.append(pb.StreamImagesToSoundRequest(image=pb.ImageToSoundRequest(request_id="c")))  # no input
+    async with fake_stack() as (target, _vision, _audio):
+        async with grpc.aio.insecure_channel(target) as channel:
+            events = [e async for e in orchestrator_pb2_grpc.OrchestratorStub(channel).StreamImagesToSound(
+                iter(messages), timeout=60)]
+    assert sum(e.WhichOneof("event") == "clip_done" for e in events) == 4
+    lines = json_lines()
+    images = {l["request_id"]: l for l in lines if l["method"] == "StreamImagesToSound.image"}
+    assert {k: v["status"] for k, v in images.items()} == {"a": "OK", "b": "OK", "c": "INVALID_ARGUMENT"}
+    assert images["a"]["clips_done"] == 2 and images["a"]["time_to_first_audio_s"] > 0
+    audio = [l for l in lines if l["method"] == "GenerateAudio"]
+    assert sorted(l["request_id"] for l in audio) == ["a", "a", "b", "b"]
+    assert [l["status"] for l in lines if l["method"] == "StreamImagesToSound"] == ["OK"]
