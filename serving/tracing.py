@@ -64,14 +64,6 @@ def setup(service: str, options: TelemetryOptions, exporter: Any = None) -> None
     _tracer = _provider.get_tracer(TRACER_NAME)
 
 
-def shutdown() -> None:
-    """Flushes and stops the exporter (also done at exit)."""
-    global _tracer, _provider
-    if _provider is not None:
-        _provider.shutdown()
-    _tracer = _provider = None
-
-
 def _traced(method: str) -> bool:
     return not method.lstrip("/").startswith(_NOT_TRACED)
 

@@ -137,6 +137,7 @@ def test_one_image_is_one_trace_across_the_three_processes(traced):
     clips = [e.clip_done for e in events if e.WhichOneof("event") == "clip_done"]
     assert clips, "the tiny VLM described no source: nothing reached the audio service"
     spans = traced["collector"].spans
+    assert not [span.name for _, span in spans if "grpc.health" in span.name]  # probes and mirrors: not traced
     roots = [(s, sp) for s, sp in spans if sp.name == "/image_to_sound.v1.Orchestrator/ImageToSound"
              and attributes(sp).get("rpc.grpc.status_code") == 0]
     assert len(roots) == 1
