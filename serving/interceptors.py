@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from serving import metrics, request_log
+from serving import metrics, request_log, tracing
 from serving.errors import ServiceError, Upstream, status_for
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class RequestLogInterceptor(GuardInterceptor):
             return
         sent = dict(context.invocation_metadata() or ()).get(request_log.REQUEST_ID_HEADER, "")
         record = request_log.start(short_method(method), sent)
+        tracing.tag_current_span(record.request_id)
         code = "OK"
         try:
             yield

@@ -57,6 +57,7 @@ def set_request_id(request_id: str) -> None:
     record = _current.get()
     if record is not None:
         record.request_id = clean_id(request_id)
+        tracing.tag_current_span(record.request_id)
 
 
 def note(**fields: Any) -> None:

@@ -88,7 +88,10 @@ def client_interceptors() -> list:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         return _traced(method)
 
-    return aio_client_interceptors(tracer_provider=_provider, filter_=traced)
+    def tag(span, _request) -> None:  # the client span of a model call: the caller's request id
+        span.set_attribute(REQUEST_ID, _request_id())
+
+    return aio_client_interceptors(tracer_provider=_provider, filter_=traced, request_hook=tag)
 
 
 # --- the request's context -----------------------------------------------------------------------
@@ -119,6 +122,14 @@ def capture() -> Parent | None:
     if not trace.get_current_span().get_span_context().is_valid:
         return None
     return Parent(context.get_current(), _request_id())
+
+
+def tag_current_span(request_id: str) -> None:
+    """Puts the request id on the current span (an RPC's server span, once the id is known)."""
+    if _tracer is not None and request_id:
+        from opentelemetry import trace
+
+        trace.get_current_span().set_attribute(REQUEST_ID, request_id)
 
 
 def current_trace_id() -> str:
