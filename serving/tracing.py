@@ -43,23 +43,20 @@ def enabled() -> bool:
     return _tracer is not None
 
 
-def setup(service: str, options: TelemetryOptions, exporter: Any = None) -> None:
-    """Turns tracing on for this process when the options ask (a test may pass its own `exporter`).
-    Spans are batched and sent in the background; the provider flushes them at exit."""
+def setup(service: str, options: TelemetryOptions) -> None:
+    """Turns tracing on for this process when the options ask. Spans are batched and sent in the
+    background; the provider flushes them at exit."""
     global _tracer, _provider
     if not options.tracing or _tracer is not None:
         return
     from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    if exporter is None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=options.otlp_endpoint)
     _provider = TracerProvider(resource=Resource.create({"service.name": f"i2s-{service}"}))
-    _provider.add_span_processor(BatchSpanProcessor(exporter))
+    _provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=options.otlp_endpoint)))
     trace.set_tracer_provider(_provider)
     _tracer = _provider.get_tracer(TRACER_NAME)
 
