@@ -7,6 +7,7 @@ import logging
 from audio_service.config import parse_args
 from audio_service.server import build_backend, load_and_warm, make_server
 from serving.config import program_name
+from serving import request_log, tracing
 from serving.server import run_until_signal
 from serving.startup import AUDIO, check_model_folder, check_ports_free, run_program
 from serving.threads import apply_torch_threads
@@ -24,6 +25,8 @@ def serve_until_signal(config) -> None:
         check_model_folder(config.model, AUDIO)
     check_ports_free(config.server)
     apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
+    request_log.configure_logging("audio", config.server.telemetry.log_format)
+    tracing.setup("audio", config.server.telemetry)  # before any server or channel is built
 
     async def serve() -> None:
         backend = build_backend(config)  # cheap: loads nothing until load_and_warm

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, validate
-from serving import metrics
+from serving import metrics, tracing
 from serving.errors import NotReady, Overloaded
 
 __all__ = ["Batcher", "NotReady", "Overloaded"]
@@ -42,6 +43,8 @@ class _Job:
     key: tuple
     queued_at: float
     cancelled: bool = False  # written on the loop, read by the worker thread (a plain bool: atomic)
+    trace: Any = None  # the caller's trace context (tracing.capture()), None when tracing is off
+    queued_ns: int = 0
 
 
 class Batcher:
@@ -108,7 +111,8 @@ class Batcher:
         # Backends that are not AudioBackend subclasses (test doubles) group by the request's own key.
         batch_key = getattr(self.backend, "batch_key", None)
         key = batch_key(request) if batch_key is not None else request.batch_key()
-        job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time())
+        job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time(),
+                   trace=tracing.capture(), queued_ns=time.time_ns())
         self._queue.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -205,9 +209,16 @@ class Batcher:
         self.backend_calls += 1
         self.requests_batched += len(batch)
         self.last_batch_size = len(batch)
+        metrics.AUDIO_BATCH_SIZE.observe(len(batch))
         call = functools.partial(
             self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
         )
+        # Each caller's trace gets its wait and, from the backend, the batch's stages (one span per caller).
+        now_ns = time.time_ns()
+        for job in batch:
+            tracing.record_span(job.trace, "audio.batch_wait", job.queued_ns, now_ns, batch_size=len(batch))
+        phases = tracing.Phases([job.trace for job in batch if job.trace is not None], batch_size=len(batch))
+        call = tracing.run_with_phases(phases, call)
         started = loop.time()
         try:
             results: Sequence[AudioResult] = await loop.run_in_executor(self._executor, call)
@@ -238,6 +249,7 @@ class Batcher:
                     if not job.future.done():
                         job.future.set_result(result)
         finally:
+            phases.end()
             self._running = None
             if self._idle is not None:
                 self._idle.set()

@@ -55,6 +55,7 @@ from audio_service.backend import (
     num_samples,
     validate,
 )
+from serving import tracing
 from serving.blocking import ModelWorker
 from serving.errors import NotReady
 from serving.models import hf_token, torch_dtype
@@ -402,15 +403,20 @@ class DiffusersAudioBackend(AudioBackend):
                 steps_run = step_index + 1
                 if on_step is not None:
                     on_step(steps_run, total)
+                if steps_run == total:  # the pipeline goes on to the VAE decoder and the vocoder
+                    phases.enter("audio.vae_vocoder")
                 if should_stop is not None and should_stop():
                     raise _Stop(steps_run)
 
             pipe.scheduler = self._schedulers[first.scheduler]
             prompts = [r.prompt.strip() for r in requests]
+            phases = tracing.batch_phases()  # the callers' trace spans (no-op when tracing is off)
+            phases.enter("audio.prompt_encoding")
             if self._own_encoding:
                 conditioning = self._conditioning(prompts, negatives, guided=first.guidance_scale > 1.0)
             else:
                 conditioning = dict(prompt=prompts, negative_prompt=negatives if any(negatives) else None)
+            phases.enter("audio.denoise")
             try:
                 output = pipe(
                     **conditioning,
@@ -425,6 +431,7 @@ class DiffusersAudioBackend(AudioBackend):
                 )
             except _Stop as stop:
                 raise BackendCancelled(stop.steps_run, total) from None
+            phases.end()
 
             audio = fit_length(np.asarray(output.audios), n).reshape(len(requests), k, n)
             if not np.all(np.isfinite(audio)):

@@ -15,7 +15,7 @@ from audio_service.backend import AudioBackend, AudioRequest, validate
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from serving import audio_encoding
+from serving import audio_encoding, metrics, request_log, tracing
 from serving.errors import InvalidInput, NotReady
 from serving.seed_format import clean_text
 from serving.server import GrpcServer
@@ -84,6 +84,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         self.batcher = Batcher(
             backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
         )
+        metrics.QUEUE_DEPTH.labels(queue="audio_batch").set_function(lambda: self.batcher.queue_depth)
 
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
@@ -129,10 +130,14 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         )
         if result.score is not None:
             metadata.score = result.score
+        request_log.note(clip_id=clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
+                         steps=result.steps_run)
+        sending = tracing.request_phases("audio.chunk_send")
         for chunk in audio_encoding.audio_chunks(
             clip_id, result.waveform, result.sample_rate_hertz, encoding, chunk_seconds, metadata
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+        sending.end()
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass, field
 
+from serving import tracing
 from serving.errors import Overloaded
 
 
@@ -49,7 +50,8 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self, share: StreamShare):
         """Holds one image slot of `share` for the block; raises Overloaded when none comes in time."""
-        await self._acquire(share)
+        with tracing.span("orchestrator.admission_wait"):
+            await self._acquire(share)
         try:
             yield
         finally:

@@ -22,7 +22,7 @@ from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, orchestrato
 from orchestrator.mix import mix_clips
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
-from serving import audio_encoding
+from serving import audio_encoding, metrics, request_log, tracing
 from serving.config import setting
 from serving.errors import InvalidInput, Upstream, excerpt
 
@@ -118,6 +118,7 @@ class _ImageRun:
         self.request = request
         self.request_id = request.request_id or uuid.uuid4().hex[:12]
         self.clip_prefix = clip_prefix or self.request_id
+        self.call_metadata = ((request_log.REQUEST_ID_HEADER, self.request_id),)  # the model services log it
         self.deadline = deadline
         self.options = request.options
         self.out: asyncio.Queue = asyncio.Queue(maxsize=pipeline.limits.event_queue_size)
@@ -144,7 +145,7 @@ class _ImageRun:
         return time.perf_counter() - self.started
 
     async def events(self):
-        producer = asyncio.create_task(self._produce())
+        producer = asyncio.create_task(self._produce_in_span())
         try:
             while True:
                 item = await self.out.get()
@@ -159,6 +160,10 @@ class _ImageRun:
                 task.cancel()
             await asyncio.gather(producer, *self.clip_tasks, return_exceptions=True)
 
+    async def _produce_in_span(self) -> None:
+        with tracing.current_span("orchestrator.image", self.request_id):  # the model calls become its children
+            await self._produce()
+
     async def _produce(self) -> None:
         try:
             which = self.request.WhichOneof("input")
@@ -171,7 +176,11 @@ class _ImageRun:
             await asyncio.gather(*self.clip_tasks)
             if self.options.scene_mix:
                 await self._emit_mix()
-            await self._emit(summary=self._summary())
+            summary = self._summary()
+            request_log.note(time_to_scene_s=summary.time_to_scene_seconds,
+                             time_to_first_audio_s=summary.time_to_first_audio_seconds,
+                             sources=summary.sources, clips_done=summary.clips_done, clips_failed=summary.clips_failed)
+            await self._emit(summary=summary)
             await self.out.put(_DONE)
         except asyncio.CancelledError:
             raise
@@ -189,7 +198,7 @@ class _ImageRun:
                 received = False
                 call = self.p.vlm.StreamSceneDescription(
                     vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding),
-                    timeout=self.deadline.left(),
+                    timeout=self.deadline.left(), metadata=self.call_metadata,
                 )
                 try:
                     async for response in call:
@@ -258,11 +267,15 @@ class _ImageRun:
         except ValueError as exc:  # nothing in the variant to caption: this clip fails, the image goes on
             self.clip_tasks.append(asyncio.create_task(self._fail(clip, grpc.StatusCode.INVALID_ARGUMENT, str(exc))))
             return
-        self.clip_tasks.append(asyncio.create_task(self._render(clip)))
+        self.clip_tasks.append(asyncio.create_task(self._render_in_span(clip)))
 
     async def _fail(self, clip: _Clip, code: grpc.StatusCode, message: str) -> None:
         log.warning("clip %s failed: %s %s", clip.ref.clip_id, code.name, message)
         await self._emit(clip_failed=pb.ClipFailed(clip=clip.ref, code=code.value[0], message=message))
+
+    async def _render_in_span(self, clip: _Clip) -> None:
+        with tracing.current_span("orchestrator.clip", self.request_id, **{"i2s.clip_id": clip.ref.clip_id}):
+            await self._render(clip)
 
     async def _render(self, clip: _Clip) -> None:
         """One clip: an audio RPC whose chunks are forwarded as they come. Failures become ClipFailed."""
@@ -276,7 +289,7 @@ class _ImageRun:
                     forwarded = False
                     call = self.p.audio.GenerateAudio(
                         audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.request.audio, clip_id=clip.ref.clip_id),
-                        timeout=self.deadline.left(),
+                        timeout=self.deadline.left(), metadata=self.call_metadata,
                     )
                     try:
                         async for response in call:
@@ -285,6 +298,7 @@ class _ImageRun:
                             chunk = response.chunk
                             if not self.t_first_audio:
                                 self.t_first_audio = self._since_start()
+                                metrics.TIME_TO_FIRST_AUDIO.observe(self.t_first_audio)
                                 self.first_audio_while_describing = self.describing
                             if self.options.scene_mix:
                                 clip.payloads.append(chunk.data)

@@ -13,7 +13,7 @@ from orchestrator.admission import Admission, StreamShare
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Deadline, Pipeline
 from orchestrator.validation import clean_request_id, validate_request
-from serving import security
+from serving import metrics, request_log, security
 from serving.errors import InvalidInput
 from serving.interceptors import client_status
 from serving.server import GrpcServer
@@ -39,6 +39,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self.config = config
         self.admission = Admission(total=config.max_images_total, per_stream=config.max_images_in_flight,
                                    max_waiting=config.max_images_waiting, wait_seconds=config.admission_wait_seconds)
+        metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
     def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
         return validate_request(request, self.config.limits.max_clips_per_image)
@@ -49,7 +50,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
         deadline = self._deadline(context)
+        request_log.set_request_id(request.request_id)  # as sent, for the log line of a refusal
         request = self._validate(request)  # before any wait or work: INVALID_ARGUMENT
+        request_log.set_request_id(request.request_id)  # cleaned, or made when none was sent
         async with self.admission.slot(StreamShare()):  # RESOURCE_EXHAUSTED when no slot comes in time
             async for event in self.pipeline.run(request, deadline):
                 yield event
@@ -70,12 +73,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             deadline = self._deadline(context)
             request_id = clean_request_id(request.request_id)
             try:
-                request = self._validate(request)
-                seen = clip_prefixes[request_id] = clip_prefixes.get(request_id, 0) + 1
-                prefix = request_id if seen == 1 else f"{request_id}~{seen}"
-                async with self.admission.slot(share):
-                    async for event in self.pipeline.run(request, deadline, clip_prefix=prefix):
-                        await out.put(event)
+                with request_log.record("StreamImagesToSound.image", request_id):  # one log line per image
+                    request = self._validate(request)
+                    seen = clip_prefixes[request_id] = clip_prefixes.get(request_id, 0) + 1
+                    prefix = request_id if seen == 1 else f"{request_id}~{seen}"
+                    async with self.admission.slot(share):
+                        async for event in self.pipeline.run(request, deadline, clip_prefix=prefix):
+                            await out.put(event)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - reported to the client as an event

@@ -7,6 +7,7 @@ turns true and the model loop can end early instead of burning GPU time for nobo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator, TypeVar
@@ -41,11 +42,12 @@ class ModelWorker:
 
         Called on the worker's own thread (a backend method calling another), it runs inline instead of
         queueing behind itself. For backends that own their thread, so every caller (the batcher, a
-        loader in `asyncio.to_thread`, a test) lands on the same one.
+        loader in `asyncio.to_thread`, a test) lands on the same one. The caller's context variables (the
+        batch's trace phases) go along.
         """
         if threading.get_ident() == self.thread_ident:
             return fn(*args)
-        return self.submit(fn, *args).result()
+        return self.submit(contextvars.copy_context().run, fn, *args).result()
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         """Runs the blocking `fn(*args)` on the worker's thread (load, warm-up) and returns its result."""

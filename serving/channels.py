@@ -5,6 +5,7 @@ import json
 
 import grpc
 
+from serving import tracing
 from serving.server import channel_options
 
 # Retries are safe: every RPC of this system is a pure function of its request (seeds included).
@@ -51,11 +52,13 @@ def aio_channel(
     credentials: grpc.ChannelCredentials | None = None,
     call_credentials: grpc.CallCredentials | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel; plaintext unless credentials are given."""
+    """An asyncio channel; plaintext unless credentials are given. With tracing on, its calls carry the
+    caller's trace context (W3C traceparent metadata) and make client spans."""
     creds = channel_credentials(credentials, call_credentials)
+    interceptors = tracing.client_interceptors() or None
     if creds is None:
-        return grpc.aio.insecure_channel(target, options=options())
-    return grpc.aio.secure_channel(target, creds, options=options())
+        return grpc.aio.insecure_channel(target, options=options(), interceptors=interceptors)
+    return grpc.aio.secure_channel(target, creds, options=options(), interceptors=interceptors)
 
 
 def sync_channel(

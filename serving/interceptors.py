@@ -1,7 +1,7 @@
 """Server interceptors: what every RPC of every service passes through, written once.
 
-`GrpcServer` installs `MetricsInterceptor` (outermost, so it records the final status) and
-`ErrorMappingInterceptor` on every server, before any interceptor a service adds (authentication, say).
+`GrpcServer` installs `RequestLogInterceptor` and `MetricsInterceptor` (outermost, so they record the final
+status) and `ErrorMappingInterceptor` on every server (behind the OpenTelemetry one when tracing is on), before any interceptor a service adds (authentication, say).
 Servicers therefore only translate messages and raise the domain errors of `serving.errors`.
 
 An interceptor here is a `GuardInterceptor`: an async context manager around the whole call, for unary
@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from serving import metrics
+from serving import metrics, request_log, tracing
 from serving.errors import ServiceError, Upstream, status_for
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,30 @@ def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
 
 
+class RequestLogInterceptor(GuardInterceptor):
+    """One structured line per RPC (serving.request_log): request id from the `x-request-id` metadata,
+    trace id, timings the servicer noted, final status. Health and reflection calls are not requests."""
+
+    @asynccontextmanager
+    async def guard(self, method: str, context: grpc.aio.ServicerContext):
+        if method.startswith("/grpc."):
+            yield
+            return
+        sent = dict(context.invocation_metadata() or ()).get(request_log.REQUEST_ID_HEADER, "")
+        record = request_log.start(short_method(method), sent)
+        tracing.tag_current_span(record.request_id)
+        code = "OK"
+        try:
+            yield
+            code = _code_name(context, default="OK")
+        except BaseException as exc:
+            code = "CANCELLED" if _is_cancellation(exc) else _code_name(context, default="UNKNOWN")
+            raise
+        finally:
+            request_log.finish(record, code)
+
+
 def standard_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """What every server runs first, outermost first."""
-    return [MetricsInterceptor(), ErrorMappingInterceptor()]
+    return [RequestLogInterceptor(), MetricsInterceptor(), ErrorMappingInterceptor()]
 

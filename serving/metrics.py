@@ -1,7 +1,10 @@
 """Prometheus metrics shared by the services, served on a separate HTTP port (`--metrics-port`)."""
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import sys
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 RPCS = Counter("i2s_rpcs_total", "RPCs finished, by method and gRPC status code", ["method", "code"])
 LATENCY = Histogram(
@@ -20,6 +23,39 @@ MODEL_SECONDS = Histogram(
 AUDIO_STOPPED_EARLY = Counter(
     "i2s_audio_batches_stopped_early_total", "Audio batches whose callers all left, stopped before the last step"
 )
+
+TIME_TO_FIRST_AUDIO = Histogram(
+    "i2s_time_to_first_audio_seconds",
+    "Orchestrator: from an image's start to its first audio chunk",
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+QUEUE_DEPTH = Gauge("i2s_queue_depth", "Requests waiting, by queue (orchestrator admission, VLM, audio batcher)",
+                    ["queue"])
+AUDIO_BATCH_SIZE = Histogram("i2s_audio_batch_size", "Requests per audio model call",
+                             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
+VLM_TOKENS = Counter("i2s_vlm_tokens_total", "VLM tokens of finished descriptions, by kind (prompt, output)",
+                     ["kind"])
+
+
+class GpuMemoryCollector:
+    """i2s_gpu_memory_bytes{device, kind}: torch's allocated and reserved CUDA memory, read at scrape time.
+    Only when the process already uses torch with CUDA (nothing is imported for it); else no samples."""
+
+    def collect(self):
+        family = GaugeMetricFamily("i2s_gpu_memory_bytes", "CUDA memory held by this process's torch, by device "
+                                   "and kind (allocated: tensors; reserved: the caching allocator's pool)",
+                                   labels=["device", "kind"])
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            for index in range(torch.cuda.device_count()):
+                device = f"cuda:{index}"
+                family.add_metric([device, "allocated"], float(torch.cuda.memory_allocated(index)))
+                family.add_metric([device, "reserved"], float(torch.cuda.memory_reserved(index)))
+        yield family
+
+
+GPU_MEMORY = GpuMemoryCollector()
+REGISTRY.register(GPU_MEMORY)
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> int:

@@ -21,7 +21,7 @@ from serving.atomic_files import write_text_atomic
 from serving.config import setting
 from serving.health import HealthServicer
 from serving.interceptors import standard_interceptors
-from serving import security
+from serving import security, tracing
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class ServerOptions:
     reflection: bool = setting(True, "serve gRPC reflection (--no-reflection to hide the API description)")
     health_port: int = setting(-1, "also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes "
                                "grpc probes, which cannot speak TLS; -1: off, 0: any free port)")
+    telemetry: tracing.TelemetryOptions = tracing.TelemetryOptions()
     keepalive_seconds: float = 30.0
 
     @property
@@ -70,7 +71,8 @@ def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float 
 class GrpcServer:
     """A grpc.aio server with health and reflection; the service servicers are added by `register`.
 
-    Every RPC passes through the standard interceptors (metrics, error mapping), then bearer-token
+    Every RPC passes through OpenTelemetry's interceptor when tracing is on (serving.tracing.setup), the
+    standard interceptors (request log, metrics, error mapping), then bearer-token
     authentication when the options ask for it, then `interceptors` in order. The port speaks TLS when
     `credentials` are given or the options name a certificate (reloaded when its files change), else
     plaintext.
@@ -95,7 +97,7 @@ class GrpcServer:
         self.credentials = credentials
         auth = security.auth_interceptors(options.auth_tokens_file, options.auth_tokens_env)
         self.server = grpc.aio.server(
-            interceptors=[*standard_interceptors(), *auth, *interceptors],
+            interceptors=[*tracing.server_interceptors(), *standard_interceptors(), *auth, *interceptors],
             options=channel_options(options.max_message_bytes, options.keepalive_seconds)
             + [("grpc.so_reuseport", 0)],
         )

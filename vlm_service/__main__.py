@@ -5,6 +5,7 @@ import asyncio
 import logging
 
 from serving.config import program_name
+from serving import request_log, tracing
 from serving.server import run_until_signal
 from serving.startup import VLM, check_model_folder, check_ports_free, run_program
 from serving.threads import apply_torch_threads
@@ -24,6 +25,8 @@ def serve_until_signal(config) -> None:
         check_model_folder(config.model, VLM)
     check_ports_free(config.server)
     apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
+    request_log.configure_logging("vlm", config.server.telemetry.log_format)
+    tracing.setup("vlm", config.server.telemetry)  # before any server or channel is built
 
     async def serve() -> None:
         backend = build_backend(config)  # cheap: loads nothing until load_and_warm

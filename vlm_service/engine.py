@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from serving import tracing
 from serving.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class EngineRequest:
     should_stop: Callable[[], bool] | None = None
     deadline: float | None = None  # time.monotonic() after which the request stops ("deadline")
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Made where the request is submitted, on its RPC's task: its trace spans (no-op when tracing is off).
+    phases: tracing.Phases = field(default_factory=lambda: tracing.request_phases("vlm.queue_wait"))
 
     def stop_reason(self) -> str | None:
         if self.cancelled.is_set() or (self.should_stop is not None and self.should_stop()):
@@ -166,12 +169,14 @@ class DecodeEngine:
             return
         slot = self.rows.index(None)
         row = _Row(req, slot)
+        req.phases.enter("vlm.prefill")
         try:
             first_logits = self._prefill(row)
         except BaseException as exc:  # noqa: BLE001 - this request fails, the others go on
             req.deliver(("error", exc))
             return
         self.rows[slot] = row
+        req.phases.enter("vlm.decode")
         self._choose({slot: first_logits})
         self._finish_rows()
 
@@ -357,6 +362,7 @@ class DecodeEngine:
         for i, r in enumerate(self.rows):
             if r is not None and r.finished is not None:
                 self.rows[i] = None
+                r.req.phases.end()
                 r.req.deliver(("end", r.finished, r.steps))
 
     def fail_all(self, exc: BaseException) -> None:

@@ -8,7 +8,7 @@ from typing import Sequence
 import grpc
 
 from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
-from serving import metrics
+from serving import metrics, request_log, tracing
 from serving.blocking import ModelWorker
 from serving.errors import InvalidInput, NotReady
 from serving.images import decode_image
@@ -49,6 +49,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.backend = backend
         self.config = config
         self.worker = ModelWorker("vlm", max_queue=config.max_queue)
+        metrics.QUEUE_DEPTH.labels(queue="vlm").set_function(lambda: getattr(backend, "queue_depth", 0))
 
     def _prepare(self, request) -> tuple:
         if not self.backend.ready:
@@ -62,9 +63,19 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         image, options = self._prepare(request)
         remaining = context.time_remaining() if context is not None else None
         deadline = time.monotonic() + remaining if remaining is not None else None
+        parent, started_ns, sources = tracing.capture(), tracing.now_ns(), 0
         async for event in self.backend.astream(image, options, self.worker, deadline):
-            if isinstance(event, DescriptionDone):
+            if isinstance(event, SourceFound):
+                sources += 1
+                tracing.record_span(parent, "vlm.time_to_source", started_ns, source_index=sources,
+                                    variants=len(event.source.variants))
+            elif isinstance(event, DescriptionDone):
                 metrics.MODEL_SECONDS.labels(stage="vlm").observe(event.total_seconds)
+                metrics.VLM_TOKENS.labels(kind="prompt").inc(event.prompt_tokens)
+                metrics.VLM_TOKENS.labels(kind="output").inc(event.output_tokens)
+                request_log.note(prompt_tokens=event.prompt_tokens, output_tokens=event.output_tokens,
+                                 time_to_first_token_s=event.time_to_first_token_seconds,
+                                 model_seconds=event.total_seconds, finish_reason=event.finish_reason)
                 if event.model_steps and context is not None:  # the bench reads model steps vs tokens here
                     context.set_trailing_metadata((("vlm-model-steps", str(event.model_steps)),))
             yield event

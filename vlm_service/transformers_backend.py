@@ -360,6 +360,11 @@ class TransformersVisionBackend(VisionBackend):
 
     # -- requests ----------------------------------------------------------------------------------
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted and waiting for the model (the i2s_queue_depth gauge)."""
+        return len(self._pending)
+
     def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[tuple], None], *,
                should_stop: Callable[[], bool] | None = None, deadline: float | None = None
                ) -> tuple[EngineRequest, DescriptionAssembler]:
@@ -536,6 +541,8 @@ class TransformersVisionBackend(VisionBackend):
                 if not self.prompt_seen:  # generate() first pushes the prompt
                     self.prompt_seen = True
                     return
+                if not counted[0]:
+                    req.phases.enter("vlm.decode")
                 ids = [int(t) for t in value.reshape(-1).tolist()]
                 counted[0] += len(ids)
                 req.deliver(("tokens", ids))
@@ -543,6 +550,7 @@ class TransformersVisionBackend(VisionBackend):
             def end(self) -> None:
                 pass
 
+        req.phases.enter("vlm.prefill")
         try:
             inputs = {k: v.to(self.model.device) for k, v in req.inputs.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
@@ -557,4 +565,5 @@ class TransformersVisionBackend(VisionBackend):
         except BaseException as exc:  # noqa: BLE001 - handed to the request's consumer
             req.deliver(("error", exc))
             return
+        req.phases.end()
         req.deliver(("end", stopped[0] if stopped else "stop", counted[0]))
