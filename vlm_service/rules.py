@@ -6,7 +6,7 @@ No torch or transformers here (the command line's ``--skip_vlm`` path imports th
   closes and the re-admitted variants at the end; :func:`apply_post_rules` is the one-shot form.
 - :func:`description_from_dict` reads a parsed answer (compact keys or the seed's) and applies the rules;
   :func:`to_compact_dict` writes the compact shape the model answers in. The seed's file format itself
-  lives in :mod:`serving.seed_format` (``to_seed_dict`` / ``from_seed_dict``). Model output is parsed
+  lives in :mod:`i2s_formats.seed_format` (``to_seed_dict`` / ``from_seed_dict``). Model output is parsed
   as it streams by :class:`vlm_service.decoding.JsonStreamParser`.
 
 Rules (from the seed, design.md section 3), as implemented here:
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from image_to_sound.v1 import common_pb2
-from serving.seed_format import SEED_ROLE_NAME, Role, description_from_raw, round_confidence
+from i2s_formats.seed_format import SEED_ROLE_NAME, Role, description_from_raw, round_confidence
 
 MIN_CONFIDENCE = 0.7
 MIN_VARIANTS = 5

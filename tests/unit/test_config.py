@@ -109,7 +109,7 @@ def test_help_is_grouped_with_defaults_plain_placeholders_and_the_name_typed(mod
 
 
 def test_the_command_lines_help_shows_defaults_in_plain_groups(monkeypatch, capsys):
-    from orchestrator import cli
+    from i2s_cli import cli
 
     monkeypatch.setattr("sys.argv", ["/venv/bin/i2s", "--help"])
     with pytest.raises(SystemExit):

@@ -1,6 +1,6 @@
 """Python clients of the orchestrator, for Phase 2 and other callers.
 
-    from orchestrator.client import ImageToSoundClient
+    from i2s_client import ImageToSoundClient
     with ImageToSoundClient("localhost:50050") as client:
         client.wait_for_ready(timeout=600)  # the services may still be loading their models
         result = client.generate("data/street.jpg", duration_seconds=4, seed=7)
@@ -31,12 +31,12 @@ import numpy as np
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from i2s_formats import audio_encoding
+from i2s_formats.audio_encoding import write_wav
+from i2s_formats.seed_format import role_name
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from serving import channels, security
-from serving import audio_encoding
-from serving.atomic_files import write_wav
 from serving.images import mime_type_for
-from serving.seed_format import role_name
 
 ImageInput = str | os.PathLike | bytes | common_pb2.Image
 DEFAULT_TIMEOUT_SECONDS = 600.0
