@@ -47,11 +47,6 @@ class ModelWorker:
             return fn(*args)
         return self.submit(fn, *args).result()
 
-    async def call(self, fn: Callable[..., T], *args) -> T:
-        """Runs the blocking `fn(*args)` on the worker's thread (load, warm-up) and returns its result."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: (self._mark(), fn(*args))[1])
-
     async def stream(self, make_iter: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncIterator[T]:
         """Yields the items of the blocking iterator `make_iter(should_stop)` as the thread produces them."""
         if self._waiting >= self._max_queue:

@@ -32,7 +32,8 @@ class VlmConfig:
     prompt_version: str = setting("v1", "prompt and schema version under vlm_prompt/ (v2: sources first)")
     max_pixels: int | None = setting(None, "resize bound for the model (default: the backend's)")
     max_queue: int = setting(16, "requests waiting before RESOURCE_EXHAUSTED")
-    # The decode engine (issue 10); engine=False decodes with generate(), one request at a time (the reference).
+    # The decode engine (docs/architecture.md "The VLM decode engine"); engine=False decodes with generate(),
+    # one request at a time (the reference).
     engine: bool = setting(True, "decode engine: batched steps, static KV cache (false: generate(), the reference)")
     engine_max_batch: int = setting(8, "requests decoded together; batch buckets are the powers of two up to it")
     engine_capture: str = setting("none", "decode step: eager, torch.compile reduce-overhead, or CUDA graphs",

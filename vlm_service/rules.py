@@ -131,10 +131,6 @@ class PostRules:
         self._admitted = 0
         self._finished = False
 
-    @property
-    def admitted_count(self) -> int:
-        return self._admitted
-
     def add(self, source: common_pb2.SoundSource) -> common_pb2.SoundSource | None:
         if self._finished:
             raise RuntimeError("PostRules.add after finish")
