@@ -24,8 +24,9 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._max_queue = max_queue
         self._waiting = 0
-        # The first generate() on a new thread runs ~3x slower for the whole call (design.md section 6):
-        # load, warm-up and every request go through this one thread, whose identity tests can check.
+        # The first generate() on a new thread runs ~3x slower for the whole call (docs/architecture.md
+        # "One model thread"): load, warm-up and every request go through this one thread, whose identity
+        # tests can check.
         self.thread_ident: int | None = None
 
     def _mark(self) -> None:

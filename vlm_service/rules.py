@@ -9,7 +9,7 @@ No torch or transformers here (the command line's ``--skip_vlm`` path imports th
   lives in :mod:`i2s_formats.seed_format` (``to_seed_dict`` / ``from_seed_dict``). Model output is parsed
   as it streams by :class:`vlm_service.decoding.JsonStreamParser`.
 
-Rules (from the seed, design.md section 3), as implemented here:
+Rules (from the seed, docs/architecture.md "Compatibility with the seed"), as implemented here:
 
 1. Speech filter. A variant is dropped when its source name or action names human speech or an
    emotional/vocal sound: always for words that only people do (talking, speech, conversation,
