@@ -18,6 +18,8 @@ def test_every_cited_section_of_the_architecture_doc_exists():
                 if line.startswith("#")}
     cited = {}
     for path in _tracked_text_files():
+        if path == Path(__file__):  # its docstring shows the form
+            continue
         for title in CITATION.findall(" ".join(path.read_text(errors="ignore").split())):
             cited.setdefault(title, []).append(str(path.relative_to(ROOT)))
     assert len(cited) >= 5, cited  # the code does cite it
