@@ -49,3 +49,15 @@ def test_a_client_module_that_imports_the_orchestrator_breaks_the_contract(tmp_p
     assert run.returncode == 1, run.stdout + run.stderr
     assert f"Contracts: {len(settings['contracts']) - 1} kept, 1 broken." in run.stdout
     assert "i2s_client_probe -> orchestrator.validation" in run.stdout
+
+
+def test_the_0_2_client_import_still_works_for_one_release_with_a_deprecation_warning():
+    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+            "try:\n    import orchestrator.client\nexcept DeprecationWarning as w:\n    print('warned:', w)\n"
+            "warnings.simplefilter('ignore')\nimport sys; sys.modules.pop('orchestrator.client', None)\n"
+            "import i2s_client, orchestrator.client as old\n"
+            "print(old.ImageToSoundClient is i2s_client.ImageToSoundClient, old.collect is i2s_client.collect)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "warned: orchestrator.client is deprecated: import from i2s_client instead (it goes in 0.4)", "True True"]
