@@ -1,5 +1,5 @@
-# Entry points (design.md §7). Everything runs from the repo's .venv, where `make setup` installs the
-# pinned dependencies and the project itself (editable); it is idempotent.
+# Entry points (docs/architecture.md "Entry points"). Everything runs from the repo's .venv, where
+# `make setup` installs the pinned dependencies and the project itself (editable); it is idempotent.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

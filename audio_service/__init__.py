@@ -1,1 +1,1 @@
-"""AudioLDM2 sound-effect service: backend interface, diffusers backend, micro-batching."""
+"""AudioLDM2 sound-effect service: backend interface, diffusers and Triton backends, micro-batching."""

@@ -1,8 +1,9 @@
 """The audio backend interface: a batch of generation requests in, one result per request out.
 
 A backend owns one model on one device and is not thread-safe: callers (the `Batcher`) run one
-`generate` at a time. The in-process backend runs all model work on one thread of its own. Implementations: `diffusers_backend.DiffusersAudioBackend`
-(in-process AudioLDM2). Nothing here imports torch.
+`generate` at a time. Implementations: `diffusers_backend.DiffusersAudioBackend` (in-process AudioLDM2, all
+model work on one thread of its own) and `triton_backend.TritonAudioBackend` (the model in a Triton
+Inference Server). Nothing here imports torch.
 """
 from __future__ import annotations
 

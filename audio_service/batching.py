@@ -90,11 +90,6 @@ class Batcher:
         """Requests waiting for a backend call (not counting the running batch)."""
         return len(self._queue)
 
-    @property
-    def running(self) -> int:
-        """Requests in the backend call now running (0 when idle)."""
-        return len(self._running) if self._running else 0
-
     async def submit(self, request: AudioRequest, on_step: StepCallback | None = None) -> AudioResult:
         """Queues one request and returns its result when its batch is done.
 

@@ -35,8 +35,8 @@ class AudioConfig:
                                            flag="negative-prompt")
     compile: str = setting("none", "torch.compile the UNet; compiled and warmed before SERVING",
                            choices=["none", "default", "reduce-overhead", "max-autotune", "aot_eager"])
-    duration_buckets: str = setting("", 'seconds, e.g. "4,10,30": requests run at the next bucket and are trimmed '
-                                    'back ("": exact lengths; with --compile: 4,10,30)')
+    duration_buckets: tuple[float, ...] = setting((), 'seconds, e.g. "4,10,30": requests run at the next bucket and '
+                                                  'are trimmed back ("": exact lengths; with --compile: 4,10,30)')
     prompt_cache_size: int = setting(256, "captions whose encodings are kept (LRU); 0 lets the pipeline encode "
                                      "every batch")
     default_duration_seconds: float = 4.0  # the seed's --audio_seconds default
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> AudioConfig:
                         description="AudioLDM2 sound-effect generator over gRPC")
 
 
-COMPILE_DEFAULT_BUCKETS = "4,10,30"  # the seed's default clip, the benchmark's 10 s, the longest accepted
+COMPILE_DEFAULT_BUCKETS = (4.0, 10.0, 30.0)  # the seed's default clip, the benchmark's 10 s, the longest accepted
 
 
 def effective_max_batch_size(config: AudioConfig) -> int:
@@ -66,7 +66,7 @@ def effective_max_batch_size(config: AudioConfig) -> int:
     return 8 if device.startswith("cuda") else 4
 
 
-def effective_buckets(config: AudioConfig) -> str:
+def effective_buckets(config: AudioConfig) -> tuple[float, ...]:
     """The duration buckets; compiled models always get some, so no request shape compiles after SERVING."""
     if config.duration_buckets or config.compile == "none":
         return config.duration_buckets

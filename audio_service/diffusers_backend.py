@@ -16,7 +16,8 @@ What this adds to a plain `AudioLDM2Pipeline.from_pretrained`:
   has `callback`/`callback_steps`, not `callback_on_step_end`).
 - One model thread: every CUDA call (load, warm-up, each generation, CLAP scoring, close) runs on one
   long-lived thread the backend owns, whichever thread calls it. The first `generate` on a new thread
-  runs ~3x slower for the whole call (measured, design.md section 6), so no request may land on a cold one.
+  runs ~3x slower for the whole call (docs/architecture.md "One model thread"), so no request may land
+  on a cold one.
 
 The fast path, each part switchable (the defaults are the plain path):
 - `prompt_cache_size` > 0: each caption (and negative prompt) is encoded on its own, once (CLAP, T5,

@@ -15,9 +15,10 @@ from audio_service.backend import AudioBackend, AudioRequest, validate
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from serving import audio_encoding, metrics, request_log, tracing
+from i2s_formats import audio_encoding
+from serving import metrics, request_log, tracing
 from serving.errors import InvalidInput, NotReady
-from serving.seed_format import clean_text
+from i2s_formats.seed_format import clean_text
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)

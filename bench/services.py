@@ -1,6 +1,6 @@
 """The project's real services as child processes for the benchmark, with their start-up times and GPU memory.
 
-Reuses orchestrator/embedded.py's spawning (port 0, --port-file, logs in a temp folder); adds extra flags
+Reuses i2s_cli/embedded.py's spawning (port 0, --port-file, logs in a temp folder); adds extra flags
 per service (to measure variants without editing the bench), per-service start-up times, and a GPU
 memory sampler (nvidia-smi: torch's own counters cannot be read across processes).
 """
@@ -14,8 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from i2s_cli.embedded import EmbeddedServices, ServiceFailed, _Child
 from serving import channels
-from orchestrator.embedded import EmbeddedServices, ServiceFailed, _Child
 from serving.health import wait_serving
 
 

@@ -9,7 +9,7 @@ import grpc
 
 from gateway.errors import from_grpc
 from image_to_sound.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
-from serving.server import channel_options
+from serving.channels import channel_options
 
 # Request headers passed on as gRPC metadata: the bearer token, checked by the gRPC server's interceptor.
 FORWARDED_HEADERS = ("authorization",)

@@ -1,1 +1,1 @@
-"""The orchestrator: chains the VLM and audio services (pipelined), the seed command line, and the client."""
+"""The orchestrator service: chains the VLM and audio services with pipelining, validates and admits requests."""

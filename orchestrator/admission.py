@@ -1,9 +1,8 @@
 """Admission of images into the pipeline: a total limit, a per-stream limit, fair and bounded waiting.
 
-Without it every image went straight to the VLM, and a burst of streams got the VLM's queue-full
-RESOURCE_EXHAUSTED for most images at once. Now an image waits for a slot (at most `wait_seconds`, and
-at most `max_waiting` images wait at all) and is refused with RESOURCE_EXHAUSTED before any work starts
-when that bound is exceeded. A freed slot goes to the waiting image whose stream has the fewest images
+An image waits for a slot (at most `wait_seconds`, and at most `max_waiting` images wait at all), so a
+burst of streams does not reach the VLM's queue all at once; beyond that bound it is refused with
+RESOURCE_EXHAUSTED before any work starts. A freed slot goes to the waiting image whose stream has the fewest images
 in work (ties: the earliest waiter), so one busy stream cannot starve the others.
 """
 from __future__ import annotations

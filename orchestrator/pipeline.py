@@ -22,7 +22,8 @@ from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, orchestrato
 from orchestrator.mix import mix_clips
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
-from serving import audio_encoding, metrics, request_log, tracing
+from i2s_formats import audio_encoding
+from serving import metrics, request_log, tracing
 from serving.config import setting
 from serving.errors import InvalidInput, Upstream, excerpt
 

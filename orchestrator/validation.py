@@ -3,7 +3,7 @@
 A request that would fail later (a NaN duration after the VLM has spent seconds describing the image; a
 description with ten thousand sources) is refused up front with INVALID_ARGUMENT. The bounds are not
 written again here: decoding and audio settings go through the model services' own validate functions,
-images through serving.images, text through serving.seed_format.clean_text (what the description parser
+images through serving.images, text through i2s_formats.seed_format.clean_text (what the description parser
 applies to files).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import uuid
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from serving import seed_format
+from i2s_formats import seed_format
 from serving.errors import InvalidInput
 from serving.images import check_declared
 

@@ -7,8 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux allows (os.umask both sets and reads,
@@ -25,34 +23,10 @@ def current_umask() -> int:
     return mask
 
 
-def _publish(tmp: str, path: Path) -> None:
+def publish(tmp: str, path: Path) -> None:
     """Gives the temp file a new file's mode, then renames it into place."""
     os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, path)
-
-
-def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
-    """Writes a mono PCM 16-bit WAV at `sample_rate` atomically. Samples are quantised as the audio service
-    streams them (serving.audio_encoding.to_pcm16), so a PCM 16-bit stream saved here keeps every sample exactly
-    (libsndfile's own float conversion scales by 32768 and would move many by one step)."""
-    import soundfile as sf
-
-    from serving.audio_encoding import to_pcm16
-
-    if np.ndim(waveform) != 1:
-        raise ValueError(f"a mono waveform has one dimension, not the shape {np.shape(waveform)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.part", dir=path.parent)
-    os.close(fd)
-    try:
-        samples = np.frombuffer(to_pcm16(waveform), dtype="<i2")
-        sf.write(tmp, samples, sample_rate, format="WAV", subtype="PCM_16")
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -63,7 +37,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -25,8 +25,9 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._max_queue = max_queue
         self._waiting = 0
-        # The first generate() on a new thread runs ~3x slower for the whole call (design.md section 6):
-        # load, warm-up and every request go through this one thread, whose identity tests can check.
+        # The first generate() on a new thread runs ~3x slower for the whole call (docs/architecture.md
+        # "One model thread"): load, warm-up and every request go through this one thread, whose identity
+        # tests can check.
         self.thread_ident: int | None = None
 
     def _mark(self) -> None:
@@ -48,11 +49,6 @@ class ModelWorker:
         if threading.get_ident() == self.thread_ident:
             return fn(*args)
         return self.submit(contextvars.copy_context().run, fn, *args).result()
-
-    async def call(self, fn: Callable[..., T], *args) -> T:
-        """Runs the blocking `fn(*args)` on the worker's thread (load, warm-up) and returns its result."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: (self._mark(), fn(*args))[1])
 
     async def stream(self, make_iter: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncIterator[T]:
         """Yields the items of the blocking iterator `make_iter(should_stop)` as the thread produces them."""

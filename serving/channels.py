@@ -1,4 +1,5 @@
-"""gRPC channels to the model services and for clients: message sizes, keepalive, retries on UNAVAILABLE."""
+"""gRPC channel settings: message sizes and keepalive for servers and clients alike, and the channels to the
+model services and for clients (retries on UNAVAILABLE)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,21 @@ import json
 import grpc
 
 from serving import tracing
-from serving.server import channel_options
+
+MiB = 1024 * 1024
+
+
+def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float = 30.0) -> list[tuple[str, int]]:
+    """Options for servers and clients alike: big messages, keepalive pings so dead peers are noticed."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
 
 # Retries are safe: every RPC of this system is a pure function of its request (seeds included).
 # UNAVAILABLE covers a service that is restarting or still loading its model.
@@ -27,7 +42,7 @@ RETRY_SERVICE_CONFIG = json.dumps({
 
 
 def options(max_message_mb: int = 32) -> list[tuple[str, object]]:
-    return channel_options(max_message_mb * 1024 * 1024) + [
+    return channel_options(max_message_mb * MiB) + [
         ("grpc.service_config", RETRY_SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
     ]

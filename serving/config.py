@@ -4,7 +4,9 @@ A setting is written once, as a dataclass field made with `setting(default, help
 its command-line flag (`max_queue` -> `--max-queue`), its environment variable (`I2S_VLM_MAX_QUEUE`: a
 per-service prefix, so services sharing a pod or a machine do not read each other's `PORT`), its type,
 default and help. Fields of nested dataclasses (`ServerOptions`, limits) are flattened into the same
-flag namespace. Fields made without `setting` are fixed in code, not configurable.
+flag namespace. Fields made without `setting` are fixed in code, not configurable. A `tuple[int, ...]` or
+`tuple[float, ...]` field is a comma list ("4,10,30"): sizes of buckets, so positive, sorted, no repeats; a
+`check` rejects what the type alone cannot (a list that must start at 1), as a flag error before start-up.
 
 Precedence: flag, then the service's variable, then the pre-prefix name `I2S_<NAME>` (read with a
 deprecation warning, for one release), then the default.
@@ -17,9 +19,10 @@ import logging
 import os
 import sys
 import types
+import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +30,27 @@ ENV_ROOT = "I2S_"
 C = TypeVar("C")
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: Sequence[Any] | None = None) -> Any:
+def setting(default: Any, help: str, *, flag: str | None = None, choices: Sequence[Any] | None = None,
+            check: Callable[[Any], None] | None = None) -> Any:
     """A configurable dataclass field. `flag` overrides the name derived from the field's
-    (`--vlm` for `vlm_target`); `choices` restricts the values."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+    (`--vlm` for `vlm_target`); `choices` restricts the values; `check` raises ValueError on a bad value."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "check": check})
+
+
+def comma_list(raw: str, element: type) -> tuple:
+    """"10, 4,30" -> (4, 10, 30) for `element` int or float: positive, sorted, no repeats; "" -> ()."""
+    try:
+        values = [element(part.strip()) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"not a comma list of {element.__name__}s: {raw!r}") from None
+    if any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"not a comma list of positive numbers: {raw!r}")
+    return tuple(sorted(set(values)))
+
+
+def show_value(value: Any) -> str:
+    """A setting's value as it would be typed: comma lists without their brackets."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,7 @@ class Setting:
     default: Any
     help: str
     choices: tuple[Any, ...] | None
+    check: Callable[[Any], None] | None = None
 
     def env_name(self, prefix: str) -> str:
         """`I2S_VLM_MAX_QUEUE` for prefix "VLM"."""
@@ -63,6 +84,8 @@ class Setting:
             if word in ("0", "false", "no", "off"):
                 return False
             raise ValueError(f"not a boolean: {raw!r}")
+        if typing.get_origin(self.type) is tuple:
+            return comma_list(raw, typing.get_args(self.type)[0])
         return self.type(raw)
 
 
@@ -95,6 +118,7 @@ def settings(cls: type, defaults: Any = None, path: tuple[str, ...] = ()) -> Ite
                 default=value,
                 help=f.metadata["help"],
                 choices=tuple(choices) if choices else None,
+                check=f.metadata.get("check"),
             )
 
 
@@ -141,12 +165,12 @@ def _group_key(s: Setting, first_words: Mapping[str, int]) -> str:
 
 
 def _help_text(s: Setting, prefix: str) -> str:
-    if s.default is None or s.default == "":
+    if s.default is None or s.default in ("", ()):
         shown = ""
     elif s.type is bool:
         shown = f"default: {'true' if s.default else 'false'}; "
     else:
-        shown = f"default: {s.default}; "
+        shown = f"default: {show_value(s.default)}; "
     return f"{s.help} ({shown}env {s.env_name(prefix)})".replace("%", "%%")
 
 
@@ -160,6 +184,11 @@ def _converter(s: Setting):
             raise argparse.ArgumentTypeError(str(exc)) from None
         if s.choices and value is not None and value not in s.choices:
             raise argparse.ArgumentTypeError(f"{raw!r}: choose from {', '.join(map(str, s.choices))}")
+        if s.check is not None and value is not None:
+            try:
+                s.check(value)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(f"{raw!r}: {exc}") from None
         return value
 
     convert.__name__ = s.type.__name__

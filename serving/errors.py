@@ -1,4 +1,5 @@
-"""The domain errors of all three services, and their one mapping to gRPC status codes (design.md §5).
+"""The domain errors of all three services, and their one mapping to gRPC status codes
+(docs/architecture.md "The failure model").
 
 Backends and servicers raise these; `serving.interceptors.ErrorMappingInterceptor` turns them into
 statuses for every RPC of a server, and the orchestrator uses `status_for` for per-image and per-clip

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving import metrics
+from serving.channels import MiB, channel_options
 from serving.atomic_files import write_text_atomic
 from serving.config import setting
 from serving.health import HealthServicer
@@ -24,8 +25,6 @@ from serving.interceptors import standard_interceptors
 from serving import security, tracing
 
 log = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -54,18 +53,6 @@ class ServerOptions:
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MiB
-
-
-def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float = 30.0) -> list[tuple[str, int]]:
-    """Options for servers and clients alike: big messages, keepalive pings so dead peers are noticed."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", int(keepalive_seconds * 1000)),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ]
 
 
 class GrpcServer:

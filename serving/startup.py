@@ -1,7 +1,7 @@
 """Start-up checks that turn the usual first-hour mistakes into one line saying what to do, instead of a
 stack trace from deep inside gRPC or transformers: a port already taken, a model folder that does not exist
 (a typo), the VLM's and the audio model's folders swapped. Used by the three services' `__main__` and by
-the command line's preflight (orchestrator/preflight.py)."""
+the command line's preflight (i2s_cli/preflight.py)."""
 from __future__ import annotations
 
 import errno

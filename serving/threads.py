@@ -3,7 +3,7 @@
 torch starts as many intra-op threads as the machine has cores, in every process. Two model services on a
 2-core machine then run 4 threads on 2 cores, and every small op pays for the contention (a full-vocabulary
 `torch.where` took 6 ms instead of 0.3 ms). Each service therefore sets its threads at start, before the
-model loads; embedded mode (orchestrator/embedded.py) divides the cores between the services it starts.
+model loads; embedded mode (i2s_cli/embedded.py) divides the cores between the services it starts.
 """
 from __future__ import annotations
 

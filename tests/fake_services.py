@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, vision_pb2, vision_pb2_grpc
-from serving import audio_encoding
+from i2s_formats import audio_encoding
 from serving.errors import InvalidInput
 from serving.images import decode_image
 from serving.server import GrpcServer, ServerOptions

@@ -1,7 +1,8 @@
 """The seed's prompt style, rebuilt for comparison only: the baseline of a seed-style benchmark run and
 the contrast in tests/unit/test_prompts.py. Not a production option: it is a reconstruction of the
 style (scene, mood, source and 100+ words of instructions; 150-180 words), not the seed's exact text, and
-it breaks the project's rule that a caption fits CLAP's 77 tokens (design.md section 4).
+it breaks the project's rule that a caption fits CLAP's 77 tokens (docs/architecture.md "Models and testing
+without their weights").
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `build_tiny_audio(out_dir)` writes an `AudioLDM2Pipeline` with all eleven components, random weights
 (fixed seeds, so the bytes are the same on every run) and locally trained tokenizers, via
-`save_pretrained`. The layout mirrors `cvssp/audioldm2` (see ../shared/model-configs/): same component
+`save_pretrained`. The layout mirrors `cvssp/audioldm2` (see bench/model_configs/): same component
 classes, and `model_index.json` names `GPT2Model` for `language_model`, like the real one, so the
 loader's GPT2 workaround (transformers 5.x) is exercised. 16 kHz audio, 64 mel bins, hop 160.
 

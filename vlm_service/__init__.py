@@ -5,5 +5,6 @@ loading, inputs, the model thread, the reference ``generate()`` path), ``engine`
 batched rows, jump-forward, prefix cache), ``kv_cache`` (the per-row static KV cache), ``captured_step``
 (the engine's forwards, eager or captured), ``assembly`` (token ids -> stream events), ``decoding``
 (xgrammar helpers and the incremental JSON stream parser), ``rules`` (the seed's post-rules, the compact
-answer format), ``tiny`` (a tiny random Qwen2.5-VL checkpoint for tests and demos).
+answer format), ``triton_backend`` (the same interface against a Triton Inference Server). The tiny random
+checkpoint of tests and demos is built by ``tiny_models.vlm``, outside the installed package.
 """

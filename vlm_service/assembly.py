@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any, Iterable
 
-from serving import seed_format
+from i2s_formats import seed_format
 from vlm_service import rules
 from vlm_service.backend import DescriptionDone, SceneHeader, SourceFound, StreamEvent
 from vlm_service.decoding import IncrementalDetokenizer, JsonStreamParser, ParsedHeader, ParsedSource

@@ -10,6 +10,12 @@ from serving.server import ServerOptions
 from serving.threads import ThreadOptions
 
 DEFAULT_PORT = 50051
+
+
+def _starts_at_one(buckets: tuple[int, ...]) -> None:
+    if not buckets or buckets[0] != 1:
+        raise ValueError("the token buckets start at 1 (a plain decode step)")
+
 ENV_PREFIX = "VLM"
 
 
@@ -26,7 +32,8 @@ class VlmConfig:
     prompt_version: str = setting("v1", "prompt and schema version under vlm_prompt/ (v2: sources first)")
     max_pixels: int | None = setting(None, "resize bound for the model (default: the backend's)")
     max_queue: int = setting(16, "requests waiting before RESOURCE_EXHAUSTED")
-    # The decode engine (issue 10); engine=False decodes with generate(), one request at a time (the reference).
+    # The decode engine (docs/architecture.md "The VLM decode engine"); engine=False decodes with generate(),
+    # one request at a time (the reference).
     engine: bool = setting(True, "decode engine: batched steps, static KV cache (false: generate(), the reference)")
     engine_max_batch: int = setting(8, "requests decoded together; batch buckets are the powers of two up to it")
     engine_capture: str = setting("none", "decode step: eager, torch.compile reduce-overhead, or CUDA graphs",
@@ -35,7 +42,8 @@ class VlmConfig:
                                        "but tokens differ from generate())", choices=["off", "exact", "retokenize"])
     engine_prefix_cache: bool = setting(True, "reuse the KV of the prompt text before the image")
     engine_max_len: int = setting(3072, "KV slots per request (prompt + output); the step also runs at half of it")
-    engine_token_buckets: str = setting("1,8", "new tokens per row in one step (comma list, starts at 1)")
+    engine_token_buckets: tuple[int, ...] = setting((1, 8), "new tokens per row in one step (comma list, starts at 1)",
+                                                    check=_starts_at_one)
     image_limits: ImageLimits = ImageLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()

@@ -23,8 +23,8 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
 
 Greedy decoding here equals ``generate()`` token for token (same processors in the same order: repetition
 penalty, grammar mask, sampler; float32 logits), which the tests check at batch 1 and in mixed batches.
-Everything in this module runs on the model thread, except :class:`RequestHandle`'s cancel and the
-submission queue (see ``transformers_backend``).
+Everything in this module runs on the model thread, except setting an :class:`EngineRequest`'s
+``cancelled`` event and the submission queue (see ``transformers_backend``).
 """
 from __future__ import annotations
 

@@ -6,10 +6,10 @@ No torch or transformers here (the command line's ``--skip_vlm`` path imports th
   closes and the re-admitted variants at the end; :func:`apply_post_rules` is the one-shot form.
 - :func:`description_from_dict` reads a parsed answer (compact keys or the seed's) and applies the rules;
   :func:`to_compact_dict` writes the compact shape the model answers in. The seed's file format itself
-  lives in :mod:`serving.seed_format` (``to_seed_dict`` / ``from_seed_dict``). Model output is parsed
+  lives in :mod:`i2s_formats.seed_format` (``to_seed_dict`` / ``from_seed_dict``). Model output is parsed
   as it streams by :class:`vlm_service.decoding.JsonStreamParser`.
 
-Rules (from the seed, design.md section 3), as implemented here:
+Rules (from the seed, docs/architecture.md "Compatibility with the seed"), as implemented here:
 
 1. Speech filter. A variant is dropped when its source name or action names human speech or an
    emotional/vocal sound: always for words that only people do (talking, speech, conversation,
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from image_to_sound.v1 import common_pb2
-from serving.seed_format import SEED_ROLE_NAME, Role, description_from_raw, round_confidence
+from i2s_formats.seed_format import SEED_ROLE_NAME, Role, description_from_raw, round_confidence
 
 MIN_CONFIDENCE = 0.7
 MIN_VARIANTS = 5
@@ -130,10 +130,6 @@ class PostRules:
         self._merged: dict[str, common_pb2.SoundSource] = {}
         self._admitted = 0
         self._finished = False
-
-    @property
-    def admitted_count(self) -> int:
-        return self._admitted
 
     def add(self, source: common_pb2.SoundSource) -> common_pb2.SoundSource | None:
         if self._finished:

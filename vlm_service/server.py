@@ -131,7 +131,7 @@ def engine_options(config: VlmConfig):
     batch_buckets = tuple(sorted({min(2**i, config.engine_max_batch) for i in range(config.engine_max_batch.bit_length() + 1)}))
     return EngineOptions(
         max_batch=config.engine_max_batch, batch_buckets=batch_buckets,
-        token_buckets=tuple(int(t) for t in config.engine_token_buckets.split(",")),
+        token_buckets=config.engine_token_buckets,
         length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
         capture=config.engine_capture, jump_forward=config.engine_jump_forward,
         prefix_cache=config.engine_prefix_cache)

@@ -5,17 +5,19 @@ directory such as the tiny test checkpoint): ``AutoTokenizer`` + the Qwen2-VL im
 ``Qwen2_5_VLForConditionalGeneration.from_pretrained(..., attn_implementation="sdpa")``.
 
 No ``Qwen2_5_VLProcessor`` / ``AutoProcessor``: in transformers 5.x it requires a video processor, which
-requires torchvision (not installable next to this CPU torch wheel; design.md section 4). The backend does
-the processor's work for one image itself: chat template -> image processor -> expand the single
+requires torchvision (not installable next to this CPU torch wheel; docs/architecture.md "Models and testing
+without their weights"). The backend does the processor's work for one image itself: chat template -> image
+processor -> expand the single
 ``<|image_pad|>`` to ``grid_t*grid_h*grid_w / merge_size**2`` copies -> tokenize -> ``mm_token_type_ids``
 (1 on image tokens; transformers 5.x needs it to build Qwen2.5-VL's 3-D rope positions: without it,
 ``generate`` silently falls back to 1-D text positions for the image tokens).
 
 Threads: every model call (load, warm-up, every generation) runs on the backend's one model thread (a
 :class:`~serving.blocking.ModelWorker`; the first ``generate`` on a new thread runs ~3x slower for the whole
-call, design.md section 6). Callers submit requests from any thread; images are checked and turned into
-CPU tensors in the caller's thread; the model thread hands back token ids, which the caller's side turns
-into events (:mod:`vlm_service.assembly`). Requests wait in a bounded queue (``Overloaded`` when full).
+call: docs/architecture.md "One model thread"). Callers submit requests from any thread; images are checked
+and turned into CPU tensors in the caller's thread; the model thread hands back token ids, which the caller's
+side turns into events (:mod:`vlm_service.assembly`). Requests wait in a bounded queue (``Overloaded`` when
+full).
 
 Two decoding paths, chosen by ``engine``:
 - ``None``: the reference, ``model.generate()`` per request, one request at a time;

@@ -175,7 +175,7 @@ def test_audio_readiness_follows_the_triton_model(triton, audio):
 @pytest.mark.e2e
 @pytest.mark.timeout(900)  # seconds on an idle machine; minutes when other suites share the two cores
 def test_the_orchestrator_end_to_end_checks_pass_through_triton(triton, tiny_vlm_dir, tiny_audio_dir, monkeypatch):
-    from orchestrator.embedded import EmbeddedServices
+    from i2s_cli.embedded import EmbeddedServices
 
     # Two of the five photos (plus the corrupt one the check adds): the in-process run covers them all,
     # this one shows the Triton path, and ~700 tokens per photo on a shared CPU is what costs time.

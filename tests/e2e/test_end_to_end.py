@@ -12,10 +12,10 @@ import pytest
 import soundfile as sf
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from orchestrator.client import ImageToSoundClient, collect, make_request
-from orchestrator.embedded import EmbeddedServices
-from orchestrator.phase2 import FOLDERS
-from serving.seed_format import read_seed_file
+from i2s_client import ImageToSoundClient, collect, make_request
+from i2s_cli.embedded import EmbeddedServices
+from i2s_cli.phase2 import FOLDERS
+from i2s_formats.seed_format import read_seed_file
 from tests.vlm_fixtures import description_schema
 from vlm_service.rules import to_compact_dict
 

@@ -1,5 +1,5 @@
 """The run's gallery (result/index.html) and the CLAP score per clip, on the real services with the tiny
-checkpoints: main.py's code (orchestrator.cli.main, the demo's flags) against embedded service processes.
+checkpoints: main.py's code (i2s_cli.cli.main, the demo's flags) against embedded service processes.
 
 Two runs share one set of services: the first renders one photo, the second is a resumed run that adds
 another, so the gallery it leaves must show both. A spy on the command line's event handler keeps every
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from orchestrator import cli
-from orchestrator.embedded import EmbeddedServices
-from serving import audio_encoding
+from i2s_cli import cli
+from i2s_cli.embedded import EmbeddedServices
+from i2s_formats import audio_encoding
 from tests.browser import console_errors
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
-from orchestrator.client import make_request
+from i2s_client import make_request
 from tests.real_stack import ServiceProcess, audio_process
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -102,9 +102,12 @@ def test_the_installed_package_carries_stubs_prompts_and_scripts_but_no_tiny_bui
     code = ("import image_to_sound.v1.orchestrator_pb2_grpc, vlm_prompt.loader as l, importlib.util as u;"
             "import image_to_sound.v1.orchestrator_connect, gateway.app as g;"
             "print(l.load_prompt('v1').schema['type'], (g.STATIC / 'index.html').is_file(), (g.STATIC / 'app.js').is_file());"
-            "print(u.find_spec('vlm_service.tiny') is None and u.find_spec('audio_service.tiny') is None)")
+            "print(u.find_spec('vlm_service.tiny') is None and u.find_spec('audio_service.tiny') is None);"
+            "import i2s_client, i2s_formats.seed_format, i2s_cli.gallery as gal, pathlib;"
+            "print(i2s_client.ImageToSoundClient.__module__, (pathlib.Path(gal.__file__).with_name('templates') /"
+            " 'gallery.html').is_file())")
     out = subprocess.run([str(python), "-c", code], cwd=installed, check=True, capture_output=True, text=True).stdout
-    assert out.split() == ["object", "True", "True", "True"]
+    assert out.split() == ["object", "True", "True", "True", "i2s_client.client", "True"]
     for script in ("i2s", "i2s-vlm", "i2s-audio", "i2s-orchestrator"):
         assert (installed / "bin" / script).exists()
     help_text = subprocess.run([str(installed / "bin" / "i2s"), "--help"], check=True, capture_output=True,

@@ -12,8 +12,8 @@ from audio_service.config import DEFAULT_NEGATIVE_PROMPT, AudioConfig
 from audio_service.diffusers_backend import DiffusersAudioBackend
 from audio_service.server import load_and_warm, make_server
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from serving import audio_encoding
-from serving.atomic_files import write_wav
+from i2s_formats import audio_encoding
+from i2s_formats.audio_encoding import write_wav
 from serving.server import ServerOptions
 
 PROMPT = "Rain drumming on a tin roof, sharp metallic patter"

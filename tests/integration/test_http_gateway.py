@@ -166,7 +166,7 @@ async def test_bad_input_over_http_gets_the_mapped_status(front, case):
 async def test_page_plays_clips_as_they_stream(front, chromium, tmp_path):
     """Upload a photo from data/ in headless Chromium: scene text, a player per clip, the first clip playing
     before the last is done, the WAV download equal to main.py's file for the same seeds, no console errors."""
-    from orchestrator.client import collect
+    from i2s_client import collect
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     from tests.browser import console_errors

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
-from serving import audio_encoding
+from i2s_formats import audio_encoding
 from tests.fake_services import scripted_description
 from tests.real_stack import ServiceProcess, audio_process, png
 

@@ -20,8 +20,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from image_to_sound.v1 import (audio_pb2, audio_pb2_grpc, common_pb2, orchestrator_pb2 as pb, vision_pb2,
                                vision_pb2_grpc)
-from orchestrator import cli
-from orchestrator.client import AsyncImageToSoundClient, ImageToSoundClient
+from i2s_cli import cli
+from i2s_client import AsyncImageToSoundClient, ImageToSoundClient
 from orchestrator.config import OrchestratorConfig
 from orchestrator.server import Orchestrator
 from serving import security

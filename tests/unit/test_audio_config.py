@@ -14,9 +14,9 @@ def test_fast_path_flags_reach_the_config():
     config = parse_args(["--compile", "reduce-overhead", "--duration-buckets", "4,10", "--prompt-cache-size", "0",
                          "--max-batch-size", "6"])
     assert (config.compile, config.duration_buckets, config.prompt_cache_size, config.max_batch_size) == (
-        "reduce-overhead", "4,10", 0, 6)
+        "reduce-overhead", (4.0, 10.0), 0, 6)
     plain = parse_args([])
-    assert (plain.compile, plain.duration_buckets, plain.max_batch_size) == ("none", "", 0)
+    assert (plain.compile, plain.duration_buckets, plain.max_batch_size) == ("none", (), 0)
 
 
 def test_batch_size_default_follows_the_device():
@@ -26,6 +26,6 @@ def test_batch_size_default_follows_the_device():
 
 
 def test_a_compiled_model_always_gets_buckets():
-    assert effective_buckets(AudioConfig()) == ""  # eager: exact durations
+    assert effective_buckets(AudioConfig()) == ()  # eager: exact durations
     assert effective_buckets(AudioConfig(compile="default")) == COMPILE_DEFAULT_BUCKETS
-    assert effective_buckets(AudioConfig(compile="default", duration_buckets="10")) == "10"
+    assert effective_buckets(AudioConfig(compile="default", duration_buckets=(10.0,))) == (10.0,)

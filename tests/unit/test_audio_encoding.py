@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serving import audio_encoding as enc
-from serving.atomic_files import write_wav
+from i2s_formats import audio_encoding as enc
+from i2s_formats.audio_encoding import write_wav
 
 RATE = 16000
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from orchestrator import cli, prompts
+from i2s_cli import cli
+from orchestrator import prompts
 from tests.fake_services import FakeAudioServicer, fake_stack
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
-from orchestrator import cli
+from i2s_cli import cli
 from tests.fake_services import fake_stack
 
 BOUND = 120

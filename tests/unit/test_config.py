@@ -74,6 +74,35 @@ def test_bad_flag_values_are_refused(capsys):
     assert "invalid" in capsys.readouterr().err
 
 
+def test_comma_list_settings_are_parsed_as_flags(monkeypatch, capsys):
+    assert audio_args(["--duration-buckets", "10, 4,30,4"]).duration_buckets == (4.0, 10.0, 30.0)
+    assert audio_args(["--duration-buckets", ""]).duration_buckets == ()
+    assert vlm_args(["--engine-token-buckets", "4,1"]).engine_token_buckets == (1, 4)
+    monkeypatch.setenv("I2S_VLM_ENGINE_TOKEN_BUCKETS", "1,2")
+    assert vlm_args([]).engine_token_buckets == (1, 2)
+    assert "default: 1,8;" in _help(vlm_args, capsys)
+
+
+@pytest.mark.parametrize("parse,flag,value,complaint", [
+    (audio_args, "--duration-buckets", "4,ten", "not a comma list of floats"),
+    (audio_args, "--duration-buckets", "4,-1", "positive"),
+    (audio_args, "--duration-buckets", "4,nan", "positive"),
+    (vlm_args, "--engine-token-buckets", "1,2.5", "not a comma list of ints"),
+    (vlm_args, "--engine-token-buckets", "2,8", "start at 1"),
+])
+def test_a_bad_comma_list_fails_as_a_flag_error_before_start_up(capsys, parse, flag, value, complaint):
+    with pytest.raises(SystemExit) as info:
+        parse([flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}" in err and complaint in err
+
+
+def _help(parse, capsys) -> str:
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    return capsys.readouterr().out
+
+
 def test_boolean_settings_take_a_bare_flag_a_value_or_no(monkeypatch):
     assert vlm_args([]).engine is True
     assert vlm_args(["--engine", "false"]).engine is False
@@ -109,7 +138,7 @@ def test_help_is_grouped_with_defaults_plain_placeholders_and_the_name_typed(mod
 
 
 def test_the_command_lines_help_shows_defaults_in_plain_groups(monkeypatch, capsys):
-    from orchestrator import cli
+    from i2s_cli import cli
 
     monkeypatch.setattr("sys.argv", ["/venv/bin/i2s", "--help"])
     with pytest.raises(SystemExit):

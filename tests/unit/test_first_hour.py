@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli
-from orchestrator.client import AsyncImageToSoundClient, ImageToSoundClient, OrchestratorUnavailable
+from i2s_cli import cli
+from i2s_client import AsyncImageToSoundClient, ImageToSoundClient, OrchestratorUnavailable
 from serving.server import GrpcServer, ServerOptions
 from tests.fake_services import FakeVisionServicer, fake_stack
 
@@ -196,7 +196,7 @@ class RecordingServices:
         self.logs = Path(kwargs["logs_dir"] or "unused")
 
     def start(self):
-        from orchestrator.embedded import ServiceFailed
+        from i2s_cli.embedded import ServiceFailed
 
         raise ServiceFailed("the audio service exited with code 1 while starting: RuntimeError: out of memory")
 
@@ -211,7 +211,7 @@ class RecordingServices:
 
 
 def test_resume_starts_only_the_models_it_needs(workspace, capsys, monkeypatch):
-    monkeypatch.setattr("orchestrator.embedded.EmbeddedServices", RecordingServices)
+    monkeypatch.setattr("i2s_cli.embedded.EmbeddedServices", RecordingServices)
     description = write_description(workspace)
     argv = ["--no_progress", "--vlm_model", str(TINY / "vlm"), "--audio_model", str(TINY / "audio")]
     assert cli.main(argv) == 3
@@ -250,7 +250,7 @@ async def test_ctrl_c_ends_with_a_summary_and_how_to_resume(workspace):
 
 
 def test_a_service_that_dies_while_starting_says_why_in_one_line_and_leaves_its_log(tmp_path):
-    from orchestrator.embedded import EmbeddedServices, ServiceFailed
+    from i2s_cli.embedded import EmbeddedServices, ServiceFailed
 
     missing = tmp_path / "no-such-model"
     services = EmbeddedServices(vlm_model=str(missing), audio_model=None, start_timeout_seconds=BOUND)

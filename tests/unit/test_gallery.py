@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from orchestrator import gallery
-from serving.atomic_files import write_wav
+from i2s_cli import gallery
+from i2s_formats.audio_encoding import write_wav
 
 SR = 16000
 

@@ -7,7 +7,7 @@ import pytest
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from orchestrator import prompts
-from orchestrator.client import AsyncImageToSoundClient, ImageResult, make_request
+from i2s_client import AsyncImageToSoundClient, ImageResult, make_request
 from tests.fake_services import FakeAudioServicer, FakeVisionServicer, fake_stack, scripted_description
 
 BOUND = 60  # seconds: a generous bound so a broken pipeline fails instead of hanging

@@ -1,8 +1,8 @@
 """`make run` without reachable weights stops early with one clear message (no stack trace)."""
 import pytest
 
-from orchestrator import cli
-from orchestrator.preflight import ModelUnavailable, check_model
+from i2s_cli import cli
+from i2s_cli.preflight import ModelUnavailable, check_model
 
 
 def test_a_local_folder_needs_a_config(tmp_path):

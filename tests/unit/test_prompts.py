@@ -11,7 +11,8 @@ from audio_service.config import DEFAULT_NEGATIVE_PROMPT
 from orchestrator.prompts import MAX_CAPTION_WORDS, SoundVariant, build_caption, caption_for_variant
 from tests.seed_style import seed_style_prompt
 
-CLAP_TOKENS = 77  # the project's rule (design.md section 4): a caption fits CLAP's 77 tokens
+# The project's rule (docs/architecture.md "Models and testing without their weights"): a caption fits CLAP's tokens.
+CLAP_TOKENS = 77
 
 # (variant, scene, mood, words the caption must contain: source, material, action)
 REALISTIC = [

@@ -12,8 +12,8 @@ from audio_service.backend import AudioRequest, validate
 from image_to_sound.v1 import common_pb2
 from orchestrator import prompts
 from orchestrator.naming import clip_file_name, safe_name
-from serving import seed_format
-from serving.seed_format import SeedFormatError, description_from_raw, dumps_seed, read_seed_file
+from i2s_formats import seed_format
+from i2s_formats.seed_format import SeedFormatError, description_from_raw, dumps_seed, read_seed_file
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ROLES = set(common_pb2.InstrumentRole.values())

@@ -38,7 +38,7 @@ def test_stubs_import_by_absolute_path_and_name_the_services():
 
 
 def test_every_message_field_and_rpc_is_commented():
-    """Convention (design.md §5): a comment on every message, field, enum value and RPC."""
+    """Convention (docs/architecture.md "The contract"): a comment on every message, field, enum value and RPC."""
     for proto in (ROOT / "protos" / "image_to_sound" / "v1").glob("*.proto"):
         lines = proto.read_text().splitlines()
         for i, line in enumerate(lines):

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from image_to_sound.v1 import common_pb2
-from serving.seed_format import SeedFormatError, dumps_seed, from_seed_dict, read_seed_file, to_seed_dict
+from i2s_formats.seed_format import SeedFormatError, dumps_seed, from_seed_dict, read_seed_file, to_seed_dict
 
 SEED = {
     "scene_description": "A rainy street at night with parked cars.",

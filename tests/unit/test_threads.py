@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from audio_service.config import parse_args as audio_args
-from orchestrator.embedded import EmbeddedServices
+from i2s_cli.embedded import EmbeddedServices
 from serving.threads import threads_per_service
 from vlm_service.config import parse_args as vlm_args
 

@@ -212,7 +212,7 @@ def test_v2_is_v1_with_sources_first_and_the_text_before_the_image():
         assert list(example["output"]) == ["sources", "scene", "mood"]
     assert v2.examples[0]["output"] == v1.examples[0]["output"]  # the same answer
     # The seed file written from either is the same (the format on disk does not change).
-    from serving.seed_format import dumps_seed
+    from i2s_formats.seed_format import dumps_seed
 
     assert dumps_seed(rules.description_from_dict(v2.examples[0]["output"], apply_rules=False)) == \
         dumps_seed(rules.description_from_dict(v1.examples[0]["output"], apply_rules=False))

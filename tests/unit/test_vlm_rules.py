@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from image_to_sound.v1 import common_pb2
-from serving import seed_format
+from i2s_formats import seed_format
 from vlm_service import rules
 
 Role = common_pb2.InstrumentRole

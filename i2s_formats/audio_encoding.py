@@ -1,14 +1,17 @@
-"""Audio bytes: a waveform as the AudioChunk messages of one stream, and the payloads decoded back.
-
-(WAV files on disk are written by serving.atomic_files.write_wav.)"""
+"""Audio bytes: a waveform as the AudioChunk messages of one stream, the payloads decoded back, and a
+waveform as a WAV file that keeps the PCM 16-bit samples of a stream exactly."""
 from __future__ import annotations
 
 import io
+import os
+import tempfile
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from image_to_sound.v1 import common_pb2
+from serving.atomic_files import publish
 
 PCM16 = common_pb2.AUDIO_ENCODING_PCM_S16LE
 FLOAT32 = common_pb2.AUDIO_ENCODING_FLOAT32_LE
@@ -82,3 +85,25 @@ def decode_payloads(payloads: Sequence[bytes], encoding: int) -> np.ndarray:
 
     data, _ = sf.read(io.BytesIO(blob), dtype="float32")
     return data
+
+
+def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
+    """Writes a mono PCM 16-bit WAV at `sample_rate` atomically. Samples are quantised as the audio service
+    streams them (to_pcm16 above), so a PCM 16-bit stream saved here keeps every sample exactly
+    (libsndfile's own float conversion scales by 32768 and would move many by one step)."""
+    import soundfile as sf
+
+    if np.ndim(waveform) != 1:
+        raise ValueError(f"a mono waveform has one dimension, not the shape {np.shape(waveform)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.part", dir=path.parent)
+    os.close(fd)
+    try:
+        samples = np.frombuffer(to_pcm16(waveform), dtype="<i2")
+        sf.write(tmp, samples, sample_rate, format="WAV", subtype="PCM_16")
+        publish(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -5,7 +5,7 @@ Outputs, as the seed wrote them:
     sound_sources/<stem>/<stem>_sound_source.json      the description, in the seed's format
     result/<stem>/NN_<source>_<action>.wav              one clip per variant (PCM 16-bit mono)
     result/<stem>/prompts.json                          what each clip was made from
-    result/index.html                                   the gallery of every image (orchestrator/gallery.py)
+    result/index.html                                   the gallery of every image (i2s_cli/gallery.py)
 Every file is written atomically; an image whose outputs are complete is skipped on the next run.
 With --skip_vlm the input is the descriptions, not the images: every *_sound_source.json under
 --sound_sources_dir is rendered, whatever is in --data_dir (as the seed did).
@@ -27,12 +27,12 @@ import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from orchestrator.client import ImageResult, ImageToSoundClient, OrchestratorUnavailable, make_request, to_image
-from orchestrator.gallery import write_gallery
-from orchestrator.phase2 import export_phase2
+from i2s_client import ImageResult, ImageToSoundClient, OrchestratorUnavailable, make_request, to_image
+from i2s_cli.gallery import write_gallery
+from i2s_cli.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
 from serving.security import SecurityConfigError
-from serving.seed_format import SeedFormatError, dumps_seed, read_seed_file
+from i2s_formats.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # what serving/images.py accepts
@@ -526,8 +526,8 @@ def run(jobs: list[Job], args: argparse.Namespace) -> int:
             log.error("%s (or leave out --orchestrator to start the services here)", exc)
             return 3
         return 0
-    from orchestrator.embedded import EmbeddedServices, ServiceFailed
-    from orchestrator.preflight import ModelUnavailable, check_models
+    from i2s_cli.embedded import EmbeddedServices, ServiceFailed
+    from i2s_cli.preflight import ModelUnavailable, check_models
     from serving.startup import StartupError
 
     # Only the models this run needs: a resumed run whose descriptions all exist starts no VLM.

@@ -1,4 +1,5 @@
-"""Descriptions as plain data: the seed's JSON file format (design.md §3), read tolerantly.
+"""Descriptions as plain data: the seed's JSON file format, read tolerantly (docs/architecture.md
+"Compatibility with the seed").
 
     {"scene_description": str, "mood_description": str,
      "sound_sources": [{"name": str, "material": str,
@@ -246,9 +247,10 @@ def round_confidence(value: float) -> float:
 
 
 def to_seed_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
-    """The seed's JSON file shape (design.md section 3). Instrument: "guitar"/"bass"/"keyboard"/"drums",
-    else "None". ``confidence`` is written rounded to 3 decimals, and left out when unset (as in the
-    seed's older files). Ids, prompt version and model id are not part of the seed format."""
+    """The seed's JSON file shape (docs/architecture.md "Compatibility with the seed"). Instrument:
+    "guitar"/"bass"/"keyboard"/"drums", else "None". ``confidence`` is written rounded to 3 decimals, and left
+    out when unset (as in the seed's older files). Ids, prompt version and model id are not part of the seed
+    format."""
     return {
         "scene_description": desc.scene,
         "mood_description": desc.mood,
