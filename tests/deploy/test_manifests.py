@@ -203,7 +203,7 @@ def test_orchestrator_dials_the_headless_model_services_round_robin(rendering):
     namespace = next(e for e in container(docs, "orchestrator")["env"] if e["name"] == "POD_NAMESPACE")
     assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     # the channels' own service config is what spreads the calls
-    policies = json.loads(channels.RETRY_SERVICE_CONFIG)["loadBalancingConfig"]
+    policies = json.loads(channels.SERVICE_CONFIG)["loadBalancingConfig"]
     assert "round_robin" in policies[0]
 
 
