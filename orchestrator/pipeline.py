@@ -22,7 +22,7 @@ from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, orchestrato
 from orchestrator.mix import mix_clips
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
-from serving import audio_encoding
+from serving import audio_encoding, metrics
 from serving.config import setting
 from serving.errors import InvalidInput, Upstream, excerpt
 
@@ -286,6 +286,7 @@ class _ImageRun:
                             if not self.t_first_audio:
                                 self.t_first_audio = self._since_start()
                                 self.first_audio_while_describing = self.describing
+                                metrics.TIME_TO_FIRST_AUDIO.observe(self.t_first_audio)
                             if self.options.scene_mix:
                                 clip.payloads.append(chunk.data)
                                 clip.encoding, clip.sample_rate_hertz = chunk.encoding, chunk.sample_rate_hertz

@@ -17,6 +17,11 @@ MODEL_SECONDS = Histogram(
     ["stage"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+TIME_TO_FIRST_AUDIO = Histogram(
+    "i2s_time_to_first_audio_seconds",
+    "Orchestrator: from an image's arrival to its first audio chunk",
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
 AUDIO_STOPPED_EARLY = Counter(
     "i2s_audio_batches_stopped_early_total", "Audio batches whose callers all left, stopped before the last step"
 )

@@ -15,12 +15,14 @@ from vlm_service import triton_backend as wire
 from vlm_service.transformers_backend import TransformersVisionBackend
 
 CHECKPOINT_ENV = "I2S_TRITON_VLM_CHECKPOINT"
+REVISION_ENV = "I2S_TRITON_VLM_REVISION"  # with the checkpoint variable: what the Kubernetes pod pins
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(json.loads(args["model_config"]))
-        kwargs = dict(revision=params.get("revision") or None, token=hf_token(), device=instance_device(args),
+        kwargs = dict(revision=os.environ.get(REVISION_ENV) or params.get("revision") or None, token=hf_token(),
+                      device=instance_device(args),
                       dtype=params.get("dtype") or None, prompt_version=params.get("prompt_version") or "v1")
         if params.get("max_pixels"):
             kwargs["max_pixels"] = int(params["max_pixels"])
