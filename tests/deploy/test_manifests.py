@@ -594,3 +594,17 @@ def test_grpc_route_reaches_the_orchestrator_on_its_public_host_over_tls():
     service = objects(docs, "Service")[backend["name"]]
     assert backend["name"] == "orchestrator" and backend["port"] == SERVICES["orchestrator"].port
     assert backend["port"] in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_what_the_readme_applies_and_names_exists_and_renders():
+    from tests.deploy.manifests import ROOT, _kustomize
+
+    text = (DEPLOY / "README.md").read_text()
+    applied = set(re.findall(r"(?:-k|kubectl kustomize) (deploy/k8s/[\w/-]+)", text))
+    assert {"deploy/k8s/overlays/gpu", "deploy/k8s/overlays/cpu-dev", "deploy/k8s/overlays/gpu-triton"} <= applied
+    for path in applied:
+        assert yaml.safe_load_all(_kustomize(ROOT / path)), path
+    named = set(re.findall(r"\bcomponents/([a-z][\w-]*)", text))
+    assert named == set(COMPONENTS), named ^ set(COMPONENTS)
+    assert "rollout status deploy/$d" in text  # one resource per call
+    assert not re.search(r"rollout status (deploy/\w+ ){2,}", text)
