@@ -15,8 +15,10 @@ class HealthServicer(health.aio.HealthServicer):
     grpcio-health-checking 1.81's aio Watch deletes a service's condition as soon as any one watcher
     disconnects; every other watcher of that service then waits on an orphaned condition and never hears
     of a change again (one orchestrator replica restarting would leave the others blind to the model
-    services' health). Here the condition stays for the life of the server. Uses the library's own
-    `_server_status` / `_server_watchers` (pinned version; a test covers it).
+    services' health). Here the condition stays for the life of the server. Once the server drains, a Watch
+    ends after saying NOT_SERVING: clients that check health keep one open on every replica, and the drain
+    waits for every call in flight. Uses the library's own `_server_status` / `_server_watchers` /
+    `_gracefully_shutting_down` (pinned version; tests cover them).
     """
 
     watching = 0  # Watch streams open now (clients checking health: they need a moment to hear of a drain)
@@ -32,6 +34,8 @@ class HealthServicer(health.aio.HealthServicer):
                     if status != last_status:
                         await context.write(health_pb2.HealthCheckResponse(status=status))
                         last_status = status
+                    if self._gracefully_shutting_down:
+                        return  # NOT_SERVING is said: the stream must not hold the server's drain open
                     await condition.wait()
         finally:
             self.watching -= 1

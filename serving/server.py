@@ -171,8 +171,9 @@ class GrpcServer:
     async def stop(self) -> None:
         """NOT_SERVING for all; after the drain notice, let in-flight RPCs finish within the grace period
         (new calls are refused from then on)."""
+        watched = self.health.watching
         await self.health.enter_graceful_shutdown()
-        if self.health.watching and self.options.drain_notice_seconds > 0:
+        if watched and self.options.drain_notice_seconds > 0:
             await asyncio.sleep(self.options.drain_notice_seconds)  # a notice period, not a synchronisation
         await self.server.stop(self.options.grace_seconds)
         if self.health_server is not None:  # after the drain: probes see NOT_SERVING meanwhile
