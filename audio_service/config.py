@@ -7,6 +7,7 @@ from serving.config import parse_config, setting
 from serving.models import DEFAULT_AUDIO_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 from serving.threads import ThreadOptions
+from serving.triton_client import TritonTls
 
 DEFAULT_PORT = 50052
 ENV_PREFIX = "AUDIO"
@@ -24,6 +25,7 @@ class AudioConfig:
                            choices=["diffusers", "triton"])
     triton_url: str = setting("localhost:8001", "Triton's gRPC host:port (--backend triton)")
     triton_model: str = setting("audio", "the model's name in Triton's repository (deploy/triton/audio)")
+    triton_tls: TritonTls = TritonTls()
     revision: str | None = setting(None, "hub revision (branch, tag or commit)")
     device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
     dtype: str | None = setting(None, "model dtype (default: float16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)

@@ -164,7 +164,7 @@ def build_backend(config: AudioConfig) -> AudioBackend:
     if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
         from audio_service.triton_backend import TritonAudioBackend
 
-        return TritonAudioBackend(config.triton_url, config.triton_model)
+        return TritonAudioBackend(config.triton_url, config.triton_model, tls=config.triton_tls)
     raise ValueError(f"unknown audio backend {config.backend!r}")
 
 

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from serving.errors import NotReady
-from serving.triton_client import Readiness, model_ready, translate_error, wait_model_ready
+from serving.triton_client import Readiness, TritonTls, model_ready, translate_error, wait_model_ready
 from audio_service.backend import (AudioBackend, AudioRequest, AudioResult, BackendCancelled,
                                    StepCallback, StopCheck, check_batch)
 
@@ -104,8 +104,9 @@ class TritonAudioBackend(AudioBackend):
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *,
                  load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
-                 readiness_ttl_seconds: float = 1.0):
+                 readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None):
         self.url = url
+        self.tls = tls or TritonTls()
         self.model_name = model_name
         self.model_id = f"triton:{model_name}"  # each result carries the checkpoint the server ran
         self.sample_rate_hertz = 16000  # AudioLDM2's; each result carries the server's
@@ -119,7 +120,7 @@ class TritonAudioBackend(AudioBackend):
     def load(self) -> None:
         import tritonclient.grpc as triton
 
-        self._client = triton.InferenceServerClient(self.url)
+        self._client = triton.InferenceServerClient(self.url, **self.tls.client_options())
         wait_model_ready(self._client, self.model_name, self.load_timeout_seconds)
         self._loaded = True
 

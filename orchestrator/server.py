@@ -21,6 +21,7 @@ from serving.server import GrpcServer
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 _END = object()
+RELOAD_CONNECT_SECONDS = 10.0  # how long new downstream channels may take to connect before they replace the old
 
 
 def with_defaults(image: pb.ImageToSoundRequest, config: pb.StreamConfig) -> pb.ImageToSoundRequest:
@@ -181,14 +182,22 @@ class Orchestrator:
         except security.SecurityConfigError as exc:
             log.warning("downstream TLS files changed but are unusable (%s); keeping the current channels", exc)
             return False
+        from serving.health import mirror_serving, wait_channel_serving
+
+        try:  # new calls go to the new channels once they reach a serving backend (or after a bound)
+            await asyncio.wait_for(asyncio.gather(*(wait_channel_serving(c) for c in fresh.values())),
+                                   RELOAD_CONNECT_SECONDS)
+            connected = True
+        except asyncio.TimeoutError:
+            connected = False
         old, self.channels = self.channels, fresh
         self._use_channels(self.servicer.pipeline)
         if self._mirror is not None:
-            from serving.health import mirror_serving
-
             self._mirror.cancel()
             await asyncio.gather(self._mirror, return_exceptions=True)
             self._mirror = asyncio.create_task(mirror_serving(self.channels, self.server.set_serving))
+            if connected:  # at once: clients that check health may call as soon as this returns
+                await self.server.set_serving(True)
         for channel in old.values():
             self._retired.append(channel)
             task = asyncio.create_task(channel.close(grace=self.config.default_deadline_seconds))
@@ -203,11 +212,12 @@ class Orchestrator:
             await self.reload_downstream_credentials()
 
     async def wait_for_backends(self, timeout: float | None = None) -> None:
-        """Blocks until the model services answer health SERVING, then keeps the orchestrator's own health
-        in step with theirs: NOT_SERVING while any of them is not (restarting, overloaded, gone)."""
-        from serving.health import mirror_serving, wait_serving
+        """Blocks until at least one backend of each model service serves, then keeps the orchestrator's own
+        health in step: NOT_SERVING while no backend of a model service serves (all restarting, draining,
+        gone); one draining replica among several leaves it SERVING."""
+        from serving.health import mirror_serving, wait_channel_serving
 
-        await asyncio.gather(*(wait_serving(channel, timeout=timeout) for channel in self.channels.values()))
+        await asyncio.gather(*(wait_channel_serving(channel, timeout=timeout) for channel in self.channels.values()))
         self._mirror = asyncio.create_task(mirror_serving(self.channels, self.server.set_serving))
         if self._tls_files.files and self.config.downstream_tls_check_seconds > 0:
             self._tls_watcher = asyncio.create_task(self._watch_tls_files())

@@ -1,5 +1,5 @@
-"""gRPC channel settings: message sizes and keepalive for servers and clients alike, and the channels to the
-model services and for clients (retries on UNAVAILABLE)."""
+"""gRPC channels to the model services and for clients: message sizes, keepalive, round robin over the
+backends that say SERVING, retries on UNAVAILABLE."""
 from __future__ import annotations
 
 import json
@@ -23,10 +23,14 @@ def channel_options(max_message_bytes: int = 32 * MiB, keepalive_seconds: float 
     ]
 
 
+# Client-side health checking: each backend's grpc.health.v1 Watch of the whole server ("") decides whether
+# round robin picks it, so a draining or loading replica gets no new calls while its peers do, and the
+# channel is READY while at least one backend serves (serving.health.channel_serving reads that).
 # Retries are safe: every RPC of this system is a pure function of its request (seeds included).
 # UNAVAILABLE covers a service that is restarting or still loading its model.
-RETRY_SERVICE_CONFIG = json.dumps({
+SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
     "methodConfig": [{
         "name": [{"service": "image_to_sound.v1.VisionService"}, {"service": "image_to_sound.v1.AudioService"},
                  {"service": "image_to_sound.v1.Orchestrator"}],
@@ -43,7 +47,7 @@ RETRY_SERVICE_CONFIG = json.dumps({
 
 def options(max_message_mb: int = 32) -> list[tuple[str, object]]:
     return channel_options(max_message_mb * MiB) + [
-        ("grpc.service_config", RETRY_SERVICE_CONFIG),
+        ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
     ]
 

@@ -48,11 +48,29 @@ class ServerOptions:
     health_port: int = setting(-1, "also serve grpc.health.v1 alone, in plaintext, on this port (for Kubernetes "
                                "grpc probes, which cannot speak TLS; -1: off, 0: any free port)")
     telemetry: tracing.TelemetryOptions = tracing.TelemetryOptions()
+    max_connection_age_seconds: float = setting(
+        300.0, "close each client connection this long after it opened (GOAWAY, with a small random jitter), so clients "
+        "reconnect, re-resolve DNS and spread over replicas added since (0: never)")
+    max_connection_age_grace_seconds: float = setting(
+        600.0, "calls in flight on a connection past its age may finish for this long before it is cut "
+        "(covers the orchestrator's default deadline)")
+    drain_notice_seconds: float = setting(
+        1.0, "on SIGTERM, how long health says NOT_SERVING before new calls are refused, so clients that watch "
+        "health send them to other replicas first (skipped when none watches)")
     keepalive_seconds: float = 30.0
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MiB
+
+
+def connection_age_options(options: ServerOptions) -> list[tuple[str, int]]:
+    """gRPC re-resolves a DNS name only when a connection drops: without a maximum age, replicas added by an
+    autoscaler never get calls from clients that are already connected."""
+    if options.max_connection_age_seconds <= 0:
+        return []
+    return [("grpc.max_connection_age_ms", int(options.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(options.max_connection_age_grace_seconds * 1000))]
 
 
 class GrpcServer:
@@ -86,7 +104,7 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[*tracing.server_interceptors(), *standard_interceptors(), *auth, *interceptors],
             options=channel_options(options.max_message_bytes, options.keepalive_seconds)
-            + [("grpc.so_reuseport", 0)],
+            + connection_age_options(options) + [("grpc.so_reuseport", 0)],
         )
         register(self.server)
         self.health = HealthServicer()
@@ -140,8 +158,12 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def stop(self) -> None:
-        """NOT_SERVING for all, then let in-flight RPCs finish within the grace period."""
+        """NOT_SERVING for all; after the drain notice, let in-flight RPCs finish within the grace period
+        (new calls are refused from then on)."""
+        watched = self.health.watching
         await self.health.enter_graceful_shutdown()
+        if watched and self.options.drain_notice_seconds > 0:
+            await asyncio.sleep(self.options.drain_notice_seconds)  # a notice period, not a synchronisation
         await self.server.stop(self.options.grace_seconds)
         if self.health_server is not None:  # after the drain: probes see NOT_SERVING meanwhile
             await self.health_server.stop(0)

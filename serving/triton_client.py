@@ -5,11 +5,29 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+from serving.config import setting
 from serving.errors import NotReady
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TritonTls:
+    """TLS towards Triton's gRPC port (Triton's --grpc-use-ssl, --grpc-use-ssl-mutual)."""
+
+    triton_ca_file: str | None = setting(None, "PEM CA of Triton's gRPC certificate: call Triton over TLS")
+    triton_cert_file: str | None = setting(None, "PEM client certificate for Triton (with --grpc-use-ssl-mutual)")
+    triton_key_file: str | None = setting(None, "PEM private key of --triton-cert-file")
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments of tritonclient.grpc.InferenceServerClient (it reads the files when created)."""
+        if not self.triton_ca_file:
+            return {}
+        return {"ssl": True, "root_certificates": self.triton_ca_file, "private_key": self.triton_key_file,
+                "certificate_chain": self.triton_cert_file}
 
 
 def translate_error(error: Exception) -> Exception:

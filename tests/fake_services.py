@@ -61,6 +61,7 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
     answer at the successive rates of `sample_rates` (a model other than AudioLDM2's 16 kHz, or a mixed fleet)."""
 
     fail_word: str = "\x00never"
+    model_id: str = "fake"  # what the clips' metadata says (which replica answered)
     sample_rates: tuple[int, ...] = (RATE,)
     prompts: list[str] = field(default_factory=list)
     in_flight: int = 0
@@ -89,7 +90,7 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
             yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=1, steps_total=1))
             encoding = request.settings.encoding or audio_encoding.PCM16
             metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=rate, num_samples=len(wave),
-                                               seed=request.settings.seed, prompt=request.prompt, model_id="fake")
+                                               seed=request.settings.seed, prompt=request.prompt, model_id=self.model_id)
             for chunk in audio_encoding.audio_chunks(request.clip_id, wave, rate, encoding, 0.5, metadata):
                 yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         except asyncio.CancelledError:

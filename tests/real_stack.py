@@ -102,12 +102,13 @@ async def real_stack(vlm_dir, audio_dir, *, audio_target: str | None = None, aud
 class ServiceProcess:
     """One service as a child process on loopback (`python -m <module> --port-file ...`)."""
 
-    def __init__(self, module: str, args: list[str], port: int = 0):
+    def __init__(self, module: str, args: list[str], port: int = 0, host: str = "127.0.0.1"):
         self._tmp = tempfile.TemporaryDirectory(prefix="i2s-fault-")
         self.port_file = Path(self._tmp.name) / "port"
         self.log_file = Path(self._tmp.name) / "log"
+        self.host = host
         threads = ["--torch-threads", "1"] if module in ("vlm_service", "audio_service") else []  # a shared 2-core box
-        command = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
+        command = [sys.executable, "-m", module, "--host", host, "--port", str(port),
                    "--port-file", str(self.port_file), *threads, *args]
         with open(self.log_file, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
@@ -116,7 +117,7 @@ class ServiceProcess:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace")[-4000:]

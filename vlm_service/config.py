@@ -8,6 +8,7 @@ from serving.images import ImageLimits
 from serving.models import DEFAULT_VLM_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 from serving.threads import ThreadOptions
+from serving.triton_client import TritonTls
 
 DEFAULT_PORT = 50051
 
@@ -26,6 +27,7 @@ class VlmConfig:
                            choices=["transformers", "triton"])
     triton_url: str = setting("localhost:8001", "Triton's gRPC host:port (--backend triton)")
     triton_model: str = setting("vlm", "the model's name in Triton's repository (deploy/triton/vlm)")
+    triton_tls: TritonTls = TritonTls()
     revision: str | None = setting(None, "hub revision (branch, tag or commit)")
     device: str | None = setting(None, "cuda, cuda:1, cpu (default: cuda if available)")
     dtype: str | None = setting(None, "model dtype (default: bfloat16 on GPU, float32 on CPU)", choices=DTYPE_NAMES)

@@ -118,7 +118,8 @@ def build_backend(config: VlmConfig) -> VisionBackend:
     if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
         from vlm_service.triton_backend import TritonVisionBackend
 
-        return TritonVisionBackend(config.triton_url, config.triton_model, prompt_version=config.prompt_version)
+        return TritonVisionBackend(config.triton_url, config.triton_model, prompt_version=config.prompt_version,
+                                   tls=config.triton_tls)
     raise ValueError(f"unknown VLM backend {config.backend!r}")
 
 

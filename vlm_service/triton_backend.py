@@ -20,7 +20,7 @@ from PIL import Image
 
 from image_to_sound.v1 import common_pb2, vision_pb2
 from serving.errors import InvalidInput, NotReady
-from serving.triton_client import Readiness, model_ready, translate_error, wait_model_ready
+from serving.triton_client import Readiness, TritonTls, model_ready, translate_error, wait_model_ready
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
                                  StreamEvent, VisionBackend, validate)
 
@@ -117,8 +117,9 @@ class TritonVisionBackend(VisionBackend):
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *, prompt_version: str = "v1",
                  load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
-                 readiness_ttl_seconds: float = 1.0):
+                 readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None):
         self.url = url
+        self.tls = tls or TritonTls()
         self.model_name = model_name
         self.model_id = f"triton:{model_name}"  # the checkpoint is the Triton model's business
         self.prompt_version = prompt_version
@@ -131,7 +132,7 @@ class TritonVisionBackend(VisionBackend):
     def _new_client(self):
         import tritonclient.grpc as triton
 
-        return triton.InferenceServerClient(self.url)
+        return triton.InferenceServerClient(self.url, **self.tls.client_options())
 
     def load(self) -> None:
         """Waits (bounded) until Triton says the model is ready: Triton loads it, not us."""

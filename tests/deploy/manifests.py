@@ -26,6 +26,9 @@ COMBINATIONS = [
     ("gpu", ("service-monitor", "model-autoscaling")),
     ("cpu-dev", ("service-monitor", "model-autoscaling")),
     ("gpu-triton", ("tls", "service-monitor")),
+    ("gpu", ("gpu-node-labels", "keda-autoscaling", "service-monitor")),
+    ("cpu-dev", ("keda-autoscaling",)),
+    ("gpu", ("tls", "gateway")),
 ]
 RENDERINGS = [(o, ()) for o in OVERLAYS] + COMBINATIONS
 

@@ -280,3 +280,93 @@ async def test_health_check_speaks_mutual_tls_with_the_pods_own_certificate(tmp_
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop()
+
+
+# ---- layers: dependencies apart from the project; the orchestrator without the model stack ----
+
+MODEL_STACK = {"torch", "transformers", "diffusers", "accelerate", "safetensors", "tokenizers", "xgrammar"}
+
+
+def _mounts(args: str) -> set[str]:
+    return set(re.findall(r"--mount=type=bind,from=(\w+)", args))
+
+
+def test_dependencies_install_in_layers_of_their_own_before_the_project():
+    all_stages = stages()
+    # the lists come from the lock and pyproject.toml alone: code changes leave them byte for byte
+    copied = [src for i, args in all_stages["requirements"] if i == "COPY" for src in args.split()[:-1]]
+    assert copied and all(Path(src).suffix in (".toml", ".txt", ".py") and "/" not in src.removeprefix("deploy/docker/")
+                          for src in copied), copied
+    for target in [*TARGET_SERVICE, "triton"]:
+        runs = [args for s in reversed(_stage_chain(target, all_stages)) for i, args in all_stages[s] if i == "RUN"]
+        installs = [args for args in runs if "pip install" in args]
+        project = [args for args in installs if "wheel" in _mounts(args)]
+        (project_install,) = project
+        assert "--no-deps" in project_install and "requirements" not in _mounts(project_install), target
+        assert "torch==" not in project_install, target
+        # every dependency install comes before the project's and mounts only the requirement lists
+        before = installs[:installs.index(project_install)]
+        assert before and all(_mounts(args) == {"requirements"} for args in before), target
+        assert all(installs.index(args) < installs.index(project_install) for args in installs if "torch==" in args)
+
+
+def test_gpu_images_take_cuda_from_the_torch_wheel_not_a_cuda_base_image():
+    all_stages = stages()
+    base = re.search(r"^ARG GPU_BASE_IMAGE=(\S+)", DOCKERFILE.read_text(), re.M).group(1)
+    assert not base.startswith("nvidia/cuda"), base
+    for target in ("vlm", "audio"):
+        chain = _stage_chain(target, all_stages)
+        assert all_stages[chain[-1]][0][1].split(" AS ")[0] == "${GPU_BASE_IMAGE}"
+        torch_install = [args for args in _effective(target, "RUN", all_stages) if "torch==" in args]
+        assert any("download.pytorch.org/whl/${TORCH_CUDA}" in args for args in torch_install), target
+        assert _env(target, all_stages)["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+
+
+def _requirement_names(lines) -> set[str]:
+    from packaging.requirements import Requirement
+
+    return {Requirement(line).name.lower().replace("_", "-") for line in lines
+            if line.strip() and not line.strip().startswith("#")}
+
+
+def test_orchestrator_image_installs_the_project_without_the_model_stack():
+    all_stages = stages()
+    runs = " ".join(_effective("orchestrator", "RUN", all_stages))
+    assert "torch" not in runs and "models.txt" not in runs
+    listed = _requirement_names((DEPLOY / "docker" / "orchestrator-requirements.txt").read_text().splitlines())
+    declared = _requirement_names(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    assert listed == (declared - MODEL_STACK) | {"huggingface-hub"}  # hf download: the prefetch Job
+
+
+async def test_orchestrator_serves_an_image_with_only_what_its_image_installs():
+    """The orchestrator in a process that can import only the orchestrator image's distributions
+    (tests/deploy/orchestrator_image_imports.py) serves an image end to end, scene mix included, against the
+    fake model services."""
+    import io
+
+    from PIL import Image
+
+    from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, vision_pb2_grpc
+    from orchestrator.client import AsyncImageToSoundClient
+    from tests.fake_services import FakeAudioServicer, FakeVisionServicer, serve
+    from tests.real_stack import ServiceProcess
+
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 120, 200)).save(image, format="PNG")
+    async with serve(FakeVisionServicer(), vision_pb2_grpc.add_VisionServiceServicer_to_server,
+                     "image_to_sound.v1.VisionService") as vision, \
+            serve(FakeAudioServicer(), audio_pb2_grpc.add_AudioServiceServicer_to_server,
+                  "image_to_sound.v1.AudioService") as audio:
+        orchestrator = ServiceProcess("tests.deploy.orchestrator_image_imports",
+                                      ["--vlm", vision.address, "--audio", audio.address])
+        try:
+            await orchestrator.serving(120)
+            async with AsyncImageToSoundClient(orchestrator.target) as client:
+                events = [e async for e in client.stream(image.getvalue(), duration_seconds=1, timeout=120,
+                                                         options=pb.PipelineOptions(scene_mix=True))]
+            kinds = [e.WhichOneof("event") for e in events]
+            assert "clip_failed" not in kinds and "image_failed" not in kinds, events
+            assert kinds[-1] == "summary" and events[-1].summary.clips_done >= 2
+            assert await orchestrator.terminate(60) == 0, orchestrator.log()
+        finally:
+            orchestrator.close()

@@ -24,7 +24,10 @@ from tests.deploy.manifests import (COMPONENTS, DEPLOY, K8S, OVERLAYS, RENDERING
                                     pod_specs, render)
 
 K8S_VERSION = kubernetes_validate.latest_version()  # the newest schema the pinned package ships (1.37)
-CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # no schema ships for these; checked by hand below
+# No schema ships for these custom resources: checked by hand below.
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
+        ("keda.sh/v1alpha1", "ScaledObject"), ("gateway.networking.k8s.io/v1", "Gateway"),
+        ("gateway.networking.k8s.io/v1", "GRPCRoute")}
 # Variables for third-party code in the pods (huggingface_hub reads them), besides the services' own settings.
 HUB_VARIABLES = {"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN_PATH"}
 MODEL_SERVICES = ("vlm", "audio")
@@ -106,6 +109,9 @@ def _check_env_entries(entries: list[dict], owner: str, service=None) -> None:
                 converted = setting.convert(value)
                 if setting.choices:
                     assert converted in setting.choices, f"{owner}: {name}={value!r} is not one of {setting.choices}"
+        elif name.startswith("I2S_TRITON_"):
+            assert any(f'"{name}"' in f.read_text() for f in (DEPLOY / "triton").glob("*/1/model.py")), \
+                f"{owner}: no Triton model reads {name}"
         elif name in HUB_VARIABLES:
             assert f'"{name}"' in inspect.getsource(huggingface_hub.constants), f"huggingface_hub ignores {name}"
         else:
@@ -203,7 +209,7 @@ def test_orchestrator_dials_the_headless_model_services_round_robin(rendering):
     namespace = next(e for e in container(docs, "orchestrator")["env"] if e["name"] == "POD_NAMESPACE")
     assert namespace["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     # the channels' own service config is what spreads the calls
-    policies = json.loads(channels.RETRY_SERVICE_CONFIG)["loadBalancingConfig"]
+    policies = json.loads(channels.SERVICE_CONFIG)["loadBalancingConfig"]
     assert "round_robin" in policies[0]
 
 
@@ -218,12 +224,13 @@ def test_gpu_models_are_the_default_checkpoints_and_prefetched(overlay):
         assert config_default == model
         assert env(container(docs, name))[_setting_env(name, "model")] == model
         spec = objects(docs, "Deployment")[name]["spec"]["template"]["spec"]
-        (wait,) = spec["initContainers"]
-        assert wait["args"] == [model]
+        if overlay == "gpu":  # in gpu-triton the model pods are CPU fronts; Triton waits (see below)
+            (wait,) = spec["initContainers"]
+            assert wait["args"][0] == model
         assert env(container(docs, name))["HF_HUB_OFFLINE"] == "1"
     job = objects(docs, "Job")["model-prefetch"]["spec"]["template"]["spec"]
     downloads = job["initContainers"] + job["containers"]
-    assert sorted(a for c in downloads for a in c["args"]) == sorted(defaults.values())
+    assert sorted(c["args"][0] for c in downloads) == sorted(defaults.values())
     # the Job writes the cache the model pods read
     claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in job["volumes"] if "persistentVolumeClaim" in v}
     for name in defaults:
@@ -264,7 +271,21 @@ def test_one_gpu_per_model_pod_only_where_the_model_runs(overlay):
     assert {n: g for n, g in gpus.items() if g} == expected
     for name in expected:
         spec = deployments[name]["spec"]["template"]["spec"]
-        assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+        # GPU Feature Discovery's labels are optional (components/gpu-node-labels): the GPU request places it.
+        assert not spec.get("nodeSelector"), name
+
+
+def test_gpu_node_labels_pin_gpu_feature_discovery_and_enough_memory():
+    docs = render("gpu", ("gpu-node-labels",))
+    for name in MODEL_SERVICES:
+        spec = objects(docs, "Deployment")[name]["spec"]["template"]["spec"]
+        assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        (term,) = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        (memory,) = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.memory"]
+        assert memory["operator"] == "Gt"
+        if name == "vlm":  # Qwen2.5-VL-7B in bf16: ~17 GB of weights, plus the KV cache: a 24 GB class at least
+            assert int(memory["values"][0]) >= 20_000
 
 
 @each_rendering
@@ -299,6 +320,16 @@ def _metric_names() -> set[str]:
     return wrapped | {family.name for family in metrics.GPU_MEMORY.collect()}  # read at scrape time
 
 
+def _batch_sizes() -> dict[str, int]:
+    """Requests a model pod runs at once on a GPU: the VLM's decode engine batch, the audio batch."""
+    from audio_service.config import effective_max_batch_size
+
+    vlm = SERVICES["vlm"].config_class()
+    assert vlm.engine  # the engine batches; the reference path (engine off) would run one at a time
+    audio = dataclasses.replace(SERVICES["audio"].config_class(), device="cuda")
+    return {"vlm": vlm.engine_max_batch, "audio": effective_max_batch_size(audio)}
+
+
 def test_autoscalers_scale_on_metrics_the_services_export():
     docs = render("gpu", ("model-autoscaling",))
     autoscalers = objects(docs, "HorizontalPodAutoscaler")
@@ -308,12 +339,39 @@ def test_autoscalers_scale_on_metrics_the_services_export():
         assert spec["scaleTargetRef"]["name"] == name
         (metric,) = spec["metrics"]
         assert metric["pods"]["metric"]["name"] in _metric_names()
-    # the audio target is one full batch per pod, at the batch size the service uses on a GPU
-    from audio_service.config import effective_max_batch_size
+        # one full batch per pod (in flight = running + waiting): more means requests wait
+        assert int(metric["pods"]["target"]["averageValue"]) == _batch_sizes()[name], name
 
-    audio_target = autoscalers["audio"]["spec"]["metrics"][0]["pods"]["target"]["averageValue"]
-    gpu_config = dataclasses.replace(SERVICES["audio"].config_class(), device="cuda")
-    assert int(audio_target) == effective_max_batch_size(gpu_config)
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu-dev"])
+def test_keda_scales_on_each_services_queue_in_its_namespace(overlay):
+    docs = render(overlay, ("keda-autoscaling",))
+    (namespace,) = objects(docs, "Namespace")
+    scaled = objects(docs, "ScaledObject")
+    vlm_methods = {m.name for m in importlib.import_module("image_to_sound.v1.vision_pb2").DESCRIPTOR
+                   .services_by_name["VisionService"].methods}
+    for name in MODEL_SERVICES:
+        spec = scaled[name]["spec"]
+        assert spec["scaleTargetRef"]["name"] == name and name in objects(docs, "Deployment")
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "prometheus"
+        query = trigger["metadata"]["query"]
+        assert f'namespace="{namespace}"' in query and f'service="{name}"' in query
+        assert set(re.findall(r"\bi2s_[a-z_]+", query)) <= _metric_names()
+        methods = set(re.findall(r"[A-Z]\w+", query.split("method", 1)[1]))
+        assert methods == (vlm_methods if name == "vlm" else {"GenerateAudio"}), methods
+        assert int(trigger["metadata"]["threshold"]) == _batch_sizes()[name]
+    assert not objects(docs, "HorizontalPodAutoscaler").keys() & set(MODEL_SERVICES)  # KEDA makes its own
+
+
+@each_rendering
+def test_replicas_are_left_to_the_autoscalers(rendering):
+    docs = render(*rendering)
+    owned = {h["spec"]["scaleTargetRef"]["name"] for h in objects(docs, "HorizontalPodAutoscaler").values()}
+    owned |= {s["spec"]["scaleTargetRef"]["name"] for s in objects(docs, "ScaledObject").values()}
+    assert "orchestrator" in owned
+    for name, deployment in objects(docs, "Deployment").items():
+        assert ("replicas" in deployment["spec"]) == (name not in owned), name
 
 
 def test_metric_names_in_the_deploy_readme_exist():
@@ -367,3 +425,187 @@ def test_tls_and_token_files_come_from_mounted_secrets(rendering):
             assert any(path.startswith(d + "/") for d in secret_dirs), (name, variable, path)
         # the probes must speak TLS now: the image's health check, not kubelet's plaintext gRPC probe
         assert "exec" in c["readinessProbe"]
+
+
+# ---- rollouts and drains ----
+
+def _setting_value(docs, name: str, *path: str):
+    """What a service runs with: the manifest's variable, else the setting's default."""
+    variable = _setting_env(name, *path)
+    setting = SERVICES[name].settings[variable]
+    value = env(container(docs, name)).get(variable)
+    return setting.convert(value) if value is not None else setting.default
+
+
+@each_rendering
+def test_rollouts_wait_out_a_cold_start(rendering):
+    docs = render(*rendering)
+    for name, deployment in objects(docs, "Deployment").items():
+        spec = deployment["spec"]
+        c = spec["template"]["spec"]["containers"][0]
+        startup = c["startupProbe"]
+        allowed = startup["periodSeconds"] * startup["failureThreshold"]
+        # the startup probe's window plus 15 minutes for the image pull and the weights
+        assert spec["progressDeadlineSeconds"] >= allowed + 15 * 60 if allowed >= 15 * 60 else \
+            spec["progressDeadlineSeconds"] >= 300, name
+
+
+@each_rendering
+def test_termination_grace_covers_the_drain(rendering):
+    docs = render(*rendering)
+    for name in SERVICES:
+        pod = objects(docs, "Deployment")[name]["spec"]["template"]["spec"]
+        pre_stop = container(docs, name)["lifecycle"]["preStop"]["sleep"]["seconds"]
+        drain = (pre_stop + _setting_value(docs, name, "server", "drain_notice_seconds")
+                 + _setting_value(docs, name, "server", "grace_seconds"))
+        assert pod["terminationGracePeriodSeconds"] >= drain + 5, (name, drain)
+
+
+@each_rendering
+def test_connections_age_so_new_replicas_get_calls(rendering):
+    docs = render(*rendering)
+    deadline = _setting_value(docs, "orchestrator", "default_deadline_seconds")
+    for name in SERVICES:
+        age = _setting_value(docs, name, "server", "max_connection_age_seconds")
+        grace = _setting_value(docs, name, "server", "max_connection_age_grace_seconds")
+        # a replica added by a scale-up gets calls from connected clients within `age` (they reconnect and
+        # re-resolve); a scale-up takes minutes anyway, so at most 10 minutes
+        assert 0 < age <= 600, name
+        if name in MODEL_SERVICES:  # a model call on an aged connection may run to the orchestrator's deadline
+            assert grace >= deadline, name
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-triton"])
+def test_gpu_pods_are_kept_out_of_consolidation(overlay):
+    docs = render(overlay)
+    gpu_pods = [d["spec"]["template"] for d in objects(docs, "Deployment").values()
+                if any(_gpus(c) for c in d["spec"]["template"]["spec"]["containers"])]
+    assert gpu_pods
+    for pod in gpu_pods:
+        annotations = pod["metadata"]["annotations"]
+        assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+        assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+
+
+# ---- weights ----
+
+def _pairs(args: list[str]) -> set[tuple[str, str]]:
+    assert len(args) % 2 == 0, args
+    return set(zip(args[::2], args[1::2]))
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "gpu-triton"])
+def test_every_reader_of_the_cache_pins_the_revision_the_job_downloads_and_marks(overlay):
+    docs = render(overlay)
+    job = objects(docs, "Job")["model-prefetch"]["spec"]["template"]["spec"]
+    downloads = job["initContainers"] + job["containers"]
+    fetched = set().union(*(_pairs(c["args"]) for c in downloads))
+    assert {m for m, _ in fetched} == {DEFAULT_VLM_MODEL, DEFAULT_AUDIO_MODEL}
+    for _, revision in fetched:
+        # a commit: a branch name would let a re-run of the Job move what offline pods load
+        assert re.fullmatch(r"[0-9a-f]{40}", revision), revision
+    for c in downloads:  # the complete-mark is per revision, written after the download
+        script = c["command"][2]
+        assert '--revision "$2"' in script and '&& mkdir -p "$HF_HOME/prefetched/$1/$2"' in script
+    readers = {}
+    deployments = objects(docs, "Deployment")
+    if overlay == "gpu":
+        for name in MODEL_SERVICES:
+            values = env(container(docs, name))
+            readers[name] = {(values[_setting_env(name, "model")], values[_setting_env(name, "revision")])}
+            (wait,) = deployments[name]["spec"]["template"]["spec"]["initContainers"]
+            assert _pairs(wait["args"]) == readers[name]
+            assert '"$HF_HOME/prefetched/$1/$2"' in wait["command"][2]
+    else:
+        values = env(container(docs, "triton"))
+        readers["triton"] = {(values[f"I2S_TRITON_{k}_CHECKPOINT"], values[f"I2S_TRITON_{k}_REVISION"])
+                             for k in ("VLM", "AUDIO")}
+        (wait,) = deployments["triton"]["spec"]["template"]["spec"]["initContainers"]
+        assert _pairs(wait["args"]) == readers["triton"]
+        assert '"$HF_HOME/prefetched/$1/$2"' in wait["command"][2]
+    for name, pinned in readers.items():
+        assert pinned <= fetched, name
+    assert set().union(*readers.values()) == fetched
+
+
+def test_model_cache_storage_class_is_the_overlays_parameter():
+    kustomization = yaml.safe_load((K8S / "overlays" / "gpu" / "kustomization.yaml").read_text())
+    assert any(p.get("target", {}).get("name") == "model-cache" and "storageClassName" in p["patch"]
+               for p in kustomization["patches"])
+    (claim,) = objects(render("gpu"), "PersistentVolumeClaim").values()
+    assert claim["spec"]["storageClassName"] and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+# ---- limits against admission ----
+
+ORCHESTRATOR_BASE_MIB = 512  # the process itself: Python, gRPC, protobuf (deploy/README.md, "Limits")
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024 ** 2}
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]i)", quantity).groups()
+    return float(number) * units[unit]
+
+
+@each_rendering
+def test_orchestrator_memory_limit_holds_every_image_admission_lets_in(rendering):
+    from serving.images import ImageLimits
+
+    docs = render(*rendering)
+    admitted = (_setting_value(docs, "orchestrator", "max_images_waiting")
+                + _setting_value(docs, "orchestrator", "max_images_total"))
+    image_mib = ImageLimits().max_bytes / 2 ** 20
+    limit = _mebibytes(container(docs, "orchestrator")["resources"]["limits"]["memory"])
+    assert limit >= ORCHESTRATOR_BASE_MIB + admitted * image_mib, (limit, admitted)
+
+
+# ---- monitoring and outside access ----
+
+def test_prometheus_objects_carry_the_label_the_operator_selects_and_rules_use_real_series():
+    docs = render("gpu", ("service-monitor",))
+    (monitor,) = objects(docs, "ServiceMonitor").values()
+    (rules,) = objects(docs, "PrometheusRule").values()
+    assert monitor["metadata"]["labels"]["release"] == rules["metadata"]["labels"]["release"] != ""
+    exposed = set()
+    for name in _metric_names():
+        exposed |= {name, f"{name}_total", f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+    alerts = {r["alert"]: r["expr"] for g in rules["spec"]["groups"] for r in g["rules"]}
+    assert len(alerts) >= 4
+    for alert, expr in alerts.items():
+        series = set(re.findall(r"\b(?:i2s|kube)_[a-z_]+\b", expr))
+        assert series, alert
+        assert {s for s in series if s.startswith("i2s_")} <= exposed, alert
+    deployments = set(re.search(r'deployment=~"([^"]+)"', alerts["ImageToSoundNoServingBackend"]).group(1).split("|"))
+    assert set(SERVICES) <= deployments
+
+
+def test_grpc_route_reaches_the_orchestrator_on_its_public_host_over_tls():
+    docs = render("gpu", ("tls", "gateway"))
+    (gateway,) = objects(docs, "Gateway").values()
+    (route,) = objects(docs, "GRPCRoute").values()
+    listeners = {l["name"]: l for l in gateway["spec"]["listeners"]}
+    (parent,) = route["spec"]["parentRefs"]
+    listener = listeners[parent["sectionName"]]
+    assert parent["name"] == gateway["metadata"]["name"]
+    assert listener["protocol"] == "HTTPS" and listener["tls"]["mode"] == "Terminate"
+    assert listener["tls"]["certificateRefs"] and route["spec"]["hostnames"] == [listener["hostname"]]
+    (rule,) = route["spec"]["rules"]
+    assert {m["method"]["service"] for m in rule["matches"]} >= {SERVICES["orchestrator"].health_name}
+    (backend,) = rule["backendRefs"]
+    service = objects(docs, "Service")[backend["name"]]
+    assert backend["name"] == "orchestrator" and backend["port"] == SERVICES["orchestrator"].port
+    assert backend["port"] in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_what_the_readme_applies_and_names_exists_and_renders():
+    from tests.deploy.manifests import ROOT, _kustomize
+
+    text = (DEPLOY / "README.md").read_text()
+    applied = set(re.findall(r"(?:-k|kubectl kustomize) (deploy/k8s/[\w/-]+)", text))
+    assert {"deploy/k8s/overlays/gpu", "deploy/k8s/overlays/cpu-dev", "deploy/k8s/overlays/gpu-triton"} <= applied
+    for path in applied:
+        assert yaml.safe_load_all(_kustomize(ROOT / path)), path
+    named = set(re.findall(r"\bcomponents/([a-z][\w-]*)", text))
+    assert named == set(COMPONENTS), named ^ set(COMPONENTS)
+    assert "rollout status deploy/$d" in text  # one resource per call
+    assert not re.search(r"rollout status (deploy/\w+ ){2,}", text)

@@ -80,6 +80,21 @@ def test_the_vlm_streams_through_triton_what_the_in_process_backend_computes(vlm
         (expected.prompt_tokens, expected.output_tokens, expected.finish_reason)
 
 
+def test_concurrent_vlm_streams_decode_together_in_tritons_engine(triton, vlm, in_process_vlm):
+    """The Triton VLM model runs the decode engine: requests in flight are decoded together (each on a thread
+    of the model), and each still gets exactly what it gets alone."""
+    from vlm_service.backend import DecodingOptions
+
+    options = DecodingOptions(max_new_tokens=64)
+    expected = in_process_vlm.describe(_photo(), options)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: vlm.describe(_photo(), options), range(3)))
+    for done in results:
+        assert (done.description, done.output_tokens, done.finish_reason) == \
+            (expected.description, expected.output_tokens, expected.finish_reason)
+    assert "vlm: decode engine, up to 8 requests decoded together" in triton.log_file.read_text(errors="replace")
+
+
 def test_a_stopped_vlm_stream_ends_cancelled_and_triton_serves_the_next_one(vlm):
     from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader
 

@@ -63,6 +63,9 @@ class TritonServer:
     extra_env: dict[str, str]
     process: subprocess.Popen | None = None
     url: str = ""
+    extra_args: tuple[str, ...] = ()  # e.g. the TLS flags of deploy/k8s/components/tls
+    client_options: dict | None = None  # how to reach it (tritonclient.grpc.InferenceServerClient keywords)
+    client_host: str = "127.0.0.1"  # the name clients dial (with TLS: the one its certificate names)
 
     @property
     def log_file(self) -> Path:
@@ -104,12 +107,12 @@ class TritonServer:
                 "--allow-http", "false", "--allow-metrics", "false", "--allow-gpu-metrics", "false",
                 # A prefix of our own: other test sessions on this machine run Triton too (shared /dev/shm).
                 "--backend-config", f"python,shm-region-prefix-name=i2s{uuid.uuid4().hex[:8]}",
-                "--exit-timeout-secs", "5", "--log-verbose", "0",
+                "--exit-timeout-secs", "5", "--log-verbose", "0", *self.extra_args,
             ]
             with open(self.log_file, "ab") as out:
                 self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self._env(),
                                                 start_new_session=True)
-            self.url = f"127.0.0.1:{port}"
+            self.url = f"{self.client_host}:{port}"
             if self._wait_ready(timeout_seconds):
                 return self.url
             if "address already in use" not in self.log_tail(200).lower():
@@ -121,7 +124,7 @@ class TritonServer:
         import tritonclient.grpc as triton
 
         deadline = time.monotonic() + timeout_seconds
-        with triton.InferenceServerClient(self.url) as client:
+        with triton.InferenceServerClient(self.url, **(self.client_options or {})) as client:
             while True:
                 try:
                     if client.is_server_ready(client_timeout=2.0):

@@ -226,7 +226,9 @@ async def test_out_of_memory_is_resource_exhausted_and_the_service_stays_serving
 
 
 async def test_sigterm_flips_health_refuses_new_calls_finishes_in_flight_and_exits_0(tiny_audio_dir):
-    audio = audio_process(tiny_audio_dir, 0, "--grace-seconds", "100")
+    # No drain notice: new calls are refused as soon as health says NOT_SERVING (the notice, which keeps
+    # accepting them a moment for clients still on their way, is what tests/faults/test_replicas.py covers).
+    audio = audio_process(tiny_audio_dir, 0, "--grace-seconds", "100", "--drain-notice-seconds", "0")
     try:
         await audio.serving()
         async with grpc.aio.insecure_channel(audio.target) as channel:

@@ -16,6 +16,7 @@ from serving.models import hf_token
 from serving.triton_client import instance_device, model_parameters
 
 CHECKPOINT_ENV = "I2S_TRITON_AUDIO_CHECKPOINT"
+REVISION_ENV = "I2S_TRITON_AUDIO_REVISION"  # with the checkpoint variable: what the Kubernetes pod pins
 
 
 class TritonPythonModel:
@@ -25,7 +26,8 @@ class TritonPythonModel:
         self.max_batch_size = max(1, int(config.get("max_batch_size", 1)))
         self.backend = DiffusersAudioBackend(
             os.environ.get(CHECKPOINT_ENV) or params["checkpoint"], device=instance_device(args),
-            dtype=params.get("dtype") or None, revision=params.get("revision") or None, token=hf_token(),
+            dtype=params.get("dtype") or None, token=hf_token(),
+            revision=os.environ.get(REVISION_ENV) or params.get("revision") or None,
         )
         self.backend.load()
         self.backend.warmup()  # READY only after initialize returns: ready means warm

@@ -1,40 +1,62 @@
-"""Triton Python-backend model: the project's own TransformersVisionBackend, decoupled.
+"""Triton Python-backend model: the project's own TransformersVisionBackend with its decode engine, decoupled.
 
 Each request gets one response per stream event (encoded by vlm_service.triton_backend, which the
-service side decodes), then a final empty response. The project must be importable in Triton's Python
-environment (`pip install .` there; see deploy/README.md).
+service side decodes), then a final empty response. `execute` hands every request to a thread of its own
+and returns: the requests in flight decode together in the backend's engine (batched steps, as in the
+VLM service), up to `engine_max_batch` at once, `max_queue` more waiting. The project must be importable in
+Triton's Python environment (`pip install .` there; see deploy/README.md).
 """
+import dataclasses
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
 from serving.models import hf_token
 from serving.triton_client import instance_device, model_parameters
 from vlm_service import triton_backend as wire
+from vlm_service.config import VlmConfig
+from vlm_service.server import engine_options
 from vlm_service.transformers_backend import TransformersVisionBackend
 
 CHECKPOINT_ENV = "I2S_TRITON_VLM_CHECKPOINT"
+REVISION_ENV = "I2S_TRITON_VLM_REVISION"  # with the checkpoint variable: what the Kubernetes pod pins
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(json.loads(args["model_config"]))
-        kwargs = dict(revision=params.get("revision") or None, token=hf_token(), device=instance_device(args),
+        kwargs = dict(revision=os.environ.get(REVISION_ENV) or params.get("revision") or None, token=hf_token(),
+                      device=instance_device(args),
                       dtype=params.get("dtype") or None, prompt_version=params.get("prompt_version") or "v1")
         if params.get("max_pixels"):
             kwargs["max_pixels"] = int(params["max_pixels"])
+        # The VLM service's own engine settings (its defaults; config parameters override the batch and queue).
+        config = VlmConfig()
+        config = dataclasses.replace(
+            config, engine_max_batch=int(params.get("engine_max_batch") or config.engine_max_batch),
+            max_queue=int(params.get("max_queue") or config.max_queue))
+        kwargs.update(engine=engine_options(config), max_queue=config.max_queue)
         self.backend = TransformersVisionBackend(os.environ.get(CHECKPOINT_ENV) or params["checkpoint"], **kwargs)
         self.backend.load()
         self.backend.warmup()  # Triton says READY only after initialize returns: ready means warm
+        # A thread per request in flight: each blocks on its stream while the engine decodes them together.
+        self.streams = ThreadPoolExecutor(max_workers=config.engine_max_batch + config.max_queue,
+                                          thread_name_prefix="vlm-stream")
+        pb_utils.Logger.log_info(f"vlm: decode engine, up to {config.engine_max_batch} requests decoded together, "
+                                 f"{config.max_queue} waiting")
 
     def execute(self, requests):
-        # One request at a time on this instance's thread: one model, one device, one generate.
+        # Decoupled: responses go through each request's sender, from its thread, after execute returns; the
+        # inputs are read here, while the request is certainly alive.
         for request in requests:
-            self._serve(request, request.get_response_sender())
-        return None  # decoupled: everything went through the response senders
+            arrays = {name: _input(request, name)
+                      for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED)}
+            self.streams.submit(self._serve, arrays, request.get_response_sender())
+        return None
 
-    def _serve(self, request, sender):
+    def _serve(self, arrays, sender):
         def respond(kind: bytes, payload: bytes) -> None:
             sender.send(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(wire.EVENT_KIND, _bytes_tensor(kind)), pb_utils.Tensor(wire.EVENT, _bytes_tensor(payload)),
@@ -43,8 +65,6 @@ class TritonPythonModel:
         try:
             from PIL import Image
 
-            arrays = {name: _input(request, name)
-                      for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED)}
             image = Image.fromarray(arrays[wire.IMAGE])  # uint8 (H, W, 3): RGB
             # A cancelled request (the client stopped its stream) stops generation at the next token.
             for event in self.backend.stream(image, wire.options_from_arrays(arrays), sender.is_cancelled):
@@ -57,6 +77,7 @@ class TritonPythonModel:
         sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
+        self.streams.shutdown(wait=True, cancel_futures=False)  # streams in flight end first
         self.backend.close()
 
 

@@ -1,0 +1,18 @@
+#!/bin/sh
+# Does the CUDA build of the pinned torch resolve together with the lock, as the GPU images install them
+# (Dockerfile, stage model-gpu)? Resolves without installing, for the images' Python (3.12) and platform.
+# Needs PyPI and download.pytorch.org: run it where both are reachable (not on the test machines).
+#   deploy/docker/check-cuda-torch.sh [cu128]
+set -eu
+cuda="${1:-cu128}"
+cd "$(dirname "$0")/../.."
+version=$(sed -n 's/^ARG TORCH_VERSION=//p' deploy/docker/Dockerfile)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+grep -v -E '^torch==' requirements.txt > "$tmp/constraints.txt"
+python3 deploy/docker/model-requirements.py pyproject.toml > "$tmp/models.txt"
+python3 -m pip install --dry-run --quiet --target "$tmp/target" \
+    --python-version 3.12 --platform manylinux_2_28_x86_64 --only-binary=:all: \
+    --index-url https://pypi.org/simple --extra-index-url "https://download.pytorch.org/whl/$cuda" \
+    "torch==$version+$cuda" -c "$tmp/constraints.txt" -r "$tmp/models.txt" "tritonclient[grpc]"
+echo "torch $version+$cuda resolves with requirements.txt"
