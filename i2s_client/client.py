@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,6 @@ from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
 import grpc
 import numpy as np
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from i2s_formats import audio_encoding
 from i2s_formats.audio_encoding import write_wav
@@ -230,6 +228,7 @@ class ImageToSoundClient:
         self.timeout = timeout
         self.target = target
         credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
+        self._credentials = (credentials, call_credentials)
         self._channel = channels.sync_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
@@ -237,22 +236,12 @@ class ImageToSoundClient:
         """Returns once the orchestrator says SERVING (its model services are loaded); until then a call
         would fail UNAVAILABLE. Raises OrchestratorUnavailable after `timeout` seconds, saying whether
         anything answered at all."""
-        started = time.monotonic()
+        # The channel checks health itself: it is ready only once a backend says SERVING.
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout)
         except grpc.FutureTimeoutError:
-            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=False)) from None
-        health = health_pb2_grpc.HealthStub(self._channel)
-        remaining = max(0.1, timeout - (time.monotonic() - started))
-        try:
-            for response in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=remaining,
-                                         wait_for_ready=True):
-                if response.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise
-        raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=True))
+            listening = channels.answers(self.target, *self._credentials)
+            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening)) from None
 
     def stream(self, image: ImageInput | None = None, *, timeout: float | None = None, **kwargs) -> Iterator[pb.ImageToSoundEvent]:
         """The raw event stream of one image (see make_request for the arguments)."""
@@ -295,6 +284,7 @@ class AsyncImageToSoundClient:
         self.timeout = timeout
         self.target = target
         credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
+        self._credentials = (credentials, call_credentials)
         self._channel = channels.aio_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
 
@@ -331,17 +321,11 @@ class AsyncImageToSoundClient:
 
     async def wait_for_ready(self, timeout: float = 60.0) -> None:
         """As ImageToSoundClient.wait_for_ready."""
-        from serving.health import wait_serving
-
-        started = time.monotonic()
         try:
             await asyncio.wait_for(self._channel.channel_ready(), timeout)
         except asyncio.TimeoutError:
-            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=False)) from None
-        try:
-            await wait_serving(self._channel, timeout=max(0.1, timeout - (time.monotonic() - started)))
-        except asyncio.TimeoutError:
-            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening=True)) from None
+            listening = await asyncio.to_thread(channels.answers, self.target, *self._credentials)
+            raise OrchestratorUnavailable(unavailable_message(self.target, timeout, listening)) from None
 
     async def __aenter__(self) -> "AsyncImageToSoundClient":
         return self

@@ -80,6 +80,30 @@ def aio_channel(
     return grpc.aio.secure_channel(target, creds, options=options(), interceptors=interceptors)
 
 
+def answers(
+    target: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    call_credentials: grpc.CallCredentials | None = None,
+    timeout: float = 1.0,
+) -> bool:
+    """Whether a server at `target` answers the health protocol at all, serving or not. The channels above
+    cannot tell: their health-checked round robin keeps a NOT_SERVING server out of reach, so "still loading"
+    and "nothing there" look alike to them. A one-shot plain channel can."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    creds = channel_credentials(credentials, call_credentials)
+    plain = (grpc.insecure_channel(target, options=channel_options()) if creds is None
+             else grpc.secure_channel(target, creds, options=channel_options()))
+    try:
+        health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+                                                wait_for_ready=True)
+        return True
+    except grpc.RpcError as exc:  # NOT_FOUND or UNAUTHENTICATED still mean someone is there
+        return exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        plain.close()
+
+
 def sync_channel(
     target: str,
     credentials: grpc.ChannelCredentials | None = None,
