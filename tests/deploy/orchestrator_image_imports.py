@@ -13,7 +13,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "orchestrator-requirements.txt"
-PROJECT = {"image_to_sound", "serving", "orchestrator", "vlm_service", "audio_service", "vlm_prompt", "tests"}
+PROJECT = {"image_to_sound", "serving", "orchestrator", "vlm_service", "audio_service", "vlm_prompt", "gateway",
+           "i2s_formats", "i2s_client", "i2s_cli", "tests"}
 
 
 def normalise(name: str) -> str:
