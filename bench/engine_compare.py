@@ -8,6 +8,7 @@ device reads of one step (:mod:`bench.host_work`); for generate() the same per s
 """
 from __future__ import annotations
 
+import functools
 import io
 import statistics
 import threading
@@ -91,6 +92,7 @@ def _generate(model: str, device: str, image: Any, tokens: int) -> dict:
         forward = b.model.forward
         spent = {"forward": 0.0, "calls": 0}
 
+        @functools.wraps(forward)  # generate() reads the forward's signature
         def timed(*args, **kwargs):
             started = time.perf_counter()
             try:
@@ -99,31 +101,40 @@ def _generate(model: str, device: str, image: Any, tokens: int) -> dict:
                 spent["forward"] += time.perf_counter() - started
                 spent["calls"] += 1
 
-        b.model.forward = counter.excluded(timed)
+        inputs = b.prepare_inputs(image)
+
+        def timed_run() -> tuple[int, float]:
+            started = time.perf_counter()
+            n = _decode_inline(b, inputs, tokens)
+            return n, time.perf_counter() - started
+
+        def counted_run() -> int:
+            with counter.counting():  # on the model thread: dispatch modes are per thread
+                return _decode_inline(b, inputs, tokens)
+
         try:
-            with counter.counting():
-                started = time.perf_counter()
-                res = b._on_model_thread(lambda: _decode_inline(b, image, tokens))
-                wall = time.perf_counter() - started
+            b.model.forward = timed
+            res, wall = b._on_model_thread(timed_run)
+            b.model.forward = counter.excluded(forward)
+            b._on_model_thread(counted_run)
         finally:
             b.model.forward = forward
-        steps = max(1, spent["calls"] - 1)
+        steps = max(1, res)  # one forward per output token (the first one is the prefill)
         return {"ms_per_token": one["ms_per_token"], "output_tokens": one["output_tokens"],
-                "host_ms_per_step": {"1": 1000 * (wall - spent["forward"]) / spent["calls"], "8": None},
-                "ops_per_step": {"1": counter.op_count / steps}, "syncs_per_step": {"1": counter.read_count / steps},
-                "counted_tokens": res}
+                "host_ms_per_step": {"1": 1000 * (wall - spent["forward"]) / max(1, spent["calls"]), "8": None},
+                "ops_per_step": {"1": counter.op_count / steps}, "syncs_per_step": {"1": counter.read_count / steps}}
     finally:
         b.close()
 
 
-def _decode_inline(backend: Any, image: Any, tokens: int) -> int:
-    """One reference request run directly on the model thread (we are on it)."""
+def _decode_inline(backend: Any, inputs: dict, tokens: int) -> int:
+    """One reference request run directly on the model thread (we are on it); returns its output tokens."""
     from vlm_service.engine import EngineRequest
     from vlm_service.messages import Tokens
 
     got = []
-    req = EngineRequest(inputs=backend.prepare_inputs(image), max_new_tokens=tokens, temperature=0.0, top_p=1.0,
-                        seed=None, deliver=lambda item: got.extend(item.ids) if isinstance(item, Tokens) else None)
+    req = EngineRequest(inputs=inputs, max_new_tokens=tokens, temperature=0.0, top_p=1.0, seed=None,
+                        deliver=lambda item: got.extend(item.ids) if isinstance(item, Tokens) else None)
     backend._generate_reference(req)
     return len(got)
 

@@ -186,8 +186,13 @@ class DecodeEngine:
         self.runner = ModelRunner(model, self.cache, options)
         self.inputs = self.runner.inputs
         self.rows: list[_Row | None] = [None] * options.max_batch
-        # Repetition-penalty state on the device; column ``vocab_size`` absorbs the padding of a step's inputs.
-        self.seen = torch.zeros(options.max_batch, vocab_size + 1, dtype=torch.bool, device=self.device)
+        # Repetition-penalty state on the device: each row's token ids so far (prompt, then what it was fed) at
+        # their cache slots, as generate() penalises its input_ids; slots past the row's length hold its first
+        # prompt token (a repeat changes nothing), and the last ``t_max`` columns take a step's padding.
+        t_max = options.token_buckets[-1]
+        self.history = torch.zeros(options.max_batch, options.max_len + t_max, dtype=torch.long, device=self.device)
+        self._spare = options.max_len + np.arange(t_max)  # where padding goes
+        self._offsets = np.arange(t_max)
         self.bitmask = xgr.allocate_token_bitmask(options.max_batch, vocab_size)
         self.device_bitmask = None
         if self.device.type == "cuda":
@@ -215,6 +220,12 @@ class DecodeEngine:
     def admit(self, req: EngineRequest) -> None:
         """Take ``req`` into a free row (there must be one): prefill it whole and choose its first token, or
         set up its chunked prefill (:meth:`step` runs the chunks)."""
+        import torch
+
+        with torch.inference_mode():  # the logits are inference tensors, updated in place
+            self._admit(req)
+
+    def _admit(self, req: EngineRequest) -> None:
         reason = req.stop_reason()
         if reason is not None:  # left while queued: never starts
             req.deliver(Finished(reason, 0))
@@ -228,7 +239,7 @@ class DecodeEngine:
             return
         self.rows[slot] = row
         if first_logits is not None:
-            self._choose(first_logits, [(0, row)], self.seen[slot : slot + 1])
+            self._choose(first_logits, [(0, row)], self.history[slot : slot + 1, : row.length])
             self._finish_rows()
 
     def _prefill(self, row: _Row):
@@ -260,8 +271,8 @@ class DecodeEngine:
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             row.sampler = SeededSamplingLogitsProcessor(req.temperature, req.top_p, seed)
-        self.seen[row.slot].zero_()
-        self.seen[row.slot, ids[0]] = True
+        self.history[row.slot].fill_(ids[0, 0])
+        self.history[row.slot, :total] = ids[0]
         if opts.prefill_chunk and total - start > opts.prefill_chunk:
             with torch.inference_mode():
                 embeds = self._embed(ids, inputs["pixel_values"], inputs["image_grid_thw"])
@@ -306,7 +317,7 @@ class DecodeEngine:
         p.done = row.length = end
         if end == p.total:
             row.prompt = None
-            self._choose(logits, [(0, row)], self.seen[row.slot : row.slot + 1])
+            self._choose(logits, [(0, row)], self.history[row.slot : row.slot + 1, : row.length])
         return True
 
     def compute_prefix(self) -> None:
@@ -326,10 +337,19 @@ class DecodeEngine:
     def step(self) -> None:
         """One prompt chunk if one waits, then one forward for every decoding row and each row's next
         choice; finished rows free their slot."""
+        import torch
+
+        with torch.inference_mode():
+            self._step()
+
+    def _step(self) -> None:
         started = time.perf_counter()
         self._poll_stops()
+        chunk_s = 0.0
         if self.options.prefill_chunk:
-            self._prefill_chunk()
+            chunk_started = time.perf_counter()
+            if self._prefill_chunk():
+                chunk_s = time.perf_counter() - chunk_started
             self._finish_rows()
         live = [r for r in self.rows if r is not None and r.finished is None and r.prompt is None]
         if not live:
@@ -346,16 +366,17 @@ class DecodeEngine:
         # Step inputs, through numpy views of the staging buffer (no tensor op): rows without a token this
         # step (free, finished or still prefilling) write into their row's last slots, which no row reaches.
         inp.host_tokens[:batch, :width] = self.pad_id
-        inp.host_seen[:batch, :width] = self.vocab_size
+        inp.host_seen[:batch, :width] = self._spare[:width]
         inp.host_base[:batch] = opts.max_len - width
         inp.host_delta[:batch] = 0
         inp.host_last[:batch] = 0
         for r, n in zip(live, counts):
-            inp.host_tokens[r.slot, :n] = inp.host_seen[r.slot, :n] = r.feed[:n]
+            inp.host_tokens[r.slot, :n] = r.feed[:n]
+            inp.host_seen[r.slot, :n] = r.length + self._offsets[:n]
             inp.host_base[r.slot], inp.host_delta[r.slot], inp.host_last[r.slot] = r.length, r.delta, n - 1
         forward_started = time.perf_counter()
         logits = self.runner.decode(batch, width, span)  # launched (asynchronous on CUDA)
-        forward_s = time.perf_counter() - forward_started
+        forward_s = time.perf_counter() - forward_started + chunk_s
         self.model_steps += 1
         self.peak_rows = max(self.peak_rows, len(live))
 
@@ -366,10 +387,11 @@ class DecodeEngine:
             del r.feed[:n]
             if not r.feed:  # the whole feed went through: the logits at its end are a real choice
                 picks.append((r.slot, r))
-        # The tokens that went in this step join their rows' repetition-penalty state (padding -> the spare column).
-        seen = self.seen[:batch]
-        seen.scatter_(1, self.inputs.views(batch, width)[1], True)
-        self._choose(logits, picks, seen)
+        # The tokens that went in this step join their rows' repetition-penalty state (padding -> spare columns).
+        tokens, where, *_ = self.inputs.views(batch, width)
+        history = self.history[:batch]
+        history.scatter_(1, where, tokens)
+        self._choose(logits, picks, history[:, :span])
         self._finish_rows()
         self.times.add(len(live), time.perf_counter() - started, forward_s)
 
@@ -380,9 +402,10 @@ class DecodeEngine:
                 if reason is not None:
                     r.finished = reason
 
-    def _choose(self, logits, picks: list[tuple[int, _Row]], seen) -> None:
+    def _choose(self, logits, picks: list[tuple[int, _Row]], history) -> None:
         """Next token of each row in ``picks`` ((row of ``logits``, row)): repetition penalty, grammar mask,
-        sampler (generate()'s order). ``seen``: the penalty state, one row per row of ``logits``."""
+        sampler (generate()'s order). ``history``: token ids to penalise, one row per row of ``logits``
+        (gathered and scattered back, as generate() does: the work is the rows' length, not the vocabulary)."""
         import torch
         import xgrammar as xgr
 
@@ -398,8 +421,8 @@ class DecodeEngine:
             mask.copy_(self.bitmask[:rows], non_blocking=True)
         scores = logits.float()
         if self.penalty != 1.0:
-            penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-            scores = torch.where(seen[:, : self.vocab_size], penalised, scores)
+            picked = scores.gather(1, history)
+            scores.scatter_(1, history, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
         self._apply_mask(scores, mask)
         chosen = scores.argmax(dim=-1)
         for i, row in picks:  # sampled rows: their own seeded sampler (as generate() runs it)

@@ -37,8 +37,8 @@ def resolve_capture(requested: str, device_type: str) -> str:
 
 
 class StepInputs:
-    """One int64 buffer for everything a decode step reads: ``tokens [B, T]``, ``seen [B, T]`` (the token
-    ids to mark in the repetition-penalty state, ``vocab`` for padding), ``base``, ``delta``, ``last [B]``.
+    """One int64 buffer for everything a decode step reads: ``tokens [B, T]``, ``seen [B, T]`` (where each
+    token goes in the engine's repetition-penalty history), ``base``, ``delta``, ``last [B]``.
     ``host_*`` are numpy views for the engine to fill; ``device_*`` are the tensors the forward reads."""
 
     def __init__(self, max_batch: int, max_width: int, device: Any) -> None:

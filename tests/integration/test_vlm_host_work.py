@@ -1,8 +1,10 @@
 """The host work of one decode step, counted (tiny real Qwen2.5-VL, CPU, greedy, forward excluded).
 
-Bounds (docs/performance.md): at most 12 tensor ops outside the forward and exactly 1 read from the device
-(the chosen tokens) per step, the same at batch 1 and batch 8: the count does not grow with the rows.
-Before this layout the step ran ~40 ops at batch 1 and ~190 at batch 8, with several reads.
+Bounds (docs/performance.md): at most 16 aten ops outside the forward and exactly 1 read from the device
+(the chosen tokens) per step, the same ops at batch 1 and batch 8: the count does not grow with the rows.
+Measured: 14, of which 8 run kernels (penalty history scatter, gather, lt/mul/div/where, scatter back,
+argmax); the rest are views and no-ops. Before this layout the step ran ~40 ops at batch 1 and ~190 at
+batch 8, with several reads.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from bench.host_work import HostWorkCounter, count_engine_steps
 from vlm_service.engine import EngineOptions
 from vlm_service.transformers_backend import TransformersVisionBackend
 
-MAX_OPS = 12
+MAX_OPS = 16
 
 
 def _image(seed: int, size: tuple[int, int]) -> Image.Image:
