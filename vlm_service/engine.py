@@ -407,7 +407,6 @@ class DecodeEngine:
         sampler (generate()'s order). ``history``: token ids to penalise, one row per row of ``logits``
         (gathered and scattered back, as generate() does: the work is the rows' length, not the vocabulary)."""
         import torch
-        import xgrammar as xgr
 
         if not picks:
             return
