@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bench.host_work import HostWorkCounter, count_engine_steps
-from vlm_service.engine import EngineOptions
+from vlm_service.engine import DecodeEngine, EngineOptions
 from vlm_service.transformers_backend import TransformersVisionBackend
 
 MAX_OPS = 16
@@ -24,17 +24,33 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
+WARMED_ROWS: set[int] = set()  # row counts the grammar-mask kernel ran at during warm-up
+
+
 @pytest.fixture(scope="module")
 def counts(tiny_vlm_dir):
     options = EngineOptions(max_batch=8, batch_buckets=(1, 2, 4, 8), token_buckets=(1, 4),
                             length_buckets=(1024,), jump_forward="off", prefix_cache=True)
     b = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu", engine=options)
     b.load()
+    apply = DecodeEngine._apply_mask
+
+    def recording(self, scores, mask):
+        WARMED_ROWS.add(int(scores.shape[0]))
+        return apply(self, scores, mask)
+
+    b.engine._apply_mask = recording.__get__(b.engine)
+    b._on_model_thread(b.engine.warm)
+    del b.engine._apply_mask
     b.warmup()
     try:
         yield count_engine_steps(b, [_image(i, (48 + 8 * i, 40)) for i in range(8)])
     finally:
         b.close()
+
+
+def test_warm_up_runs_the_mask_kernel_at_every_row_count_a_step_uses(counts):
+    assert WARMED_ROWS == {1, 2, 4, 8}
 
 
 def test_the_counter_sees_ops_and_reads_but_not_what_it_excludes():
