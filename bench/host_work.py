@@ -85,9 +85,10 @@ class HostWorkCounter:
                 setattr(torch.Tensor, name, original)
 
 
-def count_engine_steps(backend: Any, images: list, batches: tuple[int, ...] = (1, 8)) -> dict[int, dict]:
+def count_engine_steps(backend: Any, images: list, batches: tuple[int, ...] = (1, 8),
+                       temperature: float = 0.0) -> dict[int, dict]:
     """On the backend's model thread, with no request running: for each batch size, admit that many requests
-    (greedy), step until every prompt is in, then count one decode step with the forward excluded. Returns
+    (greedy, or sampled at ``temperature`` with seeds 0, 1, ...), step until every prompt is in, then count one decode step with the forward excluded. Returns
     ``{batch: {"ops": n, "reads": n, "op_names": {...}, "read_names": {...}}}``. The rows are cancelled
     afterwards."""
     from vlm_service.engine import EngineRequest
@@ -104,8 +105,8 @@ def count_engine_steps(backend: Any, images: list, batches: tuple[int, ...] = (1
             for batch in batches:
                 for i in range(batch):
                     inputs = backend.prepare_inputs(images[i % len(images)])
-                    engine.admit(EngineRequest(inputs=inputs, max_new_tokens=10_000, temperature=0.0, top_p=1.0,
-                                               seed=None, deliver=lambda item: None))
+                    engine.admit(EngineRequest(inputs=inputs, max_new_tokens=10_000, temperature=temperature,
+                                               top_p=0.9, seed=i, deliver=lambda item: None))
                 engine.step()
                 while any(r is not None and r.prompt is not None for r in engine.rows):
                     engine.step()  # chunked prefills done: the counted step is a plain decode step

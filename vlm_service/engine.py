@@ -18,9 +18,9 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
 - **Host work per step** (what runs on the CPU besides the forward, in the manner of vLLM v1 / SGLang):
   the step's inputs are written into one preallocated buffer and sent in one copy; the forward is
   launched, and while it runs the grammar masks of every row that chooses are filled in one batched call
-  (xgrammar's ``BatchGrammarMatcher``); then, on the device, the repetition-penalty state (marked from
-  the step's own input tokens), the mask, and the argmax; one host read of the chosen tokens per step.
-  Sampled rows (temperature > 0) add their sampler's own reads.
+  (xgrammar's ``BatchGrammarMatcher``); then, on the device, the repetition penalty (over each row's token
+  history, fed from the step's own inputs), the mask, the argmax or a sampled row's draw
+  (:class:`~vlm_service.decoding.DeviceSampler`); one host read of the chosen tokens per step.
 - **Jump-forward.** Where the grammar forces the continuation, tokens are appended without a model step
   each: they ride along in the row's next forward (``T > 1``). "exact" appends a token only when the grammar
   allows exactly one, so the output is token for token what ``generate()`` gives; "retokenize" takes
@@ -30,9 +30,10 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
   are computed once (at warm-up) and copied into each new row, so prefill runs only from the image on.
 
 Greedy decoding here equals ``generate()`` token for token (same processors in the same order: repetition
-penalty, grammar mask, sampler; float32 logits), which the tests check at batch 1 and in mixed batches.
-Everything in this module runs on the model thread, except :class:`RequestHandle`'s cancel and the
-submission queue (see ``transformers_backend``).
+penalty, grammar mask, then the choice; float32 logits), which the tests check at batch 1 and in mixed
+batches. Sampling draws on the device from each row's own seeded generator: a seed gives the same tokens
+whatever else is in the batch, but not the reference path's (another random stream). Everything in this
+module runs on the model thread, except a request's ``cancelled`` event and the scheduler's queue.
 """
 from __future__ import annotations
 
@@ -247,7 +248,7 @@ class DecodeEngine:
         import torch
         import xgrammar as xgr
 
-        from vlm_service.decoding import SeededSamplingLogitsProcessor
+        from vlm_service.decoding import DeviceSampler
 
         req, model, opts = row.req, self.model, self.options
         inputs = {k: v.to(self.device) for k, v in req.inputs.items()}
@@ -270,7 +271,7 @@ class DecodeEngine:
         row.matcher = xgr.GrammarMatcher(self.grammar)
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
-            row.sampler = SeededSamplingLogitsProcessor(req.temperature, req.top_p, seed)
+            row.sampler = DeviceSampler(req.temperature, req.top_p, seed)
         self.history[row.slot].fill_(ids[0, 0])
         self.history[row.slot, :total] = ids[0]
         if opts.prefill_chunk and total - start > opts.prefill_chunk:
@@ -424,9 +425,9 @@ class DecodeEngine:
             scores.scatter_(1, history, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
         self._apply_mask(scores, mask)
         chosen = scores.argmax(dim=-1)
-        for i, row in picks:  # sampled rows: their own seeded sampler (as generate() runs it)
+        for i, row in picks:  # sampled rows: their own seeded sampler, on the device
             if row.sampler is not None:
-                chosen[i] = row.sampler(None, scores[i : i + 1]).argmax(dim=-1)[0]
+                chosen[i] = row.sampler(scores[i : i + 1])
         chosen = chosen.tolist()  # the step's one read from the device
         for i, row in picks:
             self._append(row, [chosen[i]])

@@ -344,3 +344,19 @@ def test_capture_that_fails_at_warm_up_falls_back_to_eager_before_serving(tiny_v
         assert c.tokens == reference_tokens[0, 40]
     finally:
         b.close()
+
+
+def test_a_seed_gives_the_same_sampled_tokens_alone_and_in_a_batch(engine):
+    """Sampled rows draw on the device from their own seeded generator: batch-mates change nothing."""
+    def sampled(image, seed) -> _Collect:
+        c = _Collect()
+        c.req, _ = engine.submit(image, DecodingOptions(max_new_tokens=60, temperature=0.8, top_p=0.95, seed=seed), c)
+        return c
+
+    alone = sampled(IMAGES[0], 7)
+    _wait(alone)
+    together = [sampled(IMAGES[0], 7), _submit(engine, IMAGES[1], 80), sampled(IMAGES[0], 8)]
+    _wait(*together)
+    assert alone.end.reason == "length" and len(alone.tokens) == 60
+    assert together[0].tokens == alone.tokens
+    assert together[2].tokens != alone.tokens

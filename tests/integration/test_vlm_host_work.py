@@ -28,7 +28,7 @@ WARMED_ROWS: set[int] = set()  # row counts the grammar-mask kernel ran at durin
 
 
 @pytest.fixture(scope="module")
-def counts(tiny_vlm_dir):
+def both(tiny_vlm_dir):
     options = EngineOptions(max_batch=8, batch_buckets=(1, 2, 4, 8), token_buckets=(1, 4),
                             length_buckets=(1024,), jump_forward="off", prefix_cache=True)
     b = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu", engine=options)
@@ -44,9 +44,20 @@ def counts(tiny_vlm_dir):
     del b.engine._apply_mask
     b.warmup()
     try:
-        yield count_engine_steps(b, [_image(i, (48 + 8 * i, 40)) for i in range(8)])
+        images = [_image(i, (48 + 8 * i, 40)) for i in range(8)]
+        yield count_engine_steps(b, images), count_engine_steps(b, images, temperature=0.8)
     finally:
         b.close()
+
+
+@pytest.fixture(scope="module")
+def sampled_counts(both):
+    return both[1]
+
+
+@pytest.fixture(scope="module")
+def counts(both):
+    return both[0]
 
 
 def test_warm_up_runs_the_mask_kernel_at_every_row_count_a_step_uses(counts):
@@ -78,3 +89,11 @@ def test_one_decode_step_has_one_read_and_a_bounded_number_of_ops(counts, batch)
 
 def test_the_host_work_does_not_grow_with_the_batch(counts):
     assert counts[8]["op_names"] == counts[1]["op_names"]
+
+
+def test_sampled_rows_read_nothing_more(counts, sampled_counts):
+    """Sampling runs on the device (DeviceSampler): still the one read of the chosen tokens per step."""
+    for batch in (1, 8):
+        assert sampled_counts[batch]["rows"] == batch
+        assert sampled_counts[batch]["reads"] == 1, sampled_counts[batch]["read_names"]
+    assert sampled_counts[8]["ops"] > sampled_counts[1]["ops"]  # the draws themselves are per sampled row
