@@ -8,8 +8,9 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
   its own 3-D rope offset (``rope_delta``, from ``get_rope_index`` at prefill), grammar matcher,
   repetition-penalty row (on the device), sampler, token budget, deadline and cancellation. A request
   that arrives while others decode is admitted at the next step boundary (:mod:`vlm_service.scheduler`);
-  its prompt is prefilled in chunks of ``prefill_chunk`` tokens, one chunk per step between the running
-  rows' decode steps (so they are not stalled for a whole prefill), then it joins the running batch; a
+  while others decode, its prompt is prefilled in chunks of ``prefill_chunk`` tokens, one chunk per step
+  between the running rows' decode steps (so they are not stalled for a whole prefill; a request that
+  arrives alone is prefilled at once), then it joins the running batch; a
   finished or cancelled one frees its row for the next (continuous batching).
 - **Step.** One forward over the rows ``0..B-1`` (``B`` rounded up to a batch bucket) with ``T`` new tokens
   per row (``T`` rounded up to a token bucket; rows with fewer are padded and the padding masked), over the
@@ -274,7 +275,8 @@ class DecodeEngine:
             row.sampler = DeviceSampler(req.temperature, req.top_p, seed)
         self.history[row.slot].fill_(ids[0, 0])
         self.history[row.slot, :total] = ids[0]
-        if opts.prefill_chunk and total - start > opts.prefill_chunk:
+        decoding = any(r is not None and r.prompt is None and r.finished is None for r in self.rows)
+        if opts.prefill_chunk and total - start > opts.prefill_chunk and decoding:  # alone: no one to stall
             with torch.inference_mode():
                 embeds = self._embed(ids, inputs["pixel_values"], inputs["image_grid_thw"])
             row.prompt = _PendingPrompt(embeds, positions, start, total)
