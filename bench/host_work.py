@@ -88,9 +88,9 @@ class HostWorkCounter:
 def count_engine_steps(backend: Any, images: list, batches: tuple[int, ...] = (1, 8),
                        temperature: float = 0.0) -> dict[int, dict]:
     """On the backend's model thread, with no request running: for each batch size, admit that many requests
-    (greedy, or sampled at ``temperature`` with seeds 0, 1, ...), step until every prompt is in, then count one decode step with the forward excluded. Returns
-    ``{batch: {"ops": n, "reads": n, "op_names": {...}, "read_names": {...}}}``. The rows are cancelled
-    afterwards."""
+    (greedy, or sampled at ``temperature`` with seeds 0, 1, ...), step until every prompt is in, then count one
+    decode step with the forward excluded. Returns ``{batch: {"ops": n, "reads": n, "op_names": {...},
+    "read_names": {...}, "rows": n}}``. The rows are cancelled afterwards."""
     from vlm_service.engine import EngineRequest
 
     engine = backend.engine

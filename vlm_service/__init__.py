@@ -5,7 +5,8 @@ loading, inputs, the model thread, the reference ``generate()`` path), ``schedul
 admission and decode loop on the model thread), ``engine`` (the decode engine: batched rows, host work per
 step, jump-forward, prefix cache, chunked prefill), ``model_runner`` (the engine's forwards and their
 captured shapes), ``kv_cache`` (the per-row static KV cache), ``attention`` (grouped-query attention over
-it), ``messages`` (what the model thread hands a request's consumer), ``assembly`` (token ids -> stream events), ``decoding``
-(xgrammar helpers and the incremental JSON stream parser), ``rules`` (the seed's post-rules, the compact
-answer format), ``tiny`` (a tiny random Qwen2.5-VL checkpoint for tests and demos).
+it), ``messages`` (what the model thread hands a request's consumer), ``assembly`` (token ids -> stream
+events), ``decoding`` (xgrammar helpers, the device sampler and the incremental JSON stream parser),
+``rules`` (the seed's post-rules, the compact answer format), ``tiny`` (a tiny random Qwen2.5-VL
+checkpoint for tests and demos).
 """

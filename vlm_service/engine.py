@@ -369,13 +369,13 @@ class DecodeEngine:
         # Step inputs, through numpy views of the staging buffer (no tensor op): rows without a token this
         # step (free, finished or still prefilling) write into their row's last slots, which no row reaches.
         inp.host_tokens[:batch, :width] = self.pad_id
-        inp.host_seen[:batch, :width] = self._spare[:width]
+        inp.host_history_at[:batch, :width] = self._spare[:width]
         inp.host_base[:batch] = opts.max_len - width
         inp.host_delta[:batch] = 0
         inp.host_last[:batch] = 0
         for r, n in zip(live, counts):
             inp.host_tokens[r.slot, :n] = r.feed[:n]
-            inp.host_seen[r.slot, :n] = r.length + self._offsets[:n]
+            inp.host_history_at[r.slot, :n] = r.length + self._offsets[:n]
             inp.host_base[r.slot], inp.host_delta[r.slot], inp.host_last[r.slot] = r.length, r.delta, n - 1
         forward_started = time.perf_counter()
         logits = self.runner.decode(batch, width, span)  # launched (asynchronous on CUDA)
@@ -391,9 +391,9 @@ class DecodeEngine:
             if not r.feed:  # the whole feed went through: the logits at its end are a real choice
                 picks.append((r.slot, r))
         # The tokens that went in this step join their rows' repetition-penalty state (padding -> spare columns).
-        tokens, where, *_ = self.inputs.views(batch, width)
+        tokens, history_at, *_ = self.inputs.views(batch, width)
         history = self.history[:batch]
-        history.scatter_(1, where, tokens)
+        history.scatter_(1, history_at, tokens)
         self._choose(logits, picks, history[:, :span])
         self._finish_rows()
         self.times.add(len(live), time.perf_counter() - started, forward_s)

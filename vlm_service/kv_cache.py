@@ -3,9 +3,10 @@
 transformers' ``StaticCache`` keeps one write position for the whole batch, so rows of different lengths
 would have to be left-padded and could not join a running batch. Here every row has its own length: a
 forward over ``T`` new tokens writes row ``b``'s keys and values at ``lengths[b] .. lengths[b] + T - 1``
-(in place, one ``index_copy_`` per tensor) and an explicit attention mask lets each query see its own row's valid slots only. All tensors are
-allocated once (``[max_batch, kv_heads, max_len, head_dim]`` per layer), so a decode step has fixed
-shapes and fixed addresses: what ``torch.compile(mode="reduce-overhead")`` and CUDA graphs need.
+(in place, one ``index_copy_`` per tensor) and an explicit attention mask lets each query see its own row's
+valid slots only. All tensors are allocated once (``[max_batch, kv_heads, max_len, head_dim]`` per layer),
+so a decode step has fixed shapes and fixed addresses: what ``torch.compile(mode="reduce-overhead")`` and
+CUDA graphs need.
 
 A :class:`RowCacheView` is what the model sees during one forward (``past_key_values``): the model's
 attention layers call ``update(keys, values, layer_idx)`` and attend over what it returns.

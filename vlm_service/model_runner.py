@@ -37,7 +37,7 @@ def resolve_capture(requested: str, device_type: str) -> str:
 
 
 class StepInputs:
-    """One int64 buffer for everything a decode step reads: ``tokens [B, T]``, ``seen [B, T]`` (where each
+    """One int64 buffer for everything a decode step reads: ``tokens [B, T]``, ``history_at [B, T]`` (where each
     token goes in the engine's repetition-penalty history), ``base``, ``delta``, ``last [B]``.
     ``host_*`` are numpy views for the engine to fill; ``device_*`` are the tensors the forward reads."""
 
@@ -50,9 +50,9 @@ class StepInputs:
         self.host = torch.zeros(size, dtype=torch.long, pin_memory=on_cuda)
         self.device_buffer = torch.zeros(size, dtype=torch.long, device=device) if on_cuda else self.host
         self.copy_needed = on_cuda
-        self.host_tokens, self.host_seen, self.host_base, self.host_delta, self.host_last = self._split(
+        self.host_tokens, self.host_history_at, self.host_base, self.host_delta, self.host_last = self._split(
             self.host.numpy())
-        self.device_tokens, self.device_seen, self.device_base, self.device_delta, self.device_last = self._split(
+        self.device_tokens, self.device_history_at, self.device_base, self.device_delta, self.device_last = self._split(
             self.device_buffer)
         self._views: dict[tuple[int, int], tuple] = {}
 
@@ -68,12 +68,12 @@ class StepInputs:
             self.device_buffer.copy_(self.host, non_blocking=True)
 
     def views(self, batch: int, width: int) -> tuple:
-        """Device ``(tokens, seen, base, delta, last)`` for a shape; the same tensors every time (captured
+        """Device ``(tokens, history_at, base, delta, last)`` for a shape; the same tensors every time (captured
         graphs read their addresses)."""
         key = (batch, width)
         got = self._views.get(key)
         if got is None:
-            got = (self.device_tokens[:batch, :width], self.device_seen[:batch, :width], self.device_base[:batch],
+            got = (self.device_tokens[:batch, :width], self.device_history_at[:batch, :width], self.device_base[:batch],
                    self.device_delta[:batch], self.device_last[:batch])
             self._views[key] = got
         return got
