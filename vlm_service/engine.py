@@ -200,6 +200,7 @@ class DecodeEngine:
         if self.device.type == "cuda":
             self.bitmask = self.bitmask.pin_memory()
             self.device_bitmask = torch.empty_like(self.bitmask, device=self.device)
+        self._mask_words = self.bitmask.numpy()  # the CPU path reads the masks' bits directly
         self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=max(1, torch.get_num_threads()))
         self._jump_mask = xgr.allocate_token_bitmask(1, vocab_size)  # jump-forward "exact" looks at its words
         self._jump_words = self._jump_mask.numpy()[0]
@@ -417,26 +418,17 @@ class DecodeEngine:
         # Grammar masks of every choosing row in one call, on the CPU, while the device runs the forward.
         self.batch_matcher.batch_fill_next_token_bitmask([r.matcher for _, r in picks], self.bitmask,
                                                          [i for i, _ in picks])
-        mask = self.bitmask[:rows]
-        if self.device_bitmask is not None:
-            mask = self.device_bitmask[:rows]
-            mask.copy_(self.bitmask[:rows], non_blocking=True)
         scores = logits.float()
         if self.penalty != 1.0:
             picked = scores.gather(1, history)
             scores.scatter_(1, history, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
-        self._apply_mask(scores, mask)
         sampled = [(i, row) for i, row in picks if row.sampler is not None]
         if self.device.type == "cpu":
-            # The logits already are host memory: numpy's vectorised argmax is ~25x torch's on one CPU
-            # thread (same first-index rule on ties); sampled rows write their draws into it as a tensor.
-            host = scores.numpy().argmax(axis=-1)  # the step's one read
-            if sampled:
-                drawn = torch.from_numpy(host)
-                for i, row in sampled:
-                    drawn[i] = row.sampler(scores[i : i + 1])
-            chosen = host.tolist()
+            chosen = self._choose_on_cpu(scores, picks, sampled)
         else:
+            mask = self.device_bitmask[:rows]
+            mask.copy_(self.bitmask[:rows], non_blocking=True)
+            self._apply_mask(scores, mask)
             drawn = scores.argmax(dim=-1)
             for i, row in sampled:  # their own seeded sampler, on the device
                 drawn[i] = row.sampler(scores[i : i + 1])
@@ -446,13 +438,35 @@ class DecodeEngine:
             if row.finished is None and self.options.jump_forward != "off":
                 self._jump_forward(row)
 
-    def _apply_mask(self, scores, mask) -> None:
+    def _choose_on_cpu(self, scores, picks: list[tuple[int, _Row]], sampled: list[tuple[int, _Row]]) -> list[int]:
+        """The logits already are host memory: numpy's vectorised argmax (~25x torch's on one thread), and the
+        grammar mask looked up only where the plain argmax is not allowed (where it is, it is also the masked
+        argmax: the first index of the maximum among the allowed tokens). Sampled rows get the masked scores."""
+        import torch
+
+        host = scores.numpy()  # the step's one read
+        chosen = host.argmax(axis=-1)
+        words = self._mask_words
+        for i, row in picks:
+            token = int(chosen[i])
+            if row.sampler is None and not (int(words[i, token >> 5]) >> (token & 31)) & 1:
+                bits = np.unpackbits(words[i].view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
+                chosen[i] = np.where(bits, host[i], -np.inf).argmax()
+        if sampled:
+            self._apply_mask(scores, self.bitmask[: scores.shape[0]], [i for i, _ in sampled])
+            drawn = torch.from_numpy(chosen)
+            for i, row in sampled:
+                drawn[i] = row.sampler(scores[i : i + 1])
+        return chosen.tolist()
+
+    def _apply_mask(self, scores, mask, indices: list[int] | None = None) -> None:
         import xgrammar as xgr
 
         try:
-            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size)
+            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices)
         except (ImportError, RuntimeError):  # e.g. no Triton on this CUDA host
-            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, backend="torch_native")
+            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices,
+                                            backend="torch_native")
 
     def _append(self, row: _Row, tokens: list[int]) -> None:
         """Accept tokens into the row's grammar, hand them to the request; decide whether it ends. Tokens
