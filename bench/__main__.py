@@ -39,16 +39,17 @@ class Profile:
     vlm_runs: int
     seed_vlm_tokens: int  # the seed's long JSON answer (about 600 tokens), accounted at the sampled rate
     clients: int
+    vlm_clients: tuple[int, ...]  # concurrent VLM requests (images per minute through the engine)
     images_per_client: int
     max_clips: int
     image_size: tuple[int, int]
 
 
 FULL = Profile(clip_seconds=10.0, dpm_steps=20, seed_ddim_steps=200, audio_batches=(1, 4, 8), audio_repeats=3,
-               vlm_tokens=300, vlm_runs=2, seed_vlm_tokens=600, clients=4, images_per_client=1, max_clips=5,
+               vlm_tokens=300, vlm_runs=2, seed_vlm_tokens=600, clients=4, vlm_clients=(1, 8), images_per_client=1, max_clips=5,
                image_size=(1024, 768))
 TINY = Profile(clip_seconds=1.0, dpm_steps=4, seed_ddim_steps=10, audio_batches=(1, 4, 8), audio_repeats=1,
-               vlm_tokens=400, vlm_runs=2, seed_vlm_tokens=800, clients=2, images_per_client=1, max_clips=2,
+               vlm_tokens=400, vlm_runs=2, seed_vlm_tokens=800, clients=2, vlm_clients=(1, 8), images_per_client=1, max_clips=2,
                image_size=(128, 96))
 SEED_TEMPERATURE, SEED_TOP_P = 0.3, 0.8  # the seed's sampling settings
 SEED_MIN_CLIPS = 5  # the seed keeps at least 5 variants per image
@@ -67,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vlm-args", default="", help='extra flags for the VLM service, e.g. "--max-queue 4"')
     p.add_argument("--audio-args", default="", help='extra flags for the audio service, after the bench defaults (write --audio-args="...")')
     p.add_argument("--clients", type=int, default=None, help="concurrent clients for images per minute (default 4; tiny 2)")
+    p.add_argument("--no-engine-compare", dest="engine_compare", action="store_false",
+                   help="vlm/all: skip the in-process engine vs generate() comparison (bench/engine_compare.py)")
     p.add_argument("--label", default="", help="a name for this variant, kept in the JSON")
     p.add_argument("--cache-dir", default=os.environ.get("BENCH_CACHE", str(Path(tempfile.gettempdir()) / "i2s-bench")),
                    help="where random checkpoints are written once and reused")
@@ -143,7 +146,7 @@ async def measure_all(args, profile: Profile, targets: dict[str, str], image: by
     from image_to_sound.v1 import audio_pb2_grpc, common_pb2, orchestrator_pb2_grpc, vision_pb2_grpc
     from serving import channels
 
-    results: dict = {"vlm": None, "vlm_seed_sampling": None, "audio": None, "seed_audio": None, "e2e": None,
+    results: dict = {"vlm": None, "vlm_seed_sampling": None, "vlm_concurrent": None, "audio": None, "seed_audio": None, "e2e": None,
                      "throughput": None}
     opened = {name: channels.aio_channel(address) for name, address in targets.items()}
     try:
@@ -155,6 +158,8 @@ async def measure_all(args, profile: Profile, targets: dict[str, str], image: by
             seed = common_pb2.DecodingSettings(max_new_tokens=profile.vlm_tokens, temperature=SEED_TEMPERATURE,
                                                top_p=SEED_TOP_P, seed=1)
             results["vlm_seed_sampling"] = await measure.vlm_once(stub, image, seed)
+            results["vlm_concurrent"] = [await measure.vlm_concurrent(stub, image, ours, n)
+                                         for n in profile.vlm_clients]
         if "audio" in opened:
             stub = audio_pb2_grpc.AudioServiceStub(opened["audio"])
             dpm = common_pb2.AudioSettings(duration_seconds=profile.clip_seconds, num_inference_steps=profile.dpm_steps,
@@ -232,6 +237,12 @@ def run(args: argparse.Namespace) -> dict:
             startup["audio"].update(audio_startup_breakdown(services.log_text("audio")))
     finally:
         codes = services.stop()
+    engine_vs_generate = None
+    if need_vlm and args.engine_compare:  # after the services stop: the same model, in this process
+        from bench import engine_compare
+
+        engine_vs_generate = engine_compare.compare(built["vlm"], device, test_image(profile.image_size),
+                                                    profile.vlm_tokens, threads=1 if args.tiny else None)
     out = {
         "label": args.label, "mode": "tiny" if args.tiny else "full", "what": args.what,
         "environment": env, "profile": asdict(profile),
@@ -239,6 +250,7 @@ def run(args: argparse.Namespace) -> dict:
         "service_args": {"vlm": vlm_args, "audio": audio_args},
         "checkpoints": built, "startup": startup,
         **results,
+        "vlm_engine_vs_generate": engine_vs_generate,
         "seed_baseline": seed_baseline(profile, results) if args.what == "all" else None,
         "peak_gpu_memory_mib": {"per_service": memory.peak_mib, "whole_gpu": memory.peak_gpu_mib,
                                 "source": "nvidia-smi" if memory.available else None},

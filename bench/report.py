@@ -18,6 +18,21 @@ def rows(out: dict) -> list[tuple[str, str]]:
         r.append(("VLM prefill / ms per output token", f"{_s(vlm['prefill_s'])} ({_s(vlm['prompt_tokens'], '', 0)} prompt tokens)"
                   f" / {_s(vlm['ms_per_token'], ' ms', 1)} ({_s(vlm['output_tokens'], '', 0)} output tokens)"))
         r.append(("VLM time to first source", _s(vlm["time_to_first_source_s"])))
+    for c in out.get("vlm_concurrent") or []:
+        r.append((f"VLM {c['clients']} concurrent: images/min, ms/token, first source",
+                  f"{_s(c['images_per_minute'], '', 1)}, {_s(c['ms_per_token'], ' ms', 1)}, "
+                  f"{_s(c['time_to_first_source_s'])}"))
+    cmp = out.get("vlm_engine_vs_generate")
+    if cmp:
+        for name in ("engine", "generate"):
+            x = cmp[name]
+            host, ops, syncs = x["host_ms_per_step"], x["ops_per_step"], x["syncs_per_step"]
+            r.append((f"{name} in-process ({cmp['threads']} thread(s)): ms/token; host ms/step b1, b8; "
+                      "ops, syncs/step b1, b8",
+                      f"{_s(x['ms_per_token'], ' ms', 2)}; {_s(host.get('1'), '', 3)}, {_s(host.get('8'), '', 3)}; "
+                      f"{_s(ops.get('1'), '', 1)}/{_s(syncs.get('1'), '', 1)}, "
+                      f"{_s(ops.get('8'), '', 1)}/{_s(syncs.get('8'), '', 1)}"
+                      + (f" (capture {x['capture']})" if "capture" in x else "")))
     audio = out.get("audio")
     if audio:
         per = ", ".join(f"b{b}: {_s(v, ' s', 3)}" for b, v in audio["per_clip_s"].items())

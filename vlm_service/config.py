@@ -38,8 +38,13 @@ class VlmConfig:
     # one request at a time (the reference).
     engine: bool = setting(True, "decode engine: batched steps, static KV cache (false: generate(), the reference)")
     engine_max_batch: int = setting(8, "requests decoded together; batch buckets are the powers of two up to it")
-    engine_capture: str = setting("none", "decode step: eager, torch.compile reduce-overhead, or CUDA graphs",
-                                  choices=["none", "compile", "cuda-graph"])
+    engine_capture: str = setting("auto", "decode step: auto (CUDA graphs on CUDA, eager elsewhere; eager if "
+                                  "capture fails at warm-up), none (eager), torch.compile reduce-overhead, CUDA graphs",
+                                  choices=["auto", "none", "compile", "cuda-graph"])
+    engine_attention: str = setting("gqa", "attention over the row cache: gqa (K/V heads read once) or model "
+                                    "(transformers' own, repeats K/V)", choices=["gqa", "model"])
+    engine_prefill_chunk: int = setting(512, "prompt tokens prefilled per step while other requests decode "
+                                        "(0: a whole prompt at once, stalling them)")
     engine_jump_forward: str = setting("exact", "grammar-forced tokens without a model step (retokenize: more, "
                                        "but tokens differ from generate())", choices=["off", "exact", "retokenize"])
     engine_prefix_cache: bool = setting(True, "reuse the KV of the prompt text before the image")

@@ -393,6 +393,35 @@ class SeededSamplingLogitsProcessor:
         return out
 
 
+class DeviceSampler:
+    """Temperature + nucleus sampling of one row on its device without reading anything back (the engine's
+    sampled rows): the exponential race (argmax of p / Exp(1) draws a token with probability p, as vLLM
+    samples), with its own seeded ``torch.Generator``, so a seed gives the same tokens whatever else is in
+    the batch. It draws from another random stream than :class:`SeededSamplingLogitsProcessor` (the
+    reference path's), so the same seed gives different samples on the two paths."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.seed = int(seed)
+        self._generator = None
+
+    def __call__(self, scores):
+        """``scores [1, V]`` (masked entries -inf) -> the chosen token id as a 0-d device tensor."""
+        import torch
+
+        if self._generator is None or self._generator.device != scores.device:
+            self._generator = torch.Generator(device=scores.device)
+            self._generator.manual_seed(self.seed)
+        probs = torch.softmax(scores[0].float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            remove = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= self.top_p  # keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(remove, 0.0))
+        race = torch.empty_like(probs).exponential_(generator=self._generator).clamp_min_(1e-30)  # never 0/0
+        return (probs / race).argmax()
+
+
 class StopCriterion:
     """Hugging Face stopping criterion: stop as soon as any of the given callables returns True."""
 

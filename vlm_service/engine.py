@@ -6,13 +6,22 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
 
 - **Rows.** Each request owns one row of a :class:`~vlm_service.kv_cache.RowKVCache` with its own length,
   its own 3-D rope offset (``rope_delta``, from ``get_rope_index`` at prefill), grammar matcher,
-  repetition-penalty set, sampler, token budget, deadline and cancellation. A request that arrives while
-  others decode is prefilled alone (batch 1, eager) at the next step boundary and joins the running batch;
-  a finished or cancelled one frees its row for the next (continuous batching).
+  repetition-penalty row (on the device), sampler, token budget, deadline and cancellation. A request
+  that arrives while others decode is admitted at the next step boundary (:mod:`vlm_service.scheduler`);
+  while others decode, its prompt is prefilled in chunks of ``prefill_chunk`` tokens, one chunk per step
+  between the running rows' decode steps (so they are not stalled for a whole prefill; a request that
+  arrives alone is prefilled at once), then it joins the running batch; a
+  finished or cancelled one frees its row for the next (continuous batching).
 - **Step.** One forward over the rows ``0..B-1`` (``B`` rounded up to a batch bucket) with ``T`` new tokens
   per row (``T`` rounded up to a token bucket; rows with fewer are padded and the padding masked), over the
   first ``Lb`` cache slots (a length bucket). Shapes come from the small fixed bucket sets only, so the
-  step can be captured once per shape at warm-up (:mod:`vlm_service.captured_step`).
+  step can be captured once per shape at warm-up (:mod:`vlm_service.model_runner`).
+- **Host work per step** (what runs on the CPU besides the forward, in the manner of vLLM v1 / SGLang):
+  the step's inputs are written into one preallocated buffer and sent in one copy; the forward is
+  launched, and while it runs the grammar masks of every row that chooses are filled in one batched call
+  (xgrammar's ``BatchGrammarMatcher``); then, on the device, the repetition penalty (over each row's token
+  history, fed from the step's own inputs), the mask, the argmax or a sampled row's draw
+  (:class:`~vlm_service.decoding.DeviceSampler`); one host read of the chosen tokens per step.
 - **Jump-forward.** Where the grammar forces the continuation, tokens are appended without a model step
   each: they ride along in the row's next forward (``T > 1``). "exact" appends a token only when the grammar
   allows exactly one, so the output is token for token what ``generate()`` gives; "retokenize" takes
@@ -22,9 +31,10 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
   are computed once (at warm-up) and copied into each new row, so prefill runs only from the image on.
 
 Greedy decoding here equals ``generate()`` token for token (same processors in the same order: repetition
-penalty, grammar mask, sampler; float32 logits), which the tests check at batch 1 and in mixed batches.
-Everything in this module runs on the model thread, except setting an :class:`EngineRequest`'s
-``cancelled`` event and the submission queue (see ``transformers_backend``).
+penalty, grammar mask, then the choice; float32 logits), which the tests check at batch 1 and in mixed
+batches. Sampling draws on the device from each row's own seeded generator: a seed gives the same tokens
+whatever else is in the batch, but not the reference path's (another random stream). Everything in this
+module runs on the model thread, except a request's ``cancelled`` event and the scheduler's queue.
 """
 from __future__ import annotations
 
@@ -39,10 +49,13 @@ import numpy as np
 
 from serving import tracing
 from serving.errors import InvalidInput
+from vlm_service.messages import Delivery, Failed, Finished, Tokens
 
 log = logging.getLogger(__name__)
 
 JUMP_FORWARD_MODES = ("off", "exact", "retokenize")
+CAPTURE_MODES = ("auto", "none", "compile", "cuda-graph")
+ATTENTION_MODES = ("gqa", "model")
 
 
 @dataclass(frozen=True)
@@ -53,9 +66,11 @@ class EngineOptions:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)  # batch sizes a step runs at (captured at warm-up)
     token_buckets: tuple[int, ...] = (1, 8)  # new tokens per row in one step (jump-forward feeds several)
     length_buckets: tuple[int, ...] = (1536, 3072)  # cache slots a step attends over; the last is the row length
-    capture: str = "none"  # none | compile (torch.compile reduce-overhead) | cuda-graph
+    capture: str = "auto"  # auto (cuda-graph on CUDA, none elsewhere) | none | compile | cuda-graph
     jump_forward: str = "exact"  # off | exact | retokenize
     prefix_cache: bool = True  # reuse the KV of the prompt text before the image
+    attention: str = "gqa"  # gqa: K/V heads read once (vlm_service.attention) | model: the model's own (repeats K/V)
+    prefill_chunk: int = 0  # prompt tokens prefilled per step while others decode (0: the whole prompt at once)
     compile_backend: str | None = None  # torch.compile backend (None: inductor); tests use "eager" on CPU
 
     def __post_init__(self) -> None:
@@ -67,10 +82,14 @@ class EngineOptions:
             raise ValueError(f"the largest batch bucket must be max_batch ({self.max_batch})")
         if self.token_buckets[0] != 1:
             raise ValueError("token_buckets must start at 1 (a plain decode step)")
-        if self.capture not in ("none", "compile", "cuda-graph"):
-            raise ValueError(f"capture must be none, compile or cuda-graph, got {self.capture!r}")
+        if self.capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
         if self.jump_forward not in JUMP_FORWARD_MODES:
             raise ValueError(f"jump_forward must be one of {JUMP_FORWARD_MODES}, got {self.jump_forward!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0")
 
     @property
     def max_len(self) -> int:
@@ -90,7 +109,7 @@ class EngineRequest:
     temperature: float
     top_p: float
     seed: int | None
-    deliver: Callable[[tuple], None]  # called on the model thread: ("tokens", [ids]) / ("end", reason, steps) / ("error", exc)
+    deliver: Callable[[Delivery], None]  # on the model thread: Tokens..., then one Finished or Failed
     should_stop: Callable[[], bool] | None = None
     deadline: float | None = None  # time.monotonic() after which the request stops ("deadline")
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -105,8 +124,18 @@ class EngineRequest:
         return None
 
 
+class _PendingPrompt:
+    """A prompt being prefilled in chunks: its embeddings (image merged in), rope positions, progress."""
+
+    __slots__ = ("embeds", "positions", "done", "total")
+
+    def __init__(self, embeds: Any, positions: Any, done: int, total: int) -> None:
+        self.embeds, self.positions, self.done, self.total = embeds, positions, done, total
+
+
 class _Row:
-    __slots__ = ("req", "slot", "length", "delta", "matcher", "sampler", "feed", "emitted", "steps", "finished")
+    __slots__ = ("req", "slot", "length", "delta", "matcher", "sampler", "feed", "emitted", "steps", "finished",
+                 "prompt")
 
     def __init__(self, req: EngineRequest, slot: int) -> None:
         self.req, self.slot = req, slot
@@ -118,19 +147,38 @@ class _Row:
         self.emitted = 0
         self.steps = 0
         self.finished: str | None = None
+        self.prompt: _PendingPrompt | None = None  # set while its prompt is prefilled in chunks
+
+
+class StepTimes:
+    """Per number of rows in a step: steps, wall seconds, seconds inside the forward call (for the bench;
+    on CPU the forward runs synchronously, so wall - forward is the host work around it)."""
+
+    def __init__(self) -> None:
+        self.by_rows: dict[int, list[float]] = {}
+
+    def add(self, rows: int, wall: float, forward: float) -> None:
+        entry = self.by_rows.setdefault(rows, [0, 0.0, 0.0])
+        entry[0] += 1
+        entry[1] += wall
+        entry[2] += forward
+
+    def host_ms(self, rows: int) -> float | None:
+        entry = self.by_rows.get(rows)
+        return 1000 * (entry[1] - entry[2]) / entry[0] if entry else None
 
 
 class DecodeEngine:
-    """Owns the row cache, the step runner and the rows. The backend's decode loop calls :meth:`admit` for
-    each waiting request while a row is free and :meth:`step` while rows are active (model thread only)."""
+    """Owns the row cache, the model runner and the rows. The scheduler calls :meth:`admit` for each waiting
+    request while a row is free and :meth:`step` while rows are active (model thread only)."""
 
     def __init__(self, model: Any, tokenizer: Any, grammar: Any, *, vocab_size: int, stop_ids: list[int],
                  pad_id: int, repetition_penalty: float, prefix_ids: list[int], options: EngineOptions) -> None:
         import torch
         import xgrammar as xgr
 
-        from vlm_service.captured_step import StepRunner
         from vlm_service.kv_cache import RowKVCache
+        from vlm_service.model_runner import ModelRunner
 
         self.model, self.tokenizer, self.grammar = model, tokenizer, grammar
         self.options = options
@@ -140,16 +188,30 @@ class DecodeEngine:
         self.penalty = repetition_penalty
         self.device = model.device
         self.cache = RowKVCache.for_model(model, options.max_batch, options.max_len)
-        self.runner = StepRunner(model, self.cache, options)
+        self.runner = ModelRunner(model, self.cache, options)
+        self.inputs = self.runner.inputs
         self.rows: list[_Row | None] = [None] * options.max_batch
-        self.seen = torch.zeros(options.max_batch, vocab_size, dtype=torch.bool, device=self.device)
+        # Repetition-penalty state on the device: each row's token ids so far (prompt, then what it was fed) at
+        # their cache slots, as generate() penalises its input_ids; slots past the row's length hold its first
+        # prompt token (a repeat changes nothing), and the last ``t_max`` columns take a step's padding.
+        t_max = options.token_buckets[-1]
+        self.history = torch.zeros(options.max_batch, options.max_len + t_max, dtype=torch.long, device=self.device)
+        self._spare = options.max_len + np.arange(t_max)  # where padding goes
+        self._offsets = np.arange(t_max)
         self.bitmask = xgr.allocate_token_bitmask(options.max_batch, vocab_size)
-        self._jump_mask = xgr.allocate_token_bitmask(1, vocab_size)  # jump-forward "exact" counts its bits
-        self._jump_bits = self._jump_mask.numpy().view("uint8")
+        self.device_bitmask = None
+        if self.device.type == "cuda":
+            self.bitmask = self.bitmask.pin_memory()
+            self.device_bitmask = torch.empty_like(self.bitmask, device=self.device)
+        self._mask_words = self.bitmask.numpy()  # the CPU path reads the masks' bits directly
+        self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=max(1, torch.get_num_threads()))
+        self._jump_mask = xgr.allocate_token_bitmask(1, vocab_size)  # jump-forward "exact" looks at its words
+        self._jump_words = self._jump_mask.numpy()[0]
         self.prefix_ids = list(prefix_ids) if options.prefix_cache else []
         self._prefix_kv: list[tuple[Any, Any]] | None = None
-        self.model_steps = 0  # forwards run (prefills included), for stats
+        self.model_steps = 0  # forwards run (prefills and prefill chunks included), for stats
         self.peak_rows = 0  # most rows decoded in one step
+        self.times = StepTimes()
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -162,10 +224,17 @@ class DecodeEngine:
         return sum(r is not None for r in self.rows)
 
     def admit(self, req: EngineRequest) -> None:
-        """Prefill ``req`` into a free row (there must be one) and choose its first token."""
+        """Take ``req`` into a free row (there must be one): prefill it whole and choose its first token, or
+        set up its chunked prefill (:meth:`step` runs the chunks)."""
+        import torch
+
+        with torch.inference_mode():  # the logits are inference tensors, updated in place
+            self._admit(req)
+
+    def _admit(self, req: EngineRequest) -> None:
         reason = req.stop_reason()
         if reason is not None:  # left while queued: never starts
-            req.deliver(("end", reason, 0))
+            req.deliver(Finished(reason, 0))
             return
         slot = self.rows.index(None)
         row = _Row(req, slot)
@@ -173,17 +242,20 @@ class DecodeEngine:
         try:
             first_logits = self._prefill(row)
         except BaseException as exc:  # noqa: BLE001 - this request fails, the others go on
-            req.deliver(("error", exc))
+            req.deliver(Failed(exc))
             return
         self.rows[slot] = row
-        req.phases.enter("vlm.decode")
-        self._choose({slot: first_logits})
-        self._finish_rows()
+        if first_logits is not None:
+            req.phases.enter("vlm.decode")
+            self._choose(first_logits, [(0, row)], self.history[slot : slot + 1, : row.length])
+            self._finish_rows()
 
     def _prefill(self, row: _Row):
+        """The first logits [1, V], or None when the prompt is left to chunked prefill."""
+        import torch
         import xgrammar as xgr
 
-        from vlm_service.decoding import SeededSamplingLogitsProcessor
+        from vlm_service.decoding import DeviceSampler
 
         req, model, opts = row.req, self.model, self.options
         inputs = {k: v.to(self.device) for k, v in req.inputs.items()}
@@ -202,17 +274,61 @@ class DecodeEngine:
             for layer, (k, v) in enumerate(self._prefix_kv):
                 self.cache.keys[layer][row.slot, :, :start] = k
                 self.cache.values[layer][row.slot, :, :start] = v
-        logits = self.runner.prefill(row.slot, ids[:, start:], positions[:, :, start:], start,
-                                     pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
-        self.model_steps += 1
-        row.length, row.delta, row.steps = total, int(delta.reshape(-1)[0]), 1
+        row.delta, row.steps = int(delta.reshape(-1)[0]), 1
         row.matcher = xgr.GrammarMatcher(self.grammar)
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
-            row.sampler = SeededSamplingLogitsProcessor(req.temperature, req.top_p, seed)
-        self.seen[row.slot].zero_()
-        self.seen[row.slot, ids[0]] = True
+            row.sampler = DeviceSampler(req.temperature, req.top_p, seed)
+        self.history[row.slot].fill_(ids[0, 0])
+        self.history[row.slot, :total] = ids[0]
+        decoding = any(r is not None and r.prompt is None and r.finished is None for r in self.rows)
+        if opts.prefill_chunk and total - start > opts.prefill_chunk and decoding:  # alone: no one to stall
+            with torch.inference_mode():
+                embeds = self._embed(ids, inputs["pixel_values"], inputs["image_grid_thw"])
+            row.prompt = _PendingPrompt(embeds, positions, start, total)
+            row.length = start
+            return None
+        logits = self.runner.prefill(row.slot, ids[:, start:], positions[:, :, start:], start,
+                                     pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        self.model_steps += 1
+        row.length = total
         return logits
+
+    def _embed(self, ids, pixel_values, image_grid_thw):
+        """The prompt's input embeddings with the vision tower's output in the image tokens' places (what the
+        model's own forward does before its decoder), so the prompt can go through the decoder in chunks."""
+        import torch
+
+        inner = self.model.model
+        embeds = inner.get_input_embeddings()(ids)
+        image = inner.get_image_features(pixel_values, image_grid_thw).pooler_output
+        image = torch.cat(list(image), dim=0).to(embeds.device, embeds.dtype)
+        where = (ids == self.model.config.image_token_id)[..., None].expand_as(embeds)
+        return embeds.masked_scatter(where, image)
+
+    def _prefill_chunk(self) -> bool:
+        """One chunk of the lowest waiting prompt (at most ``prefill_chunk`` tokens); its first token is
+        chosen after the last chunk. Returns whether a chunk ran."""
+        row = next((r for r in self.rows if r is not None and r.prompt is not None and r.finished is None), None)
+        if row is None:
+            return False
+        p = row.prompt
+        end = min(p.done + self.options.prefill_chunk, p.total)
+        try:
+            logits = self.runner.prefill(row.slot, None, p.positions[:, :, p.done:end], p.done,
+                                         embeds=p.embeds[:, p.done:end])
+        except BaseException as exc:  # noqa: BLE001 - this request fails, the others go on
+            row.prompt, row.finished = None, "error"
+            self.rows[row.slot] = None
+            row.req.deliver(Failed(exc))
+            return True
+        self.model_steps += 1
+        p.done = row.length = end
+        if end == p.total:
+            row.prompt = None
+            row.req.phases.enter("vlm.decode")
+            self._choose(logits, [(0, row)], self.history[row.slot : row.slot + 1, : row.length])
+        return True
 
     def compute_prefix(self) -> None:
         """The KV of the prompt text before the image, once (warm-up); reused by every prefill."""
@@ -229,44 +345,65 @@ class DecodeEngine:
     # -- decoding ----------------------------------------------------------------------------------
 
     def step(self) -> None:
-        """One forward for every active row, then each row's next choice; finished rows free their slot."""
+        """One prompt chunk if one waits, then one forward for every decoding row and each row's next
+        choice; finished rows free their slot."""
         import torch
 
+        with torch.inference_mode():
+            self._step()
+
+    def _step(self) -> None:
+        started = time.perf_counter()
         self._poll_stops()
-        live = [r for r in self.rows if r is not None and r.finished is None]
+        chunk_s = 0.0
+        if self.options.prefill_chunk:
+            chunk_started = time.perf_counter()
+            if self._prefill_chunk():
+                chunk_s = time.perf_counter() - chunk_started
+            self._finish_rows()
+        live = [r for r in self.rows if r is not None and r.finished is None and r.prompt is None]
         if not live:
             self._finish_rows()
             return
-        opts = self.options
+        opts, inp = self.options, self.inputs
         top = max(r.slot for r in live) + 1
         batch = _bucket(top, opts.batch_buckets)
         t_max = opts.token_buckets[-1]
-        lengths = {r.slot: min(len(r.feed), t_max) for r in live}
-        width = _bucket(max(lengths.values()), opts.token_buckets)
+        counts = [min(len(r.feed), t_max) for r in live]
+        width = _bucket(max(counts), opts.token_buckets)
         span = _bucket(max(r.length for r in live) + width, opts.length_buckets)
 
-        tokens = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        base = torch.zeros(batch, dtype=torch.long)
-        delta = torch.zeros(batch, dtype=torch.long)
-        last = torch.zeros(batch, dtype=torch.long)
-        for r in live:
-            n = lengths[r.slot]
-            tokens[r.slot, :n] = torch.tensor(r.feed[:n])
-            base[r.slot], delta[r.slot], last[r.slot] = r.length, r.delta, n - 1
-        logits = self.runner.decode(batch, width, span, tokens, base, delta, last)
+        # Step inputs, through numpy views of the staging buffer (no tensor op): rows without a token this
+        # step (free, finished or still prefilling) write into their row's last slots, which no row reaches.
+        inp.host_tokens[:batch, :width] = self.pad_id
+        inp.host_history_at[:batch, :width] = self._spare[:width]
+        inp.host_base[:batch] = opts.max_len - width
+        inp.host_delta[:batch] = 0
+        inp.host_last[:batch] = 0
+        for r, n in zip(live, counts):
+            inp.host_tokens[r.slot, :n] = r.feed[:n]
+            inp.host_history_at[r.slot, :n] = r.length + self._offsets[:n]
+            inp.host_base[r.slot], inp.host_delta[r.slot], inp.host_last[r.slot] = r.length, r.delta, n - 1
+        forward_started = time.perf_counter()
+        logits = self.runner.decode(batch, width, span)  # launched (asynchronous on CUDA)
+        forward_s = time.perf_counter() - forward_started + chunk_s
         self.model_steps += 1
         self.peak_rows = max(self.peak_rows, len(live))
 
-        choose = {}
-        for r in live:
-            n = lengths[r.slot]
+        picks = []
+        for r, n in zip(live, counts):
             r.length += n
             r.steps += 1
             del r.feed[:n]
             if not r.feed:  # the whole feed went through: the logits at its end are a real choice
-                choose[r.slot] = logits[r.slot : r.slot + 1]
-        self._choose(choose)
+                picks.append((r.slot, r))
+        # The tokens that went in this step join their rows' repetition-penalty state (padding -> spare columns).
+        tokens, history_at, *_ = self.inputs.views(batch, width)
+        history = self.history[:batch]
+        history.scatter_(1, history_at, tokens)
+        self._choose(logits, picks, history[:, :span])
         self._finish_rows()
+        self.times.add(len(live), time.perf_counter() - started, forward_s)
 
     def _poll_stops(self) -> None:
         for r in self.rows:
@@ -275,40 +412,71 @@ class DecodeEngine:
                 if reason is not None:
                     r.finished = reason
 
-    def _choose(self, logits_by_slot: dict[int, Any]) -> None:
-        """Next token of each given row: repetition penalty, grammar mask, sampler (generate()'s order)."""
+    def _choose(self, logits, picks: list[tuple[int, _Row]], history) -> None:
+        """Next token of each row in ``picks`` ((row of ``logits``, row)): repetition penalty, grammar mask,
+        sampler (generate()'s order). ``history``: token ids to penalise, one row per row of ``logits``
+        (gathered and scattered back, as generate() does: the work is the rows' length, not the vocabulary)."""
         import torch
-        import xgrammar as xgr
 
-        if not logits_by_slot:
+        if not picks:
             return
-        slots = sorted(logits_by_slot)
-        scores = torch.cat([logits_by_slot[s] for s in slots]).float()
-        seen = self.seen[slots]
-        penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-        scores = torch.where(seen, penalised, scores)
-        for i, s in enumerate(slots):
-            self.rows[s].matcher.fill_next_token_bitmask(self.bitmask, i)
-        mask = self.bitmask[: len(slots)]
-        if scores.device.type != "cpu":
-            mask = mask.to(scores.device, non_blocking=True)
-        try:
-            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size)
-        except (ImportError, RuntimeError):  # e.g. no Triton on this CUDA host
-            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, backend="torch_native")
-        greedy = scores.argmax(dim=-1).tolist()
-        for i in range(len(slots)):
-            row = self.rows[slots[i]]
-            if row.sampler is not None:
-                token = int(row.sampler(None, scores[i : i + 1]).argmax(dim=-1))
-            else:
-                token = int(greedy[i])
-            self._append(row, [token])
+        rows = int(logits.shape[0])
+        # Grammar masks of every choosing row in one call, on the CPU, while the device runs the forward.
+        self.batch_matcher.batch_fill_next_token_bitmask([r.matcher for _, r in picks], self.bitmask,
+                                                         [i for i, _ in picks])
+        scores = logits.float()
+        if self.penalty != 1.0:
+            picked = scores.gather(1, history)
+            scores.scatter_(1, history, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
+        sampled = [(i, row) for i, row in picks if row.sampler is not None]
+        if self.device.type == "cpu":
+            chosen = self._choose_on_cpu(scores, picks, sampled)
+        else:
+            mask = self.device_bitmask[:rows]
+            mask.copy_(self.bitmask[:rows], non_blocking=True)
+            self._apply_mask(scores, mask)
+            drawn = scores.argmax(dim=-1)
+            for i, row in sampled:  # their own seeded sampler, on the device
+                drawn[i] = row.sampler(scores[i : i + 1])
+            chosen = drawn.tolist()  # the step's one read from the device
+        for i, row in picks:
+            self._append(row, [chosen[i]])
             if row.finished is None and self.options.jump_forward != "off":
                 self._jump_forward(row)
 
+    def _choose_on_cpu(self, scores, picks: list[tuple[int, _Row]], sampled: list[tuple[int, _Row]]) -> list[int]:
+        """The logits already are host memory: numpy's vectorised argmax (~25x torch's on one thread), and the
+        grammar mask looked up only where the plain argmax is not allowed (where it is, it is also the masked
+        argmax: the first index of the maximum among the allowed tokens). Sampled rows get the masked scores."""
+        import torch
+
+        host = scores.numpy()  # the step's one read
+        chosen = host.argmax(axis=-1)
+        words = self._mask_words
+        for i, row in picks:
+            token = int(chosen[i])
+            if row.sampler is None and not (int(words[i, token >> 5]) >> (token & 31)) & 1:
+                bits = np.unpackbits(words[i].view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
+                chosen[i] = np.where(bits, host[i], -np.inf).argmax()
+        if sampled:
+            self._apply_mask(scores, self.bitmask[: scores.shape[0]], [i for i, _ in sampled])
+            drawn = torch.from_numpy(chosen)
+            for i, row in sampled:
+                drawn[i] = row.sampler(scores[i : i + 1])
+        return chosen.tolist()
+
+    def _apply_mask(self, scores, mask, indices: list[int] | None = None) -> None:
+        import xgrammar as xgr
+
+        try:
+            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices)
+        except (ImportError, RuntimeError):  # e.g. no Triton on this CUDA host
+            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices,
+                                            backend="torch_native")
+
     def _append(self, row: _Row, tokens: list[int]) -> None:
-        """Accept tokens into the row's grammar, hand them to the request; decide whether it ends."""
+        """Accept tokens into the row's grammar, hand them to the request; decide whether it ends. Tokens
+        that go on into the model join the penalty state in the step that feeds them."""
         out = []
         for token in tokens:
             if not self._room(row):
@@ -322,9 +490,8 @@ class DecodeEngine:
                 row.finished = "stop"
                 break
             row.feed.append(token)
-            self.seen[row.slot, token] = True
         if out:
-            row.req.deliver(("tokens", out))
+            row.req.deliver(Tokens(tuple(out)))
         if row.finished is None and not self._room(row):
             row.finished = "length"
 
@@ -351,26 +518,36 @@ class DecodeEngine:
                     return
                 self._append(row, accepted)
                 continue
-            row.matcher.fill_next_token_bitmask(self._jump_mask)
-            bits = np.unpackbits(self._jump_bits, bitorder="little")  # bit i of the mask: token i allowed
-            allowed = np.flatnonzero(bits)
-            if len(allowed) != 1:
+            token = self._only_allowed(row.matcher)
+            if token is None:
                 return
-            self._append(row, [int(allowed[0])])
+            self._append(row, [token])
+
+    def _only_allowed(self, matcher) -> int | None:
+        """The one token the grammar allows next, or None: looks at the mask's 32-bit words (a handful are
+        nonzero) instead of unpacking every token's bit."""
+        matcher.fill_next_token_bitmask(self._jump_mask)
+        words = np.flatnonzero(self._jump_words)
+        if len(words) != 1:
+            return None
+        word = int(self._jump_words[words[0]]) & 0xFFFFFFFF
+        if word & (word - 1):  # more than one bit
+            return None
+        return int(words[0]) * 32 + word.bit_length() - 1
 
     def _finish_rows(self) -> None:
         for i, r in enumerate(self.rows):
             if r is not None and r.finished is not None:
                 self.rows[i] = None
                 r.req.phases.end()
-                r.req.deliver(("end", r.finished, r.steps))
+                r.req.deliver(Finished(r.finished, r.steps))
 
     def fail_all(self, exc: BaseException) -> None:
         """A step broke (a bug, a device error): every row in it ends with the error; rows are freed."""
         for i, r in enumerate(self.rows):
             if r is not None:
                 self.rows[i] = None
-                r.req.deliver(("error", exc))
+                r.req.deliver(Failed(exc))
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for r in self.rows:
@@ -381,6 +558,20 @@ class DecodeEngine:
     # -- warm-up -----------------------------------------------------------------------------------
 
     def warm(self) -> int:
-        """Run (and capture, when asked) the step at every bucket shape; returns how many shapes."""
+        """Run (and capture, when asked) the step at every bucket shape, and the grammar-mask kernel at
+        every row count a step applies it to; returns how many step shapes."""
+        import torch
+
         self.compute_prefix()
-        return self.runner.warm()
+        shapes = self.runner.warm()
+        self.bitmask.fill_(-1)
+        for rows in sorted({1, *self.options.batch_buckets}):  # prefill applies it to 1 row, steps to a bucket
+            scores = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=self.device)
+            mask = self.bitmask[:rows]
+            if self.device_bitmask is not None:
+                mask = self.device_bitmask[:rows]
+                mask.copy_(self.bitmask[:rows])
+            self._apply_mask(scores, mask)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return shapes

@@ -135,7 +135,8 @@ def engine_options(config: VlmConfig):
         token_buckets=config.engine_token_buckets,
         length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
         capture=config.engine_capture, jump_forward=config.engine_jump_forward,
-        prefix_cache=config.engine_prefix_cache)
+        prefix_cache=config.engine_prefix_cache, attention=config.engine_attention,
+        prefill_chunk=config.engine_prefill_chunk)
 
 
 def make_server(

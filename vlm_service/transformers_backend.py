@@ -14,10 +14,11 @@ processor -> expand the single
 
 Threads: every model call (load, warm-up, every generation) runs on the backend's one model thread (a
 :class:`~serving.blocking.ModelWorker`; the first ``generate`` on a new thread runs ~3x slower for the whole
-call: docs/architecture.md "One model thread"). Callers submit requests from any thread; images are checked
-and turned into CPU tensors in the caller's thread; the model thread hands back token ids, which the caller's
-side turns into events (:mod:`vlm_service.assembly`). Requests wait in a bounded queue (``Overloaded`` when
-full).
+call: docs/architecture.md "One model thread"). Callers submit requests from any thread; images are checked and turned into
+CPU tensors in the caller's thread; the model thread hands back token ids, which the caller's side turns
+into events (:mod:`vlm_service.assembly`). Requests wait in a bounded queue (``Overloaded`` when full) of the
+:class:`~vlm_service.scheduler.Scheduler`, which runs the decode loop on the model thread; this module keeps
+loading, input preparation and the reference ``generate()`` path.
 
 Two decoding paths, chosen by ``engine``:
 - ``None``: the reference, ``model.generate()`` per request, one request at a time;
@@ -39,7 +40,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from PIL import Image
 
 from serving.blocking import ModelWorker
-from serving.errors import InvalidInput, NotReady, Overloaded
+from serving.errors import InvalidInput, NotReady
 from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
@@ -52,6 +53,8 @@ from vlm_service.decoding import (
     compile_schema,
 )
 from vlm_service.engine import EngineOptions, EngineRequest
+from vlm_service.messages import Delivery, Failed, Finished, Tokens
+from vlm_service.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +160,10 @@ class TransformersVisionBackend(VisionBackend):
         self._repetition_penalty = float(repetition_penalty)
         self._attn_implementation = attn_implementation
         self._max_queue = max_queue
-        # The model thread, and what it shares with submitters: the queue of requests not yet decoding and
-        # whether a decode loop is running on the thread (it runs while there is work, then returns).
+        # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
         self.model_threads: set[int] = set()  # threads that ran model code (tests: exactly one)
-        self._cv = threading.Condition()
-        self._pending: list[EngineRequest] = []
-        self._running = False
+        self.scheduler: Scheduler | None = None
         self._loaded = False
         self._warm = False
         self._closed = False
@@ -272,6 +272,8 @@ class TransformersVisionBackend(VisionBackend):
                 model, tokenizer, grammar, vocab_size=vocab_size, stop_ids=stop_ids, pad_id=self._pad_id,
                 repetition_penalty=self._repetition_penalty, prefix_ids=ids[: ids.index(image_token_id)],
                 options=self.engine_options)
+        self.scheduler = Scheduler(self.worker, max_queue=self._max_queue, engine=self.engine,
+                                   reference=self._generate_reference, threads=self.model_threads)
         self._loaded = True
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - started)
 
@@ -295,13 +297,11 @@ class TransformersVisionBackend(VisionBackend):
         log.info("warm in %.1f s", time.perf_counter() - started)
 
     def close(self) -> None:
-        with self._cv:
-            if self._closed:
-                return
-            self._closed = True
-            pending, self._pending = self._pending, []
-        for req in pending:
-            req.deliver(("end", "cancelled", 0))
+        if self._closed:
+            return
+        self._closed = True
+        if self.scheduler is not None:
+            self.scheduler.close()
         try:
             self._on_model_thread(self._release_on_thread)
         finally:
@@ -365,9 +365,9 @@ class TransformersVisionBackend(VisionBackend):
     @property
     def queue_depth(self) -> int:
         """Requests accepted and waiting for the model (the i2s_queue_depth gauge)."""
-        return len(self._pending)
+        return self.scheduler.queue_depth if self.scheduler is not None else 0
 
-    def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[tuple], None], *,
+    def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[Delivery], None], *,
                should_stop: Callable[[], bool] | None = None, deadline: float | None = None
                ) -> tuple[EngineRequest, DescriptionAssembler]:
         """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
@@ -383,16 +383,7 @@ class TransformersVisionBackend(VisionBackend):
         assembler = DescriptionAssembler(
             self.tokenizer, prompt_version=self.prompt_version, model_id=self.model_id,
             prompt_tokens=int(inputs["input_ids"].shape[1]), started=started, max_new_tokens=options.max_new_tokens)
-        with self._cv:
-            if self._closed:
-                raise NotReady("backend is closed")
-            if len(self._pending) >= self._max_queue:
-                raise Overloaded(f"{len(self._pending)} requests already waiting for the VLM; retry later")
-            self._pending.append(req)
-            start_loop = not self._running
-            self._running = True
-        if start_loop:
-            self.worker.submit(self._decode_loop)
+        self.scheduler.submit(req)
         return req, assembler
 
     def stream(
@@ -415,13 +406,13 @@ class TransformersVisionBackend(VisionBackend):
         try:
             while True:
                 item = items.get()
-                if item[0] == "tokens":
-                    yield from assembler.tokens(item[1])
-                elif item[0] == "end":
-                    yield from assembler.finish(item[1], item[2])
+                if isinstance(item, Tokens):
+                    yield from assembler.tokens(list(item.ids))
+                elif isinstance(item, Finished):
+                    yield from assembler.finish(item.reason, item.steps)
                     return
                 else:
-                    raise item[1]
+                    raise item.error
         finally:
             req.cancelled.set()  # a consumer that leaves early stops its decoding at the next step
 
@@ -433,7 +424,7 @@ class TransformersVisionBackend(VisionBackend):
         items: asyncio.Queue = asyncio.Queue()
         gone = threading.Event()
 
-        def deliver(item: tuple) -> None:  # on the model thread
+        def deliver(item: Delivery) -> None:  # on the model thread
             try:
                 loop.call_soon_threadsafe(items.put_nowait, item)
             except RuntimeError:  # the event loop is gone: nobody listens any more
@@ -443,55 +434,19 @@ class TransformersVisionBackend(VisionBackend):
         try:
             while True:
                 item = await items.get()
-                if item[0] == "tokens":
-                    for event in assembler.tokens(item[1]):
+                if isinstance(item, Tokens):
+                    for event in assembler.tokens(list(item.ids)):
                         yield event
-                elif item[0] == "end":
-                    for event in assembler.finish(item[1], item[2]):
+                elif isinstance(item, Finished):
+                    for event in assembler.finish(item.reason, item.steps):
                         yield event
                     return
                 else:
-                    raise item[1]
+                    raise item.error
         finally:
             req.cancelled.set()
 
-    # -- the decode loop (model thread) -------------------------------------------------------------
-
-    def _decode_loop(self) -> None:
-        """Runs on the model thread while there is work: admits waiting requests at step boundaries and
-        steps the batch (engine), or runs ``generate()`` for one request after another (reference)."""
-        self.model_threads.add(threading.get_ident())
-        engine = self.engine
-        while True:
-            with self._cv:
-                if self._closed or not self._loaded:
-                    admit, self._pending = self._pending, []
-                    self._running = False
-                    closing = True
-                else:
-                    closing = False
-                    room = engine.free_slots if engine is not None else 1
-                    admit, self._pending = self._pending[:room], self._pending[room:]
-                    if not admit and (engine is None or engine.active == 0):
-                        self._running = False
-                        return
-            if closing:
-                for req in admit:
-                    req.deliver(("end", "cancelled", 0))
-                if engine is not None:
-                    engine.cancel_all()
-                return
-            if engine is None:
-                for req in admit:
-                    self._generate_reference(req)
-                continue
-            try:
-                for req in admit:
-                    engine.admit(req)
-                engine.step()
-            except BaseException as exc:  # noqa: BLE001 - a broken step fails its batch, not the service
-                log.exception("decode step failed")
-                engine.fail_all(exc)
+    # -- the reference path (model thread) ----------------------------------------------------------
 
     def _generation_config(self, options: EngineRequest):
         from transformers import GenerationConfig
@@ -520,7 +475,7 @@ class TransformersVisionBackend(VisionBackend):
 
         reason = req.stop_reason()
         if reason is not None:
-            req.deliver(("end", reason, 0))
+            req.deliver(Finished(reason, 0))
             return
         processors: list[Any] = [GrammarLogitsProcessor(self._grammar, self._vocab_size)]
         if req.temperature > 0:
@@ -547,7 +502,7 @@ class TransformersVisionBackend(VisionBackend):
                     req.phases.enter("vlm.decode")
                 ids = [int(t) for t in value.reshape(-1).tolist()]
                 counted[0] += len(ids)
-                req.deliver(("tokens", ids))
+                req.deliver(Tokens(tuple(ids)))
 
             def end(self) -> None:
                 pass
@@ -565,7 +520,7 @@ class TransformersVisionBackend(VisionBackend):
                     streamer=_Streamer(),
                 )
         except BaseException as exc:  # noqa: BLE001 - handed to the request's consumer
-            req.deliver(("error", exc))
+            req.deliver(Failed(exc))
             return
         req.phases.end()
-        req.deliver(("end", stopped[0] if stopped else "stop", counted[0]))
+        req.deliver(Finished(stopped[0] if stopped else "stop", counted[0]))

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 TOP_LEVEL = {"label", "mode", "what", "environment", "profile", "one_gpu_for_both", "service_args", "checkpoints",
-             "startup", "vlm", "vlm_seed_sampling", "audio", "seed_audio", "e2e", "throughput", "seed_baseline",
+             "startup", "vlm", "vlm_seed_sampling", "vlm_concurrent", "vlm_engine_vs_generate", "audio", "seed_audio", "e2e", "throughput", "seed_baseline",
              "peak_gpu_memory_mib", "exit_codes", "bench_seconds"}
 VLM = {"prompt_tokens", "output_tokens", "prefill_s", "ms_per_token", "time_to_first_source_s", "wall_s"}
 SEED = {"vlm_tokens", "temperature", "top_p", "vlm_s", "ddim_steps", "ddim_clip_s", "clips_per_image",
@@ -44,6 +44,15 @@ def test_tiny_bench_writes_every_field_and_prints_the_table_last(tmp_path):
     assert out["vlm"]["prompt_tokens"] > 0 and out["vlm"]["ms_per_token"] > 0
     assert out["vlm"]["output_tokens"] <= out["profile"]["vlm_tokens"]  # the fixed length bounds every run
     assert VLM <= set(out["vlm_seed_sampling"])
+    assert [c["clients"] for c in out["vlm_concurrent"]] == [1, 8]
+    assert all(c["images_per_minute"] > 0 and c["ms_per_token"] > 0 for c in out["vlm_concurrent"])
+    compared = out["vlm_engine_vs_generate"]  # in-process, one thread for both paths
+    assert compared["threads"] == 1 and compared["engine"]["capture"] == "none"
+    for path in ("engine", "generate"):
+        assert compared[path]["ms_per_token"] > 0 and compared[path]["host_ms_per_step"]["1"] > 0
+    assert compared["engine"]["host_ms_per_step"]["8"] > 0
+    assert set(compared["engine"]["syncs_per_step"]) == {"1", "8"}
+    assert all(n <= 1 for n in compared["engine"]["syncs_per_step"].values())
 
     audio = out["audio"]
     assert set(audio["per_clip_s"]) == {"1", "4", "8"} and all(v > 0 for v in audio["per_clip_s"].values())

@@ -20,6 +20,7 @@ from tests.vlm_fixtures import description_schema
 from vlm_service import rules
 from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound
 from vlm_service.engine import EngineOptions
+from vlm_service.messages import Failed, Finished, Tokens
 from vlm_service.transformers_backend import TransformersVisionBackend, render_chatml
 from vlm_prompt import load_prompt
 
@@ -54,16 +55,16 @@ class _Collect:
 
     def __init__(self, cancel_after: int | None = None) -> None:
         self.tokens: list[int] = []
-        self.end: tuple | None = None
+        self.end: Finished | Failed | None = None
         self.done = threading.Event()
         self.cancel_after = cancel_after
         self.req = None
         self.threads: set[int] = set()
 
-    def __call__(self, item: tuple) -> None:
+    def __call__(self, item) -> None:
         self.threads.add(threading.get_ident())
-        if item[0] == "tokens":
-            self.tokens.extend(item[1])
+        if isinstance(item, Tokens):
+            self.tokens.extend(item.ids)
             if self.cancel_after is not None and len(self.tokens) >= self.cancel_after:
                 self.req.cancelled.set()
         else:
@@ -115,9 +116,9 @@ def engine(request, tiny_vlm_dir):
 def test_engine_gives_generates_tokens_at_batch_1(engine, reference_tokens):
     c = _submit(engine, IMAGES[0])
     _wait(c)
-    assert c.end[1] == "stop"
+    assert c.end.reason == "stop"
     assert c.tokens == reference_tokens[0, FULL]
-    steps = c.end[2]
+    steps = c.end.steps
     if engine.engine_options.jump_forward == "exact":
         assert steps < len(c.tokens)  # forced tokens rode along in other steps
     else:
@@ -130,9 +131,9 @@ def test_rows_of_different_lengths_share_a_batch_and_keep_their_tokens(engine, r
     late: list[_Collect] = []
 
     class JoinWhenRunning(_Collect):
-        def __call__(self, item: tuple) -> None:
+        def __call__(self, item) -> None:
             super().__call__(item)
-            if item[0] == "tokens" and len(self.tokens) >= 30 and not joined.is_set():
+            if isinstance(item, Tokens) and len(self.tokens) >= 30 and not joined.is_set():
                 joined.set()  # submitted from the model thread mid-decode: admitted at the next step
                 late.append(_submit(engine, IMAGES[0]))
 
@@ -143,17 +144,17 @@ def test_rows_of_different_lengths_share_a_batch_and_keep_their_tokens(engine, r
     assert joined.is_set()
     _wait(*late)
     assert engine.engine.peak_rows >= 3
-    assert first[0].tokens == reference_tokens[0, 40] and first[0].end[1] == "length"
+    assert first[0].tokens == reference_tokens[0, 40] and first[0].end.reason == "length"
     assert first[1].tokens == reference_tokens[1, 200]
     assert first[2].tokens == reference_tokens[2, 120]
-    assert late[0].tokens == reference_tokens[0, FULL] and late[0].end[1] == "stop"
+    assert late[0].tokens == reference_tokens[0, FULL] and late[0].end.reason == "stop"
 
 
 def test_a_request_cancelled_mid_batch_stops_and_the_others_complete_unchanged(engine, reference_tokens):
     keep = [_submit(engine, IMAGES[1], 200), _submit(engine, IMAGES[2], 120)]
     dropped = _submit(engine, IMAGES[0], cancel_after=25)
     _wait(dropped, *keep)
-    assert dropped.end[1] == "cancelled"
+    assert dropped.end.reason == "cancelled"
     assert 25 <= len(dropped.tokens) < len(reference_tokens[0, FULL])
     assert dropped.tokens == reference_tokens[0, FULL][: len(dropped.tokens)]
     assert keep[0].tokens == reference_tokens[1, 200]
@@ -163,7 +164,7 @@ def test_a_request_cancelled_mid_batch_stops_and_the_others_complete_unchanged(e
 def test_a_deadline_that_passed_ends_the_request_without_decoding(engine):
     c = _submit(engine, IMAGES[0], deadline=time.monotonic() - 1)
     _wait(c)
-    assert c.end == ("end", "deadline", 0) and c.tokens == []
+    assert c.end == Finished("deadline", 0) and c.tokens == []
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
@@ -234,8 +235,8 @@ def test_all_model_work_runs_on_one_thread_across_requests_cancellations_and_err
         _wait(ok, cancelled, too_long)
         again = _submit(b, IMAGES[0], 20)
         _wait(again)
-        assert ok.end[1] == "length" and cancelled.end[1] == "cancelled"
-        assert too_long.end[0] == "error" and "does not fit" in str(too_long.end[1])
+        assert ok.end.reason == "length" and cancelled.end.reason == "cancelled"
+        assert isinstance(too_long.end, Failed) and "does not fit" in str(too_long.end.error)
         assert again.tokens == ok.tokens
         threads = {b.worker.thread_ident} | b.model_threads
         for c in (ok, cancelled, too_long, again):
@@ -259,7 +260,103 @@ def test_a_full_queue_refuses_with_overloaded(tiny_vlm_dir):
         release.set()
         busy.result()
         _wait(waiting)
-        assert waiting.end[1] in ("length", "stop")
+        assert waiting.end.reason in ("length", "stop")
     finally:
         release.set()
         b.close()
+
+
+def test_the_attention_paths_give_the_same_tokens(tiny_vlm_dir, reference_tokens):
+    """The engine's grouped-query attention (K/V heads read once, the default) is what the layers call, and
+    the model's own attention (K/V repeated per query head) gives the same tokens: both are generate()'s."""
+    from vlm_service.attention import NAME
+
+    for attention in ("gqa", "model"):
+        b = _backend(tiny_vlm_dir, _options(attention=attention, batch_buckets=(1, 2), max_batch=2))
+        try:
+            config = b.model.model.language_model.config
+            assert (config._attn_implementation == NAME) is (attention == "gqa")
+            assert b.model.config.vision_config._attn_implementation != NAME
+            both = [_submit(b, IMAGES[0], 40), _submit(b, IMAGES[2], 120)]
+            _wait(*both)
+            assert both[0].tokens == reference_tokens[0, 40]
+            assert both[1].tokens == reference_tokens[2, 120]
+        finally:
+            b.close()
+
+
+def test_chunked_prefill_keeps_the_others_decoding_and_changes_no_token(tiny_vlm_dir, reference_tokens):
+    """A request that joins while others decode is prefilled 16 tokens per step between their decode steps:
+    the others get tokens while it prefills, and every request still gets generate()'s tokens."""
+    b = _backend(tiny_vlm_dir, _options(prefill_chunk=16, jump_forward="exact"))
+    try:
+        prompt_tokens = b.prepare_inputs(IMAGES[0])["input_ids"].shape[1]
+        assert prompt_tokens > 3 * 16  # several chunks
+        joined = threading.Event()
+        late: list[_Collect] = []
+        marks: dict[str, int] = {}
+
+        class Late(_Collect):
+            def __call__(self, item) -> None:
+                if isinstance(item, Tokens) and not self.tokens:
+                    marks["first_token"] = len(running.tokens)
+                super().__call__(item)
+
+        class JoinWhenRunning(_Collect):
+            def __call__(self, item) -> None:
+                super().__call__(item)
+                if isinstance(item, Tokens) and len(self.tokens) >= 20 and not joined.is_set():
+                    joined.set()
+                    marks["submitted"] = len(self.tokens)
+                    late.append(_submit(b, IMAGES[0], collect=Late()))
+
+        running = _submit(b, IMAGES[1], 200, collect=JoinWhenRunning())
+        _wait(running)
+        _wait(*late)
+        assert running.tokens == reference_tokens[1, 200]
+        assert late[0].tokens == reference_tokens[0, FULL] and late[0].end.reason == "stop"
+        assert marks["first_token"] - marks["submitted"] >= 3  # it kept decoding during the chunks
+    finally:
+        b.close()
+
+
+def test_capture_that_fails_at_warm_up_falls_back_to_eager_before_serving(tiny_vlm_dir, reference_tokens, caplog):
+    """capture="auto" means CUDA graphs on CUDA only; a capture that fails at warm-up is logged, the step
+    runs eager, the backend is ready only after that decision, and the tokens are generate()'s."""
+    from vlm_service.model_runner import resolve_capture
+
+    assert resolve_capture("auto", "cuda") == "cuda-graph"
+    assert resolve_capture("auto", "cpu") == "none"
+    assert resolve_capture("compile", "cpu") == "compile"
+    b = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu",
+                                  engine=_options(capture="compile", compile_backend="no-such-backend"))
+    try:
+        b.load()
+        assert not b.ready and b.engine.runner.capture == "compile"
+        with caplog.at_level("WARNING", logger="vlm_service.model_runner"):
+            b.warmup()
+        assert b.ready
+        runner = b.engine.runner
+        assert runner.capture == "none" and "no-such-backend" in runner.capture_error
+        assert any("running eager" in r.getMessage() for r in caplog.records)
+        c = _submit(b, IMAGES[0], 40)
+        _wait(c)
+        assert c.tokens == reference_tokens[0, 40]
+    finally:
+        b.close()
+
+
+def test_a_seed_gives_the_same_sampled_tokens_alone_and_in_a_batch(engine):
+    """Sampled rows draw on the device from their own seeded generator: batch-mates change nothing."""
+    def sampled(image, seed) -> _Collect:
+        c = _Collect()
+        c.req, _ = engine.submit(image, DecodingOptions(max_new_tokens=60, temperature=0.8, top_p=0.95, seed=seed), c)
+        return c
+
+    alone = sampled(IMAGES[0], 7)
+    _wait(alone)
+    together = [sampled(IMAGES[0], 7), _submit(engine, IMAGES[1], 80), sampled(IMAGES[0], 8)]
+    _wait(*together)
+    assert alone.end.reason == "length" and len(alone.tokens) == 60
+    assert together[0].tokens == alone.tokens
+    assert together[2].tokens != alone.tokens

@@ -15,6 +15,7 @@ from serving.images import ImageLimits, mime_type_for
 from serving.server import ServerOptions
 from tests.vlm_fixtures import description_schema
 from vlm_service.config import VlmConfig
+from vlm_service.messages import Finished
 from vlm_service.rules import merge_sources, to_compact_dict
 from vlm_service.server import load_and_warm, make_server
 from vlm_service.transformers_backend import TransformersVisionBackend
@@ -215,7 +216,7 @@ async def test_a_full_queue_is_resource_exhausted(vlm_engine):
     ended = [threading.Event() for _ in range(2)]
     image = Image.open(io.BytesIO(png()))
     for event in ended:  # fill the queue (--max-queue 2) directly
-        backend.submit(image, DecodingOptions(max_new_tokens=8), lambda item, e=event: item[0] == "end" and e.set())
+        backend.submit(image, DecodingOptions(max_new_tokens=8), lambda item, e=event: isinstance(item, Finished) and e.set())
     request = vision_pb2.DescribeSceneRequest(image=common_pb2.Image(data=png()),
                                               decoding=common_pb2.DecodingSettings(max_new_tokens=8))
     with pytest.raises(grpc.aio.AioRpcError) as info:
