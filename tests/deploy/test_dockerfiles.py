@@ -348,7 +348,7 @@ async def test_orchestrator_serves_an_image_with_only_what_its_image_installs():
     from PIL import Image
 
     from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, vision_pb2_grpc
-    from orchestrator.client import AsyncImageToSoundClient
+    from i2s_client import AsyncImageToSoundClient
     from tests.fake_services import FakeAudioServicer, FakeVisionServicer, serve
     from tests.real_stack import ServiceProcess
 

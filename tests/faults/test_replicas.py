@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orchestrator.client import AsyncImageToSoundClient
+from i2s_client import AsyncImageToSoundClient
 from serving import channels
 from tests.real_stack import ServiceProcess
 
