@@ -200,7 +200,9 @@ class EmbeddedServices:
         deadline = time.monotonic() + self.start_timeout_seconds
         try:
             device_args = lambda d: ["--device", d] if d else []  # noqa: E731
-            threads = ["--torch-threads", str(self.model_threads())]
+            # Only this run's orchestrator calls these services, and it stops with them: no drain notice
+            # (it holds health NOT_SERVING for other clients to move away; here there are none).
+            threads = ["--torch-threads", str(self.model_threads()), "--drain-notice-seconds", "0"]
             models = []
             if self.vlm_model:
                 models.append(self._spawn("vlm", "vlm_service", ["--model", self.vlm_model, *threads,

@@ -121,16 +121,22 @@ def _clip_view(result_dir: Path, folder: Path, entry: dict[str, Any], painter: "
     wav = folder / name
     if not wav.is_file():
         return None
-    png = folder / SPECTROGRAM_DIR / (wav.stem + ".png")
     try:
-        if not png.is_file() or png.stat().st_mtime < wav.stat().st_mtime:
-            painter().draw(wav, png)
+        png = _spectrogram(wav, painter)
         spectrogram = _href(png.relative_to(result_dir))
     except Exception as exc:  # noqa: BLE001 - a clip we cannot draw keeps its player and its row
         log.warning("gallery: no spectrogram for %s: %s", wav, exc)
         spectrogram = ""
     return ClipView(file=name, href=_href(wav.relative_to(result_dir)), spectrogram=spectrogram, entry=entry,
                     anchor=f"{folder.name}/{wav.stem}")
+
+
+def _spectrogram(wav: Path, painter: "_Lazy") -> Path:
+    """The clip's spectrogram PNG, drawn unless it exists and is newer than the WAV."""
+    png = wav.parent / SPECTROGRAM_DIR / (wav.stem + ".png")
+    if not png.is_file() or png.stat().st_mtime < wav.stat().st_mtime:
+        painter().draw(wav, png)
+    return png
 
 
 class _Lazy:
@@ -186,15 +192,19 @@ def _mel(hertz: float) -> float:
 class SpectrogramPainter:
     """Draws log-mel spectrograms to PNG: time in s, frequency in Hz on the mel scale, colour in dB below the
     clip's peak. One figure is laid out once and reused for every clip (a fixed layout: matplotlib's
-    constrained layout took ~60 % of the time per clip)."""
+    constrained layout took ~60 % of the time per clip). Axes, ticks and colour bar are drawn once per clip
+    length and kept as a background; each clip then draws only its image over it (blitting: the axes' ticks
+    took ~85 % of a full redraw)."""
 
     def __init__(self):
         import matplotlib
 
         matplotlib.use("Agg")  # no display; set before anything draws
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         self.figure = Figure(figsize=(4.8, 2.2), dpi=100)
+        FigureCanvasAgg(self.figure)  # an Agg canvas of its own: blitting needs one
         self.axes = self.figure.add_axes((0.12, 0.2, 0.72, 0.74))
         self.image = self.axes.imshow(np.zeros((N_MELS, 2)), origin="lower", aspect="auto", cmap="magma",
                                       interpolation="nearest", vmin=-DB_RANGE, vmax=0.0)
@@ -204,22 +214,39 @@ class SpectrogramPainter:
         bar = self.figure.colorbar(self.image, cax=self.figure.add_axes((0.86, 0.2, 0.025, 0.74)))
         bar.set_label("dB re peak", fontsize=8)
         bar.ax.tick_params(labelsize=7)
-        self._rate = None
+        self._backgrounds: dict[tuple[int, int], Any] = {}  # (samples, rate) -> the figure drawn without the image
+
+    def _background(self, samples: int, rate: int):
+        key = (samples, rate)
+        if key not in self._backgrounds:
+            ticks = [f for f in FREQUENCY_TICKS_HERTZ if f <= rate / 2]
+            self.axes.set_yticks([_mel(f) for f in ticks], [f"{f // 1000}k" if f >= 1000 else str(f) for f in ticks])
+            self.image.set_extent((0.0, samples / rate, 0.0, _mel(rate / 2)))
+            hidden = [self.image, *self.axes.spines.values()]  # drawn per clip, in a full draw's order
+            for artist in hidden:
+                artist.set_visible(False)
+            self.figure.canvas.draw()
+            for artist in hidden:
+                artist.set_visible(True)
+            self._backgrounds[key] = self.figure.canvas.copy_from_bbox(self.figure.bbox)
+        return self._backgrounds[key]
 
     def draw(self, wav: Path, png: Path) -> Path:
         import soundfile as sf
+        from PIL import Image
 
         audio, rate = sf.read(wav, dtype="float32", always_2d=True)
         power = log_mel(audio.mean(axis=1), rate)
-        self.image.set_data(power - power.max())
+        canvas = self.figure.canvas
+        canvas.restore_region(self._background(len(audio), rate))
         self.image.set_extent((0.0, len(audio) / rate, 0.0, _mel(rate / 2)))
-        if rate != self._rate:
-            ticks = [f for f in FREQUENCY_TICKS_HERTZ if f <= rate / 2]
-            self.axes.set_yticks([_mel(f) for f in ticks], [f"{f // 1000}k" if f >= 1000 else str(f) for f in ticks])
-            self._rate = rate
+        self.image.set_data(power - power.max())
+        self.axes.draw_artist(self.image)
+        for spine in self.axes.spines.values():  # the frame goes over the image, as in a full draw
+            self.axes.draw_artist(spine)
         png.parent.mkdir(parents=True, exist_ok=True)
         tmp = png.with_name(f".{png.name}.part")
-        self.figure.savefig(tmp, format="png")
+        Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(tmp, format="PNG")
         tmp.replace(png)
         return png
 

@@ -85,3 +85,19 @@ def test_spectrograms_follow_their_clips(tmp_path):
     (folder / "prompts.json").write_text(json.dumps(manifest))
     gallery.write_gallery(result)
     assert first.is_file() and not second.exists()
+
+
+def test_the_blitted_spectrogram_is_the_full_redraw_pixel_for_pixel(tmp_path):
+    # The painter draws axes and colour bar once per clip length and only the image per clip; matplotlib's
+    # full redraw of the same figure (the plain path) must give the same pixels, for each of two lengths.
+    from PIL import Image
+
+    from i2s_cli.gallery import SpectrogramPainter
+
+    painter = SpectrogramPainter()
+    for seconds, hertz in ((1.0, 440.0), (0.5, 3000.0), (1.0, 1000.0)):
+        wav = write_wav(tmp_path / f"tone_{hertz:.0f}.wav", tone(hertz, seconds), SR)
+        fast = np.asarray(Image.open(painter.draw(wav, tmp_path / f"{wav.stem}.png")).convert("RGBA"))
+        painter.figure.savefig(tmp_path / "full.png", format="png")
+        full = np.asarray(Image.open(tmp_path / "full.png").convert("RGBA"))
+        assert fast.shape == full.shape and np.array_equal(fast, full), (seconds, hertz)
