@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, validate
+from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback
 from serving import metrics, tracing
 from serving.errors import NotReady, Overloaded
 
@@ -93,12 +93,11 @@ class Batcher:
     async def submit(self, request: AudioRequest, on_step: StepCallback | None = None) -> AudioResult:
         """Queues one request and returns its result when its batch is done.
 
-        Raises ValueError for an invalid request, Overloaded when `max_queue` requests already wait,
-        NotReady after `close()`, and whatever the backend raised for its batch.
+        `request` is valid by construction (i2s_formats.requests). Raises Overloaded when `max_queue`
+        requests already wait, NotReady after `close()`, and whatever the backend raised for its batch.
         """
         if self._closed:
             raise NotReady("the audio batcher is closed")
-        validate(request)
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"{len(self._queue)} audio requests already waiting; retry later")
         loop = asyncio.get_running_loop()

@@ -8,11 +8,12 @@ from typing import Sequence
 import grpc
 
 from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, vision_pb2_grpc
+from i2s_formats import requests
+from i2s_formats.requests import clean_request_id, with_defaults
 from serving import channels
 from orchestrator.admission import Admission, StreamShare
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Deadline, Pipeline
-from orchestrator.validation import clean_request_id, validate_request
 from serving import metrics, request_log, security
 from serving.errors import InvalidInput
 from serving.interceptors import client_status
@@ -24,16 +25,6 @@ _END = object()
 RELOAD_CONNECT_SECONDS = 10.0  # how long new downstream channels may take to connect before they replace the old
 
 
-def with_defaults(image: pb.ImageToSoundRequest, config: pb.StreamConfig) -> pb.ImageToSoundRequest:
-    """The stream's config under the image's own settings (fields the image sets win)."""
-    merged = pb.ImageToSoundRequest()
-    merged.decoding.CopyFrom(config.decoding)
-    merged.audio.CopyFrom(config.audio)
-    merged.options.CopyFrom(config.options)
-    merged.MergeFrom(image)
-    return merged
-
-
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, pipeline: Pipeline, config: OrchestratorConfig):
         self.pipeline = pipeline
@@ -43,7 +34,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
     def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
-        return validate_request(request, self.config.limits.max_clips_per_image)
+        return requests.image_to_sound(request, self.config.limits.max_clips_per_image).request
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         left = context.time_remaining()

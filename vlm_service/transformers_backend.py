@@ -44,7 +44,7 @@ from serving.errors import InvalidInput, NotReady
 from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
-from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend, validate
+from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
 from vlm_service.decoding import (
     GrammarLogitsProcessor,
     SeededSamplingLogitsProcessor,
@@ -65,7 +65,6 @@ DEFAULT_MIN_PIXELS = 4 * 28 * 28  # the Qwen processor's own minimum (3136)
 # (we need objects and materials, not small text).
 DEFAULT_MAX_PIXELS = 512 * 28 * 28
 DEFAULT_REPETITION_PENALTY = 1.05  # Qwen2.5-VL's published generation default
-MAX_ASPECT_RATIO = 200  # smart_resize refuses more
 IMAGE_TOKEN = "<|image_pad|>"
 _CHATML_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 _WARMUP_IMAGE_SIZE = (56, 56)
@@ -329,8 +328,6 @@ class TransformersVisionBackend(VisionBackend):
         width, height = image.size
         if width < 1 or height < 1:
             raise InvalidInput(f"empty image ({width}x{height})")
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise InvalidInput(f"aspect ratio above {MAX_ASPECT_RATIO}: {width}x{height}")
         if image.mode != "RGB":
             image = image.convert("RGB")
         try:
@@ -371,10 +368,9 @@ class TransformersVisionBackend(VisionBackend):
                should_stop: Callable[[], bool] | None = None, deadline: float | None = None
                ) -> tuple[EngineRequest, DescriptionAssembler]:
         """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
-        :class:`~vlm_service.engine.EngineRequest`). Raises ValueError (options), InvalidInput,
+        :class:`~vlm_service.engine.EngineRequest`). Raises InvalidInput,
         NotReady, Overloaded, before anything is queued."""
         started = time.perf_counter()
-        validate(options)
         self._require_loaded()
         inputs = self.prepare_inputs(image)
         req = EngineRequest(inputs=inputs, max_new_tokens=options.max_new_tokens, temperature=options.temperature,

@@ -22,7 +22,7 @@ from image_to_sound.v1 import common_pb2, vision_pb2
 from serving.errors import InvalidInput, NotReady
 from serving.triton_client import Readiness, TritonTls, model_ready, translate_error, wait_model_ready
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
-                                 StreamEvent, VisionBackend, validate)
+                                 StreamEvent, VisionBackend)
 
 if TYPE_CHECKING:
     from serving.blocking import ModelWorker
@@ -156,7 +156,6 @@ class TritonVisionBackend(VisionBackend):
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
                timeout_seconds: float | None = None) -> Iterator[StreamEvent]:
-        validate(options)  # bad options fail here, in the caller's thread, as the interface says
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
