@@ -14,6 +14,7 @@ from audio_service.config import AudioConfig, effective_buckets, effective_max_b
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from i2s_formats import audio_encoding, requests
 from serving import metrics, request_log, tracing
+from serving.deadline import Deadline
 from serving.errors import NotReady
 from serving.server import GrpcServer
 
@@ -41,7 +42,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         progress: asyncio.Queue = asyncio.Queue()
         started = time.perf_counter()
         job = asyncio.ensure_future(
-            self.batcher.submit(generation, on_step=lambda done, total: progress.put_nowait((done, total)))
+            self.batcher.submit(generation, on_step=lambda done, total: progress.put_nowait((done, total)),
+                                deadline=Deadline.from_context(context))
         )
         try:
             while not job.done():

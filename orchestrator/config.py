@@ -32,6 +32,8 @@ class OrchestratorConfig:
                                                 "when it changes)")
     downstream_tls_check_seconds: float = setting(30.0, "how often the downstream TLS files are checked for "
                                                   "changes; new channels use the new files (0: never)")
+    channel_close_grace_seconds: float = setting(60.0, "how long calls in flight on channels replaced after a TLS "
+                                                 "file change may go on before those channels close")
     limits: PipelineLimits = PipelineLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     http: HttpOptions = HttpOptions()

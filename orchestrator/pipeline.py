@@ -25,6 +25,7 @@ from orchestrator import prompts
 from i2s_formats import audio_encoding
 from serving import metrics, request_log, tracing
 from serving.config import setting
+from serving.deadline import Deadline
 from serving.errors import InvalidInput, Upstream, excerpt
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,6 @@ class PipelineLimits:
     max_audio_calls: int = setting(8, "audio requests in flight, all images together")
     max_clips_per_image: int = 32
     event_queue_size: int = 64  # events buffered per image before producers wait for the caller
-
-
-class Deadline:
-    """The time left for an image; downstream calls get what is left, never more."""
-
-    def __init__(self, seconds: float | None):
-        self._at = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> float | None:
-        if self._at is None:
-            return None
-        left = self._at - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline exceeded")
-        return left
 
 
 @dataclass

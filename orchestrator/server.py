@@ -13,8 +13,9 @@ from i2s_formats.requests import clean_request_id, with_defaults
 from serving import channels
 from orchestrator.admission import Admission, StreamShare
 from orchestrator.config import OrchestratorConfig
-from orchestrator.pipeline import Deadline, Pipeline
+from orchestrator.pipeline import Pipeline
 from serving import metrics, request_log, security
+from serving.deadline import Deadline
 from serving.errors import InvalidInput
 from serving.interceptors import client_status
 from serving.server import GrpcServer
@@ -37,8 +38,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         return requests.image_to_sound(request, self.config.limits.max_clips_per_image).request
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
-        left = context.time_remaining()
-        return Deadline(left if left is not None else self.config.default_deadline_seconds)
+        return Deadline.from_context(context, self.config.default_deadline_seconds)
 
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
         deadline = self._deadline(context)
@@ -164,7 +164,7 @@ class Orchestrator:
 
     async def reload_downstream_credentials(self) -> bool:
         """If the downstream TLS files changed: new channels for new calls; calls in flight finish on the
-        old ones (closed within the default deadline). Unusable files keep the current channels.
+        old ones (closed after --channel-close-grace-seconds). Unusable files keep the current channels.
         Returns whether the channels were replaced."""
         if not self._tls_files.files or not self._tls_files.changed():
             return False
@@ -191,7 +191,7 @@ class Orchestrator:
                 await self.server.set_serving(True)
         for channel in old.values():
             self._retired.append(channel)
-            task = asyncio.create_task(channel.close(grace=self.config.default_deadline_seconds))
+            task = asyncio.create_task(channel.close(grace=self.config.channel_close_grace_seconds))
             self._closing.add(task)
             task.add_done_callback(lambda t, c=channel: (self._closing.discard(t), self._retired.remove(c)))
         log.info("downstream TLS credentials reloaded")

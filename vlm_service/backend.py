@@ -22,6 +22,7 @@ from i2s_formats.requests import DecodingOptions  # the backends' options, valid
 
 if TYPE_CHECKING:
     from serving.blocking import ModelWorker
+    from serving.deadline import Deadline
 
 @dataclass(frozen=True)
 class SceneHeader:
@@ -114,9 +115,9 @@ class VisionBackend(ABC):
         """
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
         """:meth:`stream` for asyncio callers: on ``worker``'s thread, one request at a time, stopped when
-        the caller leaves. ``deadline`` (``time.monotonic()``) is a hint a backend may use."""
+        the caller leaves. A backend that can stop at ``deadline`` ends with finish_reason "deadline"."""
         async for event in worker.stream(lambda should_stop: self.stream(image, options, should_stop)):
             yield event
 

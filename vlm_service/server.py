@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Sequence
 
 import grpc
@@ -10,7 +9,8 @@ import grpc
 from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from serving import metrics, request_log, tracing
 from serving.blocking import ModelWorker
-from serving.errors import NotReady
+from serving.deadline import Deadline
+from serving.errors import DeadlineExceeded, NotReady
 from serving.server import GrpcServer
 from i2s_formats import requests
 from vlm_service.backend import DescriptionDone, SceneHeader, SourceFound, VisionBackend
@@ -41,8 +41,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             raise NotReady("the VLM is still loading")
         scene = requests.scene_request(request, self.config.image_limits)
         image, options = scene.image, scene.decoding
-        remaining = context.time_remaining() if context is not None else None
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        deadline = Deadline.from_context(context)
         parent, started_ns, sources = tracing.capture(), tracing.now_ns(), 0
         async for event in self.backend.astream(image, options, self.worker, deadline):
             if isinstance(event, SourceFound):
@@ -58,6 +57,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                                  model_seconds=event.total_seconds, finish_reason=event.finish_reason)
                 if event.model_steps and context is not None:  # the bench reads model steps vs tokens here
                     context.set_trailing_metadata((("vlm-model-steps", str(event.model_steps)),))
+                if event.finish_reason == "deadline":  # a cut description is not an answer
+                    raise DeadlineExceeded(f"deadline exceeded after {event.output_tokens} tokens of the description")
             yield event
 
     async def DescribeScene(self, request: vision_pb2.DescribeSceneRequest, context: grpc.aio.ServicerContext):

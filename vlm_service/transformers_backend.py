@@ -40,6 +40,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from PIL import Image
 
 from serving.blocking import ModelWorker
+from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
 from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
@@ -413,7 +414,7 @@ class TransformersVisionBackend(VisionBackend):
             req.cancelled.set()  # a consumer that leaves early stops its decoding at the next step
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: Any = None,
-                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: Deadline | None = None) -> AsyncIterator[StreamEvent]:
         """Events for asyncio callers, decoded concurrently with other requests; ``worker`` is unused (the
         backend has its own model thread). Leaving early cancels the request."""
         loop = asyncio.get_running_loop()
@@ -426,7 +427,8 @@ class TransformersVisionBackend(VisionBackend):
             except RuntimeError:  # the event loop is gone: nobody listens any more
                 gone.set()
 
-        req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set, deadline=deadline)
+        req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set,
+                                     deadline=deadline.at if deadline is not None else None)  # the engine's instant
         try:
             while True:
                 item = await items.get()

@@ -26,6 +26,7 @@ from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, 
 
 if TYPE_CHECKING:
     from serving.blocking import ModelWorker
+    from serving.deadline import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +163,10 @@ class TritonVisionBackend(VisionBackend):
                             timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
         """The caller's deadline becomes Triton's stream timeout, so Triton itself stops at it."""
-        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        remaining = deadline.remaining() if deadline is not None else None
+        timeout = None if remaining is None else max(0.001, remaining)
         async for event in worker.stream(
                 lambda should_stop: self.stream(image, options, should_stop, timeout_seconds=timeout)):
             yield event

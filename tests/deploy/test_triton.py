@@ -112,16 +112,15 @@ def test_a_stopped_vlm_stream_ends_cancelled_and_triton_serves_the_next_one(vlm)
 
 def test_the_callers_deadline_becomes_tritons_stream_timeout(vlm):
     import asyncio
-    import time
-
     from serving.blocking import ModelWorker
+    from serving.deadline import Deadline
     from vlm_service.backend import DecodingOptions
 
     async def describe_with_deadline(seconds: float) -> list:
         worker = ModelWorker("vlm-test")
         try:
             return [e async for e in vlm.astream(_photo(), DecodingOptions(max_new_tokens=1024), worker,
-                                                   deadline=time.monotonic() + seconds)]
+                                                   deadline=Deadline.after(seconds))]
         finally:
             worker.close()
 

@@ -37,6 +37,7 @@ class FakeCalls:
     ready: bool = True
     model_id: str = "fake"
     sample_rate_hertz: int = 16000
+    queue_depth: int = 0  # read by the queue-depth gauge
 
     def __getattr__(self, name):
         if name.startswith("__"):
