@@ -1,14 +1,13 @@
 """AudioService servicer: gRPC messages in, batched backend calls, audio chunks out. No model logic here."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Sequence
 
 import grpc
 
-from audio_service.backend import AudioBackend
+from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
@@ -16,6 +15,7 @@ from i2s_formats import audio_encoding, requests
 from serving import metrics, request_log, tracing
 from serving.deadline import Deadline
 from serving.errors import NotReady
+from serving.pump import Pump
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -39,24 +39,23 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
 
         # Progress events while the batch denoises; the clip follows. If the caller cancels, this
         # coroutine is cancelled, the batcher marks the request and the backend stops early.
-        progress: asyncio.Queue = asyncio.Queue()
         started = time.perf_counter()
-        job = asyncio.ensure_future(
-            self.batcher.submit(generation, on_step=lambda done, total: progress.put_nowait((done, total)),
-                                deadline=Deadline.from_context(context))
-        )
-        try:
-            while not job.done():
-                getter = asyncio.ensure_future(progress.get())
-                await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    done, total = getter.result()
-                    yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=done, steps_total=total))
+        async with Pump() as pump:
+
+            def progress(done: int, total: int) -> None:
+                pump.put_nowait(audio_pb2.GenerateAudioResponse(
+                    progress=common_pb2.Progress(steps_done=done, steps_total=total)))
+
+            async def render() -> None:
+                pump.put_nowait(await self.batcher.submit(generation, on_step=progress,
+                                                          deadline=Deadline.from_context(context)))
+
+            pump.spawn(render())
+            async for item in pump:
+                if isinstance(item, AudioResult):
+                    result = item
                 else:
-                    getter.cancel()
-            result = job.result()
-        finally:
-            job.cancel()
+                    yield item
         elapsed = time.perf_counter() - started
 
         metadata = common_pb2.ClipMetadata(

@@ -82,6 +82,9 @@ class VisionBackend(ABC):
 
     model_id: str
     prompt_version: str
+    # True for a backend that queues and schedules its requests itself (bounded by its own max_queue): the
+    # servicer then puts no ModelWorker queue in front of it, so one queue stands before each model.
+    schedules_itself: bool = False
 
     @abstractmethod
     def load(self) -> None:
@@ -114,7 +117,7 @@ class VisionBackend(ABC):
         for an image the model cannot take, NotReady before :meth:`load` or after :meth:`close`.
         """
 
-    async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
+    async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker | None",
                       deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
         """:meth:`stream` for asyncio callers: on ``worker``'s thread, one request at a time, stopped when
         the caller leaves. A backend that can stop at ``deadline`` ends with finish_reason "deadline"."""

@@ -33,7 +33,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, backend: VisionBackend, config: VlmConfig):
         self.backend = backend
         self.config = config
-        self.worker = ModelWorker("vlm", max_queue=config.max_queue)
+        # One queue in front of the model: the backend's own scheduler's, else this worker's.
+        self.worker = None if backend.schedules_itself else ModelWorker("vlm", max_queue=config.max_queue)
         metrics.QUEUE_DEPTH.labels(queue="vlm").set_function(lambda: getattr(backend, "queue_depth", 0))
 
     async def _events(self, request, context):
@@ -81,7 +82,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 )
 
     def close(self) -> None:
-        self.worker.close()
+        if self.worker is not None:
+            self.worker.close()
 
 
 def build_backend(config: VlmConfig) -> VisionBackend:
