@@ -19,7 +19,7 @@ from orchestrator.pipeline import Pipeline
 from orchestrator.server import OrchestratorServicer
 from serving.errors import InvalidInput
 from serving.images import check_image
-from tests.bad_inputs import CATALOGUE, INVALID, Case
+from tests.bad_inputs import CATALOGUE, INVALID, Case, set_field
 from tests.real_stack import png
 from vlm_service.config import VlmConfig
 from vlm_service.server import VisionServicer
@@ -89,17 +89,7 @@ def contract_message(case: Case, value) -> str:
 def orchestrator_request(case: Case, value) -> pb.ImageToSoundRequest:
     request = pb.ImageToSoundRequest(request_id="contract", audio=GOOD_AUDIO)
     request.image.data = png()
-    if case.field == "image":
-        request.image.data, request.image.mime_type = value
-    elif case.field == "decoding":
-        request.decoding.CopyFrom(value)
-    elif case.field == "audio":
-        request.audio.CopyFrom(value)
-    elif case.field == "options":
-        request.options.MergeFrom(pb.PipelineOptions(**value))
-    elif case.field == "description":
-        request.description.CopyFrom(value)
-    return request
+    return set_field(request, case, value)
 
 
 def stream_config(case: Case, value) -> pb.StreamConfig | None:
