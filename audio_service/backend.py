@@ -7,52 +7,20 @@ Inference Server). Nothing here imports torch.
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
+from i2s_formats.requests import AudioRequest
 from serving.errors import Cancelled
 
-SCHEDULERS = ("dpm", "ddim")
-MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 30.0
-MIN_STEPS, MAX_STEPS = 1, 1000
-# DPM-Solver on AudioLDM2's 1000 training steps: at 999 steps the last update is not finite and at 1000
-# diffusers' scheduler indexes past its sigmas (IndexError); it is meant for tens of steps anyway.
-MAX_STEPS_BY_SCHEDULER = {"dpm": 500, "ddim": MAX_STEPS}
-MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
-MIN_CANDIDATES, MAX_CANDIDATES = 1, 8
-MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**63 - 1
+__all__ = ["AudioBackend", "AudioRequest", "AudioResult", "BackendCancelled", "StepCallback", "StopCheck",
+           "check_batch", "num_samples"]
 
 StepCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
-
-
-@dataclass(frozen=True)
-class AudioRequest:
-    """One clip to generate. `seed` alone decides the noise: same request, same seed → same audio."""
-
-    prompt: str
-    duration_seconds: float = 4.0
-    num_inference_steps: int = 20
-    guidance_scale: float = 3.5
-    seed: int = 0
-    negative_prompt: str = ""  # "" = none (the pipeline then uses an empty unconditional prompt)
-    num_candidates: int = 1  # generate this many, keep the one CLAP ranks best against the prompt
-    scheduler: str = "dpm"  # "dpm" (DPM-Solver++ multistep) | "ddim" (the seed's 200-step setting)
-
-    def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call (same latent shape and loop)."""
-        return (
-            round(float(self.duration_seconds), 6),
-            int(self.num_inference_steps),
-            float(self.guidance_scale),
-            self.scheduler,
-            int(self.num_candidates),
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,43 +50,10 @@ def num_samples(duration_seconds: float, sample_rate_hertz: int) -> int:
     return int(round(duration_seconds * sample_rate_hertz))
 
 
-def validate(request: AudioRequest) -> None:
-    """Raises ValueError with a clear message when a request is out of bounds."""
-    if not isinstance(request.prompt, str) or not request.prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
-    if len(request.prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS} are accepted")
-    if not isinstance(request.negative_prompt, str):
-        raise ValueError("negative_prompt must be a string")
-    if len(request.negative_prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"negative_prompt is longer than {MAX_PROMPT_CHARS} characters")
-    d = request.duration_seconds
-    if not isinstance(d, (int, float)) or not math.isfinite(d) or not MIN_DURATION_SECONDS <= d <= MAX_DURATION_SECONDS:
-        raise ValueError(f"duration_seconds={d} must be within {MIN_DURATION_SECONDS:g}..{MAX_DURATION_SECONDS:g}")
-    s = request.num_inference_steps
-    if isinstance(s, bool) or not isinstance(s, int) or not MIN_STEPS <= s <= MAX_STEPS:
-        raise ValueError(f"num_inference_steps={s} must be an integer within {MIN_STEPS}..{MAX_STEPS}")
-    g = request.guidance_scale
-    if not isinstance(g, (int, float)) or not math.isfinite(g) or not MIN_GUIDANCE <= g <= MAX_GUIDANCE:
-        raise ValueError(f"guidance_scale={g} must be a finite number within {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g}")
-    n = request.num_candidates
-    if isinstance(n, bool) or not isinstance(n, int) or not MIN_CANDIDATES <= n <= MAX_CANDIDATES:
-        raise ValueError(f"num_candidates={n} must be an integer within {MIN_CANDIDATES}..{MAX_CANDIDATES}")
-    if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= MAX_SEED:
-        raise ValueError(f"seed={request.seed} must be an integer within 0..{MAX_SEED}")
-    if request.scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler={request.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    if s > MAX_STEPS_BY_SCHEDULER[request.scheduler]:
-        raise ValueError(f"num_inference_steps={s}: the {request.scheduler} scheduler takes at most "
-                         f"{MAX_STEPS_BY_SCHEDULER[request.scheduler]}")
-
-
 def check_batch(requests: Sequence[AudioRequest]) -> None:
-    """Validates every request and that they can share one pipeline call (equal `batch_key`)."""
+    """That the requests (valid by construction: i2s_formats.requests) can share one pipeline call."""
     if not requests:
         raise ValueError("empty batch")
-    for r in requests:
-        validate(r)
     keys = {r.batch_key() for r in requests}
     if len(keys) > 1:
         raise ValueError(

@@ -11,7 +11,8 @@
 - One dispatch thread calls the backend: one model, one call at a time. The event loop never blocks.
 - At most `max_queue` requests wait (the running batch not counted); beyond that `submit` raises
   `Overloaded` (RESOURCE_EXHAUSTED).
-- A caller that is cancelled while queued is dropped: its request never runs. If every caller of the
+- A caller that is cancelled while queued is dropped: its request never runs. So is a request whose
+  deadline (`serving.deadline.Deadline`) passes while it waits: its caller gets DeadlineExceeded at once. If every caller of the
   running batch is cancelled, the backend's `should_stop` turns true and the loop ends at the next step.
 - `on_step(done, total)` progress reaches each caller on the event loop (call_soon_threadsafe).
 """
@@ -26,9 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, validate
+from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback
 from serving import metrics, tracing
-from serving.errors import NotReady, Overloaded
+from serving.deadline import Deadline
+from serving.errors import DeadlineExceeded, NotReady, Overloaded
 
 __all__ = ["Batcher", "NotReady", "Overloaded"]
 
@@ -45,6 +47,10 @@ class _Job:
     cancelled: bool = False  # written on the loop, read by the worker thread (a plain bool: atomic)
     trace: Any = None  # the caller's trace context (tracing.capture()), None when tracing is off
     queued_ns: int = 0
+    deadline: Deadline | None = None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and self.deadline.expired()
 
 
 class Batcher:
@@ -90,15 +96,18 @@ class Batcher:
         """Requests waiting for a backend call (not counting the running batch)."""
         return len(self._queue)
 
-    async def submit(self, request: AudioRequest, on_step: StepCallback | None = None) -> AudioResult:
+    async def submit(self, request: AudioRequest, on_step: StepCallback | None = None,
+                     deadline: Deadline | None = None) -> AudioResult:
         """Queues one request and returns its result when its batch is done.
 
-        Raises ValueError for an invalid request, Overloaded when `max_queue` requests already wait,
-        NotReady after `close()`, and whatever the backend raised for its batch.
+        `request` is valid by construction (i2s_formats.requests). Raises Overloaded when `max_queue`
+        requests already wait, NotReady after `close()`, DeadlineExceeded when `deadline` passes first (a
+        request still queued then never runs), and whatever the backend raised for its batch.
         """
         if self._closed:
             raise NotReady("the audio batcher is closed")
-        validate(request)
+        if deadline is not None and deadline.expired():
+            raise DeadlineExceeded("deadline exceeded before the audio request was queued")
         if len(self._queue) >= self.max_queue:
             raise Overloaded(f"{len(self._queue)} audio requests already waiting; retry later")
         loop = asyncio.get_running_loop()
@@ -107,19 +116,26 @@ class Batcher:
         batch_key = getattr(self.backend, "batch_key", None)
         key = batch_key(request) if batch_key is not None else request.batch_key()
         job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time(),
-                   trace=tracing.capture(), queued_ns=time.time_ns())
+                   trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline)
         self._queue.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
         try:
-            return await job.future
+            return await asyncio.wait_for(asyncio.shield(job.future), deadline.remaining() if deadline else None)
+        except TimeoutError:
+            self._leave(job)
+            raise DeadlineExceeded("deadline exceeded while the audio request waited or ran") from None
         except asyncio.CancelledError:
-            job.cancelled = True
-            try:
-                self._queue.remove(job)  # still queued: it will never run
-            except ValueError:
-                pass  # already taken into a batch: should_stop sees the flag
+            self._leave(job)
             raise
+
+    def _leave(self, job: _Job) -> None:
+        job.cancelled = True
+        job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it any more
+        try:
+            self._queue.remove(job)  # still queued: it will never run
+        except ValueError:
+            pass  # already taken into a batch: should_stop sees the flag
 
     async def close(self, *, cancel_running: bool = False) -> None:
         """Stops accepting requests and fails the queued ones with NotReady.
@@ -149,6 +165,14 @@ class Batcher:
         if self._dispatcher is None or self._dispatcher.done() or self._dispatcher.get_loop() is not loop:
             self._wakeup = asyncio.Event()
             self._dispatcher = loop.create_task(self._dispatch(), name="audio-batcher")
+
+    def _drop_expired(self) -> None:
+        """Fails queued requests whose deadline passed (their callers' timers may not have fired yet)."""
+        for job in [job for job in self._queue if job.expired()]:
+            self._queue.remove(job)
+            job.cancelled = True
+            if not job.future.done():
+                job.future.set_exception(DeadlineExceeded("deadline exceeded while the audio request waited"))
 
     def _compatible(self, key: tuple) -> list[_Job]:
         batch = []
@@ -181,6 +205,7 @@ class Batcher:
                     break
             if self._closed:
                 break
+            self._drop_expired()
             if head not in self._queue:  # the oldest caller left while we waited: start over
                 continue
             batch = self._compatible(head.key)

@@ -41,9 +41,6 @@ class AudioConfig:
                                                   'are trimmed back ("": exact lengths; with --compile: 4,10,30)')
     prompt_cache_size: int = setting(256, "captions whose encodings are kept (LRU); 0 lets the pipeline encode "
                                      "every batch")
-    default_duration_seconds: float = 4.0  # the seed's --audio_seconds default
-    default_guidance_scale: float = 3.5  # the seed's --audio_guidance default
-    default_chunk_seconds: float = 0.5
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()
 

@@ -1,82 +1,25 @@
 """AudioService servicer: gRPC messages in, batched backend calls, audio chunks out. No model logic here."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
-import secrets
 import time
-import uuid
 from typing import Sequence
 
 import grpc
 
-from audio_service.backend import AudioBackend, AudioRequest, validate
+from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from i2s_formats import audio_encoding
+from i2s_formats import audio_encoding, requests
 from serving import metrics, request_log, tracing
-from serving.errors import InvalidInput, NotReady
-from i2s_formats.seed_format import clean_text
+from serving.deadline import Deadline
+from serving.errors import NotReady
+from serving.pump import Pump
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = audio_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name
-
-SCHEDULERS = {
-    common_pb2.SCHEDULER_UNSPECIFIED: "dpm",
-    common_pb2.SCHEDULER_DPM_SOLVER: "dpm",
-    common_pb2.SCHEDULER_DDIM: "ddim",
-}
-SCHEDULER_ENUM = {"dpm": common_pb2.SCHEDULER_DPM_SOLVER, "ddim": common_pb2.SCHEDULER_DDIM}
-DEFAULT_STEPS = {"dpm": 20, "ddim": 200}
-ENCODINGS = {
-    common_pb2.AUDIO_ENCODING_UNSPECIFIED: audio_encoding.PCM16,
-    audio_encoding.PCM16: audio_encoding.PCM16,
-    audio_encoding.FLOAT32: audio_encoding.FLOAT32,
-    audio_encoding.WAV: audio_encoding.WAV,
-    audio_encoding.FLAC: audio_encoding.FLAC,
-}
-
-
-def audio_request(prompt: str, settings: common_pb2.AudioSettings, config: AudioConfig) -> AudioRequest:
-    """Request settings → backend request with the server's defaults; INVALID_ARGUMENT on nonsense."""
-    if settings.scheduler not in SCHEDULERS:
-        raise InvalidInput(f"settings.scheduler={settings.scheduler} is not a known scheduler")
-    scheduler = SCHEDULERS[settings.scheduler]
-    # Control and format characters removed, whitespace collapsed: what is left must say something.
-    cleaned = clean_text(prompt, max(len(prompt), 1))
-    if prompt and not cleaned:
-        raise InvalidInput("prompt has no printable characters")
-    kwargs = dict(
-        prompt=cleaned,
-        duration_seconds=settings.duration_seconds or config.default_duration_seconds,
-        num_inference_steps=settings.num_inference_steps or DEFAULT_STEPS[scheduler],
-        guidance_scale=settings.guidance_scale if settings.HasField("guidance_scale") else config.default_guidance_scale,
-        seed=settings.seed if settings.HasField("seed") else secrets.randbits(31),
-        num_candidates=settings.num_candidates or 1,
-        scheduler=scheduler,
-    )
-    request = AudioRequest(
-        **kwargs,
-        negative_prompt=settings.negative_prompt if settings.HasField("negative_prompt") else config.default_negative_prompt,
-    )
-    try:
-        validate(request)
-    except ValueError as exc:
-        raise InvalidInput(f"settings: {exc}") from None
-    return request
-
-
-def chunk_settings(settings: common_pb2.AudioSettings, config: AudioConfig) -> tuple[int, float]:
-    if settings.encoding not in ENCODINGS:
-        raise InvalidInput(f"settings.encoding={settings.encoding} is not a known encoding")
-    chunk_seconds = settings.chunk_duration_seconds or config.default_chunk_seconds
-    if not (math.isfinite(chunk_seconds) and 0.05 <= chunk_seconds <= 30):
-        raise InvalidInput(f"settings.chunk_duration_seconds={chunk_seconds} must be within 0.05..30")
-    return ENCODINGS[settings.encoding], chunk_seconds
-
 
 class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     def __init__(self, backend: AudioBackend, config: AudioConfig):
@@ -90,29 +33,29 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
             raise NotReady("the audio model is still loading")
-        generation = audio_request(request.prompt, request.settings, self.config)
-        encoding, chunk_seconds = chunk_settings(request.settings, self.config)
-        clip_id = clean_text(request.clip_id, 128) or uuid.uuid4().hex[:12]  # echoed: bounded, printable
+        call = requests.generate_audio(request.prompt, request.settings, request.clip_id,
+                                       self.config.default_negative_prompt)
+        generation, clip_id = call.generation, call.clip_id
 
         # Progress events while the batch denoises; the clip follows. If the caller cancels, this
         # coroutine is cancelled, the batcher marks the request and the backend stops early.
-        progress: asyncio.Queue = asyncio.Queue()
         started = time.perf_counter()
-        job = asyncio.ensure_future(
-            self.batcher.submit(generation, on_step=lambda done, total: progress.put_nowait((done, total)))
-        )
-        try:
-            while not job.done():
-                getter = asyncio.ensure_future(progress.get())
-                await asyncio.wait({job, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    done, total = getter.result()
-                    yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=done, steps_total=total))
+        async with Pump() as pump:
+
+            def progress(done: int, total: int) -> None:
+                pump.put_nowait(audio_pb2.GenerateAudioResponse(
+                    progress=common_pb2.Progress(steps_done=done, steps_total=total)))
+
+            async def render() -> None:
+                pump.put_nowait(await self.batcher.submit(generation, on_step=progress,
+                                                          deadline=Deadline.from_context(context)))
+
+            pump.spawn(render())
+            async for item in pump:
+                if isinstance(item, AudioResult):
+                    result = item
                 else:
-                    getter.cancel()
-            result = job.result()
-        finally:
-            job.cancel()
+                    yield item
         elapsed = time.perf_counter() - started
 
         metadata = common_pb2.ClipMetadata(
@@ -121,7 +64,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             num_samples=len(result.waveform),
             seed=generation.seed,
             num_inference_steps=result.steps_run,
-            scheduler=SCHEDULER_ENUM[result.scheduler],
+            scheduler=requests.SCHEDULER_ENUM[result.scheduler],
             guidance_scale=generation.guidance_scale,
             model_id=result.model_id,
             prompt=generation.prompt,
@@ -135,7 +78,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
                          steps=result.steps_run)
         sending = tracing.request_phases("audio.chunk_send")
         for chunk in audio_encoding.audio_chunks(
-            clip_id, result.waveform, result.sample_rate_hertz, encoding, chunk_seconds, metadata
+            clip_id, result.waveform, result.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds, metadata
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
@@ -159,7 +102,7 @@ def build_backend(config: AudioConfig) -> AudioBackend:
             # (CUDA graphs record one graph per shape); eager kernels need no per-shape warm-up, only the
             # first call on the model thread (lazy initialisation), at the default clip length.
             warmup_batch_sizes=range(1, max_batch + 1) if config.compile != "none" else (1,),
-            warmup_duration_seconds=config.default_duration_seconds,
+            warmup_duration_seconds=requests.DEFAULT_DURATION_SECONDS,
         )
     if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
         from audio_service.triton_backend import TritonAudioBackend

@@ -56,7 +56,7 @@ def request_arrays(requests: Sequence[AudioRequest]) -> dict[str, np.ndarray]:
 
 
 def requests_from_arrays(arrays: dict[str, np.ndarray]) -> list[AudioRequest]:
-    """The model side's inverse of request_arrays (Python numbers, so validate() sees the types it expects)."""
+    """The model side's inverse of request_arrays (Python numbers, the types AudioRequest checks for)."""
     rows = len(arrays[INPUTS[0][0]])
     columns = {}
     for name, dtype, field in INPUTS:

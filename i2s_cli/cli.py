@@ -32,6 +32,7 @@ from i2s_cli.gallery import write_gallery
 from i2s_cli.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
 from serving.security import SecurityConfigError
+from i2s_formats import requests
 from i2s_formats.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
@@ -86,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--save_log", metavar="FILE", help="also write the log to FILE")
     files.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
     audio = p.add_argument_group("sound")
-    audio.add_argument("--audio_seconds", type=float, default=4.0, metavar="SECONDS",
-                       help="clip length (default: 4)")
+    audio.add_argument("--audio_seconds", type=float, default=requests.DEFAULT_DURATION_SECONDS, metavar="SECONDS",
+                       help=f"clip length (default: {requests.DEFAULT_DURATION_SECONDS:g})")
     audio.add_argument("--audio_steps", type=int, default=0, metavar="N",
                        help="denoising steps: more is slower and cleaner (default: 20; the original script used 200 "
                        "with --audio_scheduler ddim)")
-    audio.add_argument("--audio_guidance", type=float, default=3.5, metavar="SCALE",
-                       help="how closely the sound follows its caption (default: 3.5)")
+    audio.add_argument("--audio_guidance", type=float, default=requests.DEFAULT_GUIDANCE_SCALE, metavar="SCALE",
+                       help=f"how closely the sound follows its caption (default: {requests.DEFAULT_GUIDANCE_SCALE:g})")
     audio.add_argument("--audio_seed", type=int, default=None, metavar="N",
                        help="random seed for every clip, to repeat a run (default: a new one per clip, recorded in "
                        "prompts.json)")

@@ -1,4 +1,5 @@
-"""Admission of images into the pipeline: a total limit, a per-stream limit, fair and bounded waiting.
+"""Admission of images into the pipeline: a total limit, fair and bounded waiting. (The per-stream limit is
+the streaming servicer's: it stops reading a stream's images while `--max-images-in-flight` of them run.)
 
 An image waits for a slot (at most `wait_seconds`, and at most `max_waiting` images wait at all), so a
 burst of streams does not reach the VLM's queue all at once; beyond that bound it is refused with
@@ -31,11 +32,10 @@ class _Waiter:
 
 
 class Admission:
-    def __init__(self, total: int, per_stream: int, max_waiting: int, wait_seconds: float):
-        if total < 1 or per_stream < 1 or max_waiting < 0 or wait_seconds < 0:
+    def __init__(self, total: int, max_waiting: int, wait_seconds: float):
+        if total < 1 or max_waiting < 0 or wait_seconds < 0:
             raise ValueError("admission limits must be positive")
         self.total = total
-        self.per_stream = per_stream
         self.max_waiting = max_waiting
         self.wait_seconds = wait_seconds
         self.running = 0
@@ -91,7 +91,7 @@ class Admission:
     def _dispatch(self) -> None:
         """Slots to waiters while any fits: the stream with fewest images in work first, then the earliest."""
         while self.running < self.total:
-            eligible = [w for w in self._waiters if w.share.running < self.per_stream and not w.future.done()]
+            eligible = [w for w in self._waiters if not w.future.done()]
             if not eligible:
                 return
             chosen = min(eligible, key=lambda w: (w.share.running, w.order))

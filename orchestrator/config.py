@@ -18,7 +18,8 @@ class OrchestratorConfig:
                               "client-side round robin over replicas", flag="vlm")
     audio_target: str = setting("127.0.0.1:50052", "audio service target (as --vlm)", flag="audio")
     default_deadline_seconds: float = setting(600.0, "deadline of a request whose caller sets none")
-    max_images_in_flight: int = setting(8, "images processed at once per streaming call")
+    max_images_in_flight: int = setting(8, "images of one streaming call in work (running or waiting for a slot); "
+                                        "the stream is not read further meanwhile")
     max_images_total: int = setting(16, "images processed at once, all calls together (keep <= the VLM's queue)")
     max_images_waiting: int = setting(128, "images waiting for a slot (each holds its image in memory) before "
                                     "RESOURCE_EXHAUSTED at once")
@@ -32,6 +33,8 @@ class OrchestratorConfig:
                                                 "when it changes)")
     downstream_tls_check_seconds: float = setting(30.0, "how often the downstream TLS files are checked for "
                                                   "changes; new channels use the new files (0: never)")
+    channel_close_grace_seconds: float = setting(60.0, "how long calls in flight on channels replaced after a TLS "
+                                                 "file change may go on before those channels close")
     limits: PipelineLimits = PipelineLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     http: HttpOptions = HttpOptions()

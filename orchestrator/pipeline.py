@@ -25,10 +25,11 @@ from orchestrator import prompts
 from i2s_formats import audio_encoding
 from serving import metrics, request_log, tracing
 from serving.config import setting
+from serving.deadline import Deadline
 from serving.errors import InvalidInput, Upstream, excerpt
+from serving.pump import Pump
 
 log = logging.getLogger(__name__)
-_DONE = object()
 # Messages written by our own model services about the request itself: safe and useful to pass on.
 _PASS_ON = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION,
             grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND}
@@ -56,21 +57,6 @@ class PipelineLimits:
     max_audio_calls: int = setting(8, "audio requests in flight, all images together")
     max_clips_per_image: int = 32
     event_queue_size: int = 64  # events buffered per image before producers wait for the caller
-
-
-class Deadline:
-    """The time left for an image; downstream calls get what is left, never more."""
-
-    def __init__(self, seconds: float | None):
-        self._at = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> float | None:
-        if self._at is None:
-            return None
-        left = self._at - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("deadline exceeded")
-        return left
 
 
 @dataclass
@@ -122,8 +108,8 @@ class _ImageRun:
         self.call_metadata = ((request_log.REQUEST_ID_HEADER, self.request_id),)  # the model services log it
         self.deadline = deadline
         self.options = request.options
-        self.out: asyncio.Queue = asyncio.Queue(maxsize=pipeline.limits.event_queue_size)
-        self.clip_tasks: list[asyncio.Task] = []
+        self.out: Pump | None = None  # the image's events, to the caller (made when the events are read)
+        self.clip_tasks: list[asyncio.Future] = []
         self.clips: list[_Clip] = []
         self.sources: dict[str, common_pb2.SoundSource] = {}  # merged by id, in discovery order
         self.scene = ("", "")
@@ -146,47 +132,31 @@ class _ImageRun:
         return time.perf_counter() - self.started
 
     async def events(self):
-        producer = asyncio.create_task(self._produce_in_span())
-        try:
-            while True:
-                item = await self.out.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            producer.cancel()
-            for task in self.clip_tasks:
-                task.cancel()
-            await asyncio.gather(producer, *self.clip_tasks, return_exceptions=True)
+        async with Pump(self.p.limits.event_queue_size) as self.out:  # leaving cancels the describer and clips
+            self.out.spawn(self._produce_in_span())
+            async for event in self.out:
+                yield event
 
     async def _produce_in_span(self) -> None:
         with tracing.current_span("orchestrator.image", self.request_id):  # the model calls become its children
             await self._produce()
 
     async def _produce(self) -> None:
-        try:
-            which = self.request.WhichOneof("input")
-            if which == "image":
-                await self._describe()
-            elif which == "description":
-                await self._replay(self.request.description)
-            else:
-                raise InvalidInput("request needs an image or a description")
-            await asyncio.gather(*self.clip_tasks)
-            if self.options.scene_mix:
-                await self._emit_mix()
-            summary = self._summary()
-            request_log.note(time_to_scene_s=summary.time_to_scene_seconds,
-                             time_to_first_audio_s=summary.time_to_first_audio_seconds,
-                             sources=summary.sources, clips_done=summary.clips_done, clips_failed=summary.clips_failed)
-            await self._emit(summary=summary)
-            await self.out.put(_DONE)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            await self.out.put(exc)
+        which = self.request.WhichOneof("input")
+        if which == "image":
+            await self._describe()
+        elif which == "description":
+            await self._replay(self.request.description)
+        else:
+            raise InvalidInput("request needs an image or a description")
+        await asyncio.gather(*self.clip_tasks)
+        if self.options.scene_mix:
+            await self._emit_mix()
+        summary = self._summary()
+        request_log.note(time_to_scene_s=summary.time_to_scene_seconds,
+                         time_to_first_audio_s=summary.time_to_first_audio_seconds,
+                         sources=summary.sources, clips_done=summary.clips_done, clips_failed=summary.clips_failed)
+        await self._emit(summary=summary)
 
     # --- describing ---------------------------------------------------------------------------
     async def _describe(self) -> None:
@@ -266,9 +236,9 @@ class _ImageRun:
         try:
             clip.prompt = prompts.caption_for_variant(self.scene[0], self.scene[1], source, variant)
         except ValueError as exc:  # nothing in the variant to caption: this clip fails, the image goes on
-            self.clip_tasks.append(asyncio.create_task(self._fail(clip, grpc.StatusCode.INVALID_ARGUMENT, str(exc))))
+            self.clip_tasks.append(self.out.spawn(self._fail(clip, grpc.StatusCode.INVALID_ARGUMENT, str(exc))))
             return
-        self.clip_tasks.append(asyncio.create_task(self._render_in_span(clip)))
+        self.clip_tasks.append(self.out.spawn(self._render_in_span(clip)))
 
     async def _fail(self, clip: _Clip, code: grpc.StatusCode, message: str) -> None:
         log.warning("clip %s failed: %s %s", clip.ref.clip_id, code.name, message)

@@ -8,46 +8,37 @@ from typing import Sequence
 import grpc
 
 from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, vision_pb2_grpc
+from i2s_formats import requests
+from i2s_formats.requests import clean_request_id, with_defaults
 from serving import channels
 from orchestrator.admission import Admission, StreamShare
 from orchestrator.config import OrchestratorConfig
-from orchestrator.pipeline import Deadline, Pipeline
-from orchestrator.validation import clean_request_id, validate_request
+from orchestrator.pipeline import Pipeline
 from serving import metrics, request_log, security
+from serving.deadline import Deadline
 from serving.errors import InvalidInput
 from serving.interceptors import client_status
+from serving.pump import Pump
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
-_END = object()
 RELOAD_CONNECT_SECONDS = 10.0  # how long new downstream channels may take to connect before they replace the old
-
-
-def with_defaults(image: pb.ImageToSoundRequest, config: pb.StreamConfig) -> pb.ImageToSoundRequest:
-    """The stream's config under the image's own settings (fields the image sets win)."""
-    merged = pb.ImageToSoundRequest()
-    merged.decoding.CopyFrom(config.decoding)
-    merged.audio.CopyFrom(config.audio)
-    merged.options.CopyFrom(config.options)
-    merged.MergeFrom(image)
-    return merged
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, pipeline: Pipeline, config: OrchestratorConfig):
         self.pipeline = pipeline
         self.config = config
-        self.admission = Admission(total=config.max_images_total, per_stream=config.max_images_in_flight,
-                                   max_waiting=config.max_images_waiting, wait_seconds=config.admission_wait_seconds)
+        self.admission = Admission(total=config.max_images_total, max_waiting=config.max_images_waiting,
+                                   wait_seconds=config.admission_wait_seconds)
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
     def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
-        return validate_request(request, self.config.limits.max_clips_per_image)
+        return requests.image_to_sound(request, self.config.limits.max_clips_per_image).request
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
-        left = context.time_remaining()
-        return Deadline(left if left is not None else self.config.default_deadline_seconds)
+        return Deadline.from_context(context, self.config.default_deadline_seconds)
 
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
         deadline = self._deadline(context)
@@ -59,11 +50,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 yield event
 
     async def StreamImagesToSound(self, request_iterator, context: grpc.aio.ServicerContext):
-        """Images are read as they come and run concurrently (at most max_images_in_flight); their events
-        are merged into one output stream. A failing image becomes an ImageFailed event."""
-        out: asyncio.Queue = asyncio.Queue(maxsize=self.config.limits.event_queue_size)
-        slots = asyncio.Semaphore(self.config.max_images_in_flight)
-        tasks: set[asyncio.Task] = set()
+        """Images are read as they come and run concurrently (at most max_images_in_flight: the reader stops
+        reading while that many run, so the client's stream is flow-controlled); their events are merged into
+        one output stream. A failing image becomes an ImageFailed event."""
+        slots = asyncio.Semaphore(self.config.max_images_in_flight)  # the stream's one concurrency limit
 
         share = StreamShare()
         clip_prefixes: dict[str, int] = {}  # request id -> images seen with it, so clip ids stay unique
@@ -103,33 +93,17 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     image = with_defaults(message.image, config)
                     image.request_id = clean_request_id(image.request_id)
                     await slots.acquire()  # backpressure: stop reading while enough images run
-                    task = asyncio.create_task(run_image(image))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    out.spawn(run_image(image))
                 else:
                     raise InvalidInput("each message needs a config or an image")
                 first = False
-            await asyncio.gather(*list(tasks))
-            await out.put(_END)
 
-        reader = asyncio.create_task(read_requests())
-        try:
-            while True:
-                getter = asyncio.ensure_future(out.get())
-                await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    reader.result()  # the reader failed: raise its error
-                    continue
-                item = getter.result()
-                if item is _END:
-                    break
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-            await asyncio.gather(reader, *list(tasks), return_exceptions=True)
+        # The stream ends when the reader and every image have ended; a reader's error (a bad message order)
+        # ends it with that error; the caller leaving cancels them all.
+        async with Pump(self.config.limits.event_queue_size) as out:
+            out.spawn(read_requests())
+            async for event in out:
+                yield event
 
 
 class Orchestrator:
@@ -173,7 +147,7 @@ class Orchestrator:
 
     async def reload_downstream_credentials(self) -> bool:
         """If the downstream TLS files changed: new channels for new calls; calls in flight finish on the
-        old ones (closed within the default deadline). Unusable files keep the current channels.
+        old ones (closed after --channel-close-grace-seconds). Unusable files keep the current channels.
         Returns whether the channels were replaced."""
         if not self._tls_files.files or not self._tls_files.changed():
             return False
@@ -200,7 +174,7 @@ class Orchestrator:
                 await self.server.set_serving(True)
         for channel in old.values():
             self._retired.append(channel)
-            task = asyncio.create_task(channel.close(grace=self.config.default_deadline_seconds))
+            task = asyncio.create_task(channel.close(grace=self.config.channel_close_grace_seconds))
             self._closing.add(task)
             task.add_done_callback(lambda t, c=channel: (self._closing.discard(t), self._retired.remove(c)))
         log.info("downstream TLS credentials reloaded")

@@ -13,9 +13,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Iterator, TypeVar
 
 from serving.errors import Overloaded
+from serving.pump import Pump
 
 T = TypeVar("T")
-_END = object()
 
 
 class ModelWorker:
@@ -54,40 +54,28 @@ class ModelWorker:
         """Yields the items of the blocking iterator `make_iter(should_stop)` as the thread produces them."""
         if self._waiting >= self._max_queue:
             raise Overloaded(f"{self._waiting} requests already waiting; retry later")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
-
-        def produce() -> None:
-            self._mark()
-            try:
-                if stop.is_set():  # the caller left while queued: never start
-                    return
-                for item in make_iter(stop.is_set):
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                    if stop.is_set():
-                        break
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
-
         self._waiting += 1
-        future = loop.run_in_executor(self._executor, produce)
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            async with Pump() as pump:
+
+                def produce() -> None:  # the thread; its error ends the pump's stream
+                    self._mark()
+                    if stop.is_set():  # the caller left while queued: never start
+                        return
+                    for item in make_iter(stop.is_set):
+                        pump.put_threadsafe(item)
+                        if stop.is_set():
+                            break
+
+                # Leaving cancels this future only: a long generation is not waited for, it sees `stop`
+                # and ends on its own at the next step.
+                pump.spawn(asyncio.get_running_loop().run_in_executor(self._executor, produce))
+                async for item in pump:
+                    yield item
         finally:
             self._waiting -= 1
             stop.set()
-            if not future.done():
-                # Don't wait for a long generation to notice: it ends on its own at the next step.
-                future.add_done_callback(lambda f: f.exception())
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

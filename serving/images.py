@@ -20,7 +20,9 @@ class ImageLimits:
     # Pixels, checked from the header before decoding (decompression bombs). The model resizes anyway.
     max_pixels: int = 40_000_000
     min_side: int = 8
-    # Qwen2.5-VL's resize refuses ratios over 200 (a ValueError deep in the processor); keep well inside it.
+    # The one aspect-ratio limit. Qwen2.5-VL's smart_resize refuses ratios over 200 (a ValueError deep in the
+    # processor), measured after the backend's own downscale rounds each side to 28-pixel patches: 100 keeps
+    # that rounding inside 200, and a 100:1 strip is already one patch row tall.
     max_aspect_ratio: float = 100.0
 
 
@@ -39,8 +41,9 @@ def check_declared(data: bytes, mime_type: str = "", limits: ImageLimits = Image
     return declared
 
 
-def decode_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLimits()):
-    """Decodes `data` into an RGB PIL image or raises InvalidInput saying what is wrong."""
+def _open_checked(data: bytes, mime_type: str, limits: ImageLimits):
+    """Opens `data` and checks everything its header says (format, declared type, pixels, sides, aspect
+    ratio, frames) without decoding the pixels. Returns the opened image."""
     from PIL import Image, UnidentifiedImageError
 
     declared = check_declared(data, mime_type, limits)
@@ -62,7 +65,6 @@ def decode_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLi
                 raise InvalidInput(f"image is {width}x{height}; the aspect ratio may be at most {limits.max_aspect_ratio:g}:1")
             if getattr(image, "n_frames", 1) > 1:
                 raise InvalidInput(f"image is animated ({image.n_frames} frames); send one still frame")
-            image.load()  # truncated or corrupt files fail here, not later inside the model
     except InvalidInput:
         raise
     except UnidentifiedImageError:
@@ -73,6 +75,22 @@ def decode_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLi
         raise InvalidInput(f"image.data is truncated or corrupt: {exc}") from None
     if declared and FORMATS[fmt] != declared:
         raise InvalidInput(f"mime_type says {declared} but the bytes are {FORMATS[fmt]}")
+    return image
+
+
+def check_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLimits()) -> None:
+    """Every check `decode_image` makes except decoding the pixels (a truncated file passes): cheap enough
+    for the orchestrator to refuse a bad image before any work starts."""
+    _open_checked(data, mime_type, limits)
+
+
+def decode_image(data: bytes, mime_type: str = "", limits: ImageLimits = ImageLimits()):
+    """Decodes `data` into an RGB PIL image or raises InvalidInput saying what is wrong."""
+    image = _open_checked(data, mime_type, limits)
+    try:
+        image.load()  # truncated or corrupt files fail here, not later inside the model
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"image.data is truncated or corrupt: {exc}") from None
     return to_rgb(image)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import grpc
 
-from image_to_sound.v1 import common_pb2
+from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from tests.fake_services import scripted_description
 
 OK, INVALID, EXHAUSTED = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -147,3 +147,20 @@ CATALOGUE: list[Case] = [
     Case("source name NUL", "description", lambda: _description(name="NUL"), OK),
     Case("megabyte unicode source name", "description", lambda: _description(name="日本語の鐘" * 200_000), OK),
 ]
+
+
+def set_field(request: pb.ImageToSoundRequest, case: Case, value) -> pb.ImageToSoundRequest:
+    """`request` with the row's field set to `value` (an orchestrator request carries every field)."""
+    if case.field == "image":
+        request.image.data, request.image.mime_type = value
+    elif case.field == "decoding":
+        request.decoding.CopyFrom(value)
+    elif case.field == "audio":
+        request.audio.CopyFrom(value)
+    elif case.field == "options":
+        request.options.MergeFrom(pb.PipelineOptions(**value))
+    elif case.field == "request_id":
+        request.request_id = value
+    elif case.field == "description":
+        request.description.CopyFrom(value)
+    return request

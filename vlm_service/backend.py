@@ -11,7 +11,6 @@ No torch here: the servicer and tests of orchestration import this module withou
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Literal
@@ -19,43 +18,11 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Literal
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2
+from i2s_formats.requests import DecodingOptions  # the backends' options, valid by construction
 
 if TYPE_CHECKING:
     from serving.blocking import ModelWorker
-
-MAX_NEW_TOKENS_LIMIT = 2048
-MAX_TEMPERATURE = 2.0
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    """Decoding settings of one request. ``temperature == 0`` means greedy decoding."""
-
-    max_new_tokens: int = 1024  # the v1 grammar bounds the answer; a real model stops well before (~300-600)
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-def validate(options: DecodingOptions) -> None:
-    """Raise ValueError with a clear message when an option is out of range.
-
-    max_new_tokens: integer 1..2048; temperature: finite, 0..2; top_p: finite, in (0, 1];
-    seed: None or an integer in the signed 64-bit range.
-    """
-    n = options.max_new_tokens
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
-        raise ValueError(f"max_new_tokens must be an integer from 1 to {MAX_NEW_TOKENS_LIMIT}, got {n!r}")
-    t = options.temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0.0 <= t <= MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be a finite number from 0 to {MAX_TEMPERATURE:g}, got {t!r}")
-    p = options.top_p
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p must be a finite number in (0, 1], got {p!r}")
-    s = options.seed
-    if s is not None and (isinstance(s, bool) or not isinstance(s, int) or not -(2**63) <= s < 2**63):
-        raise ValueError(f"seed must be None or a 64-bit integer, got {s!r}")
-
+    from serving.deadline import Deadline
 
 @dataclass(frozen=True)
 class SceneHeader:
@@ -115,6 +82,9 @@ class VisionBackend(ABC):
 
     model_id: str
     prompt_version: str
+    # True for a backend that queues and schedules its requests itself (bounded by its own max_queue): the
+    # servicer then puts no ModelWorker queue in front of it, so one queue stands before each model.
+    schedules_itself: bool = False
 
     @abstractmethod
     def load(self) -> None:
@@ -143,14 +113,14 @@ class VisionBackend(ABC):
         thread; a step adds one token, or several when grammar-forced tokens ride along); when it returns
         True generation stops and the stream ends with a
         DescriptionDone whose finish_reason is "cancelled". Closing the generator early also stops
-        generation. Raises, when called (before the first event): ValueError for bad options, InvalidInput
+        generation. Raises, when called (before the first event): InvalidInput
         for an image the model cannot take, NotReady before :meth:`load` or after :meth:`close`.
         """
 
-    async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+    async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker | None",
+                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
         """:meth:`stream` for asyncio callers: on ``worker``'s thread, one request at a time, stopped when
-        the caller leaves. ``deadline`` (``time.monotonic()``) is a hint a backend may use."""
+        the caller leaves. A backend that can stop at ``deadline`` ends with finish_reason "deadline"."""
         async for event in worker.stream(lambda should_stop: self.stream(image, options, should_stop)):
             yield event
 

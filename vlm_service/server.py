@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Sequence
 
 import grpc
@@ -10,29 +9,15 @@ import grpc
 from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
 from serving import metrics, request_log, tracing
 from serving.blocking import ModelWorker
-from serving.errors import InvalidInput, NotReady
-from serving.images import decode_image
+from serving.deadline import Deadline
+from serving.errors import DeadlineExceeded, NotReady
 from serving.server import GrpcServer
-from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound, VisionBackend, validate
+from i2s_formats import requests
+from vlm_service.backend import DescriptionDone, SceneHeader, SourceFound, VisionBackend
 from vlm_service.config import VlmConfig
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
-
-
-def decoding_options(settings: common_pb2.DecodingSettings) -> DecodingOptions:
-    """Request settings → backend options, bounds checked by the backend's validate (INVALID_ARGUMENT)."""
-    options = DecodingOptions(
-        max_new_tokens=settings.max_new_tokens or DecodingOptions.max_new_tokens,
-        temperature=settings.temperature if settings.HasField("temperature") else 0.0,
-        top_p=settings.top_p if settings.HasField("top_p") else 1.0,
-        seed=settings.seed if settings.HasField("seed") else None,
-    )
-    try:
-        validate(options)
-    except ValueError as exc:
-        raise InvalidInput(f"decoding: {exc}") from None
-    return options
 
 
 def stats_message(done: DescriptionDone) -> common_pb2.DescriptionStats:
@@ -48,21 +33,16 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, backend: VisionBackend, config: VlmConfig):
         self.backend = backend
         self.config = config
-        self.worker = ModelWorker("vlm", max_queue=config.max_queue)
+        # One queue in front of the model: the backend's own scheduler's, else this worker's.
+        self.worker = None if backend.schedules_itself else ModelWorker("vlm", max_queue=config.max_queue)
         metrics.QUEUE_DEPTH.labels(queue="vlm").set_function(lambda: getattr(backend, "queue_depth", 0))
 
-    def _prepare(self, request) -> tuple:
+    async def _events(self, request, context):
         if not self.backend.ready:
             raise NotReady("the VLM is still loading")
-        if not request.HasField("image"):
-            raise InvalidInput("image is required")
-        image = decode_image(request.image.data, request.image.mime_type, self.config.image_limits)
-        return image, decoding_options(request.decoding)
-
-    async def _events(self, request, context):
-        image, options = self._prepare(request)
-        remaining = context.time_remaining() if context is not None else None
-        deadline = time.monotonic() + remaining if remaining is not None else None
+        scene = requests.scene_request(request, self.config.image_limits)
+        image, options = scene.image, scene.decoding
+        deadline = Deadline.from_context(context)
         parent, started_ns, sources = tracing.capture(), tracing.now_ns(), 0
         async for event in self.backend.astream(image, options, self.worker, deadline):
             if isinstance(event, SourceFound):
@@ -78,6 +58,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                                  model_seconds=event.total_seconds, finish_reason=event.finish_reason)
                 if event.model_steps and context is not None:  # the bench reads model steps vs tokens here
                     context.set_trailing_metadata((("vlm-model-steps", str(event.model_steps)),))
+                if event.finish_reason == "deadline":  # a cut description is not an answer
+                    raise DeadlineExceeded(f"deadline exceeded after {event.output_tokens} tokens of the description")
             yield event
 
     async def DescribeScene(self, request: vision_pb2.DescribeSceneRequest, context: grpc.aio.ServicerContext):
@@ -100,7 +82,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 )
 
     def close(self) -> None:
-        self.worker.close()
+        if self.worker is not None:
+            self.worker.close()
 
 
 def build_backend(config: VlmConfig) -> VisionBackend:

@@ -29,7 +29,6 @@ Greedy decoding gives the same tokens on both (tests/integration/test_vlm_engine
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import secrets
@@ -40,11 +39,13 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from PIL import Image
 
 from serving.blocking import ModelWorker
+from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
+from serving.pump import Pump
 from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
-from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend, validate
+from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
 from vlm_service.decoding import (
     GrammarLogitsProcessor,
     SeededSamplingLogitsProcessor,
@@ -65,7 +66,6 @@ DEFAULT_MIN_PIXELS = 4 * 28 * 28  # the Qwen processor's own minimum (3136)
 # (we need objects and materials, not small text).
 DEFAULT_MAX_PIXELS = 512 * 28 * 28
 DEFAULT_REPETITION_PENALTY = 1.05  # Qwen2.5-VL's published generation default
-MAX_ASPECT_RATIO = 200  # smart_resize refuses more
 IMAGE_TOKEN = "<|image_pad|>"
 _CHATML_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 _WARMUP_IMAGE_SIZE = (56, 56)
@@ -329,8 +329,6 @@ class TransformersVisionBackend(VisionBackend):
         width, height = image.size
         if width < 1 or height < 1:
             raise InvalidInput(f"empty image ({width}x{height})")
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            raise InvalidInput(f"aspect ratio above {MAX_ASPECT_RATIO}: {width}x{height}")
         if image.mode != "RGB":
             image = image.convert("RGB")
         try:
@@ -371,10 +369,9 @@ class TransformersVisionBackend(VisionBackend):
                should_stop: Callable[[], bool] | None = None, deadline: float | None = None
                ) -> tuple[EngineRequest, DescriptionAssembler]:
         """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
-        :class:`~vlm_service.engine.EngineRequest`). Raises ValueError (options), InvalidInput,
+        :class:`~vlm_service.engine.EngineRequest`). Raises InvalidInput,
         NotReady, Overloaded, before anything is queued."""
         started = time.perf_counter()
-        validate(options)
         self._require_loaded()
         inputs = self.prepare_inputs(image)
         req = EngineRequest(inputs=inputs, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
@@ -403,48 +400,40 @@ class TransformersVisionBackend(VisionBackend):
 
     @staticmethod
     def _events(req: EngineRequest, assembler: DescriptionAssembler, items: queue.SimpleQueue) -> Iterator[StreamEvent]:
+        """The blocking twin of :meth:`astream`'s loop, for callers on a thread (no event loop to pump to)."""
         try:
             while True:
-                item = items.get()
-                if isinstance(item, Tokens):
-                    yield from assembler.tokens(list(item.ids))
-                elif isinstance(item, Finished):
-                    yield from assembler.finish(item.reason, item.steps)
+                events, finished = _assemble(assembler, items.get())
+                yield from events
+                if finished:
                     return
-                else:
-                    raise item.error
         finally:
             req.cancelled.set()  # a consumer that leaves early stops its decoding at the next step
 
+    schedules_itself = True  # its scheduler's queue (max_queue) is the one in front of the model
+
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: Any = None,
-                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: Deadline | None = None) -> AsyncIterator[StreamEvent]:
         """Events for asyncio callers, decoded concurrently with other requests; ``worker`` is unused (the
         backend has its own model thread). Leaving early cancels the request."""
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue = asyncio.Queue()
         gone = threading.Event()
+        async with Pump() as pump:
 
-        def deliver(item: Delivery) -> None:  # on the model thread
+            def deliver(item: Delivery) -> None:  # on the model thread
+                if not pump.put_threadsafe(item):  # the event loop is gone: nobody listens any more
+                    gone.set()
+
+            req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set,
+                                         deadline=deadline.at if deadline is not None else None)  # the engine's instant
             try:
-                loop.call_soon_threadsafe(items.put_nowait, item)
-            except RuntimeError:  # the event loop is gone: nobody listens any more
-                gone.set()
-
-        req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set, deadline=deadline)
-        try:
-            while True:
-                item = await items.get()
-                if isinstance(item, Tokens):
-                    for event in assembler.tokens(list(item.ids)):
+                async for item in pump:  # ends at the request's Finished (or Failed: raised)
+                    events, finished = _assemble(assembler, item)
+                    for event in events:
                         yield event
-                elif isinstance(item, Finished):
-                    for event in assembler.finish(item.reason, item.steps):
-                        yield event
-                    return
-                else:
-                    raise item.error
-        finally:
-            req.cancelled.set()
+                    if finished:
+                        return
+            finally:
+                req.cancelled.set()
 
     # -- the reference path (model thread) ----------------------------------------------------------
 
@@ -524,3 +513,13 @@ class TransformersVisionBackend(VisionBackend):
             return
         req.phases.end()
         req.deliver(Finished(stopped[0] if stopped else "stop", counted[0]))
+
+
+def _assemble(assembler: DescriptionAssembler, item: Delivery) -> tuple[list[StreamEvent], bool]:
+    """One delivery from the model thread -> (the stream events it completes, whether the request ended);
+    a Failed delivery raises its error."""
+    if isinstance(item, Tokens):
+        return list(assembler.tokens(list(item.ids))), False
+    if isinstance(item, Finished):
+        return list(assembler.finish(item.reason, item.steps)), True
+    raise item.error

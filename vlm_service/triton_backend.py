@@ -22,10 +22,11 @@ from image_to_sound.v1 import common_pb2, vision_pb2
 from serving.errors import InvalidInput, NotReady
 from serving.triton_client import Readiness, TritonTls, model_ready, translate_error, wait_model_ready
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
-                                 StreamEvent, VisionBackend, validate)
+                                 StreamEvent, VisionBackend)
 
 if TYPE_CHECKING:
     from serving.blocking import ModelWorker
+    from serving.deadline import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +157,16 @@ class TritonVisionBackend(VisionBackend):
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
                timeout_seconds: float | None = None) -> Iterator[StreamEvent]:
-        validate(options)  # bad options fail here, in the caller's thread, as the interface says
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
                             timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: float | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
         """The caller's deadline becomes Triton's stream timeout, so Triton itself stops at it."""
-        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        remaining = deadline.remaining() if deadline is not None else None
+        timeout = None if remaining is None else max(0.001, remaining)
         async for event in worker.stream(
                 lambda should_stop: self.stream(image, options, should_stop, timeout_seconds=timeout)):
             yield event

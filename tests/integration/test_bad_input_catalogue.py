@@ -12,7 +12,7 @@ import pytest_asyncio
 from image_to_sound.v1 import (audio_pb2, audio_pb2_grpc, common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc,
                                vision_pb2, vision_pb2_grpc)
 from serving import metrics
-from tests.bad_inputs import CATALOGUE, OK, Case
+from tests.bad_inputs import CATALOGUE, OK, Case, set_field
 from tests.real_stack import png, real_stack
 
 TIMEOUT = 120
@@ -52,21 +52,9 @@ def orchestrator_request(case: Case, value) -> pb.ImageToSoundRequest:
     request = pb.ImageToSoundRequest(request_id="catalogue", decoding=SMALL, audio=FAST_AUDIO,
                                      options=pb.PipelineOptions(skip_audio=True))
     request.image.data = png()
-    if case.field == "image":
-        request.image.data, request.image.mime_type = value
-    elif case.field == "decoding":
-        request.decoding.CopyFrom(value)
-    elif case.field == "audio":
-        request.audio.CopyFrom(value)
+    if case.field in ("audio", "description"):  # render: the audio settings count, clip names come from the names
         request.options.skip_audio = False
-    elif case.field == "options":
-        request.options.MergeFrom(pb.PipelineOptions(**value))
-    elif case.field == "request_id":
-        request.request_id = value
-    elif case.field == "description":
-        request.description.CopyFrom(value)
-        request.options.skip_audio = False  # render, so that clip file names are made from the names
-    return request
+    return set_field(request, case, value)
 
 
 async def call(rpc: str, case: Case, stubs) -> tuple[grpc.StatusCode, str, list]:

@@ -23,6 +23,7 @@ from vlm_service.transformers_backend import TransformersVisionBackend
 ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = sorted(p for p in (ROOT / "data").rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"})
 FAST = common_pb2.DecodingSettings(max_new_tokens=1024)  # room for the tiny model to finish
+SERVICER = []  # the servicer behind the `vlm` fixture, for the tests that call it in process
 
 
 def png(size=(64, 48)) -> bytes:
@@ -43,6 +44,7 @@ async def vlm(tiny_vlm_dir):
                        server=ServerOptions(port=0, grace_seconds=1))
     backend = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu", max_pixels=128 * 28 * 28)
     server, servicer = make_server(config, backend)
+    SERVICER[:] = [servicer]
     await server.start()
     channel = grpc.aio.insecure_channel(server.address)
     stub = vision_pb2_grpc.VisionServiceStub(channel)
@@ -179,6 +181,7 @@ async def vlm_engine(tiny_vlm_dir):
     assert config.engine and config.engine_prefix_cache
     backend = build_backend(config)
     server, servicer = make_server(config, backend)
+    SERVICER[:] = [servicer]
     await server.start()
     await asyncio.to_thread(load_and_warm, backend)
     await server.set_serving(True)
@@ -228,3 +231,36 @@ async def test_a_full_queue_is_resource_exhausted(vlm_engine):
         assert await asyncio.to_thread(event.wait, 120)
     response = await stub.DescribeScene(request, timeout=120)  # and it serves again
     assert response.stats.output_tokens == 8
+
+
+class DeadlineContext:
+    """A call's context as the servicer reads it: only the time remaining matters here."""
+
+    def __init__(self, remaining: float):
+        self.remaining = remaining
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+    def set_trailing_metadata(self, metadata) -> None:
+        pass
+
+
+async def test_a_description_cut_by_its_deadline_answers_deadline_exceeded(vlm):
+    """The engine ends a row at its deadline (here one already passed: deterministic, no race with the
+    call's own timer); the servicer turns that end into DEADLINE_EXCEEDED, never into a final description."""
+    from serving.errors import DeadlineExceeded
+
+    servicer = SERVICER[0]
+    request = vision_pb2.StreamSceneDescriptionRequest(image=common_pb2.Image(data=png()), decoding=FAST)
+    events = []
+    with pytest.raises(DeadlineExceeded, match="deadline exceeded after 0 tokens"):
+        async for event in servicer.StreamSceneDescription(request, DeadlineContext(0.0)):
+            events.append(event.WhichOneof("event"))
+    assert "final" not in events
+    with pytest.raises(DeadlineExceeded):
+        await servicer.DescribeScene(vision_pb2.DescribeSceneRequest(image=request.image, decoding=FAST),
+                                     DeadlineContext(0.0))
+    # with time to spare, the same request is a final description
+    finals = [e async for e in servicer.StreamSceneDescription(request, DeadlineContext(600.0)) if e.HasField("final")]
+    assert len(finals) == 1 and finals[0].final.description.sources

@@ -9,7 +9,7 @@ import pytest
 from image_to_sound.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from orchestrator.admission import Admission, StreamShare
 from orchestrator.pipeline import downstream_message
-from orchestrator.validation import clean_request_id
+from i2s_formats.requests import clean_request_id
 from serving.errors import MemoryExhausted, Overloaded, excerpt, status_for
 from tests.fake_services import FakeAudioServicer, fake_stack, scripted_description
 
@@ -17,7 +17,7 @@ BOUND = 60
 
 
 async def test_a_freed_slot_goes_to_the_stream_with_fewest_images_in_work():
-    admission = Admission(total=2, per_stream=2, max_waiting=10, wait_seconds=BOUND)
+    admission = Admission(total=2, max_waiting=10, wait_seconds=BOUND)
     busy, quiet = StreamShare(), StreamShare()
     order = []
     held = [admission.slot(busy), admission.slot(busy)]
@@ -39,7 +39,7 @@ async def test_a_freed_slot_goes_to_the_stream_with_fewest_images_in_work():
 
 
 async def test_waiting_is_bounded_in_count_and_time_and_a_cancelled_waiter_leaves_no_slot_behind():
-    admission = Admission(total=1, per_stream=1, max_waiting=1, wait_seconds=0.05)
+    admission = Admission(total=1, max_waiting=1, wait_seconds=0.05)
     share = StreamShare()
     async with admission.slot(share):
         with pytest.raises(Overloaded, match="no image slot within 0.05 s"):

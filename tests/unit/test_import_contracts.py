@@ -39,7 +39,7 @@ def test_a_client_module_that_imports_the_orchestrator_breaks_the_contract(tmp_p
     """The same contracts, with one more module on the client side that imports a service's internals."""
     probe = tmp_path / "i2s_client_probe"
     probe.mkdir()
-    (probe / "__init__.py").write_text("from orchestrator import validation  # what a client must not do\n")
+    (probe / "__init__.py").write_text("from orchestrator import pipeline  # what a client must not do\n")
     settings = json.loads(json.dumps(CONTRACTS))
     settings["root_packages"].append("i2s_client_probe")
     client_contract = next(c for c in settings["contracts"] if c["name"].startswith("the client and the command"))
@@ -48,7 +48,7 @@ def test_a_client_module_that_imports_the_orchestrator_breaks_the_contract(tmp_p
     run = lint(_write_toml(settings, tmp_path / "contracts.toml"), tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     assert f"Contracts: {len(settings['contracts']) - 1} kept, 1 broken." in run.stdout
-    assert "i2s_client_probe -> orchestrator.validation" in run.stdout
+    assert "i2s_client_probe -> orchestrator.pipeline" in run.stdout
 
 
 def test_the_0_2_client_import_still_works_for_one_release_with_a_deprecation_warning():

@@ -10,7 +10,7 @@ import os
 import triton_python_backend_utils as pb_utils
 
 from audio_service import triton_backend as layout
-from audio_service.backend import BackendCancelled, validate
+from audio_service.backend import BackendCancelled
 from audio_service.diffusers_backend import DiffusersAudioBackend
 from serving.models import hf_token
 from serving.triton_client import instance_device, model_parameters
@@ -40,9 +40,7 @@ class TritonPythonModel:
             try:
                 arrays = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
                           for name, _, _ in layout.INPUTS}
-                rows[r] = layout.requests_from_arrays(arrays)
-                for row in rows[r]:
-                    validate(row)
+                rows[r] = layout.requests_from_arrays(arrays)  # AudioRequest checks itself: InvalidInput
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 errors[r] = (pb_utils.TritonError.INVALID_ARG, str(exc))
                 continue
