@@ -1,44 +1,21 @@
 """python -m audio_service --model ID_OR_DIR --host H --port P"""
 from __future__ import annotations
 
-import asyncio
 import logging
 
+from serving.config import program_name
+from serving.server import serve_model_service
+from serving.startup import AUDIO, run_program
 from audio_service.config import parse_args
 from audio_service.server import build_backend, load_and_warm, make_server
-from serving.config import program_name
-from serving import request_log, tracing
-from serving.server import run_until_signal
-from serving.startup import AUDIO, check_model_folder, check_ports_free, run_program
-from serving.threads import apply_torch_threads
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s audio %(levelname)s %(name)s: %(message)s")
     config = parse_args(argv)
-    run_program(program_name("python -m audio_service"), lambda: serve_until_signal(config))
-
-
-def serve_until_signal(config) -> None:
-    # The usual mistakes (a folder typo, the two model folders swapped, a port in use) end here in one line.
-    if config.backend == "diffusers":
-        check_model_folder(config.model, AUDIO)
-    check_ports_free(config.server)
-    apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
-    request_log.configure_logging("audio", config.server.telemetry.log_format)
-    tracing.setup("audio", config.server.telemetry)  # before any server or channel is built
-
-    async def serve() -> None:
-        backend = build_backend(config)  # cheap: loads nothing until load_and_warm
-        server, servicer = make_server(config, backend)  # grpc.aio objects belong to the running loop
-
-        async def close() -> None:
-            await servicer.close()
-            backend.close()
-
-        await run_until_signal(server, lambda: asyncio.to_thread(load_and_warm, backend), close)
-
-    asyncio.run(serve())
+    run_program(program_name("python -m audio_service"), lambda: serve_model_service(
+        "audio", AUDIO, config, in_process_backend="diffusers", build_backend=build_backend,
+        make_server=make_server, load_and_warm=load_and_warm))
 
 
 if __name__ == "__main__":

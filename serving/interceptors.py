@@ -129,25 +129,53 @@ class ErrorMappingInterceptor(GuardInterceptor):
             await context.abort(code, message)
 
 
-class MetricsInterceptor(GuardInterceptor):
-    """Per-RPC count by method and final status code, latency, and calls in flight."""
+class OutcomeInterceptor(GuardInterceptor):
+    """A guard that notes a call when it starts (`begin`) and hands its final status code to `end`."""
+
+    def begin(self, method: str, context: grpc.aio.ServicerContext) -> Any:
+        """State for `end`, or None to leave this call alone."""
+        raise NotImplementedError
+
+    def end(self, state: Any, code: str) -> None:
+        raise NotImplementedError
 
     @asynccontextmanager
     async def guard(self, method: str, context: grpc.aio.ServicerContext):
-        name = short_method(method)
-        started = time.perf_counter()
-        metrics.IN_FLIGHT.labels(method=name).inc()
+        state = self.begin(method, context)
+        if state is None:
+            yield
+            return
         code = "OK"
         try:
             yield
-            code = _code_name(context, default="OK")
+            code = _final_code(context)
         except BaseException as exc:
-            code = "CANCELLED" if _is_cancellation(exc) else _code_name(context, default="UNKNOWN")
+            code = _final_code(context, exc)
             raise
         finally:
-            metrics.IN_FLIGHT.labels(method=name).dec()
-            metrics.RPCS.labels(method=name, code=code).inc()
-            metrics.LATENCY.labels(method=name).observe(time.perf_counter() - started)
+            self.end(state, code)
+
+
+class MetricsInterceptor(OutcomeInterceptor):
+    """Per-RPC count by method and final status code, latency, and calls in flight."""
+
+    def begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[str, float]:
+        name = short_method(method)
+        metrics.IN_FLIGHT.labels(method=name).inc()
+        return name, time.perf_counter()
+
+    def end(self, state: tuple[str, float], code: str) -> None:
+        name, started = state
+        metrics.IN_FLIGHT.labels(method=name).dec()
+        metrics.RPCS.labels(method=name, code=code).inc()
+        metrics.LATENCY.labels(method=name).observe(time.perf_counter() - started)
+
+
+def _final_code(context: grpc.aio.ServicerContext, exc: BaseException | None = None) -> str:
+    """The status name a call ended with: the context's code, or CANCELLED when the client left."""
+    if exc is None:
+        return _code_name(context, default="OK")
+    return "CANCELLED" if _is_cancellation(exc) else _code_name(context, default="UNKNOWN")
 
 
 def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
@@ -160,28 +188,20 @@ def _code_name(context: grpc.aio.ServicerContext, default: str) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), default)
 
 
-class RequestLogInterceptor(GuardInterceptor):
+class RequestLogInterceptor(OutcomeInterceptor):
     """One structured line per RPC (serving.request_log): request id from the `x-request-id` metadata,
     trace id, timings the servicer noted, final status. Health and reflection calls are not requests."""
 
-    @asynccontextmanager
-    async def guard(self, method: str, context: grpc.aio.ServicerContext):
+    def begin(self, method: str, context: grpc.aio.ServicerContext):
         if method.startswith("/grpc."):
-            yield
-            return
+            return None
         sent = dict(context.invocation_metadata() or ()).get(request_log.REQUEST_ID_HEADER, "")
         record = request_log.start(short_method(method), sent)
         tracing.tag_current_span(record.request_id)
-        code = "OK"
-        try:
-            yield
-            code = _code_name(context, default="OK")
-        except BaseException as exc:
-            code = "CANCELLED" if _is_cancellation(exc) else _code_name(context, default="UNKNOWN")
-            raise
-        finally:
-            request_log.finish(record, code)
+        return record
 
+    def end(self, record, code: str) -> None:
+        request_log.finish(record, code)
 
 def standard_interceptors() -> list[grpc.aio.ServerInterceptor]:
     """What every server runs first, outermost first."""

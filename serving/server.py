@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -210,3 +210,37 @@ async def run_until_signal(
             log.warning("stopped while still loading the model")
         else:
             await close()
+
+
+def serve_model_service(name: str, kind: str, config: Any, *, in_process_backend: str,
+                        build_backend: Callable, make_server: Callable, load_and_warm: Callable) -> None:
+    """A model service's process once its flags are parsed: the usual mistakes (a model folder typo, the two
+    model folders swapped, a port in use) end here in one line, then torch's threads, the log format and
+    tracing are set, then it serves until SIGTERM. `kind` is serving.startup's VLM or AUDIO;
+    `in_process_backend` the backend whose model folder is checked (not Triton's)."""
+    import inspect
+
+    from serving import request_log
+    from serving.startup import check_model_folder, check_ports_free
+    from serving.threads import apply_torch_threads
+
+    if config.backend == in_process_backend:
+        check_model_folder(config.model, kind)
+    check_ports_free(config.server)
+    apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
+    request_log.configure_logging(name, config.server.telemetry.log_format)
+    tracing.setup(name, config.server.telemetry)  # before any server or channel is built
+
+    async def serve() -> None:
+        backend = build_backend(config)  # cheap: loads nothing until load_and_warm
+        server, servicer = make_server(config, backend)  # grpc.aio objects belong to the running loop
+
+        async def close() -> None:
+            closed = servicer.close()
+            if inspect.isawaitable(closed):
+                await closed
+            backend.close()
+
+        await run_until_signal(server, lambda: asyncio.to_thread(load_and_warm, backend), close)
+
+    asyncio.run(serve())
