@@ -20,8 +20,19 @@ from serving.server import GrpcServer, ServerOptions
 from tests.fake_services import FakeVisionServicer, fake_stack
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "models" / "tiny"
 BOUND = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tiny_vlm_dir, tiny_audio_dir, tmp_path_factory) -> Path:
+    """A folder with models/tiny/{vlm,audio} laid out as `make tiny-models` writes them (links to the session's
+    tiny checkpoints, so a fresh checkout needs no `make tiny-models` first)."""
+    root = tmp_path_factory.mktemp("first-hour")
+    tiny = root / "models" / "tiny"
+    tiny.mkdir(parents=True)
+    (tiny / "vlm").symlink_to(tiny_vlm_dir, target_is_directory=True)
+    (tiny / "audio").symlink_to(tiny_audio_dir, target_is_directory=True)
+    return root
 
 
 def free_port() -> int:
@@ -72,21 +83,22 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("argv, code, message", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
-def test_command_line_mistakes_end_in_one_line(workspace, capsys, argv, code, message):
+def test_command_line_mistakes_end_in_one_line(workspace, tiny_root, capsys, argv, code, message):
+    tiny = tiny_root / "models" / "tiny"
     if "--skip_vlm" in argv:
         write_description(workspace)
-    argv = [a.format(free=free_port(), tiny=TINY) for a in argv]
+    argv = [a.format(free=free_port(), tiny=tiny) for a in argv]
     try:
         got = cli.main(["--no_progress", *argv])
     except SystemExit as exc:  # argparse's own errors: usage line, then the message
         got = exc.code
     assert got == code
-    one_line_error(capsys.readouterr().err, message.format(tiny=TINY))
+    one_line_error(capsys.readouterr().err, message.format(tiny=tiny))
 
 
-def service(module: str, *args: str) -> subprocess.CompletedProcess:
+def service(module: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=BOUND,
-                          cwd=ROOT)
+                          cwd=cwd)
 
 
 # The services: (module, arguments, what the one line says). Each fails before any model loads.
@@ -104,12 +116,12 @@ SERVICE_CASES = [
 
 
 @pytest.mark.parametrize("module, argv, message", SERVICE_CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in SERVICE_CASES])
-def test_service_mistakes_end_in_one_line(module, argv, message):
+def test_service_mistakes_end_in_one_line(tiny_root, module, argv, message):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
-        done = service(module, *[a.format(busy=port) for a in argv])
+        done = service(module, *[a.format(busy=port) for a in argv], cwd=tiny_root)
     assert done.returncode == 2
     one_line_error(done.stderr, message.format(busy=port))
 
@@ -210,19 +222,20 @@ class RecordingServices:
         pass
 
 
-def test_resume_starts_only_the_models_it_needs(workspace, capsys, monkeypatch):
+def test_resume_starts_only_the_models_it_needs(workspace, tiny_root, capsys, monkeypatch):
+    tiny = tiny_root / "models" / "tiny"
     monkeypatch.setattr("i2s_cli.embedded.EmbeddedServices", RecordingServices)
     description = write_description(workspace)
-    argv = ["--no_progress", "--vlm_model", str(TINY / "vlm"), "--audio_model", str(TINY / "audio")]
+    argv = ["--no_progress", "--vlm_model", str(tiny / "vlm"), "--audio_model", str(tiny / "audio")]
     assert cli.main(argv) == 3
     assert RecordingServices.asked["vlm_model"] is None  # the description exists: no VLM to load
-    assert RecordingServices.asked["audio_model"] == str(TINY / "audio")
+    assert RecordingServices.asked["audio_model"] == str(tiny / "audio")
     err = capsys.readouterr().err
     one_line_error(err, "the audio service exited with code 1 while starting: RuntimeError: out of memory (its log: ")
     assert str(workspace / "service_logs") in err  # kept beside the results
     description.unlink()
     assert cli.main(argv) == 3
-    assert RecordingServices.asked["vlm_model"] == str(TINY / "vlm")
+    assert RecordingServices.asked["vlm_model"] == str(tiny / "vlm")
 
 
 async def test_ctrl_c_ends_with_a_summary_and_how_to_resume(workspace):
