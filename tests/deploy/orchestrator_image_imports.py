@@ -8,13 +8,16 @@ import importlib.abc
 import importlib.metadata as md
 import re
 import sys
+import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
 
 REQUIREMENTS = Path(__file__).resolve().parents[2] / "deploy" / "docker" / "orchestrator-requirements.txt"
-PROJECT = {"image_to_sound", "serving", "orchestrator", "vlm_service", "audio_service", "vlm_prompt", "gateway",
-           "i2s_formats", "i2s_client", "i2s_cli", "tests"}
+ROOT = REQUIREMENTS.parents[2]
+# The project's own top-level packages (the wheel's, from pyproject.toml) and the tests.
+PROJECT = {name.partition(".")[0] for name in
+           tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]} | {"tests"}
 
 
 def normalise(name: str) -> str:

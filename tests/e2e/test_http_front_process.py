@@ -9,9 +9,10 @@ import base64
 import os
 import signal
 import ssl
+import re
 import subprocess
 import sys
-import time
+import threading
 
 import httpx
 import pytest
@@ -24,6 +25,45 @@ TOKEN = "process-http-token"
 START_TIMEOUT = 60
 
 
+class ProcessOutput:
+    """Reads the child's log lines as it writes them (a thread on its stdout pipe), keeps them in a file, and
+    lets the test wait for a line: synchronising on what the process says, not on time."""
+
+    def __init__(self, process: subprocess.Popen, log_path):
+        self.lines: list[str] = []
+        self.ended = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(process, log_path), daemon=True)
+        self._thread.start()
+
+    def _read(self, process, log_path) -> None:
+        with open(log_path, "w") as log:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                with self._changed:
+                    self.lines.append(line)
+                    self._changed.notify_all()
+        with self._changed:
+            self.ended = True
+            self._changed.notify_all()
+
+    def join(self, timeout: float = 30) -> None:
+        """Until the child's output has ended (its pipe closes when it exits)."""
+        self._thread.join(timeout)
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = START_TIMEOUT) -> re.Match:
+        """The first line from index `after` on that matches `pattern`; fails if the process ends first."""
+        def found():
+            return next((m for m in map(re.compile(pattern).search, self.lines[after:]) if m), None)
+
+        with self._changed:
+            assert self._changed.wait_for(lambda: found() or self.ended, timeout), f"no line like {pattern!r}"
+            match = found()
+        assert match, f"the process ended without a line like {pattern!r}:\n{''.join(self.lines)[-3000:]}"
+        return match
+
+
 @pytest.fixture(scope="module")
 def orchestrator_process(tmp_path_factory):
     folder = tmp_path_factory.mktemp("http-front")
@@ -31,33 +71,30 @@ def orchestrator_process(tmp_path_factory):
     server, client = ca.issue("server", server=True), ca.issue("client", server=False)
     (folder / "tokens").write_text(f"{TOKEN}\n")
     port_file = folder / "http-port"
-    log = open(folder / "log", "wb")
     (folder / "tmp").mkdir()  # the process's TMPDIR: where its private socket folder is made
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "--vlm", "127.0.0.1:1", "--audio", "127.0.0.1:2", "--host", "127.0.0.1",
          "--port", "0", "--http-port", "0", "--http-port-file", str(port_file), "--tls-cert-file", str(server.cert),
          "--tls-key-file", str(server.key), "--tls-client-ca-file", str(ca.cert_file),
          "--auth-tokens-file", str(folder / "tokens"), "--http-tls-check-seconds", "0.2"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "TMPDIR": str(folder / "tmp")})
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "TMPDIR": str(folder / "tmp")})
+    output = ProcessOutput(process, folder / "log")
     try:
-        give_up = time.monotonic() + START_TIMEOUT
-        while not (port_file.exists() and port_file.read_text().strip()):
-            assert process.poll() is None, (folder / "log").read_text()
-            assert time.monotonic() < give_up, "no HTTP port file"
-            time.sleep(0.05)  # polling a file the child writes: there is nothing to wait on
+        port = output.wait_for(r"HTTP front on 127\.0\.0\.1:(\d+)").group(1)  # logged after the port file is written
+        assert port_file.read_text().strip() == port
         assert [p.name for p in (folder / "tmp").iterdir()][0].startswith("i2s-orchestrator-")
         context = ssl.create_default_context(cafile=str(ca.cert_file))
         context.load_cert_chain(str(client.cert), str(client.key))
-        yield process, f"https://127.0.0.1:{int(port_file.read_text())}", context, str(ca.cert_file), folder
+        yield process, f"https://127.0.0.1:{port}", context, str(ca.cert_file), folder, output
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
-        log.close()
 
 
 async def test_page_over_http2_with_the_grpc_ports_tls(orchestrator_process):
-    _, base, context, ca_file, _ = orchestrator_process
+    _, base, context, ca_file, _, _ = orchestrator_process
     async with httpx.AsyncClient(http2=True, verify=context, timeout=30) as client:
         page = await client.get(base + "/")
         module = await client.get(base + "/static/app.js")
@@ -72,7 +109,7 @@ async def test_page_over_http2_with_the_grpc_ports_tls(orchestrator_process):
 
 
 async def test_calls_go_through_the_grpc_servers_token_check_and_error_mapping(orchestrator_process):
-    _, base, context, _, _ = orchestrator_process
+    _, base, context, _, _, _ = orchestrator_process
     body = '{"image": {"data": "%s"}, "options": {"skipAudio": true}}' % base64.b64encode(png()).decode()
     async with httpx.AsyncClient(http2=True, verify=context, timeout=30) as client:
         refused = await client.post(base + "/v1/image-to-sound", content=body,
@@ -86,7 +123,8 @@ async def test_calls_go_through_the_grpc_servers_token_check_and_error_mapping(o
 
 
 async def test_a_rotated_certificate_is_served_without_a_restart(orchestrator_process):
-    _, base, context, _, folder = orchestrator_process
+    _, base, context, _, folder, output = orchestrator_process
+    seen = len(output.lines)
     new_ca = CertificateAuthority(folder / "next", "ca-next")
     issued = new_ca.issue("server", server=True)
     # As a Secret volume updates: each file replaced whole (the key first: the half-rotated pair is refused).
@@ -94,23 +132,19 @@ async def test_a_rotated_certificate_is_served_without_a_restart(orchestrator_pr
     os.replace(issued.cert, folder / "server.crt")
     trusting_new = ssl.create_default_context(cafile=str(new_ca.cert_file))
     trusting_new.load_cert_chain(str(folder / "client.crt"), str(folder / "client.key"))  # still the old CA's client
-    give_up = time.monotonic() + START_TIMEOUT
-    while True:  # until the next check loads the files (every 0.2 s here); bounded
-        try:
-            async with httpx.AsyncClient(http2=True, verify=trusting_new, timeout=5) as client:
-                response = await client.get(base + "/")
-            break
-        except httpx.ConnectError:
-            assert time.monotonic() < give_up, "the HTTP port never served the new certificate"
-            await asyncio.sleep(0.1)  # polling a reload that has no event to wait on
+    # The front checks its files every 0.2 s here and says when it has loaded them.
+    await asyncio.to_thread(output.wait_for, "HTTP port: TLS certificate reloaded", seen)
+    async with httpx.AsyncClient(http2=True, verify=trusting_new, timeout=5) as client:
+        response = await client.get(base + "/")
     assert response.status_code == 200 and response.http_version == "HTTP/2"
 
 
 async def test_sigterm_stops_both_ports_and_removes_the_private_socket(orchestrator_process):
-    process, base, context, _, folder = orchestrator_process
+    process, base, context, _, folder, output = orchestrator_process
     process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait, 60) == 0
-    log = (folder / "log").read_text()
+    output.join()
+    log = "".join(output.lines)
     assert "Traceback" not in log, log[-3000:]
     assert list((folder / "tmp").iterdir()) == []  # the private socket's folder is gone
     with pytest.raises(httpx.ConnectError):

@@ -198,13 +198,13 @@ async def test_resume_says_when_settings_changed(workspace, capsys):
     assert "pass --overwrite to redo them" in err
 
 
-class RecordingServices:
+class FakeServicesRecording:
     """Stands in for EmbeddedServices to see which models a run asks for; its start fails like a dying service."""
 
     asked: dict = {}
 
     def __init__(self, **kwargs):
-        RecordingServices.asked = kwargs
+        FakeServicesRecording.asked = kwargs
         self.logs = Path(kwargs["logs_dir"] or "unused")
 
     def start(self):
@@ -224,18 +224,18 @@ class RecordingServices:
 
 def test_resume_starts_only_the_models_it_needs(workspace, tiny_root, capsys, monkeypatch):
     tiny = tiny_root / "models" / "tiny"
-    monkeypatch.setattr("i2s_cli.embedded.EmbeddedServices", RecordingServices)
+    monkeypatch.setattr("i2s_cli.embedded.EmbeddedServices", FakeServicesRecording)
     description = write_description(workspace)
     argv = ["--no_progress", "--vlm_model", str(tiny / "vlm"), "--audio_model", str(tiny / "audio")]
     assert cli.main(argv) == 3
-    assert RecordingServices.asked["vlm_model"] is None  # the description exists: no VLM to load
-    assert RecordingServices.asked["audio_model"] == str(tiny / "audio")
+    assert FakeServicesRecording.asked["vlm_model"] is None  # the description exists: no VLM to load
+    assert FakeServicesRecording.asked["audio_model"] == str(tiny / "audio")
     err = capsys.readouterr().err
     one_line_error(err, "the audio service exited with code 1 while starting: RuntimeError: out of memory (its log: ")
     assert str(workspace / "service_logs") in err  # kept beside the results
     description.unlink()
     assert cli.main(argv) == 3
-    assert RecordingServices.asked["vlm_model"] == str(tiny / "vlm")
+    assert FakeServicesRecording.asked["vlm_model"] == str(tiny / "vlm")
 
 
 async def test_ctrl_c_ends_with_a_summary_and_how_to_resume(workspace):
