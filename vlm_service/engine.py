@@ -17,10 +17,11 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
   first ``Lb`` cache slots (a length bucket). Shapes come from the small fixed bucket sets only, so the
   step can be captured once per shape at warm-up (:mod:`vlm_service.model_runner`).
 - **Host work per step** (what runs on the CPU besides the forward, in the manner of vLLM v1 / SGLang):
-  the step's inputs are written into one preallocated buffer and sent in one copy; the forward is
-  launched, and while it runs the grammar masks of every row that chooses are filled in one batched call
-  (xgrammar's ``BatchGrammarMatcher``); then, on the device, the repetition penalty (over each row's token
-  history, fed from the step's own inputs), the mask, the argmax or a sampled row's draw
+  the step's inputs are written into one preallocated buffer and sent in one copy; the grammar masks of
+  every row that chooses are filled in one batched call (xgrammar's ``BatchGrammarMatcher``) on the
+  engine's grammar thread *while the forward runs* (xgrammar releases the GIL, so this overlaps on CPU
+  too, where the forward itself is synchronous); then, on the device, the repetition penalty (over each
+  row's token history, fed from the step's own inputs), the mask, the argmax or a sampled row's draw
   (:class:`~vlm_service.decoding.DeviceSampler`); one host read of the chosen tokens per step.
 - **Jump-forward.** Where the grammar forces the continuation, tokens are appended without a model step
   each: they ride along in the row's next forward (``T > 1``). "exact" appends a token only when the grammar
@@ -42,6 +43,7 @@ import logging
 import secrets
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -205,6 +207,8 @@ class DecodeEngine:
             self.device_bitmask = torch.empty_like(self.bitmask, device=self.device)
         self._mask_words = self.bitmask.numpy()  # the CPU path reads the masks' bits directly
         self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=max(1, torch.get_num_threads()))
+        # The grammar thread: fills the masks of a step while the model thread runs its forward.
+        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="vlm-grammar")
         self._jump_mask = xgr.allocate_token_bitmask(1, vocab_size)  # jump-forward "exact" looks at its words
         self._jump_words = self._jump_mask.numpy()[0]
         self.prefix_ids = list(prefix_ids) if options.prefix_cache else []
@@ -384,24 +388,25 @@ class DecodeEngine:
             inp.host_tokens[r.slot, :n] = r.feed[:n]
             inp.host_history_at[r.slot, :n] = r.length + self._offsets[:n]
             inp.host_base[r.slot], inp.host_delta[r.slot], inp.host_last[r.slot] = r.length, r.delta, n - 1
+        # Rows whose whole feed goes through this step choose after it: their grammars already hold every
+        # token fed, so their masks can be filled now, on the grammar thread, while the forward runs.
+        picks = [(r.slot, r) for r, n in zip(live, counts) if n == len(r.feed)]
+        masks = self._fill_masks(picks, wait=False)
         forward_started = time.perf_counter()
         logits = self.runner.decode(batch, width, span)  # launched (asynchronous on CUDA)
         forward_s = time.perf_counter() - forward_started + chunk_s
         self.model_steps += 1
         self.peak_rows = max(self.peak_rows, len(live))
 
-        picks = []
         for r, n in zip(live, counts):
             r.length += n
             r.steps += 1
             del r.feed[:n]
-            if not r.feed:  # the whole feed went through: the logits at its end are a real choice
-                picks.append((r.slot, r))
         # The tokens that went in this step join their rows' repetition-penalty state (padding -> spare columns).
         tokens, history_at, *_ = self.inputs.views(batch, width)
         history = self.history[:batch]
         history.scatter_(1, history_at, tokens)
-        self._choose(logits, picks, history[:, :span])
+        self._choose(logits, picks, history[:, :span], masks)
         self._finish_rows()
         self.times.add(len(live), time.perf_counter() - started, forward_s)
 
@@ -412,23 +417,37 @@ class DecodeEngine:
                 if reason is not None:
                     r.finished = reason
 
-    def _choose(self, logits, picks: list[tuple[int, _Row]], history) -> None:
+    def _fill_masks(self, picks: list[tuple[int, _Row]], wait: bool = True) -> Future | None:
+        """The grammar masks of every row in ``picks`` into :attr:`bitmask` (row ``i`` of each pair), in one
+        batched call on the grammar thread; with ``wait=False`` the caller joins the returned future later."""
+        if not picks:
+            return None
+        done = self._grammar_thread.submit(self.batch_matcher.batch_fill_next_token_bitmask,
+                                           [r.matcher for _, r in picks], self.bitmask, [i for i, _ in picks])
+        if wait:
+            done.result()
+            return None
+        return done
+
+    def _choose(self, logits, picks: list[tuple[int, _Row]], history, masks: Future | None = None) -> None:
         """Next token of each row in ``picks`` ((row of ``logits``, row)): repetition penalty, grammar mask,
         sampler (generate()'s order). ``history``: token ids to penalise, one row per row of ``logits``
-        (gathered and scattered back, as generate() does: the work is the rows' length, not the vocabulary)."""
+        (gathered and scattered back, as generate() does: the work is the rows' length, not the vocabulary).
+        ``masks``: the fill of the picks' masks started before the forward (None: fill them now)."""
         import torch
 
         if not picks:
             return
         rows = int(logits.shape[0])
-        # Grammar masks of every choosing row in one call, on the CPU, while the device runs the forward.
-        self.batch_matcher.batch_fill_next_token_bitmask([r.matcher for _, r in picks], self.bitmask,
-                                                         [i for i, _ in picks])
         scores = logits.float()
         if self.penalty != 1.0:
             picked = scores.gather(1, history)
             scores.scatter_(1, history, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
         sampled = [(i, row) for i, row in picks if row.sampler is not None]
+        if masks is None:
+            self._fill_masks(picks)
+        else:
+            masks.result()  # the fill started before the forward (re-raises its error)
         if self.device.type == "cpu":
             chosen = self._choose_on_cpu(scores, picks, sampled)
         else:
@@ -445,19 +464,18 @@ class DecodeEngine:
                 self._jump_forward(row)
 
     def _choose_on_cpu(self, scores, picks: list[tuple[int, _Row]], sampled: list[tuple[int, _Row]]) -> list[int]:
-        """The logits already are host memory: numpy's vectorised argmax (~25x torch's on one thread), and the
-        grammar mask looked up only where the plain argmax is not allowed (where it is, it is also the masked
-        argmax: the first index of the maximum among the allowed tokens). Sampled rows get the masked scores."""
+        """The logits already are host memory: the greedy rows' masked argmax in numpy, all rows at once
+        (:mod:`vlm_service.masked_argmax`: only the allowed tokens where the grammar allows few, the plain
+        argmax checked against the mask where it allows many). Sampled rows draw from the masked scores."""
         import torch
 
+        from vlm_service.masked_argmax import masked_argmax
+
         host = scores.numpy()  # the step's one read
-        chosen = host.argmax(axis=-1)
-        words = self._mask_words
-        for i, row in picks:
-            token = int(chosen[i])
-            if row.sampler is None and not (int(words[i, token >> 5]) >> (token & 31)) & 1:
-                bits = np.unpackbits(words[i].view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
-                chosen[i] = np.where(bits, host[i], -np.inf).argmax()
+        chosen = np.zeros(host.shape[0], dtype=np.int64)
+        greedy = [i for i, row in picks if row.sampler is None]
+        if greedy:
+            chosen[greedy] = masked_argmax(host, self._mask_words, greedy, self.vocab_size)
         if sampled:
             self._apply_mask(scores, self.bitmask[: scores.shape[0]], [i for i, _ in sampled])
             drawn = torch.from_numpy(chosen)
@@ -548,6 +566,10 @@ class DecodeEngine:
             if r is not None:
                 self.rows[i] = None
                 r.req.deliver(Failed(exc))
+
+    def close(self) -> None:
+        """Stop the grammar thread (the backend's release; no step may run after this)."""
+        self._grammar_thread.shutdown(wait=True)
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for r in self.rows:

@@ -310,6 +310,8 @@ class TransformersVisionBackend(VisionBackend):
     def _release_on_thread(self) -> None:
         self._loaded = False
         cuda = bool(self.device and self.device.startswith("cuda"))
+        if self.engine is not None:
+            self.engine.close()
         self.engine = self.model = self.tokenizer = self.image_processor = self._grammar = None
         if cuda:
             import torch
