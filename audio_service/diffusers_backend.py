@@ -271,17 +271,19 @@ class DiffusersAudioBackend(AudioBackend):
         request so CLAP scoring is warm too. With `compile` set this is where compiling happens."""
         started = time.perf_counter()
         durations = self.duration_buckets or (self.warmup_duration_seconds,)
+        # Eager kernels only need their first call (lazy initialisation); every step is the same UNet call.
+        steps = WARMUP_STEPS if self.compile_mode != "none" else 1
         self.warmed_shapes = []
         for duration in durations:
             for size in self.warmup_batch_sizes:
                 self._generate_candidates([
-                    AudioRequest(prompt=f"warm up {i}", duration_seconds=duration, num_inference_steps=WARMUP_STEPS,
+                    AudioRequest(prompt=f"warm up {i}", duration_seconds=duration, num_inference_steps=steps,
                                  seed=i, negative_prompt="warm up negative" if i % 2 else "")
                     for i in range(size)
                 ])
                 self.warmed_shapes.append((duration, size))
         self._generate_candidates([AudioRequest(prompt="warm up", duration_seconds=durations[0],
-                                                num_inference_steps=2, seed=0, num_candidates=2)])
+                                                num_inference_steps=min(steps, 2), seed=0, num_candidates=2)])
         log.info("warm-up (compile=%s) of %d shapes in %.1f s", self.compile_mode, len(self.warmed_shapes),
                  time.perf_counter() - started)
 

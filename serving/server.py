@@ -10,7 +10,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, NoReturn, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -244,3 +244,19 @@ def serve_model_service(name: str, kind: str, config: Any, *, in_process_backend
         await run_until_signal(server, lambda: asyncio.to_thread(load_and_warm, backend), close)
 
     asyncio.run(serve())
+    leave_after_orderly_shutdown()
+
+
+def leave_after_orderly_shutdown() -> NoReturn:
+    """End a model service whose servers have stopped and whose backend is closed: export the buffered spans,
+    flush the logs, and exit without the interpreter's teardown, which spends ~0.7-1 s of CPU taking torch,
+    transformers and diffusers apart module by module for memory the OS takes back anyway (it held up every
+    embedded run's exit, and a pod's). An error or a signal before this point exits the ordinary way."""
+    import os
+    import sys
+
+    tracing.shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)

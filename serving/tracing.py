@@ -61,6 +61,12 @@ def setup(service: str, options: TelemetryOptions) -> None:
     _tracer = _provider.get_tracer(TRACER_NAME)
 
 
+def shutdown() -> None:
+    """Export the spans still buffered and stop the exporter (a process about to leave without atexit)."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
 def _traced(method: str) -> bool:
     return not method.lstrip("/").startswith(_NOT_TRACED)
 

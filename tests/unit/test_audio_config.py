@@ -19,9 +19,9 @@ def test_fast_path_flags_reach_the_config():
     assert (plain.compile, plain.duration_buckets, plain.max_batch_size) == ("none", (), 0)
 
 
-def test_batch_size_default_follows_the_device():
+def test_batch_size_default_is_8_unless_set():
     assert effective_max_batch_size(AudioConfig(device="cuda:1")) == 8
-    assert effective_max_batch_size(AudioConfig(device="cpu")) == 4
+    assert effective_max_batch_size(AudioConfig(device="cpu")) == 8  # a batch is cheaper per clip on CPU too
     assert effective_max_batch_size(AudioConfig(device="cuda", max_batch_size=3)) == 3
 
 

@@ -42,6 +42,40 @@ def test_log_mel_puts_a_tone_in_its_mel_band():
     assert abs(loudest - 1000.0) < (centres[2] - centres[1]) * 3
 
 
+@pytest.mark.filterwarnings("ignore:At least one mel filter")  # the 30-sample clip: 9 bins for 64 bands
+@pytest.mark.parametrize("samples, rate", [(16000, 16000), (32000, 16000), (700, 16000), (30, 16000), (22050, 22050)])
+def test_log_mel_equals_transformers_audio_utils(samples, rate):
+    """The numpy log-mel is the one transformers computes (what the gallery used before): same framing,
+    window, filters and dB floor, on noise with a tone, long and short clips, another rate."""
+    from transformers.audio_utils import mel_filter_bank, spectrogram, window_function
+
+    t = np.arange(samples) / rate
+    waveform = (0.3 * np.sin(2 * np.pi * 700 * t) + 0.05 * np.random.default_rng(0).standard_normal(samples))
+    waveform = waveform.astype(np.float32)
+    n_fft = min(gallery.N_FFT, 1 << max(samples.bit_length() - 1, 4))
+    filters = mel_filter_bank(num_frequency_bins=n_fft // 2 + 1, num_mel_filters=gallery.N_MELS, min_frequency=0.0,
+                              max_frequency=rate / 2, sampling_rate=rate, mel_scale="htk")
+    want = spectrogram(waveform, window_function(n_fft, "hann"), frame_length=n_fft,
+                       hop_length=max(1, int(gallery.HOP_SECONDS * rate)), power=2.0, mel_filters=filters,
+                       log_mel="dB", db_range=gallery.DB_RANGE)
+    got = gallery.log_mel(waveform, rate)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+def test_writing_a_gallery_imports_no_model_library(tmp_path):
+    import subprocess
+    import sys
+
+    result = tmp_path / "result"
+    image_folder(result, "cup", [clip("01_a.wav")])
+    code = ("import sys; from i2s_cli.gallery import write_gallery; write_gallery(sys.argv[1]); "
+            "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(result)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert (result / "cup" / gallery.SPECTROGRAM_DIR / "01_a.png").is_file()
+
+
 def test_nothing_to_show_writes_nothing(tmp_path):
     assert gallery.write_gallery(tmp_path) is None and not (tmp_path / "index.html").exists()
 
