@@ -28,7 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from i2s_client import ImageResult, ImageToSoundClient, OrchestratorUnavailable, make_request, to_image
-from i2s_cli.gallery import write_gallery
+from i2s_cli.gallery import SpectrogramDrawer, write_gallery
 from i2s_cli.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
 from serving.security import SecurityConfigError
@@ -266,8 +266,9 @@ class Progress:
 class Writer:
     """Turns one image's events into the seed's files as they arrive."""
 
-    def __init__(self, job: Job, args: argparse.Namespace, progress: Progress):
-        self.job, self.args, self.progress = job, args, progress
+    def __init__(self, job: Job, args: argparse.Namespace, progress: Progress,
+                 spectrograms: SpectrogramDrawer | None = None):
+        self.job, self.args, self.progress, self.spectrograms = job, args, progress, spectrograms
         job.result = ImageResult(job.key)
 
     def handle(self, event: pb.ImageToSoundEvent) -> None:
@@ -288,6 +289,8 @@ class Writer:
                 self.progress.clips.update(1)
             clip.payloads.clear()  # written: free the memory
             log.info("%s: clip %s", job.key, path)
+            if self.spectrograms is not None:
+                self.spectrograms.submit(path)
         elif kind == "clip_failed":
             self.progress.clips.update(1)
             log.error("%s: clip %s failed: %s", job.key, event.clip_failed.clip.file_name, event.clip_failed.message)
@@ -363,7 +366,8 @@ def process(jobs: list[Job], target: str, args: argparse.Namespace) -> None:
     todo = [j for j in jobs if not j.skip_reason and not j.error]
     bars = not args.no_progress and sys.stderr.isatty()
     progress = Progress(len(todo), audio=not args.skip_audio, enabled=bars)
-    writers = {job.key: Writer(job, args, progress) for job in todo}
+    spectrograms = None if args.skip_audio else SpectrogramDrawer()  # for the gallery, drawn as clips come
+    writers = {job.key: Writer(job, args, progress, spectrograms) for job in todo}
     try:
         # The embedded services listen on loopback in plaintext; the flags are for --orchestrator.
         secure = dict(tls_ca_file=args.tls_ca_file, tls_cert_file=args.tls_cert_file, tls_key_file=args.tls_key_file,
@@ -384,6 +388,8 @@ def process(jobs: list[Job], target: str, args: argparse.Namespace) -> None:
             job.error = f"not started: {exc}"
     finally:
         progress.close()
+        if spectrograms is not None:
+            spectrograms.close()
 
 
 def wait_for_orchestrator(client: ImageToSoundClient, args: argparse.Namespace) -> None:

@@ -131,6 +131,41 @@ def _clip_view(result_dir: Path, folder: Path, entry: dict[str, Any], painter: "
                     anchor=f"{folder.name}/{wav.stem}")
 
 
+class SpectrogramDrawer:
+    """Draws each clip's spectrogram as soon as the clip is written, on a thread of its own at a low CPU
+    priority (the services come first; it uses what they leave idle), so the gallery at the end of a run
+    finds them drawn instead of drawing them all then. ``close`` waits for the ones still queued."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._painter = _Lazy(SpectrogramPainter)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="spectrograms", initializer=_lower_priority)
+
+    def submit(self, wav: Path) -> None:
+        self._pool.submit(self._draw, Path(wav))
+
+    def _draw(self, wav: Path) -> None:
+        try:
+            _spectrogram(wav, self._painter)
+        except Exception as exc:  # noqa: BLE001 - the gallery tries again, and says why if it fails too
+            log.debug("spectrogram of %s not drawn yet: %s", wav, exc)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _lower_priority() -> None:
+    """This thread only (Linux schedules threads one by one): nice 10. Elsewhere it stays as it is."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+
+
 def _spectrogram(wav: Path, painter: "_Lazy") -> Path:
     """The clip's spectrogram PNG, drawn unless it exists and is newer than the WAV."""
     png = wav.parent / SPECTROGRAM_DIR / (wav.stem + ".png")

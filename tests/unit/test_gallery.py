@@ -135,3 +135,17 @@ def test_the_blitted_spectrogram_is_the_full_redraw_pixel_for_pixel(tmp_path):
         painter.figure.savefig(tmp_path / "full.png", format="png")
         full = np.asarray(Image.open(tmp_path / "full.png").convert("RGBA"))
         assert fast.shape == full.shape and np.array_equal(fast, full), (seconds, hertz)
+
+
+def test_the_drawer_draws_each_clip_as_it_comes_and_the_gallery_keeps_them(tmp_path):
+    result = tmp_path / "result"
+    folder = image_folder(result, "cup", [clip("01_a.wav"), clip("02_b.wav", _hertz=3000.0)])
+    drawer = gallery.SpectrogramDrawer()
+    for name in ("01_a.wav", "02_b.wav"):
+        drawer.submit(folder / name)
+    drawer.submit(folder / "03_never_written.wav")  # a clip that is not there: nothing drawn, nothing raised
+    drawer.close()  # waits for what was queued
+    pngs = {p.name: p.stat().st_mtime_ns for p in (folder / gallery.SPECTROGRAM_DIR).glob("*.png")}
+    assert set(pngs) == {"01_a.png", "02_b.png"}
+    gallery.write_gallery(result)  # finds them drawn and newer than their clips: draws none again
+    assert {p.name: p.stat().st_mtime_ns for p in (folder / gallery.SPECTROGRAM_DIR).glob("*.png")} == pngs
