@@ -41,8 +41,9 @@ class VlmConfig:
     engine_capture: str = setting("auto", "decode step: auto (CUDA graphs on CUDA, eager elsewhere; eager if "
                                   "capture fails at warm-up), none (eager), torch.compile reduce-overhead, CUDA graphs",
                                   choices=["auto", "none", "compile", "cuda-graph"])
-    engine_attention: str = setting("gqa", "attention over the row cache: gqa (K/V heads read once) or model "
-                                    "(transformers' own, repeats K/V)", choices=["gqa", "model"])
+    engine_attention: str = setting("gqa", "attention over the row cache: gqa (K/V heads read once, over the "
+                                    "length bucket), flex (FlexAttention over each row's own length; compiled on "
+                                    "CUDA) or model (transformers' own, repeats K/V)", choices=["gqa", "flex", "model"])
     engine_prefill_chunk: int = setting(512, "prompt tokens prefilled per step while other requests decode "
                                         "(0: a whole prompt at once, stalling them)")
     engine_jump_forward: str = setting("exact", "grammar-forced tokens without a model step (retokenize: more, "

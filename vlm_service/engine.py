@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 JUMP_FORWARD_MODES = ("off", "exact", "retokenize")
 CAPTURE_MODES = ("auto", "none", "compile", "cuda-graph")
-ATTENTION_MODES = ("gqa", "model")
+ATTENTION_MODES = ("gqa", "flex", "model")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,8 @@ class EngineOptions:
     capture: str = "auto"  # auto (cuda-graph on CUDA, none elsewhere) | none | compile | cuda-graph
     jump_forward: str = "exact"  # off | exact | retokenize
     prefix_cache: bool = True  # reuse the KV of the prompt text before the image
-    attention: str = "gqa"  # gqa: K/V heads read once (vlm_service.attention) | model: the model's own (repeats K/V)
+    attention: str = "gqa"  # gqa: K/V heads read once, over the length bucket | flex: over each row's length
+    #                         (vlm_service.attention) | model: the model's own (repeats K/V)
     prefill_chunk: int = 0  # prompt tokens prefilled per step while others decode (0: the whole prompt at once)
     compile_backend: str | None = None  # torch.compile backend (None: inductor); tests use "eager" on CPU
 

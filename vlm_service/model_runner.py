@@ -88,10 +88,15 @@ class ModelRunner:
         self.capture = resolve_capture(options.capture, self.device.type)
         if self.capture == "cuda-graph" and self.device.type != "cuda":
             raise ValueError("capture=cuda-graph needs a CUDA device")
-        if options.attention == "gqa":
+        if options.attention in ("gqa", "flex"):
             from vlm_service.attention import use_row_cache_attention
 
-            use_row_cache_attention(model)
+            use_row_cache_attention(model, options.attention)
+        if options.attention == "flex" and any(b % 128 for b in options.length_buckets):
+            raise ValueError("attention=flex needs length buckets that are multiples of 128")
+        self.block_masks = options.attention == "flex"
+        if self.block_masks and self.device.type == "cuda":
+            self._allow_recompiles()  # flex_attention is compiled once per step shape
         attn = getattr(model.config.text_config, "_attn_implementation", "sdpa")
         self.additive_mask = attn == "eager"
         self.inputs = StepInputs(options.max_batch, options.token_buckets[-1], self.device)
@@ -110,17 +115,21 @@ class ModelRunner:
         elif self.device.type == "cuda":
             kwargs["mode"] = "reduce-overhead"
         self._compiled = torch.compile(self._forward, **kwargs)
-        # One compiled graph per bucket shape: dynamo's default limit (8) would quietly fall back to eager.
+        self._allow_recompiles()
+        if self.device.type == "cuda":
+            for k, v in zip(self.cache.keys, self.cache.values):  # fixed addresses: no copies into graph inputs
+                torch._dynamo.mark_static_address(k)
+                torch._dynamo.mark_static_address(v)
+
+    def _allow_recompiles(self) -> None:
+        """One compiled graph per bucket shape (the step's, or flex attention's): dynamo's default limit (8)
+        would quietly fall back to eager after the eighth."""
         import torch._dynamo.config as dynamo_config
 
         needed = len(self.shapes()) + 8
         for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
             if getattr(dynamo_config, name, needed) < needed:
                 setattr(dynamo_config, name, needed)
-        if self.device.type == "cuda":
-            for k, v in zip(self.cache.keys, self.cache.values):  # fixed addresses: no copies into graph inputs
-                torch._dynamo.mark_static_address(k)
-                torch._dynamo.mark_static_address(v)
 
     # -- the forward -------------------------------------------------------------------------------
 
@@ -138,10 +147,15 @@ class ModelRunner:
         at slots ``base[b] ..``; positions ``slot + delta[b]`` (Qwen2.5-VL text tokens: same on all 3 axes)."""
         write = base[:, None] + self._slots[None, :width]  # [B, T]
         positions = (write + delta[:, None]).unsqueeze(0).expand(3, -1, -1)  # [3, B, T]
-        allowed = self._slots[None, None, None, :span] <= write[:, None, :, None]  # [B, 1, T, Lb]
+        if self.block_masks:  # each row's real length, in 128-slot blocks (vlm_service.attention)
+            from vlm_service.attention import row_block_mask
+
+            mask = row_block_mask(write, span)
+        else:
+            mask = self._mask(self._slots[None, None, None, :span] <= write[:, None, :, None])  # [B, 1, T, Lb]
         view = self.cache.view(slice(0, batch), write, span)
         out = self.model.model(input_ids=tokens, position_ids=positions, past_key_values=view, use_cache=True,
-                               attention_mask={"full_attention": self._mask(allowed)})
+                               attention_mask={"full_attention": mask})
         # The LM head only where a choice is made (one position per row): a [B*T, vocab] head would cost
         # T times the work and memory for logits nobody reads.
         return self.model.lm_head(out.last_hidden_state[self._rows[:batch], last])

@@ -267,15 +267,16 @@ def test_a_full_queue_refuses_with_overloaded(tiny_vlm_dir):
 
 
 def test_the_attention_paths_give_the_same_tokens(tiny_vlm_dir, reference_tokens):
-    """The engine's grouped-query attention (K/V heads read once, the default) is what the layers call, and
-    the model's own attention (K/V repeated per query head) gives the same tokens: both are generate()'s."""
-    from vlm_service.attention import NAME
+    """The engine's grouped-query attention (K/V heads read once, the default) is what the layers call; the
+    FlexAttention path over each row's own length (eager flex_attention on CPU: the reference of its fused
+    kernel) and the model's own attention (K/V repeated per query head) give the same tokens: generate()'s."""
+    from vlm_service.attention import FLEX_NAME, NAME
 
-    for attention in ("gqa", "model"):
+    for attention in ("gqa", "flex", "model"):
         b = _backend(tiny_vlm_dir, _options(attention=attention, batch_buckets=(1, 2), max_batch=2))
         try:
             config = b.model.model.language_model.config
-            assert (config._attn_implementation == NAME) is (attention == "gqa")
+            assert config._attn_implementation == {"gqa": NAME, "flex": FLEX_NAME}.get(attention, "sdpa")
             assert b.model.config.vision_config._attn_implementation != NAME
             both = [_submit(b, IMAGES[0], 40), _submit(b, IMAGES[2], 120)]
             _wait(*both)
