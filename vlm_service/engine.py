@@ -211,7 +211,8 @@ class DecodeEngine:
         # The grammar thread: fills the masks of a step while the model thread runs its forward.
         self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="vlm-grammar")
         self._jump_mask = xgr.allocate_token_bitmask(1, vocab_size)  # jump-forward "exact" looks at its words
-        self._jump_words = self._jump_mask.numpy()[0]
+        words = self._jump_mask.numpy()[0]  # scanned as 64-bit words where they pair up: half the length
+        self._jump_words = words.view(np.uint64) if len(words) % 2 == 0 else words.view(np.uint32)
         self.prefix_ids = list(prefix_ids) if options.prefix_cache else []
         self._prefix_kv: list[tuple[Any, Any]] | None = None
         self.model_steps = 0  # forwards run (prefills and prefill chunks included), for stats
@@ -543,16 +544,16 @@ class DecodeEngine:
             self._append(row, [token])
 
     def _only_allowed(self, matcher) -> int | None:
-        """The one token the grammar allows next, or None: looks at the mask's 32-bit words (a handful are
-        nonzero) instead of unpacking every token's bit."""
+        """The one token the grammar allows next, or None: looks at the mask's words (a handful are nonzero)
+        instead of unpacking every token's bit (bit order: little-endian hosts, as xgrammar's kernels)."""
         matcher.fill_next_token_bitmask(self._jump_mask)
         words = np.flatnonzero(self._jump_words)
         if len(words) != 1:
             return None
-        word = int(self._jump_words[words[0]]) & 0xFFFFFFFF
+        word = int(self._jump_words[words[0]])
         if word & (word - 1):  # more than one bit
             return None
-        return int(words[0]) * 32 + word.bit_length() - 1
+        return int(words[0]) * 8 * self._jump_words.itemsize + word.bit_length() - 1
 
     def _finish_rows(self) -> None:
         for i, r in enumerate(self.rows):
