@@ -50,11 +50,13 @@ def num_samples(duration_seconds: float, sample_rate_hertz: int) -> int:
     return int(round(duration_seconds * sample_rate_hertz))
 
 
-def check_batch(requests: Sequence[AudioRequest]) -> None:
-    """That the requests (valid by construction: i2s_formats.requests) can share one pipeline call."""
+def check_batch(requests: Sequence[AudioRequest],
+                key: Callable[[AudioRequest], tuple] = AudioRequest.batch_key) -> None:
+    """That the requests (valid by construction: i2s_formats.requests) can share one pipeline call: the same
+    ``key`` (by default the request's own; a backend with duration buckets passes its bucketed one)."""
     if not requests:
         raise ValueError("empty batch")
-    keys = {r.batch_key() for r in requests}
+    keys = {key(r) for r in requests}
     if len(keys) > 1:
         raise ValueError(
             "requests in one batch must share duration, steps, guidance, scheduler and num_candidates; got "

@@ -53,6 +53,7 @@ from audio_service.backend import (
     BackendCancelled,
     StepCallback,
     StopCheck,
+    check_batch,
     num_samples,
 )
 from serving import tracing
@@ -357,17 +358,6 @@ class DiffusersAudioBackend(AudioBackend):
                  * 2 ** int(getattr(pipe.unet, "num_upsamplers", 0)))
         return -(-n // align) * align
 
-    def _check_batch(self, requests: list[AudioRequest]) -> None:
-        """Requests are valid by construction (i2s_formats.requests); only whether they share a call is left."""
-        if not requests:
-            raise ValueError("empty batch")
-        keys = {self.batch_key(r) for r in requests}
-        if len(keys) > 1:
-            raise ValueError(
-                "requests in one batch must share duration (bucket), steps, guidance, scheduler and "
-                "num_candidates; got " + "; ".join(str(k) for k in sorted(keys, key=str))
-            )
-
     def _generate_candidates(
         self,
         requests: Sequence[AudioRequest],
@@ -376,7 +366,7 @@ class DiffusersAudioBackend(AudioBackend):
         on_step: StepCallback | None = None,
     ) -> list[Candidates]:
         requests = list(requests)
-        self._check_batch(requests)
+        check_batch(requests, key=self.batch_key)
         import torch
 
         first = requests[0]

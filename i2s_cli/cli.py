@@ -31,12 +31,13 @@ from i2s_client import ImageResult, ImageToSoundClient, OrchestratorUnavailable,
 from i2s_cli.gallery import SpectrogramDrawer, write_gallery
 from i2s_cli.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
+from serving.images import EXTENSIONS
 from serving.security import SecurityConfigError
 from i2s_formats import requests
 from i2s_formats.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # what serving/images.py accepts
+IMAGE_EXTENSIONS = set(EXTENSIONS)  # what the services accept
 DESCRIPTION_SUFFIX = "_sound_source.json"
 DEFAULT_VLM_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 DEFAULT_AUDIO_MODEL = "cvssp/audioldm2"
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     audio.add_argument("--audio_seed", type=int, default=None, metavar="N",
                        help="random seed for every clip, to repeat a run (default: a new one per clip, recorded in "
                        "prompts.json)")
-    audio.add_argument("--audio_scheduler", choices=["dpm", "ddim"], default="dpm",
+    audio.add_argument("--audio_scheduler", choices=requests.SCHEDULERS, default="dpm",
                        help="denoising method (default: dpm; ddim with 200 steps is the original script's)")
     audio.add_argument("--num_candidates", type=int, default=1, metavar="N",
                        help="clips made per sound; the one that best matches its caption is kept (default: 1)")
@@ -234,7 +235,7 @@ def settings_from(args: argparse.Namespace) -> pb.StreamConfig:
         num_inference_steps=args.audio_steps,
         guidance_scale=args.audio_guidance,
         num_candidates=args.num_candidates,
-        scheduler=common_pb2.SCHEDULER_DDIM if args.audio_scheduler == "ddim" else common_pb2.SCHEDULER_DPM_SOLVER,
+        scheduler=requests.SCHEDULER_ENUM[args.audio_scheduler],
     )
     if args.audio_seed is not None:
         audio.seed = args.audio_seed
@@ -461,7 +462,7 @@ def warn_changed_settings(jobs: list[Job], args: argparse.Namespace) -> None:
     if args.skip_audio:
         return
     wanted = {"duration_seconds": round(args.audio_seconds, 3), "guidance": round(args.audio_guidance, 3),
-              "scheduler": "SCHEDULER_DDIM" if args.audio_scheduler == "ddim" else "SCHEDULER_DPM_SOLVER"}
+              "scheduler": common_pb2.Scheduler.Name(requests.SCHEDULER_ENUM[args.audio_scheduler])}
     if args.audio_steps:
         wanted["steps"] = args.audio_steps
     if args.audio_seed is not None:

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from serving.atomic_files import write_text_atomic
+from serving.atomic_files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -295,10 +295,9 @@ class SpectrogramPainter:
         self.axes.draw_artist(self.image)
         for spine in self.axes.spines.values():  # the frame goes over the image, as in a full draw
             self.axes.draw_artist(spine)
-        png.parent.mkdir(parents=True, exist_ok=True)
-        tmp = png.with_name(f".{png.name}.part")
-        Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(tmp, format="PNG")
-        tmp.replace(png)
+        with atomic_path(png) as tmp:
+            Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1).save(
+                tmp, format="PNG")
         return png
 
 

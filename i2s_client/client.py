@@ -217,8 +217,8 @@ def unavailable_message(target: str, waited: float, listening: bool) -> str:
             f"(README \"Phase 2\": i2s-vlm, i2s-audio, i2s-orchestrator), or check the host and port")
 
 
-class ImageToSoundClient:
-    """Blocking client. Thread-safe; keep one per process and reuse it."""
+class _Connection:
+    """What both clients hold: the target, the default timeout, the credentials, the channel and its stub."""
 
     def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS, *,
                  credentials: grpc.ChannelCredentials | None = None,
@@ -229,8 +229,18 @@ class ImageToSoundClient:
         self.target = target
         credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
         self._credentials = (credentials, call_credentials)
-        self._channel = channels.sync_channel(target, credentials, call_credentials)
+        self._channel = self._open_channel(target, credentials, call_credentials)
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+
+    def _open_channel(self, target: str, credentials, call_credentials):
+        raise NotImplementedError
+
+
+class ImageToSoundClient(_Connection):
+    """Blocking client. Thread-safe; keep one per process and reuse it."""
+
+    def _open_channel(self, target: str, credentials, call_credentials):
+        return channels.sync_channel(target, credentials, call_credentials)
 
     def wait_for_ready(self, timeout: float = 60.0) -> None:
         """Returns once the orchestrator says SERVING (its model services are loaded); until then a call
@@ -275,18 +285,11 @@ class ImageToSoundClient:
         self.close()
 
 
-class AsyncImageToSoundClient:
+class AsyncImageToSoundClient(_Connection):
     """asyncio client; same calls as ImageToSoundClient, as async iterators / coroutines."""
 
-    def __init__(self, target: str = "127.0.0.1:50050", timeout: float = DEFAULT_TIMEOUT_SECONDS, *,
-                 credentials: grpc.ChannelCredentials | None = None,
-                 call_credentials: grpc.CallCredentials | None = None, **security_files: str | None):
-        self.timeout = timeout
-        self.target = target
-        credentials, call_credentials = security_credentials(credentials, call_credentials, **security_files)
-        self._credentials = (credentials, call_credentials)
-        self._channel = channels.aio_channel(target, credentials, call_credentials)
-        self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
+    def _open_channel(self, target: str, credentials, call_credentials):
+        return channels.aio_channel(target, credentials, call_credentials)
 
     async def stream(self, image: ImageInput | None = None, *, timeout: float | None = None, **kwargs) -> AsyncIterator[pb.ImageToSoundEvent]:
         request = make_request(image, **kwargs)

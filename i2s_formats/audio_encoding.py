@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from image_to_sound.v1 import common_pb2
-from serving.atomic_files import publish
+from serving.atomic_files import atomic_path
 
 PCM16 = common_pb2.AUDIO_ENCODING_PCM_S16LE
 FLOAT32 = common_pb2.AUDIO_ENCODING_FLOAT32_LE
@@ -95,15 +94,7 @@ def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -
 
     if np.ndim(waveform) != 1:
         raise ValueError(f"a mono waveform has one dimension, not the shape {np.shape(waveform)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".wav.part", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         samples = np.frombuffer(to_pcm16(waveform), dtype="<i2")
         sf.write(tmp, samples, sample_rate, format="WAV", subtype="PCM_16")
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

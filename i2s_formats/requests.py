@@ -255,20 +255,6 @@ _ROLES = set(common_pb2.InstrumentRole.values())
 _PLACEHOLDER_PROMPT = "a placeholder caption"
 
 
-@dataclass(frozen=True)
-class ImageToSoundCall:
-    """An ImageToSound request (or one image of a stream, its config applied), resolved. `request` is the
-    message with the request id and a hand-made description cleaned: what the pipeline forwards. The
-    resolved settings say what the model services will make of it (each resolves them again at its own
-    edge: they are separate processes)."""
-
-    request: pb.ImageToSoundRequest = field(repr=False)
-    request_id: str
-    decoding: DecodingOptions | None  # None: a hand-made description, no VLM call
-    audio: AudioRequest | None  # with a placeholder prompt; None when audio is skipped
-    output: AudioOutput | None
-
-
 def clean_request_id(raw: str) -> str:
     """The id echoed on every event and used in clip ids and logs: no control characters (no forged log
     lines), at most MAX_REQUEST_ID_CHARS; a fresh one when nothing printable is left."""
@@ -286,29 +272,29 @@ def with_defaults(image: pb.ImageToSoundRequest, config: pb.StreamConfig) -> pb.
 
 
 def image_to_sound(request: pb.ImageToSoundRequest, max_clips_per_image: int,
-                   image_limits: ImageLimits = ImageLimits()) -> ImageToSoundCall:
+                   image_limits: ImageLimits = ImageLimits()) -> pb.ImageToSoundRequest:
     """The whole orchestrator request checked before any model is called: what a model service would
-    refuse later (a NaN duration after the VLM has spent seconds describing the image) is refused here.
-    The image is checked from its header (type, size, aspect ratio, frames), not decoded."""
+    refuse later (a NaN duration after the VLM has spent seconds describing the image) is refused here
+    (each model service resolves its settings again at its own edge: they are separate processes). The
+    image is checked from its header (type, size, aspect ratio, frames), not decoded. Returns what the
+    pipeline forwards: the request with its id and a hand-made description cleaned."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidInput("request needs an image or a description")
     if request.options.max_clips > max_clips_per_image:
         raise InvalidInput(f"options.max_clips={request.options.max_clips}; at most {max_clips_per_image} per image")
-    audio = output = decoding = None
-    if not request.options.skip_audio:
-        audio = audio_request(_PLACEHOLDER_PROMPT, request.audio)
-        output = audio_output(request.audio)
+    if not request.options.skip_audio:  # the settings as the audio service will take them (or refuse them)
+        audio_request(_PLACEHOLDER_PROMPT, request.audio)
+        audio_output(request.audio)
     cleaned = pb.ImageToSoundRequest()
     cleaned.CopyFrom(request)
     cleaned.request_id = clean_request_id(request.request_id)
     if which == "image":
-        decoding = decoding_options(request.decoding)
+        decoding_options(request.decoding)
         check_image(request.image.data, request.image.mime_type, image_limits)
     else:
         cleaned.description.CopyFrom(clean_description(request.description, need_variants=not request.options.skip_audio))
-    return ImageToSoundCall(request=cleaned, request_id=cleaned.request_id, decoding=decoding, audio=audio,
-                            output=output)
+    return cleaned
 
 
 def clean_description(description: common_pb2.SceneDescription, need_variants: bool = True) -> common_pb2.SceneDescription:

@@ -10,9 +10,8 @@ import tempfile
 from orchestrator.config import parse_args
 from orchestrator.server import Orchestrator
 from serving.config import program_name
-from serving import request_log, tracing
 from serving.server import run_until_signal
-from serving.startup import check_ports_free, run_program
+from serving.startup import check_port_free, prepare_process, run_program
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,9 +21,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve_until_signal(config) -> None:
-    check_ports_free(config.server)
-    request_log.configure_logging("orchestrator", config.server.telemetry.log_format)
-    tracing.setup("orchestrator", config.server.telemetry)  # before any server or channel is built
+    prepare_process("orchestrator", config.server)
+    check_port_free(config.server.host, config.http.http_port, "--http-port")
 
     async def serve() -> None:
         orchestrator = Orchestrator(config)

@@ -35,7 +35,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
     def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
-        return requests.image_to_sound(request, self.config.limits.max_clips_per_image).request
+        return requests.image_to_sound(request, self.config.limits.max_clips_per_image)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         return Deadline.from_context(context, self.config.default_deadline_seconds)

@@ -3,9 +3,11 @@ and an interrupted run leaves no partial output behind (so resumable batch runs 
 The file gets the mode any new file gets (0666 less the umask: 0644 usually), not the temp file's 0600."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 
 def current_umask() -> int:
@@ -29,16 +31,24 @@ def publish(tmp: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Writes a text file atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """The name of a temp file beside ``path`` for the caller to write; once the block ends it becomes
+    ``path`` (a new file's mode, then a rename), and if the block raises it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        yield tmp
         publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Writes a text file atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)

@@ -112,7 +112,12 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+# File name extensions of the formats above (what the command line looks for in a folder).
+EXTENSIONS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
+              ".webp": "image/webp"}
+
+
 def mime_type_for(path: str) -> str:
     """The MIME type for an image file name (by extension), '' if unknown."""
-    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
-    return {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "bmp": "image/bmp", "webp": "image/webp"}.get(ext, "")
+    ext = "." + path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    return EXTENSIONS.get(ext, "")

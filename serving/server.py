@@ -220,16 +220,13 @@ def serve_model_service(name: str, kind: str, config: Any, *, in_process_backend
     `in_process_backend` the backend whose model folder is checked (not Triton's)."""
     import inspect
 
-    from serving import request_log
-    from serving.startup import check_model_folder, check_ports_free
+    from serving.startup import check_model_folder, prepare_process
     from serving.threads import apply_torch_threads
 
     if config.backend == in_process_backend:
         check_model_folder(config.model, kind)
-    check_ports_free(config.server)
+    prepare_process(name, config.server)
     apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
-    request_log.configure_logging(name, config.server.telemetry.log_format)
-    tracing.setup(name, config.server.telemetry)  # before any server or channel is built
 
     async def serve() -> None:
         backend = build_backend(config)  # cheap: loads nothing until load_and_warm

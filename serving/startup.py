@@ -81,6 +81,17 @@ def check_ports_free(server) -> None:
     check_port_free(server.host, server.metrics_port, "--metrics-port")
 
 
+def prepare_process(name: str, server) -> None:
+    """What every service process does before building anything: its ports checked (one line when one is
+    taken), then its log format and tracing (before any server or channel exists). ``server``: its
+    ServerOptions."""
+    from serving import request_log, tracing
+
+    check_ports_free(server)
+    request_log.configure_logging(name, server.telemetry.log_format)
+    tracing.setup(name, server.telemetry)
+
+
 def run_program(program: str, main: Callable[[], None]) -> None:
     """Runs a service's main: a StartupError ends it with `<program>: error: <message>` and exit code 2,
     Ctrl-C before the signal handlers are in place with exit code 130, both without a traceback."""

@@ -393,7 +393,7 @@ class DecodeEngine:
         # Rows whose whole feed goes through this step choose after it: their grammars already hold every
         # token fed, so their masks can be filled now, on the grammar thread, while the forward runs.
         picks = [(r.slot, r) for r, n in zip(live, counts) if n == len(r.feed)]
-        masks = self._fill_masks(picks, wait=False)
+        masks = self._fill_masks(picks)
         forward_started = time.perf_counter()
         logits = self.runner.decode(batch, width, span)  # launched (asynchronous on CUDA)
         forward_s = time.perf_counter() - forward_started + chunk_s
@@ -419,17 +419,13 @@ class DecodeEngine:
                 if reason is not None:
                     r.finished = reason
 
-    def _fill_masks(self, picks: list[tuple[int, _Row]], wait: bool = True) -> Future | None:
-        """The grammar masks of every row in ``picks`` into :attr:`bitmask` (row ``i`` of each pair), in one
-        batched call on the grammar thread; with ``wait=False`` the caller joins the returned future later."""
+    def _fill_masks(self, picks: list[tuple[int, _Row]]) -> Future | None:
+        """Starts filling the grammar masks of every row in ``picks`` into :attr:`bitmask` (row ``i`` of each
+        pair), in one batched call on the grammar thread; the caller joins the future (None: no picks)."""
         if not picks:
             return None
-        done = self._grammar_thread.submit(self.batch_matcher.batch_fill_next_token_bitmask,
+        return self._grammar_thread.submit(self.batch_matcher.batch_fill_next_token_bitmask,
                                            [r.matcher for _, r in picks], self.bitmask, [i for i, _ in picks])
-        if wait:
-            done.result()
-            return None
-        return done
 
     def _choose(self, logits, picks: list[tuple[int, _Row]], history, masks: Future | None = None) -> None:
         """Next token of each row in ``picks`` ((row of ``logits``, row)): repetition penalty, grammar mask,
@@ -446,10 +442,7 @@ class DecodeEngine:
             picked = scores.gather(1, history)
             scores.scatter_(1, history, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
         sampled = [(i, row) for i, row in picks if row.sampler is not None]
-        if masks is None:
-            self._fill_masks(picks)
-        else:
-            masks.result()  # the fill started before the forward (re-raises its error)
+        (masks or self._fill_masks(picks)).result()  # the fill started before the forward, or now
         if self.device.type == "cpu":
             chosen = self._choose_on_cpu(scores, picks, sampled)
         else:
