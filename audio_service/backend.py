@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from i2s_formats.requests import AudioRequest
+from i2s_formats.contract import AudioRequest
 from serving.errors import Cancelled
 
 __all__ = ["AudioBackend", "AudioRequest", "AudioResult", "BackendCancelled", "StepCallback", "StopCheck",
@@ -52,7 +52,7 @@ def num_samples(duration_seconds: float, sample_rate_hertz: int) -> int:
 
 def check_batch(requests: Sequence[AudioRequest],
                 key: Callable[[AudioRequest], tuple] = AudioRequest.batch_key) -> None:
-    """That the requests (valid by construction: i2s_formats.requests) can share one pipeline call: the same
+    """That the requests (valid by construction: i2s_formats.contract) can share one pipeline call: the same
     ``key`` (by default the request's own; a backend with duration buckets passes its bucketed one)."""
     if not requests:
         raise ValueError("empty batch")

@@ -100,7 +100,7 @@ class Batcher:
                      deadline: Deadline | None = None) -> AudioResult:
         """Queues one request and returns its result when its batch is done.
 
-        `request` is valid by construction (i2s_formats.requests). Raises Overloaded when `max_queue`
+        `request` is valid by construction (i2s_formats.contract). Raises Overloaded when `max_queue`
         requests already wait, NotReady after `close()`, DeadlineExceeded when `deadline` passes first (a
         request still queued then never runs), and whatever the backend raised for its batch.
         """

@@ -11,7 +11,7 @@ from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from i2s_formats import audio_encoding, requests
+from i2s_formats import audio_encoding, contract
 from serving import metrics, request_log, tracing
 from serving.deadline import Deadline
 from serving.errors import NotReady
@@ -33,7 +33,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
             raise NotReady("the audio model is still loading")
-        call = requests.generate_audio(request.prompt, request.settings, request.clip_id,
+        call = contract.generate_audio(request.prompt, request.settings, request.clip_id,
                                        self.config.default_negative_prompt)
         generation, clip_id = call.generation, call.clip_id
 
@@ -64,7 +64,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             num_samples=len(result.waveform),
             seed=generation.seed,
             num_inference_steps=result.steps_run,
-            scheduler=requests.SCHEDULER_ENUM[result.scheduler],
+            scheduler=contract.SCHEDULER_ENUM[result.scheduler],
             guidance_scale=generation.guidance_scale,
             model_id=result.model_id,
             prompt=generation.prompt,
@@ -102,7 +102,7 @@ def build_backend(config: AudioConfig) -> AudioBackend:
             # (CUDA graphs record one graph per shape); eager kernels need no per-shape warm-up, only the
             # first call on the model thread (lazy initialisation), at the default clip length.
             warmup_batch_sizes=range(1, max_batch + 1) if config.compile != "none" else (1,),
-            warmup_duration_seconds=requests.DEFAULT_DURATION_SECONDS,
+            warmup_duration_seconds=contract.DEFAULT_DURATION_SECONDS,
         )
     if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
         from audio_service.triton_backend import TritonAudioBackend

@@ -33,7 +33,7 @@ from i2s_cli.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
 from serving.images import EXTENSIONS
 from serving.security import SecurityConfigError
-from i2s_formats import requests
+from i2s_formats import contract
 from i2s_formats.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
@@ -88,17 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--save_log", metavar="FILE", help="also write the log to FILE")
     files.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
     audio = p.add_argument_group("sound")
-    audio.add_argument("--audio_seconds", type=float, default=requests.DEFAULT_DURATION_SECONDS, metavar="SECONDS",
-                       help=f"clip length (default: {requests.DEFAULT_DURATION_SECONDS:g})")
+    audio.add_argument("--audio_seconds", type=float, default=contract.DEFAULT_DURATION_SECONDS, metavar="SECONDS",
+                       help=f"clip length (default: {contract.DEFAULT_DURATION_SECONDS:g})")
     audio.add_argument("--audio_steps", type=int, default=0, metavar="N",
                        help="denoising steps: more is slower and cleaner (default: 20; the original script used 200 "
                        "with --audio_scheduler ddim)")
-    audio.add_argument("--audio_guidance", type=float, default=requests.DEFAULT_GUIDANCE_SCALE, metavar="SCALE",
-                       help=f"how closely the sound follows its caption (default: {requests.DEFAULT_GUIDANCE_SCALE:g})")
+    audio.add_argument("--audio_guidance", type=float, default=contract.DEFAULT_GUIDANCE_SCALE, metavar="SCALE",
+                       help=f"how closely the sound follows its caption (default: {contract.DEFAULT_GUIDANCE_SCALE:g})")
     audio.add_argument("--audio_seed", type=int, default=None, metavar="N",
                        help="random seed for every clip, to repeat a run (default: a new one per clip, recorded in "
                        "prompts.json)")
-    audio.add_argument("--audio_scheduler", choices=requests.SCHEDULERS, default="dpm",
+    audio.add_argument("--audio_scheduler", choices=contract.SCHEDULERS, default="dpm",
                        help="denoising method (default: dpm; ddim with 200 steps is the original script's)")
     audio.add_argument("--num_candidates", type=int, default=1, metavar="N",
                        help="clips made per sound; the one that best matches its caption is kept (default: 1)")
@@ -235,7 +235,7 @@ def settings_from(args: argparse.Namespace) -> pb.StreamConfig:
         num_inference_steps=args.audio_steps,
         guidance_scale=args.audio_guidance,
         num_candidates=args.num_candidates,
-        scheduler=requests.SCHEDULER_ENUM[args.audio_scheduler],
+        scheduler=contract.SCHEDULER_ENUM[args.audio_scheduler],
     )
     if args.audio_seed is not None:
         audio.seed = args.audio_seed
@@ -462,7 +462,7 @@ def warn_changed_settings(jobs: list[Job], args: argparse.Namespace) -> None:
     if args.skip_audio:
         return
     wanted = {"duration_seconds": round(args.audio_seconds, 3), "guidance": round(args.audio_guidance, 3),
-              "scheduler": common_pb2.Scheduler.Name(requests.SCHEDULER_ENUM[args.audio_scheduler])}
+              "scheduler": common_pb2.Scheduler.Name(contract.SCHEDULER_ENUM[args.audio_scheduler])}
     if args.audio_steps:
         wanted["steps"] = args.audio_steps
     if args.audio_seed is not None:

@@ -8,8 +8,8 @@ from typing import Sequence
 import grpc
 
 from image_to_sound.v1 import audio_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, vision_pb2_grpc
-from i2s_formats import requests
-from i2s_formats.requests import clean_request_id, with_defaults
+from i2s_formats import contract
+from i2s_formats.contract import clean_request_id, with_defaults
 from serving import channels
 from orchestrator.admission import Admission, StreamShare
 from orchestrator.config import OrchestratorConfig
@@ -35,7 +35,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
     def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
-        return requests.image_to_sound(request, self.config.limits.max_clips_per_image)
+        return contract.image_to_sound(request, self.config.limits.max_clips_per_image)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         return Deadline.from_context(context, self.config.default_deadline_seconds)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Literal
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2
-from i2s_formats.requests import DecodingOptions  # the backends' options, valid by construction
+from i2s_formats.contract import DecodingOptions  # the backends' options, valid by construction
 
 if TYPE_CHECKING:
     from serving.blocking import ModelWorker

@@ -12,7 +12,7 @@ from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady
 from serving.server import GrpcServer
-from i2s_formats import requests
+from i2s_formats import contract
 from vlm_service.backend import DescriptionDone, SceneHeader, SourceFound, VisionBackend
 from vlm_service.config import VlmConfig
 
@@ -40,7 +40,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     async def _events(self, request, context):
         if not self.backend.ready:
             raise NotReady("the VLM is still loading")
-        scene = requests.scene_request(request, self.config.image_limits)
+        scene = contract.scene_request(request, self.config.image_limits)
         image, options = scene.image, scene.decoding
         deadline = Deadline.from_context(context)
         parent, started_ns, sources = tracing.capture(), tracing.now_ns(), 0

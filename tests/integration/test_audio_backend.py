@@ -204,7 +204,7 @@ def test_step_bounds_follow_what_each_scheduler_can_run(tiny_audio_dir):
     import torch
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    from i2s_formats.requests import MAX_STEPS_BY_SCHEDULER
+    from i2s_formats.contract import MAX_STEPS_BY_SCHEDULER
 
     base = DDIMScheduler.from_pretrained(tiny_audio_dir, subfolder="scheduler").config
     most = MAX_STEPS_BY_SCHEDULER["dpm"]

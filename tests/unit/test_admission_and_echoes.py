@@ -9,7 +9,7 @@ import pytest
 from image_to_sound.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from orchestrator.admission import Admission, StreamShare
 from orchestrator.pipeline import downstream_message
-from i2s_formats.requests import clean_request_id
+from i2s_formats.contract import clean_request_id
 from serving.errors import MemoryExhausted, Overloaded, excerpt, status_for
 from tests.fake_services import FakeAudioServicer, fake_stack, scripted_description
 

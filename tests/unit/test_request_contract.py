@@ -1,4 +1,4 @@
-"""The request contract (i2s_formats.requests): every row of the bad-input catalogue (tests/bad_inputs.py) sent
+"""The request contract (i2s_formats.contract): every row of the bad-input catalogue (tests/bad_inputs.py) sent
 to every public servicer that takes its field, in process, with fake backends and fake downstream stubs that
 record any call. Each refusal happens at the first edge, raised from the contract module, with the message the
 contract gives, whichever service receives it; nothing reaches a backend or a downstream service."""
@@ -12,7 +12,7 @@ import pytest
 
 from audio_service.config import AudioConfig
 from audio_service.server import AudioServicer
-from i2s_formats import requests
+from i2s_formats import contract
 from image_to_sound.v1 import audio_pb2, common_pb2, orchestrator_pb2 as pb, vision_pb2
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Pipeline
@@ -74,15 +74,15 @@ def contract_message(case: Case, value) -> str:
     """What the contract module itself says about the bad field."""
     with pytest.raises(InvalidInput) as refused:
         if case.field == "image":
-            requests.scene_request(vision_pb2.DescribeSceneRequest(image=common_pb2.Image(data=value[0], mime_type=value[1])))
+            contract.scene_request(vision_pb2.DescribeSceneRequest(image=common_pb2.Image(data=value[0], mime_type=value[1])))
         elif case.field == "decoding":
-            requests.decoding_options(value)
+            contract.decoding_options(value)
         elif case.field == "audio":
-            requests.generate_audio(CAPTION, value)
+            contract.generate_audio(CAPTION, value)
         elif case.field == "prompt":
-            requests.generate_audio(value, GOOD_AUDIO)
+            contract.generate_audio(value, GOOD_AUDIO)
         else:
-            requests.image_to_sound(orchestrator_request(case, value), OrchestratorConfig().limits.max_clips_per_image)
+            contract.image_to_sound(orchestrator_request(case, value), OrchestratorConfig().limits.max_clips_per_image)
     return str(refused.value)
 
 
@@ -112,7 +112,7 @@ async def refusal(call) -> str:
         else:
             await call
     frames = [frame.filename for frame in traceback.extract_tb(refused.value.__traceback__)]
-    assert any(name.endswith("i2s_formats/requests.py") for name in frames), frames  # refused by the contract
+    assert any(name.endswith("i2s_formats/contract.py") for name in frames), frames  # refused by the contract
     return str(refused.value)
 
 
@@ -187,8 +187,8 @@ def test_only_a_truncated_image_passes_the_orchestrators_header_check():
 
 
 def test_defaults_are_filled_in_once_by_the_contract():
-    call = requests.generate_audio(CAPTION, common_pb2.AudioSettings(scheduler=common_pb2.SCHEDULER_DDIM))
+    call = contract.generate_audio(CAPTION, common_pb2.AudioSettings(scheduler=common_pb2.SCHEDULER_DDIM))
     assert (call.generation.duration_seconds, call.generation.guidance_scale) == (4.0, 3.5)
     assert call.generation.num_inference_steps == 200 and call.generation.scheduler == "ddim"
-    assert call.output == requests.AudioOutput(requests.ENCODINGS[0], 0.5)
-    assert requests.decoding_options(common_pb2.DecodingSettings()) == requests.DecodingOptions(1024, 0.0, 1.0, None)
+    assert call.output == contract.AudioOutput(contract.ENCODINGS[0], 0.5)
+    assert contract.decoding_options(common_pb2.DecodingSettings()) == contract.DecodingOptions(1024, 0.0, 1.0, None)
