@@ -17,7 +17,7 @@ from i2s_formats.contract import AudioRequest
 from serving.errors import Cancelled
 
 __all__ = ["AudioBackend", "AudioRequest", "AudioResult", "BackendCancelled", "StepCallback", "StopCheck",
-           "check_batch", "num_samples"]
+           "Window", "WindowShape", "check_batch", "num_samples"]
 
 StepCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -34,6 +34,32 @@ class AudioResult:
     scheduler: str
     model_id: str
     candidate_index: int = 0  # which of the request's candidates was kept
+    latent: np.ndarray | None = None  # a window's final latent (C, frames, bins), float32; None for a plain clip
+
+
+@dataclass(frozen=True)
+class WindowShape:
+    """A backend's model window for long clips (audio_service/long_clips.py): its length in latent frames
+    and how many audio samples one latent frame decodes to."""
+
+    frames: int
+    frame_samples: int
+    sample_rate_hertz: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames * self.frame_samples / self.sample_rate_hertz
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """One window of a long clip, for `generate(..., windows=)`: generated at the backend's window length,
+    its first `overlap_frames` latent frames held to `context` (the previous window's final latent there,
+    (C, overlap_frames, bins)) at every denoising step; `context` None for the first window."""
+
+    index: int
+    overlap_frames: int
+    context: np.ndarray | None = None
 
 
 class BackendCancelled(Cancelled):
@@ -86,13 +112,19 @@ class AudioBackend(ABC):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        windows: Sequence[Window | None] | None = None,
     ) -> list[AudioResult]:
         """Generates one clip per request, in order, in one model call.
 
         All requests must share `batch_key()` (else ValueError). `on_step(done, total)` is called from the
         calling thread after each denoising step; `should_stop()` is polled before the call and after each
-        step, and when it returns True the loop ends and BackendCancelled is raised.
+        step, and when it returns True the loop ends and BackendCancelled is raised. `windows` (only from a
+        backend with a `window_shape()`): one per request, all set; each result then carries its `latent`.
         """
+
+    def window_shape(self) -> WindowShape | None:
+        """The model window long clips are made of; None when this backend cannot continue a window."""
+        return None
 
     def batch_key(self, request: AudioRequest) -> tuple:
         """Requests with equal keys may share one `generate` call (a backend that buckets durations widens it)."""

@@ -15,6 +15,8 @@
   deadline (`serving.deadline.Deadline`) passes while it waits: its caller gets DeadlineExceeded at once. If every caller of the
   running batch is cancelled, the backend's `should_stop` turns true and the loop ends at the next step.
 - `on_step(done, total)` progress reaches each caller on the event loop (call_soon_threadsafe).
+- A window of a long clip (`window=`, audio_service/long_clips.py) batches with windows of other clips
+  (same settings), never with plain clips: the backend then gets `windows=` for the whole call.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback
+from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, Window
 from serving import metrics, tracing
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
@@ -48,6 +50,7 @@ class _Job:
     trace: Any = None  # the caller's trace context (tracing.capture()), None when tracing is off
     queued_ns: int = 0
     deadline: Deadline | None = None
+    window: Window | None = None
 
     def expired(self) -> bool:
         return self.deadline is not None and self.deadline.expired()
@@ -97,7 +100,7 @@ class Batcher:
         return len(self._queue)
 
     async def submit(self, request: AudioRequest, on_step: StepCallback | None = None,
-                     deadline: Deadline | None = None) -> AudioResult:
+                     deadline: Deadline | None = None, window: Window | None = None) -> AudioResult:
         """Queues one request and returns its result when its batch is done.
 
         `request` is valid by construction (i2s_formats.contract). Raises Overloaded when `max_queue`
@@ -115,8 +118,10 @@ class Batcher:
         # Backends that are not AudioBackend subclasses (test doubles) group by the request's own key.
         batch_key = getattr(self.backend, "batch_key", None)
         key = batch_key(request) if batch_key is not None else request.batch_key()
+        if window is not None:
+            key = key + ("window", window.overlap_frames)
         job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time(),
-                   trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline)
+                   trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline, window=window)
         self._queue.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -233,6 +238,8 @@ class Batcher:
         call = functools.partial(
             self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
         )
+        if batch[0].window is not None:  # one key: all windows or none
+            call = functools.partial(call, windows=[job.window for job in batch])
         # Each caller's trace gets its wait and, from the backend, the batch's stages (one span per caller).
         now_ns = time.time_ns()
         for job in batch:

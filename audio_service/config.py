@@ -41,6 +41,8 @@ class AudioConfig:
                                                   'are trimmed back ("": exact lengths; with --compile: 4,10,30)')
     prompt_cache_size: int = setting(256, "captions whose encodings are kept (LRU); 0 lets the pipeline encode "
                                      "every batch")
+    max_clip_seconds: float = setting(300.0, "the longest clip made (clips over 30 s are made in model windows, "
+                                      "each continuing the last); at most 300")
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()
 

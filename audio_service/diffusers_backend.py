@@ -53,6 +53,8 @@ from audio_service.backend import (
     BackendCancelled,
     StepCallback,
     StopCheck,
+    Window,
+    WindowShape,
     check_batch,
     num_samples,
 )
@@ -79,6 +81,7 @@ class Candidates:
     waveforms: np.ndarray  # (num_candidates, num_samples) float32
     scores: np.ndarray  # (num_candidates,) CLAP cosine similarity of each candidate to the request's prompt
     steps_run: int
+    latents: np.ndarray | None = None  # (num_candidates, C, frames, bins) final latents of a window; else None
 
 
 class _Stop(Exception):
@@ -162,6 +165,7 @@ class DiffusersAudioBackend(AudioBackend):
         prompt_cache_size: int = 0,
         warmup_batch_sizes: Sequence[int] = (1,),
         warmup_duration_seconds: float = 1.0,
+        window_frames: int | None = None,
     ):
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r} is not one of {', '.join(COMPILE_MODES)}")
@@ -170,6 +174,7 @@ class DiffusersAudioBackend(AudioBackend):
         if not warmup_batch_sizes or min(warmup_batch_sizes) < 1:
             raise ValueError("warmup_batch_sizes must be positive")
         self.compile_mode = compile
+        self.window_frames = window_frames  # long clips' window in latent frames; None: the model's native one
         self.duration_buckets = parse_buckets(duration_buckets)
         self.prompt_cache_size = int(prompt_cache_size)
         self.warmup_batch_sizes = tuple(sorted(set(int(b) for b in warmup_batch_sizes)))
@@ -313,13 +318,23 @@ class DiffusersAudioBackend(AudioBackend):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        windows: Sequence[Window | None] | None = None,
     ) -> list[AudioResult]:
-        return self.worker.run(lambda: self._generate(requests, should_stop, on_step))
+        return self.worker.run(lambda: self._generate(requests, should_stop, on_step, windows))
+
+    def window_shape(self) -> WindowShape:
+        """The model's native window (unet sample_size latent frames: 10.24 s for cvssp/audioldm2), or
+        `window_frames` (tests and benchmarks: the tiny checkpoint's native 2.56 s is arbitrary)."""
+        pipe = self.pipeline
+        hop = int(np.prod(pipe.vocoder.config.upsample_rates))
+        frames = self.window_frames or int(pipe.unet.config.sample_size)
+        return WindowShape(frames=frames, frame_samples=hop * pipe.vae_scale_factor,
+                           sample_rate_hertz=self.sample_rate_hertz)
 
     def _generate(self, requests: Sequence[AudioRequest], should_stop: StopCheck | None,
-                  on_step: StepCallback | None) -> list[AudioResult]:
+                  on_step: StepCallback | None, windows: Sequence[Window | None] | None = None) -> list[AudioResult]:
         requests = list(requests)
-        candidates = self._generate_candidates(requests, should_stop=should_stop, on_step=on_step)
+        candidates = self._generate_candidates(requests, should_stop=should_stop, on_step=on_step, windows=windows)
         results = []
         for request, cands in zip(requests, candidates):
             best = int(np.argmax(cands.scores))
@@ -332,6 +347,7 @@ class DiffusersAudioBackend(AudioBackend):
                     scheduler=request.scheduler,
                     model_id=self.model_id,
                     candidate_index=best,
+                    latent=None if cands.latents is None else cands.latents[best],
                 )
             )
         return results
@@ -364,9 +380,12 @@ class DiffusersAudioBackend(AudioBackend):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        windows: Sequence[Window | None] | None = None,
     ) -> list[Candidates]:
         requests = list(requests)
         check_batch(requests, key=self.batch_key)
+        if windows is not None and (len(windows) != len(requests) or any(w is None for w in windows)):
+            raise ValueError("windows: one per request, all set")
         import torch
 
         first = requests[0]
@@ -376,8 +395,10 @@ class DiffusersAudioBackend(AudioBackend):
             if should_stop is not None and should_stop():
                 raise BackendCancelled(0, total)
 
-            # Generated at the bucket's length, each request trimmed back to its own below.
-            n = self.generation_samples(first)
+            # Generated at the bucket's length, each request trimmed back to its own below; a window at
+            # exactly the model's window (long_clips asks for that length).
+            n = self.generation_samples(first) if windows is None else num_samples(first.duration_seconds,
+                                                                                    self.sample_rate_hertz)
             hop = int(np.prod(pipe.vocoder.config.upsample_rates))
             frames = math.ceil(n / hop)
             # Half a frame of slack: the pipeline floors audio_length_in_s / hop-seconds to whole frames.
@@ -388,10 +409,18 @@ class DiffusersAudioBackend(AudioBackend):
             ]
             negatives = [r.negative_prompt.strip() for r in requests]
             steps_run = 0
+            hold = None
+            if windows is not None:
+                from audio_service.latent_windows import OverlapHold
+
+                hold = OverlapHold(pipe, self._schedulers[first.scheduler], windows, k, generators,
+                                   n // (hop * pipe.vae_scale_factor), total, self.device, self.dtype)
 
             def step_callback(step_index: int, timestep: Any, latents: Any) -> None:
                 nonlocal steps_run
                 steps_run = step_index + 1
+                if hold is not None:
+                    hold.apply(step_index, latents)
                 if on_step is not None:
                     on_step(steps_run, total)
                 if steps_run == total:  # the pipeline goes on to the VAE decoder and the vocoder
@@ -416,6 +445,7 @@ class DiffusersAudioBackend(AudioBackend):
                     guidance_scale=float(first.guidance_scale),
                     num_waveforms_per_prompt=k,
                     generator=generators,
+                    latents=None if hold is None else hold.initial,
                     callback=step_callback,
                     callback_steps=1,
                     output_type="np",
@@ -435,8 +465,10 @@ class DiffusersAudioBackend(AudioBackend):
                 scores = list(self._score_candidates(prompts, np.stack(clips)))
             else:
                 scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
+        latents = None if hold is None else hold.final.reshape(len(requests), k, *hold.final.shape[1:])
         return [
-            Candidates(waveforms=clips[b], scores=scores[b], steps_run=steps_run or total)
+            Candidates(waveforms=clips[b], scores=scores[b], steps_run=steps_run or total,
+                       latents=None if latents is None else latents[b])
             for b in range(len(requests))
         ]
 

@@ -7,14 +7,18 @@ from typing import Sequence
 
 import grpc
 
-from audio_service.backend import AudioBackend, AudioResult
+import numpy as np
+
+from audio_service import long_clips
+from audio_service.backend import AudioBackend, AudioResult, num_samples
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from i2s_formats import audio_encoding, contract
+from i2s_formats.chunk_stream import ChunkStream
 from serving import metrics, request_log, tracing
 from serving.deadline import Deadline
-from serving.errors import NotReady
+from serving.errors import InvalidInput, NotReady
 from serving.pump import Pump
 from serving.server import GrpcServer
 
@@ -36,6 +40,13 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         call = contract.generate_audio(request.prompt, request.settings, request.clip_id,
                                        self.config.default_negative_prompt)
         generation, clip_id = call.generation, call.clip_id
+        if generation.duration_seconds > self.config.max_clip_seconds:
+            raise InvalidInput(f"settings: duration_seconds={generation.duration_seconds:g}; this service makes "
+                               f"clips of at most {self.config.max_clip_seconds:g} s")
+        if generation.windowed:
+            async for response in self._windowed(call, context):
+                yield response
+            return
 
         # Progress events while the batch denoises; the clip follows. If the caller cancels, this
         # coroutine is cancelled, the batcher marks the request and the backend stops early.
@@ -82,6 +93,60 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
+
+    async def _windowed(self, call: contract.AudioCall, context: grpc.aio.ServicerContext):
+        """A long clip (audio_service/long_clips.py): progress over all windows, and each window's chunks as
+        soon as it is decoded; the metadata on the last chunk."""
+        generation = call.generation
+        shape = self.backend.window_shape()
+        if shape is None:
+            raise InvalidInput(f"settings: duration_seconds={generation.duration_seconds:g}; this audio backend makes "
+                               f"clips of at most {contract.MAX_SINGLE_WINDOW_SECONDS:g} s")
+        plan = long_clips.WindowPlan.for_clip(shape, num_samples(generation.duration_seconds, shape.sample_rate_hertz))
+        deadline = Deadline.from_context(context)
+        stream = ChunkStream(call.clip_id, shape.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds)
+        started = time.perf_counter()
+        results: list[AudioResult] = []
+        async with Pump() as pump:
+            steps_total = generation.num_inference_steps * plan.count
+
+            async def submit(request, window):
+                def progress(done: int, total: int) -> None:
+                    pump.put_nowait(audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(
+                        steps_done=window.index * total + done, steps_total=steps_total)))
+
+                return await self.batcher.submit(request, on_step=progress, deadline=deadline, window=window)
+
+            async def render() -> None:
+                async for samples, result in long_clips.render_windows(submit, generation, plan):
+                    if result is not None:
+                        results.append(result)
+                    pump.put_nowait(samples)
+
+            pump.spawn(render())
+            async for item in pump:
+                if isinstance(item, np.ndarray):
+                    for chunk in stream.add(item):
+                        yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+                else:
+                    yield item
+        elapsed = time.perf_counter() - started
+        first = results[0]
+        scores = [r.score for r in results if r.score is not None]
+        metadata = common_pb2.ClipMetadata(
+            duration_seconds=stream.total_samples / shape.sample_rate_hertz, sample_rate_hertz=shape.sample_rate_hertz,
+            num_samples=stream.total_samples, seed=generation.seed, num_inference_steps=first.steps_run,
+            scheduler=contract.SCHEDULER_ENUM[first.scheduler], guidance_scale=generation.guidance_scale,
+            model_id=first.model_id, prompt=generation.prompt, negative_prompt=generation.negative_prompt,
+            num_candidates=generation.num_candidates, generation_seconds=elapsed, window_count=plan.count,
+            window_join_samples=plan.join_samples,
+        )
+        if scores:
+            metadata.score = float(np.mean(scores))  # each window's against the caption
+        request_log.note(clip_id=call.clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
+                         steps=first.steps_run, windows=plan.count)
+        for chunk in stream.finish(metadata):
+            yield audio_pb2.GenerateAudioResponse(chunk=chunk)
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -32,7 +32,13 @@ DEFAULT_DURATION_SECONDS = 4.0  # the seed's --audio_seconds default
 DEFAULT_GUIDANCE_SCALE = 3.5  # the seed's --audio_guidance default
 DEFAULT_CHUNK_SECONDS = 0.5
 MIN_CHUNK_SECONDS, MAX_CHUNK_SECONDS = 0.05, 30.0
-MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 30.0
+MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 300.0
+# Up to this length a clip is one model call, as always; a longer one is made in windows of the model's
+# native length, each continuing the last (audio_service/long_clips.py). The audio service's
+# --max-clip-seconds may lower MAX_DURATION_SECONDS for its deployment.
+MAX_SINGLE_WINDOW_SECONDS = 30.0
+MIN_LOOP_SECONDS = 2.0  # a shorter loop is mostly its own crossfade
+MAX_GUARD_RETRIES = 8  # the speech/music guard's N: each retry is a whole clip again
 MIN_STEPS, MAX_STEPS = 1, 1000
 # DPM-Solver on AudioLDM2's 1000 training steps: at 999 steps the last update is not finite and at 1000
 # diffusers' scheduler indexes past its sigmas (IndexError); it is meant for tens of steps anyway.
@@ -84,6 +90,8 @@ class AudioRequest:
     negative_prompt: str = ""  # "" = none (the pipeline then uses an empty unconditional prompt)
     num_candidates: int = 1  # generate this many, keep the one CLAP ranks best against the prompt
     scheduler: str = "dpm"  # "dpm" (DPM-Solver++ multistep) | "ddim" (the seed's 200-step setting)
+    loop: bool = False  # the clip's end flows into its start (audio_service/loops.py)
+    reject_speech_music: int = 0  # the speech/music guard's retries, 0 = off (audio_service/speech_music_guard.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -113,6 +121,18 @@ class AudioRequest:
         if s > MAX_STEPS_BY_SCHEDULER[self.scheduler]:
             raise InvalidInput(f"num_inference_steps={s}: the {self.scheduler} scheduler takes at most "
                                f"{MAX_STEPS_BY_SCHEDULER[self.scheduler]}")
+        if not isinstance(self.loop, bool):
+            raise InvalidInput("loop must be true or false")
+        if self.loop and d < MIN_LOOP_SECONDS:
+            raise InvalidInput(f"loop needs a clip of at least {MIN_LOOP_SECONDS:g} s; duration_seconds={d:g}")
+        r = self.reject_speech_music
+        if not _is_int(r) or not 0 <= r <= MAX_GUARD_RETRIES:
+            raise InvalidInput(f"reject_speech_music={r} must be an integer within 0..{MAX_GUARD_RETRIES}")
+
+    @property
+    def windowed(self) -> bool:
+        """Made in model windows, each continuing the last (longer than one model call makes)."""
+        return self.duration_seconds > MAX_SINGLE_WINDOW_SECONDS
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (same latent shape and loop)."""
@@ -158,6 +178,8 @@ class ClipSettings:
     scheduler: str = "dpm"
     seed: int | None = None
     negative_prompt: str | None = None
+    loop: bool = False
+    reject_speech_music: int = 0
 
     def __post_init__(self) -> None:
         self.request(_PLACEHOLDER_PROMPT)  # AudioRequest holds the bounds: one place checks them
@@ -169,6 +191,7 @@ class ClipSettings:
             guidance_scale=self.guidance_scale, num_candidates=self.num_candidates, scheduler=self.scheduler,
             seed=secrets.randbits(31) if self.seed is None else self.seed,
             negative_prompt=default_negative_prompt if self.negative_prompt is None else self.negative_prompt,
+            loop=self.loop, reject_speech_music=self.reject_speech_music,
         )
 
     def to_proto(self, output: "AudioOutput") -> common_pb2.AudioSettings:
@@ -178,7 +201,8 @@ class ClipSettings:
             duration_seconds=self.duration_seconds, num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, num_candidates=self.num_candidates,
             scheduler=SCHEDULER_ENUM[self.scheduler], encoding=output.encoding,
-            chunk_duration_seconds=output.chunk_seconds,
+            chunk_duration_seconds=output.chunk_seconds, loop=self.loop,
+            reject_speech_music=self.reject_speech_music,
         )
         if self.seed is not None:
             settings.seed = self.seed
@@ -201,6 +225,7 @@ def clip_settings(settings: common_pb2.AudioSettings) -> ClipSettings:
             scheduler=scheduler,
             seed=settings.seed if settings.HasField("seed") else None,
             negative_prompt=settings.negative_prompt if settings.HasField("negative_prompt") else None,
+            loop=settings.loop, reject_speech_music=settings.reject_speech_music,
         )
     except InvalidInput as exc:
         raise InvalidInput(f"settings: {exc}") from None

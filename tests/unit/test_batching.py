@@ -234,7 +234,7 @@ async def test_invalid_requests_are_rejected_before_queueing_and_close_refuses_n
     backend = FakeCountingAudioBackend()
     batcher = Batcher(backend)
     with pytest.raises(ValueError, match="duration_seconds"):
-        await batcher.submit(req(1, duration_seconds=60.0))
+        await batcher.submit(req(1, duration_seconds=301.0))
     assert batcher.backend_calls == 0
     await batcher.close()
     with pytest.raises(NotReady):

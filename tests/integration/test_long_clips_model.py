@@ -1,0 +1,119 @@
+"""Long clips on the tiny AudioLDM2 checkpoint: a 60 s clip streamed window by window through the audio
+servicer and its batcher, each window held to the last one's latent over the overlap.
+
+The tiny checkpoint's native window (64 latent frames, 2.56 s) would make a 60 s clip 31 windows; the
+backend's `window_frames` makes it 512 frames (20.48 s) so the clip is 4 windows on a CPU."""
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from audio_service.config import AudioConfig
+from audio_service.diffusers_backend import DiffusersAudioBackend
+from audio_service.long_clips import WindowPlan
+from audio_service.server import AudioServicer
+from i2s_formats import audio_encoding
+from image_to_sound.v1 import audio_pb2, common_pb2
+
+PROMPT = "wind through pine trees, steady rustle"
+RATE = 16000
+
+
+class RecordingBackend(DiffusersAudioBackend):
+    """The real backend, keeping what each call was asked and returned (windows and their latents)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []  # (windows, results) of every call that finished
+
+    def generate(self, requests, *, should_stop=None, on_step=None, windows=None):
+        results = super().generate(requests, should_stop=should_stop, on_step=on_step, windows=windows)
+        self.calls.append((windows, results))
+        return results
+
+
+@pytest_asyncio.fixture(scope="module")
+async def long_audio(tiny_audio_dir):
+    backend = RecordingBackend(str(tiny_audio_dir), device="cpu", prompt_cache_size=8, window_frames=512)
+    backend.load()
+    servicer = AudioServicer(backend, AudioConfig(model=str(tiny_audio_dir), max_wait_ms=0))
+    yield servicer, backend
+    await servicer.close()
+    backend.close()
+
+
+def request(seconds: float, **kwargs) -> audio_pb2.GenerateAudioRequest:
+    settings = common_pb2.AudioSettings(**{"duration_seconds": seconds, "num_inference_steps": 2, "seed": 4, **kwargs})
+    return audio_pb2.GenerateAudioRequest(prompt=PROMPT, settings=settings, clip_id="long")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def sixty_seconds(long_audio):
+    servicer, backend = long_audio
+    backend.calls.clear()
+    events = [r async for r in servicer.GenerateAudio(request(60.0), None)]
+    return events, list(backend.calls)
+
+
+async def test_a_60_s_request_streams_60_s_in_windows(sixty_seconds, long_audio):
+    events, calls = sixty_seconds
+    chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
+    wave = audio_encoding.decode_payloads([c.data for c in chunks], chunks[0].encoding)
+    assert abs(len(wave) - 60 * RATE) <= 640  # within one latent frame (it is exact)
+    meta = chunks[-1].metadata
+    plan = WindowPlan.for_clip(long_audio[1].window_shape(), 60 * RATE)
+    assert meta.window_count == plan.count == len(calls) == 4 and meta.num_samples == len(wave)
+    assert list(meta.window_join_samples) == plan.join_samples
+    # Streamed: the first window's chunks go out before the second window has made a step.
+    kinds = [(e.WhichOneof("event"), e.progress.steps_done) for e in events]
+    first_chunk = kinds.index(("chunk", 0))
+    assert first_chunk < kinds.index(("progress", 3))  # step 1 of window 2 (2 steps a window)
+    progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+    assert progress[-1].steps_done == progress[-1].steps_total == 8
+
+
+async def test_every_window_after_the_first_ends_with_the_last_windows_latent_over_the_overlap(sixty_seconds):
+    _, calls = sixty_seconds
+    latents = [results[0].latent for _, results in calls]
+    overlap = calls[1][0][0].overlap_frames
+    assert calls[0][0][0].context is None and overlap == 128
+    for previous, current in zip(latents, latents[1:]):
+        np.testing.assert_array_equal(current[:, :overlap], previous[:, -overlap:])
+        assert not np.array_equal(current[:, overlap:2 * overlap], previous[:, -overlap:])  # the rest is new
+
+
+async def test_no_join_jumps_more_than_the_clips_own_99th_percentile(sixty_seconds, long_audio):
+    events, _ = sixty_seconds
+    chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
+    wave = audio_encoding.decode_payloads([c.data for c in chunks], chunks[0].encoding)
+    jumps = np.abs(np.diff(wave))
+    p99 = np.percentile(jumps, 99)
+    plan = WindowPlan.for_clip(long_audio[1].window_shape(), 60 * RATE)
+    for k in range(1, plan.count):  # the crossfade's two ends: where one window's audio meets the other's
+        start = k * plan.stride_samples
+        for at in (start, start + plan.overlap_samples):
+            assert jumps[at - 1] <= p99, (k, at, jumps[at - 1], p99)
+
+
+async def test_cancelling_after_the_first_window_renders_no_further_window(long_audio):
+    servicer, backend = long_audio
+    backend.calls.clear()
+    stream = servicer.GenerateAudio(request(60.0, seed=7), None)
+    async for event in stream:
+        if event.WhichOneof("event") == "chunk":
+            break
+    await stream.aclose()  # the caller goes away with the first window's audio
+    await servicer.batcher.wait_idle()
+    assert len(backend.calls) == 1  # the second window, if it had started, stopped at its next step
+    assert servicer.batcher.queue_depth == 0
+
+
+@pytest.mark.parametrize("seconds", [30.5, 301.0])
+async def test_a_clip_over_the_services_maximum_is_invalid_and_nothing_is_rendered(long_audio, seconds):
+    from serving.errors import InvalidInput
+    servicer, backend = long_audio
+    servicer_small = AudioServicer(backend, AudioConfig(model="x", max_clip_seconds=30.0))
+    backend.calls.clear()
+    with pytest.raises(InvalidInput, match="duration_seconds"):
+        [e async for e in servicer_small.GenerateAudio(request(seconds), None)]
+    assert backend.calls == []
+    await servicer_small.close()
