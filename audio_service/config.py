@@ -43,6 +43,8 @@ class AudioConfig:
                                      "every batch")
     max_clip_seconds: float = setting(300.0, "the longest clip made (clips over 30 s are made in model windows, "
                                       "each continuing the last); at most 300")
+    speech_music_margin: float = setting(0.0, "the speech/music guard refuses a clip whose CLAP score for speech, "
+                                         "singing or music is above its caption's score minus this")
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()
 

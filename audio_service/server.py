@@ -1,6 +1,7 @@
 """AudioService servicer: gRPC messages in, batched backend calls, audio chunks out. No model logic here."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Sequence
@@ -9,8 +10,8 @@ import grpc
 
 import numpy as np
 
-from audio_service import long_clips
-from audio_service.backend import AudioBackend, AudioResult, num_samples
+from audio_service import clip_maker
+from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
@@ -43,8 +44,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         if generation.duration_seconds > self.config.max_clip_seconds:
             raise InvalidInput(f"settings: duration_seconds={generation.duration_seconds:g}; this service makes "
                                f"clips of at most {self.config.max_clip_seconds:g} s")
-        if generation.windowed:
-            async for response in self._windowed(call, context):
+        if clip_maker.needs_clip_maker(generation):
+            async for response in self._made(call, context):
                 yield response
             return
 
@@ -94,57 +95,65 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
 
-    async def _windowed(self, call: contract.AudioCall, context: grpc.aio.ServicerContext):
-        """A long clip (audio_service/long_clips.py): progress over all windows, and each window's chunks as
-        soon as it is decoded; the metadata on the last chunk."""
+    async def _made(self, call: contract.AudioCall, context: grpc.aio.ServicerContext):
+        """A long, looped or guarded clip (audio_service/clip_maker.py): progress over all its model calls, its
+        chunks as soon as its samples are final (a long clip's first window streams before the second is
+        made), the metadata on the last chunk."""
         generation = call.generation
         shape = self.backend.window_shape()
-        if shape is None:
-            raise InvalidInput(f"settings: duration_seconds={generation.duration_seconds:g}; this audio backend makes "
-                               f"clips of at most {contract.MAX_SINGLE_WINDOW_SECONDS:g} s")
-        plan = long_clips.WindowPlan.for_clip(shape, num_samples(generation.duration_seconds, shape.sample_rate_hertz))
+        rate = shape.sample_rate_hertz if shape else self.backend.sample_rate_hertz
         deadline = Deadline.from_context(context)
-        stream = ChunkStream(call.clip_id, shape.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds)
+        stream = ChunkStream(call.clip_id, rate, call.output.encoding, call.output.chunk_seconds)
         started = time.perf_counter()
-        results: list[AudioResult] = []
         async with Pump() as pump:
-            steps_total = generation.num_inference_steps * plan.count
 
-            async def submit(request, window):
+            def progress_from(offset: int):
                 def progress(done: int, total: int) -> None:
-                    pump.put_nowait(audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(
-                        steps_done=window.index * total + done, steps_total=steps_total)))
+                    pump.put_nowait(audio_pb2.GenerateAudioResponse(
+                        progress=common_pb2.Progress(steps_done=offset + done, steps_total=offset + total)))
+                return progress
 
-                return await self.batcher.submit(request, on_step=progress, deadline=deadline, window=window)
+            async def submit_window(request, window):
+                steps = request.num_inference_steps
+                return await self.batcher.submit(request, on_step=progress_from(window.index * steps),
+                                                 deadline=deadline, window=window)
+
+            async def submit_clip(request):
+                return await self.batcher.submit(request, on_step=progress_from(0), deadline=deadline)
 
             async def render() -> None:
-                async for samples, result in long_clips.render_windows(submit, generation, plan):
-                    if result is not None:
-                        results.append(result)
-                    pump.put_nowait(samples)
+                async for item in clip_maker.make_clip(
+                        generation, sample_rate=rate, shape=shape, submit_clip=submit_clip,
+                        submit_window=submit_window, backend=self.backend,
+                        guard_margin=self.config.speech_music_margin):
+                    pump.put_nowait(item)
 
             pump.spawn(render())
             async for item in pump:
                 if isinstance(item, np.ndarray):
                     for chunk in stream.add(item):
                         yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+                elif isinstance(item, clip_maker.MadeClip):
+                    made = item
                 else:
                     yield item
         elapsed = time.perf_counter() - started
-        first = results[0]
-        scores = [r.score for r in results if r.score is not None]
+        first = made.results[0]
+        scores = [r.score for r in made.results if r.score is not None]
         metadata = common_pb2.ClipMetadata(
-            duration_seconds=stream.total_samples / shape.sample_rate_hertz, sample_rate_hertz=shape.sample_rate_hertz,
-            num_samples=stream.total_samples, seed=generation.seed, num_inference_steps=first.steps_run,
-            scheduler=contract.SCHEDULER_ENUM[first.scheduler], guidance_scale=generation.guidance_scale,
-            model_id=first.model_id, prompt=generation.prompt, negative_prompt=generation.negative_prompt,
-            num_candidates=generation.num_candidates, generation_seconds=elapsed, window_count=plan.count,
-            window_join_samples=plan.join_samples,
+            duration_seconds=stream.total_samples / rate, sample_rate_hertz=rate, num_samples=stream.total_samples,
+            seed=made.seed, num_inference_steps=first.steps_run, scheduler=contract.SCHEDULER_ENUM[first.scheduler],
+            guidance_scale=generation.guidance_scale, model_id=first.model_id, prompt=generation.prompt,
+            negative_prompt=generation.negative_prompt, num_candidates=generation.num_candidates,
+            generation_seconds=elapsed, window_count=made.windows, window_join_samples=made.join_samples,
+            guard_attempts=[common_pb2.GuardAttempt(**dataclasses.asdict(a)) for a in made.attempts],
         )
+        if made.loop_points is not None:
+            metadata.loop_start_sample, metadata.loop_end_sample = made.loop_points
         if scores:
             metadata.score = float(np.mean(scores))  # each window's against the caption
         request_log.note(clip_id=call.clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
-                         steps=first.steps_run, windows=plan.count)
+                         steps=first.steps_run, windows=made.windows, tries=max(1, len(made.attempts)))
         for chunk in stream.finish(metadata):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
 

@@ -323,6 +323,16 @@ class Writer:
             entry["confidence"] = round(variant.confidence, 3)
         if m.HasField("score"):  # CLAP score, as ClipDone's float32 in its shortest exact decimal
             entry["score"] = float(np.format_float_positional(np.float32(m.score)))
+        if m.window_count > 1:  # a long clip: where its windows join (the gallery marks them)
+            entry["windows"] = m.window_count
+            entry["window_join_samples"] = list(m.window_join_samples)
+        if m.HasField("loop_end_sample"):
+            entry["loop_samples"] = [m.loop_start_sample, m.loop_end_sample]
+        if m.guard_attempts:  # every try of the speech/music guard, the kept one last
+            entry["guard_attempts"] = [
+                {"seed": a.seed, "rejected": a.rejected, **{k: round(getattr(a, f"{k}_score"), 4)
+                                                            for k in ("caption", "speech", "singing", "music")}}
+                for a in m.guard_attempts]
         return entry
 
     def _write_manifest(self) -> None:

@@ -106,8 +106,16 @@ class Clip:
         """The clip as float32 samples in [-1, 1]."""
         return audio_encoding.decode_payloads(self.payloads, self.encoding)
 
+    @property
+    def loop_points(self) -> tuple[int, int] | None:
+        """[start, end) sample offsets of a loop clip (written into the WAV's sampler chunk); else None."""
+        m = self.metadata
+        if m is None or not m.HasField("loop_end_sample"):
+            return None
+        return int(m.loop_start_sample), int(m.loop_end_sample)
+
     def save(self, folder: str | os.PathLike) -> Path:
-        return write_wav(Path(folder) / self.ref.file_name, self.waveform, self.sample_rate_hertz)
+        return write_wav(Path(folder) / self.ref.file_name, self.waveform, self.sample_rate_hertz, self.loop_points)
 
 
 @dataclass

@@ -86,10 +86,12 @@ def decode_payloads(payloads: Sequence[bytes], encoding: int) -> np.ndarray:
     return data
 
 
-def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
+def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int,
+              loop: tuple[int, int] | None = None) -> Path:
     """Writes a mono PCM 16-bit WAV at `sample_rate` atomically. Samples are quantised as the audio service
     streams them (to_pcm16 above), so a PCM 16-bit stream saved here keeps every sample exactly
-    (libsndfile's own float conversion scales by 32768 and would move many by one step)."""
+    (libsndfile's own float conversion scales by 32768 and would move many by one step). `loop` ([start,
+    end) sample offsets) goes into the file's sampler chunk (i2s_formats/wav_loop_points.py)."""
     import soundfile as sf
 
     if np.ndim(waveform) != 1:
@@ -97,4 +99,8 @@ def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -
     with atomic_path(path) as tmp:
         samples = np.frombuffer(to_pcm16(waveform), dtype="<i2")
         sf.write(tmp, samples, sample_rate, format="WAV", subtype="PCM_16")
+        if loop is not None:
+            from i2s_formats.wav_loop_points import add_loop_points
+
+            Path(tmp).write_bytes(add_loop_points(Path(tmp).read_bytes(), loop[0], loop[1], sample_rate))
     return Path(path)

@@ -117,3 +117,52 @@ async def test_a_clip_over_the_services_maximum_is_invalid_and_nothing_is_render
         [e async for e in servicer_small.GenerateAudio(request(seconds), None)]
     assert backend.calls == []
     await servicer_small.close()
+
+
+async def test_a_loop_clip_carries_its_loop_points_into_the_wav_and_the_manifest(long_audio, tmp_path):
+    from i2s_cli.cli import Writer
+    from i2s_client.client import Clip
+    from i2s_formats.wav_loop_points import read_loop_points
+    from image_to_sound.v1 import orchestrator_pb2
+
+    servicer, backend = long_audio
+    backend.calls.clear()
+    events = [e async for e in servicer.GenerateAudio(request(3.0, loop=True), None)]
+    chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
+    meta = chunks[-1].metadata
+    assert len(backend.calls) == 1 and backend.calls[0][0] is None  # one plain model call, a little longer
+    assert meta.loop_start_sample == 0 and meta.loop_end_sample == meta.num_samples
+    assert 3 * RATE - 160 <= meta.num_samples <= 3 * RATE  # the loop ends at most 10 ms early
+    clip = Clip(ref=orchestrator_pb2.ClipRef(clip_id="long", file_name="01_wind_rustle.wav"), metadata=meta,
+                payloads=[c.data for c in chunks], encoding=chunks[0].encoding)
+    path = clip.save(tmp_path)
+    assert read_loop_points(path) == (0, meta.num_samples)
+    import soundfile as sf
+    assert sf.info(str(path)).frames == meta.num_samples  # the extra chunk leaves the audio as it was
+    entry = Writer._manifest_entry(None, clip, "v1")
+    assert entry["loop_samples"] == [0, meta.num_samples]
+
+
+async def test_the_guard_retries_n_times_with_new_seeds_records_every_try_and_keeps_the_last(long_audio):
+    servicer, backend = long_audio
+    strict = AudioServicer(backend, AudioConfig(model="x", max_wait_ms=0, speech_music_margin=3.0))  # no clip passes
+    backend.calls.clear()
+    events = [e async for e in strict.GenerateAudio(request(2.0, reject_speech_music=2), None)]
+    await strict.close()
+    meta = [e.chunk for e in events if e.WhichOneof("event") == "chunk"][-1].metadata
+    tries = list(meta.guard_attempts)
+    assert len(tries) == 3 and len(backend.calls) == 3 and all(t.rejected for t in tries)
+    assert tries[0].seed == 4 and len({t.seed for t in tries}) == 3
+    assert [results[0].waveform.shape for _, results in backend.calls] == [(2 * RATE,)] * 3
+    assert meta.seed == tries[-1].seed  # the last try is kept
+    for t in tries:
+        assert all(-1.0 <= s <= 1.0 for s in (t.caption_score, t.speech_score, t.singing_score, t.music_score))
+
+
+async def test_the_guard_with_the_default_margin_keeps_a_clip_it_does_not_refuse(long_audio):
+    servicer, backend = long_audio
+    lenient = AudioServicer(backend, AudioConfig(model="x", max_wait_ms=0, speech_music_margin=-3.0))  # every clip passes
+    events = [e async for e in lenient.GenerateAudio(request(2.0, reject_speech_music=3), None)]
+    await lenient.close()
+    meta = [e.chunk for e in events if e.WhichOneof("event") == "chunk"][-1].metadata
+    assert len(meta.guard_attempts) == 1 and not meta.guard_attempts[0].rejected and meta.seed == 4
