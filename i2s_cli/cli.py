@@ -31,6 +31,7 @@ from i2s_client import ImageResult, ImageToSoundClient, OrchestratorUnavailable,
 from i2s_cli.gallery import SpectrogramDrawer, write_gallery
 from i2s_cli.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
+from serving.errors import InvalidInput
 from serving.images import EXTENSIONS
 from serving.security import SecurityConfigError
 from i2s_formats import contract
@@ -89,7 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
     audio = p.add_argument_group("sound")
     audio.add_argument("--audio_seconds", type=float, default=contract.DEFAULT_DURATION_SECONDS, metavar="SECONDS",
-                       help=f"clip length (default: {contract.DEFAULT_DURATION_SECONDS:g})")
+                       help=f"clip length, up to {contract.MAX_DURATION_SECONDS:g}; over "
+                       f"{contract.MAX_SINGLE_WINDOW_SECONDS:g} the clip is made window after window, each continuing "
+                       f"the last (default: {contract.DEFAULT_DURATION_SECONDS:g})")
+    audio.add_argument("--loop", action="store_true",
+                       help="make every clip a seamless loop (its end flows into its start; the loop points go into "
+                       "the WAV's sampler chunk and prompts.json)")
+    audio.add_argument("--reject_speech_music", type=retries, default=0, metavar="N",
+                       help="remake a clip that sounds more like speech, singing or music than its caption, with a "
+                       f"new seed, up to N times (0-{contract.MAX_GUARD_RETRIES}; default: 0, off)")
     audio.add_argument("--audio_steps", type=int, default=0, metavar="N",
                        help="denoising steps: more is slower and cleaner (default: 20; the original script used 200 "
                        "with --audio_scheduler ddim)")
@@ -229,6 +238,17 @@ def plan_descriptions(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def retries(text: str) -> int:
+    """--reject_speech_music N: a count of retries, refused by argparse (one line) when out of range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= contract.MAX_GUARD_RETRIES:
+        raise argparse.ArgumentTypeError(f"{value} is not within 0..{contract.MAX_GUARD_RETRIES}")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> pb.StreamConfig:
     audio = common_pb2.AudioSettings(
         duration_seconds=args.audio_seconds,
@@ -236,6 +256,8 @@ def settings_from(args: argparse.Namespace) -> pb.StreamConfig:
         guidance_scale=args.audio_guidance,
         num_candidates=args.num_candidates,
         scheduler=contract.SCHEDULER_ENUM[args.audio_scheduler],
+        loop=args.loop,
+        reject_speech_music=args.reject_speech_music,
     )
     if args.audio_seed is not None:
         audio.seed = args.audio_seed
@@ -451,6 +473,11 @@ def check_inputs(args: argparse.Namespace) -> str:
     """What is wrong with the inputs named on the command line, in one line ("" if nothing)."""
     if args.skip_audio and args.skip_vlm:
         return "--skip_audio and --skip_vlm together leave nothing to do"
+    if not args.skip_audio:  # the sound settings, checked by the contract the services use, before any work
+        try:
+            contract.clip_settings(settings_from(args).audio)
+        except InvalidInput as exc:
+            return f"sound {exc}"
     if args.skip_vlm:  # the descriptions are the input: no image is needed, --single only names one
         if not Path(args.sound_sources_dir).is_dir():
             return f"--skip_vlm: --sound_sources_dir {args.sound_sources_dir}: no such folder"

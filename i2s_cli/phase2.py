@@ -37,6 +37,8 @@ def export_phase2(result_dir: Path, out_dir: Path) -> int:
                 "prompt": clip.get("prompt", ""), "confidence": clip.get("confidence"),
                 "duration_seconds": clip.get("duration_seconds"), "sample_rate_hertz": clip.get("sample_rate_hertz"),
                 "seed": clip.get("seed"),
+                # a loop's [start, end) samples (also in the WAV's sampler chunk, which the copy keeps)
+                **({"loop_samples": clip["loop_samples"]} if "loop_samples" in clip else {}),
             })
     write_text_atomic(out_dir / "manifest.json", json.dumps({"clips": entries}, indent=2, ensure_ascii=False) + "\n")
     return len(entries)

@@ -31,6 +31,7 @@ function buildRequest(data) {
   const audio = { durationSeconds: numberOrNull("seconds"), numInferenceSteps: numberOrNull("steps"),
                   encoding: "AUDIO_ENCODING_PCM_S16LE" };
   if (numberOrNull("seed") !== null) audio.seed = String(numberOrNull("seed"));
+  if ($("loop").checked) audio.loop = true;
   const request = { image: { data, mimeType: photo.type }, audio, options: { sceneMix: true } };
   if (numberOrNull("vlm-seed") !== null) request.decoding = { seed: String(numberOrNull("vlm-seed")) };
   return request;

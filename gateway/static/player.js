@@ -1,5 +1,6 @@
 // One clip on the page: its chunks are played through Web Audio as they arrive (each scheduled right after
 // the previous one), then the whole clip gets an <audio> player, a waveform, a spectrogram and a download.
+// A long clip plays as its windows arrive (its joins are marked on the spectrogram); a loop's player loops.
 import { asFloats, pcm16Samples, wavBlob } from "./wav.js";
 
 let context = null;
@@ -62,10 +63,14 @@ export class ClipPlayer {
     const seconds = (floats.length / this.sampleRate).toFixed(1);
     const seed = done.metadata?.seed === undefined ? "" : ` · seed ${done.metadata.seed}`;
     this.state.textContent = `${seconds} s${seed} · ${done.prompt || ""}`;
+    const joins = (done.metadata?.windowJoinSamples || []).map(Number);
     this.element.append(canvas("waveform", (c) => drawWaveform(c, floats)),
-                        canvas("spectrogram", (c) => drawSpectrogram(c, floats)));
+                        canvas("spectrogram", (c) => { drawSpectrogram(c, floats); markJoins(c, joins, floats.length); }));
     const audio = document.createElement("audio");
     audio.controls = true;
+    // A loop clip loops as written: [loopStartSample, loopEndSample) is the whole clip (audio_service/loops.py).
+    audio.loop = done.metadata?.loopEndSample !== undefined;
+    if (audio.loop) this.state.textContent += " · loop";
     audio.src = URL.createObjectURL(this.wav);
     const link = document.createElement("a");
     link.href = audio.src;
@@ -88,6 +93,12 @@ function canvas(kind, draw) {
   c.height = 64;
   draw(c);
   return c;
+}
+
+function markJoins(c, joins, total) {  // where a long clip's windows meet (the middle of each crossfade)
+  const g = c.getContext("2d");
+  g.fillStyle = "#fff";
+  for (const at of joins) g.fillRect(Math.round(at / total * c.width), 0, 1, c.height);
 }
 
 function drawWaveform(c, floats) {

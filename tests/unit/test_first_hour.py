@@ -79,6 +79,9 @@ CLI_CASES = [
     (["--skip_vlm", "--audio_model", "{tiny}/vlm"], 3, "not an AudioLDM2 pipeline (model_index.json)"),
     (["--data_dir", "empty"], 2, "no images (bmp, jpeg, jpg, png, webp) found under empty/"),
     (["--single", "data/cofee.png"], 2, "--single data/cofee.png: no such file"),
+    (["--audio_seconds", "400"], 2, "sound settings: duration_seconds=400.0 must be within 1..300"),
+    (["--audio_seconds", "1.5", "--loop"], 2, "loop needs a clip of at least 2 s"),
+    (["--reject_speech_music", "-1"], 2, "-1 is not within 0..8"),
 ]
 
 
