@@ -20,7 +20,8 @@ from PIL import Image
 
 from image_to_sound.v1 import common_pb2, vision_pb2
 from serving.errors import InvalidInput, NotReady
-from serving.triton_client import Readiness, TritonTls, model_ready, translate_error, wait_model_ready
+from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
+                                  wait_model_ready)
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
                                  StreamEvent, VisionBackend)
 
@@ -126,19 +127,15 @@ class TritonVisionBackend(VisionBackend):
         self.prompt_version = prompt_version
         self.load_timeout_seconds = load_timeout_seconds
         self.request_timeout_seconds = request_timeout_seconds
-        self._client = None  # for readiness calls; each stream opens its own (one stream per client)
+        # Readiness calls share a client; each stream opens its own (one stream per client). Both follow
+        # rotated TLS files.
+        self._clients = TritonClients(url, self.tls, "VLM service -> Triton")
         self._loaded = self._warm = self._closed = False
         self._readiness = Readiness(readiness_ttl_seconds)
 
-    def _new_client(self):
-        import tritonclient.grpc as triton
-
-        return triton.InferenceServerClient(self.url, **self.tls.client_options())
-
     def load(self) -> None:
         """Waits (bounded) until Triton says the model is ready: Triton loads it, not us."""
-        self._client = self._new_client()
-        wait_model_ready(self._client, self.model_name, self.load_timeout_seconds)
+        wait_model_ready(self._clients.shared(), self.model_name, self.load_timeout_seconds)
         self._loaded = True
 
     @property
@@ -146,7 +143,7 @@ class TritonVisionBackend(VisionBackend):
         """Follows Triton's model readiness (a cheap gRPC call): an unloaded or failed model reads False."""
         if not (self._loaded and self._warm and not self._closed):
             return False
-        return self._readiness.check(lambda: model_ready(self._client, self.model_name))
+        return self._readiness.check(lambda: model_ready(self._clients.shared(), self.model_name))
 
     def warmup(self) -> None:
         """One short generation end to end, so the first request finds channel and model warm."""
@@ -177,7 +174,7 @@ class TritonVisionBackend(VisionBackend):
 
         started = time.perf_counter()
         responses: queue.SimpleQueue = queue.SimpleQueue()
-        client = self._new_client()
+        client = self._clients.new()
         inputs = []
         for name, array in arrays.items():
             tensor = triton.InferInput(name, list(array.shape), triton.np_to_triton_dtype(array.dtype))
@@ -234,6 +231,4 @@ class TritonVisionBackend(VisionBackend):
 
     def close(self) -> None:
         self._closed = True
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._clients.close()

@@ -149,7 +149,7 @@ async def test_a_certificate_rotated_on_disk_is_served_to_new_connections_withou
         with caplog.at_level(logging.WARNING, logger="serving.security"):
             secret.update(**{"tls.crt": pki["server"].cert, "tls.key": pki["rogue_server"].key})
             assert await _call(server.address, _tls(pki)) == b"pong:x"
-        assert "keeping the previous certificate" in caplog.text
+        assert "keeping the previous ones" in caplog.text
         assert str(tmp_path) not in caplog.text  # the log names the setting, not the server's path
 
         # The Secret is rotated to a certificate from another CA: new connections get the new one.
