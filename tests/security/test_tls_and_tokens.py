@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving import security
 from serving.server import GrpcServer, ServerOptions
-from tests.security.pki import CertificateAuthority
+from tests.security.pki import CertificateAuthority, MountedSecret
 
 BOUND = 20  # seconds: every call of these tests has this deadline
 
@@ -32,31 +32,6 @@ def pki(tmp_path_factory):
         "server": ca.issue("server", server=True), "client": ca.issue("client", server=False),
         "rogue_server": rogue.issue("rogue-server", server=True), "rogue_client": rogue.issue("rogue-client", server=False),
     }
-
-
-class MountedSecret:
-    """Files laid out as the kubelet mounts a Secret: NAME -> ..data/NAME, ..data -> a versioned folder;
-    an update writes a new folder and swaps the ..data link atomically."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.version = folder, 0
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def update(self, **files: Path | bytes) -> None:
-        self.version += 1
-        version = self.folder / f"..v{self.version}"
-        version.mkdir()
-        for name, content in files.items():
-            (version / name).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
-        link = self.folder / "..data.tmp"
-        link.symlink_to(version.name)
-        os.replace(link, self.folder / "..data")
-        for name in files:
-            if not (self.folder / name).is_symlink():
-                (self.folder / name).symlink_to(f"..data/{name}")
-
-    def __getitem__(self, name: str) -> str:
-        return str(self.folder / name)
 
 
 async def _ping(request: bytes, context) -> bytes:
