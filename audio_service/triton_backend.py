@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from serving import tracing
 from serving.errors import NotReady
 from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
                                   wait_model_ready)
@@ -144,6 +145,9 @@ class TritonAudioBackend(AudioBackend):
             tensor = triton.InferInput(name, list(array.shape), triton.np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
+        # The in-process stages all run inside Triton (its queue, the batch it joins, encoding, denoising,
+        # decoding, CLAP scoring): from here, one stage per caller, as the in-process backend's are.
+        tracing.batch_phases().enter("audio.triton_infer", model=self.model_name)
         done = threading.Event()
         outcome: dict = {}
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2, vision_pb2
+from serving import tracing
 from serving.errors import InvalidInput, NotReady
 from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
                                   wait_model_ready)
@@ -153,25 +154,29 @@ class TritonVisionBackend(VisionBackend):
 
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
-               timeout_seconds: float | None = None) -> Iterator[StreamEvent]:
+               timeout_seconds: float | None = None, phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
-                            timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds)
+                            timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds, phases)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
                       deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
         """The caller's deadline becomes Triton's stream timeout, so Triton itself stops at it."""
         remaining = deadline.remaining() if deadline is not None else None
         timeout = None if remaining is None else max(0.001, remaining)
-        async for event in worker.stream(
-                lambda should_stop: self.stream(image, options, should_stop, timeout_seconds=timeout)):
+        # The in-process stages as seen from here: waiting for a model thread, then until Triton's first
+        # event (its queue and the prefill), then the decoding.
+        phases = tracing.request_phases("vlm.queue_wait", backend="triton")
+        async for event in worker.stream(lambda should_stop: self.stream(
+                image, options, should_stop, timeout_seconds=timeout, phases=phases)):
             yield event
 
     def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,
-                timeout_seconds: float | None) -> Iterator[StreamEvent]:
+                timeout_seconds: float | None, phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         import tritonclient.grpc as triton
 
+        phases.enter("vlm.prefill")
         started = time.perf_counter()
         responses: queue.SimpleQueue = queue.SimpleQueue()
         client = self._clients.new()
@@ -183,7 +188,7 @@ class TritonVisionBackend(VisionBackend):
         outputs = [triton.InferRequestedOutput(EVENT_KIND), triton.InferRequestedOutput(EVENT)]
         client.start_stream(callback=lambda result, error: responses.put((result, error)),
                             stream_timeout=timeout_seconds)
-        finished = False
+        finished = decoding = False
         header: SceneHeader | None = None
         sources: dict[int, common_pb2.SoundSource] = {}
         try:
@@ -204,6 +209,9 @@ class TritonVisionBackend(VisionBackend):
                     return
                 event = decode_event(result.as_numpy(EVENT_KIND).reshape(-1)[0],
                                      result.as_numpy(EVENT).reshape(-1)[0])
+                if not decoding:  # the first event: the prompt is read, decoding goes on
+                    decoding = True
+                    phases.enter("vlm.decode")
                 if isinstance(event, SceneHeader):
                     header = event
                 elif isinstance(event, SourceFound):
@@ -228,6 +236,7 @@ class TritonVisionBackend(VisionBackend):
                 # reads it would wait forever: one leaked thread per cancelled stream. End it.
                 stream._request_queue.put(None)
             client.close()
+            phases.end()
 
     def close(self) -> None:
         self._closed = True
