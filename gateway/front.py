@@ -68,10 +68,13 @@ class HttpFront:
             connection.context = self.tls.current()
 
         listening.sni_callback = use_current_files
-        # No session resumption: a resumed session skips the client-certificate check, so a client of a
-        # CA rotated out could come back on an old session.
-        listening.num_tickets = 0
-        listening.options |= ssl.OP_NO_TICKET
+        if self.server.tls_client_ca_file:
+            # No session resumption with mutual TLS: a resumed session skips the client-certificate check,
+            # so a client of a CA rotated out could come back on a session from before. TLS 1.3 resumes only
+            # with tickets (none are issued); TLS 1.2 would resume from the server's session cache, which
+            # Python cannot turn off: TLS 1.3 only.
+            listening.minimum_version = ssl.TLSVersion.TLSv1_3
+            listening.num_tickets = 0
         return listening
 
     def _config(self):

@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import ssl
 import re
 import subprocess
@@ -167,6 +168,23 @@ async def _http_status(base: str, context: ssl.SSLContext) -> int | None:
         return None
 
 
+def _page_status_resuming(base: str, context: ssl.SSLContext, session: ssl.SSLSession | None = None):
+    """GET / over HTTP/1.1 on a TLS socket that offers to resume `session`: (status or None when refused,
+    the connection's session, whether it was resumed)."""
+    host, port = base.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=host, session=session) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+                head = b""
+                while b"\r\n" not in head and (part := tls.recv(256)):
+                    head += part
+                status = int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
+                return status, tls.session, tls.session_reused
+        except (ssl.SSLError, OSError):
+            return None, None, False
+
+
 async def _grpc_status(target: str, ca_file, client) -> str:
     """Health over the gRPC port on a new channel (a new handshake): the status, or the refusal's code."""
     credentials = security.client_credentials(str(ca_file), str(client.cert), str(client.key))
@@ -196,6 +214,14 @@ async def test_a_client_ca_rotated_out_is_refused_on_both_ports_without_a_restar
         assert await _http_status(base, from_ca1) == 200
         assert await _http_status(base, from_ca2) is None
         assert await _grpc_status(target, ca1.cert_file, client2) == "UNAVAILABLE"
+        raw_ca1 = client_context(ca1.cert_file, client1)  # HTTP/1.1 (httpx sets ALPN h2 on its contexts)
+        status, session, _ = await asyncio.to_thread(_page_status_resuming, base, raw_ca1)
+        assert status == 200
+        # Mutual TLS on the HTTP port is TLS 1.3 without resumption (a resumed TLS 1.2 session, from the
+        # server's cache that Python cannot turn off, would skip the client-certificate check).
+        tls12 = client_context(ca1.cert_file, client1)
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        assert await _http_status(base, tls12) is None
 
         # Half a rotation (the new CA file cut short): unusable, so both ports keep the previous files.
         seen = len(output.lines)
@@ -210,6 +236,9 @@ async def test_a_client_ca_rotated_out_is_refused_on_both_ports_without_a_restar
         rotate(ca2.cert_file.read_bytes())
         assert await _http_status(base, from_ca1) is None
         assert await _http_status(base, from_ca2) == 200
+        # Nor does CA 1's client get back in on its session from before the rotation.
+        status, _, resumed = await asyncio.to_thread(_page_status_resuming, base, raw_ca1, session)
+        assert status is None and not resumed
         assert await _grpc_status(target, ca1.cert_file, client1) == "UNAVAILABLE"
         assert await _grpc_status(target, ca1.cert_file, client2) == accepted_health
         await asyncio.to_thread(output.wait_for, "HTTP port: TLS files reloaded", seen)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 
 import grpc
 import pytest
