@@ -256,5 +256,5 @@ def test_every_dashboard_metric_is_served_after_traffic(traced):
         assert name in samples, name
     for name in without_samples:
         assert name in types, name
-    # The error panel has something to show: the refused call, by its code.
-    assert re.search(r'i2s_rpcs_total\{code="INVALID_ARGUMENT",method="ImageToSound"\} 1\.0', scraped)
+    # The error panel has something to show: the refused call and the image the VLM could not decode, by code.
+    assert re.search(r'i2s_rpcs_total\{code="INVALID_ARGUMENT",method="ImageToSound"\} 2\.0', scraped)
