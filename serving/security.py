@@ -187,9 +187,9 @@ class ServerCertificates:
         _check_key_pair(self.cert_file, self.key_file)
         if self.client_ca_file:
             _check_ca(self.client_ca_file, "tls-client-ca-file")
+        pair = (_read(self.key_file, "tls-key-file"), _read(self.cert_file, "tls-cert-file"))
         client_ca = _read(self.client_ca_file, "tls-client-ca-file") if self.client_ca_file else None
-        return grpc.ssl_server_certificate_configuration(
-            [(_read(self.key_file, "tls-key-file"), _read(self.cert_file, "tls-cert-file"))], root_certificates=client_ca)
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's certificate-configuration fetcher (every new connection's handshake): None keeps the

@@ -154,7 +154,8 @@ class TritonVisionBackend(VisionBackend):
 
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
-               timeout_seconds: float | None = None, phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
+               timeout_seconds: float | None = None,
+               phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
