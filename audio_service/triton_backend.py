@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from serving import tracing
+from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.errors import NotReady
 from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
                                   wait_model_ready)
@@ -105,7 +106,7 @@ class TritonAudioBackend(AudioBackend):
     """Generates clips through Triton's gRPC API; the model runs in the Triton server."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *,
-                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = DEFAULT_DEADLINE_SECONDS,
                  readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None):
         self.url = url
         self.tls = tls or TritonTls()

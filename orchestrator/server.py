@@ -34,7 +34,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                                    wait_seconds=config.admission_wait_seconds)
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
-    def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
+    def _resolve(self, request: pb.ImageToSoundRequest) -> contract.ImageRequest:
         return contract.image_to_sound(request, self.config.limits.max_clips_per_image)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
@@ -42,11 +42,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
         deadline = self._deadline(context)
-        request_log.set_request_id(request.request_id)  # as sent, for the log line of a refusal
-        request = self._validate(request)  # before any wait or work: INVALID_ARGUMENT
-        request_log.set_request_id(request.request_id)  # cleaned, or made when none was sent
+        request_log.set_request_id(request.request_id)  # as sent (cleaned), for the log line of a refusal
+        resolved = self._resolve(request)  # before any wait or work: INVALID_ARGUMENT
+        request_log.set_request_id(resolved.request_id)  # made when none was sent
         async with self.admission.slot(StreamShare()):  # RESOURCE_EXHAUSTED when no slot comes in time
-            async for event in self.pipeline.run(request, deadline):
+            async for event in self.pipeline.run(resolved, deadline):
                 yield event
 
     async def StreamImagesToSound(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -62,14 +62,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             # The stream's deadline if the caller set one; else each image gets the default from its arrival
             # (a streaming app may keep one stream open far longer than any single image takes).
             deadline = self._deadline(context)
-            request_id = clean_request_id(request.request_id)
+            request_id = request.request_id  # cleaned (or made) as the image was read
             try:
                 with request_log.record("StreamImagesToSound.image", request_id):  # one log line per image
-                    request = self._validate(request)
+                    resolved = self._resolve(request)
                     seen = clip_prefixes[request_id] = clip_prefixes.get(request_id, 0) + 1
                     prefix = request_id if seen == 1 else f"{request_id}~{seen}"
                     async with self.admission.slot(share):
-                        async for event in self.pipeline.run(request, deadline, clip_prefix=prefix):
+                        async for event in self.pipeline.run(resolved, deadline, clip_prefix=prefix):
                             await out.put(event)
             except asyncio.CancelledError:
                 raise

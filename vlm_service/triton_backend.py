@@ -19,7 +19,9 @@ import numpy as np
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2, vision_pb2
+from i2s_formats.source_merge import SourceMerge
 from serving import tracing
+from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.errors import InvalidInput, NotReady
 from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
                                   wait_model_ready)
@@ -119,7 +121,7 @@ class TritonVisionBackend(VisionBackend):
     """Describes images through Triton's gRPC streaming API; events arrive as the model decodes them."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *, prompt_version: str = "v1",
-                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = DEFAULT_DEADLINE_SECONDS,
                  readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None):
         self.url = url
         self.tls = tls or TritonTls()
@@ -191,7 +193,7 @@ class TritonVisionBackend(VisionBackend):
                             stream_timeout=timeout_seconds)
         finished = decoding = False
         header: SceneHeader | None = None
-        sources: dict[int, common_pb2.SoundSource] = {}
+        sources = SourceMerge()
         try:
             client.async_stream_infer(self.model_name, inputs, outputs=outputs, enable_empty_final_response=True)
             while True:
@@ -216,14 +218,13 @@ class TritonVisionBackend(VisionBackend):
                 if isinstance(event, SceneHeader):
                     header = event
                 elif isinstance(event, SourceFound):
-                    merged = sources.setdefault(event.source.id, common_pb2.SoundSource())
-                    merged.MergeFrom(event.source)
+                    sources.add(event.source)
                 yield event
             # should_stop: the stream ends like the in-process one, with what was decoded so far.
             yield DescriptionDone(
                 description=common_pb2.SceneDescription(
                     scene=header.scene if header else "", mood=header.mood if header else "",
-                    sources=list(sources.values()),
+                    sources=sources.sources(),
                 ),
                 prompt_tokens=0, output_tokens=0, time_to_first_token_seconds=0.0,
                 total_seconds=time.perf_counter() - started, finish_reason="cancelled",
