@@ -69,6 +69,7 @@ class _Clip:
     encoding: int = 0
     sample_rate_hertz: int = 0  # as the audio service's chunks say
     ok: bool = False
+    failed: tuple[grpc.StatusCode, str] | None = None  # the ClipFailed's code and message
 
 
 class Pipeline:
@@ -232,11 +233,14 @@ class _ImageRun:
 
     async def _fail(self, clip: _Clip, code: grpc.StatusCode, message: str) -> None:
         log.warning("clip %s failed: %s %s", clip.ref.clip_id, code.name, message)
+        clip.failed = (code, message)
         await self._emit(clip_failed=pb.ClipFailed(clip=clip.ref, code=code.value[0], message=message))
 
     async def _render_in_span(self, clip: _Clip) -> None:
-        with tracing.current_span("orchestrator.clip", self.request_id, **{"i2s.clip_id": clip.ref.clip_id}):
+        with tracing.current_span("orchestrator.clip", self.request_id, **{"i2s.clip_id": clip.ref.clip_id}) as span:
             await self._render(clip)
+            if clip.failed:  # reported to the caller as ClipFailed, and on the span as the error it is
+                span.fail(*clip.failed)
 
     async def _render(self, clip: _Clip) -> None:
         """One clip: an audio RPC whose chunks are forwarded as they come. Failures become ClipFailed."""
