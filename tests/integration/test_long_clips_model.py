@@ -166,3 +166,19 @@ async def test_the_guard_with_the_default_margin_keeps_a_clip_it_does_not_refuse
     await lenient.close()
     meta = [e.chunk for e in events if e.WhichOneof("event") == "chunk"][-1].metadata
     assert len(meta.guard_attempts) == 1 and not meta.guard_attempts[0].rejected and meta.seed == 4
+
+
+async def test_a_long_loop_streams_its_windows_and_loops_as_a_whole(long_audio):
+    servicer, backend = long_audio
+    backend.calls.clear()
+    events = [e async for e in servicer.GenerateAudio(request(31.0, loop=True), None)]
+    chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
+    wave = audio_encoding.decode_payloads([c.data for c in chunks], chunks[0].encoding)
+    meta = chunks[-1].metadata
+    assert meta.window_count == len(backend.calls) == 2 and all(w is not None for w, _ in backend.calls)
+    assert (meta.loop_start_sample, meta.loop_end_sample) == (0, len(wave)) and 31 * RATE - 160 <= len(wave) <= 31 * RATE
+    (join,) = meta.window_join_samples  # moved by where the loop starts in what was generated
+    plan = WindowPlan.for_clip(backend.window_shape(), 31 * RATE)
+    assert plan.join_samples[0] - RATE // 2 - 160 <= join <= plan.join_samples[0] - RATE // 2
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds.index("chunk") < max(i for i, k in enumerate(kinds) if k == "progress")  # streamed before the end
