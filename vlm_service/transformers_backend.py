@@ -304,6 +304,7 @@ class TransformersVisionBackend(VisionBackend):
         image = Image.new("RGB", _WARMUP_IMAGE_SIZE, (128, 128, 128))
         for _ in self.stream(image, DecodingOptions(max_new_tokens=8), quiet=True):
             pass
+        self.grammar_and_prompt(locate_sources=True)  # compiled now, not on the first request's event loop
         self._warm = True
         log.info("warm in %.1f s", time.perf_counter() - started)
 
@@ -333,8 +334,8 @@ class TransformersVisionBackend(VisionBackend):
     # -- inputs (caller's thread, CPU only) ---------------------------------------------------------
 
     def grammar_and_prompt(self, locate_sources: bool = False) -> tuple[Any, str]:
-        """The grammar and prompt text of a request: the version's own, or with boxes (compiled when a request
-        first asks for them, then kept)."""
+        """The grammar and prompt text of a request: the version's own, or with boxes (compiled once, at
+        warm-up)."""
         if not locate_sources:
             return self._grammar, self.prompt_text
         with self._located_lock:
