@@ -78,6 +78,11 @@ async def test_boxes_loudness_rate_mix_json_and_export(workspace):
     assert [c["box"] for c in manifest["clips"]] == [list(b) if b else None for b in BOXES]
     assert all(c["sample_rate_hertz"] == 48000 and c["loudness_lufs"] is not None for c in manifest["clips"])
     assert [c["pan"] for c in manifest["clips"]] == pans
+    # The gallery: the boxes over the picture, every clip's loudness, the stereo mix with its data.
+    gallery = (workspace / "result" / "index.html").read_text()
+    assert gallery.count('class="box" data-source=') == 2 and 'data-source="source 1"' in gallery
+    assert gallery.count('class="number loudness">-1') == 3 and "Stereo scene mix" in gallery
+    assert 'href="coffee/mix.json"' in gallery
     (mix_entry,) = manifest["mixes"]
     exported = json.loads((workspace / "phase2" / mix_entry["mix"]).read_text())
     folder = (workspace / "phase2" / mix_entry["mix"]).parent
