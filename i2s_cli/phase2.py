@@ -34,8 +34,7 @@ def _placement(clip: dict, mix_stems: dict[str, dict]) -> dict:
     stem = mix_stems.get(clip.get("clip_id", ""))
     if stem is not None:
         return {"pan": stem["pan"], "gain_db": stem["size_gain_db"], "wide": stem["wide_delay_samples"] > 0}
-    box = clip.get("box")
-    where = stereo_mix.place(boxes.to_location(box) if box else None)
+    where = stereo_mix.place(boxes.location_from_file(clip.get("box")))  # a malformed box: placed as no box
     return {"pan": where.pan, "gain_db": where.size_gain_db, "wide": where.wide}
 
 
