@@ -250,6 +250,7 @@ async def test_orchestrator_health_follows_the_model_services():
 @pytest.mark.parametrize("sent", [
     common_pb2.AudioSettings(),  # every value the contract's default
     common_pb2.AudioSettings(scheduler=common_pb2.SCHEDULER_DDIM, duration_seconds=2.5, seed=7, negative_prompt="hum"),
+    common_pb2.AudioSettings(sample_rate_hertz=48000, loudness_target_lufs=-16),  # material for music
 ])
 async def test_the_model_services_receive_exactly_what_the_orchestrator_resolved(image_bytes, sent):
     """Validated once, handed on: the orchestrator resolves the request (i2s_formats.contract) and sends every
@@ -275,6 +276,7 @@ async def test_the_model_services_receive_exactly_what_the_orchestrator_resolved
         assert received.HasField("negative_prompt") == sent.HasField("negative_prompt")
         # What the audio service makes of them is what the orchestrator resolved.
         assert contract.clip_settings(received) == resolved.audio
+        assert contract.audio_output(received) == resolved.output
     expected_steps = 200 if sent.scheduler == common_pb2.SCHEDULER_DDIM else 20
     assert audio.settings[0].num_inference_steps == expected_steps
     assert vision.decoding == [resolved.decoding.to_proto()] and vision.decoding[0].max_new_tokens == 1024
