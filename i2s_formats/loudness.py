@@ -70,9 +70,13 @@ def normalise(samples: np.ndarray, rate: int, target_lufs: float,
               ceiling_dbfs: float = PEAK_CEILING_DBFS) -> tuple[np.ndarray, float, Level]:
     """``samples`` at ``target_lufs`` (or quieter, under the ceiling): (the samples, the gain in dB, their
     level after the gain)."""
-    gain = gain_to_target(measure(samples, rate), target_lufs, ceiling_dbfs)
+    before = measure(samples, rate)
+    gain = gain_to_target(before, target_lufs, ceiling_dbfs)
     out = apply_gain(samples, gain) if gain else np.asarray(samples, dtype=np.float32)
-    return out, gain, measure(out, rate)
+    if before.lufs is None:
+        return out, gain, before
+    # A gain moves loudness and peak by itself (BS.1770 is linear in power): no second measurement.
+    return out, gain, Level(before.lufs + gain, before.peak_dbfs + gain)
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:

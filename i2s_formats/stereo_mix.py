@@ -83,6 +83,15 @@ def place_stem(samples: np.ndarray, stem: pb.MixStem) -> np.ndarray:
 def render(mix: pb.SceneMix, stems: Mapping[str, tuple[np.ndarray, int]]) -> np.ndarray:
     """The stereo mix (frames, 2) float32 that ``mix`` describes, from each stem's (samples, rate) by clip
     id; stems at another rate are resampled to the mix's (soxr)."""
+    return _master(_sum(mix, stems), mix.gain_db)
+
+
+def _master(summed: np.ndarray, gain_db: float) -> np.ndarray:
+    return (summed * 10.0 ** (gain_db / 20.0)).astype(np.float32)
+
+
+def _sum(mix: pb.SceneMix, stems: Mapping[str, tuple[np.ndarray, int]]) -> np.ndarray:
+    """The placed stems summed, before the master gain (float64)."""
     placed = []
     for stem in mix.stems:
         samples, rate = stems[stem.clip_id]
@@ -93,7 +102,7 @@ def render(mix: pb.SceneMix, stems: Mapping[str, tuple[np.ndarray, int]]) -> np.
     out = np.zeros((length, 2), dtype=np.float64)
     for start, p in placed:
         out[start: start + len(p)] += p
-    return (out * 10.0 ** (mix.gain_db / 20.0)).astype(np.float32)
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,9 +138,9 @@ def mix_stems(stems: Sequence[StemIn], target_lufs: float = loudness.MIX_TARGET_
             clip_id=s.clip_id, file_name=s.file_name, pan=where.pan, gain_db=match + where.size_gain_db,
             size_gain_db=where.size_gain_db, start_samples=0,
             wide_delay_samples=int(round(WIDE_DELAY_SECONDS * rate)) if where.wide else 0))
-    summed = render(mix, inputs)  # master gain 0 dB so far
+    summed = _sum(mix, inputs)
     mix.gain_db = loudness.gain_to_target(loudness.measure(summed, rate), target_lufs, ceiling_dbfs)
-    return render(mix, inputs), mix
+    return _master(summed, mix.gain_db), mix  # exactly what render(mix, inputs) computes
 
 
 # -- mix.json ---------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ def test_a_peaky_mix_is_turned_down_to_the_ceiling_rather_than_clipped():
 def test_normalising_a_clip_meets_the_target_and_never_clips():
     out, gain, level = loudness.normalise(noise(level=0.01), RATE, -20.0)
     assert abs(level.lufs + 20.0) < 0.5 and level.peak_dbfs <= -1.0 + 1e-6 and gain > 0
+    measured = loudness.measure(out, RATE)  # the level it reports is the level it made
+    assert abs(measured.lufs - level.lufs) < 0.01 and abs(measured.peak_dbfs - level.peak_dbfs) < 0.01
     silent = loudness.measure(np.zeros(RATE), RATE)
     assert silent.lufs is None and silent.peak_dbfs is None
     assert loudness.normalise(np.zeros(RATE, dtype=np.float32), RATE, -20.0)[1] == 0.0
@@ -107,6 +109,8 @@ def test_mix_json_rebuilds_the_mix_file_within_minus_80_db(tmp_path):
     for s in stems:  # the stem files as the command line writes them
         audio_encoding.write_wav(tmp_path / s.file_name, s.samples, s.rate)
     mixed, plan = stereo_mix.mix_stems(stems, -16.0)
+    saved_stems = {s.clip_id: (stereo_mix.as_saved(s.samples), s.rate) for s in stems}
+    assert np.array_equal(stereo_mix.render(plan, saved_stems), mixed)  # the plan is the mix, sample for sample
     audio_encoding.write_wav(tmp_path / "scene_mix.wav", mixed, RATE)
     (tmp_path / "mix.json").write_text(json.dumps(stereo_mix.to_json(plan, "scene_mix.wav")))
 
