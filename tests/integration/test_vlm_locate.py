@@ -23,11 +23,12 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=["generate", "engine"])
+@pytest.fixture(scope="module", params=["generate", "engine", "engine, prompt v2"])
 def backend(request, tiny_vlm_dir):
     engine = None if request.param == "generate" else EngineOptions(
         max_batch=2, batch_buckets=(1, 2), token_buckets=(1, 4), length_buckets=(1024, 2048), prefix_cache=True)
-    b = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu", engine=engine)
+    version = "v2" if "v2" in request.param else "v1"  # v2: the task text (and so the box line) before the image
+    b = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu", engine=engine, prompt_version=version)
     b.load()
     b.warmup()
     yield b
@@ -52,7 +53,7 @@ def test_with_locate_sources_every_source_has_a_valid_box(backend):
 def test_without_locate_sources_the_description_is_what_it_always_was(backend):
     image = _image(4, (64, 48))
     grammar, prompt_text = backend.grammar_and_prompt(False)
-    assert prompt_text == render_chatml(load_prompt("v1")) and grammar is backend._grammar  # the version's own
+    assert prompt_text == render_chatml(load_prompt(backend.prompt_version)) and grammar is backend._grammar
     before = _describe(backend, image, **SAMPLED)
     located = _describe(backend, image, locate_sources=True, **SAMPLED)
     after = _describe(backend, image, **SAMPLED)

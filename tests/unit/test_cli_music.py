@@ -125,3 +125,18 @@ def test_bad_music_flags_are_refused_before_anything_runs(argv, words, capsys):
     with pytest.raises(SystemExit) as raised:
         cli.build_parser().parse_args(argv)
     assert raised.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_box_round_trips_through_proto_json_lines_the_description_file_and_back():
+    from google.protobuf import json_format
+    from image_to_sound.v1 import orchestrator_pb2 as pb
+
+    description = located_description()
+    wire = pb.ImageToSoundEvent.FromString(pb.ImageToSoundEvent(description=description).SerializeToString())
+    line = json_format.MessageToJson(wire)  # what JSON lines and Connect JSON carry
+    back = json_format.Parse(line, pb.ImageToSoundEvent()).description
+    from_file = seed_format.from_seed_dict(json.loads(seed_format.dumps_seed(back)))
+    for original, sent, read in zip(description.sources, back.sources, from_file.sources):
+        assert original.HasField("location") == sent.HasField("location") == read.HasField("location")
+        if original.HasField("location"):
+            assert original.location == sent.location == read.location
