@@ -303,9 +303,13 @@ def level_of(metadata: common_pb2.ClipMetadata) -> loudness.Level:
 def level_fields(metadata: common_pb2.ClipMetadata) -> dict:
     """A clip's loudness as prompts.json records it (float32 in its shortest exact decimal; None: silence)."""
     level = level_of(metadata)
-    short = lambda v: None if v is None else float(np.format_float_positional(np.float32(v)))  # noqa: E731
-    return {"loudness_lufs": short(level.lufs), "peak_dbfs": short(level.peak_dbfs),
-            "loudness_gain_db": short(metadata.loudness_gain_db)}
+    return {"loudness_lufs": _shortest(level.lufs), "peak_dbfs": _shortest(level.peak_dbfs),
+            "loudness_gain_db": _shortest(metadata.loudness_gain_db)}
+
+
+def _shortest(value: float | None) -> float | None:
+    """A ClipMetadata float32 in its shortest exact decimal, as the score is written."""
+    return None if value is None else float(np.format_float_positional(np.float32(value)))
 
 
 class Writer:
@@ -370,7 +374,7 @@ class Writer:
         if variant is not None and variant.HasField("confidence"):
             entry["confidence"] = round(variant.confidence, 3)
         if m.HasField("score"):  # CLAP score, as ClipDone's float32 in its shortest exact decimal
-            entry["score"] = float(np.format_float_positional(np.float32(m.score)))
+            entry["score"] = _shortest(m.score)
         return entry
 
     def _write_mix_json(self, clip) -> None:
