@@ -91,3 +91,25 @@ def test_the_pixel_frame_is_qwens_smart_resize_and_boxes_map_back_to_the_origina
 def test_any_box_the_grammar_allows_becomes_a_valid_normalised_box(raw):
     box = boxes.from_model_pixels(raw, boxes.PixelFrame(56, 28))
     assert boxes.box_error([box.x_min, box.y_min, box.x_max, box.y_max]) is None
+
+
+@pytest.mark.parametrize("backend", ["engine"], indirect=True)  # generate() decodes one request at a time
+def test_a_located_and_a_plain_request_decoded_together_each_keep_their_own_grammar(backend):
+    """Rows of one engine step may carry different grammars: decoded side by side, each request gets what it
+    gets alone (greedy)."""
+    import threading
+
+    assert backend.engine is not None
+    image = _image(5, (80, 56))
+    alone = {locate: _describe(backend, image, max_new_tokens=MAX_NEW_TOKENS, locate_sources=locate)
+             for locate in (False, True)}
+    together: dict[bool, object] = {}
+    threads = [threading.Thread(target=lambda locate=locate: together.__setitem__(
+        locate, _describe(backend, image, max_new_tokens=MAX_NEW_TOKENS, locate_sources=locate)))
+        for locate in (False, True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert {k: v.SerializeToString() for k, v in together.items()} == \
+        {k: v.SerializeToString() for k, v in alone.items()}
