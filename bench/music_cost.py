@@ -37,11 +37,14 @@ def post_processing(clips: int, seconds: float, repeat: int, rate: int = 16000) 
     waves = [(rng.standard_normal(int(seconds * rate)) * 0.1).astype(np.float32) for _ in range(clips)]
     located = [common_pb2.BoundingBox(x_min=i / clips, y_min=0.2, x_max=(i + 0.8) / clips, y_max=0.7)
                for i in range(clips)]
-    stems = [stereo_mix.StemIn(f"c{i}", f"{i}.wav", w, rate, located[i] if i % 3 else None) for i, w in enumerate(waves)]
+    stems = [stereo_mix.StemIn(f"c{i}", f"{i}.wav", w, rate, located[i] if i % 3 else None)
+             for i, w in enumerate(waves)]
     return {
         "loudness, every clip": _median_seconds(lambda: [loudness.measure(w, rate) for w in waves], repeat),
-        "resample to 48 kHz, every clip": _median_seconds(lambda: [loudness.resample(w, rate, 48000) for w in waves], repeat),
-        "normalise to -23 LUFS, every clip": _median_seconds(lambda: [loudness.normalise(w, rate, -23.0) for w in waves], repeat),
+        "resample to 48 kHz, every clip": _median_seconds(
+            lambda: [loudness.resample(w, rate, 48000) for w in waves], repeat),
+        "normalise to -23 LUFS, every clip": _median_seconds(
+            lambda: [loudness.normalise(w, rate, -23.0) for w in waves], repeat),
         "placement + stereo mix + its loudness": _median_seconds(lambda: stereo_mix.mix_stems(stems), repeat),
         "all of it at 48 kHz (deliver each clip, then mix)": _median_seconds(
             lambda: stereo_mix.mix_stems([stereo_mix.StemIn(s.clip_id, s.file_name, loudness.deliver(

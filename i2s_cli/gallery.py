@@ -64,14 +64,16 @@ class ClipView:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if number and math.isfinite(value) else None
 
 
 def level_text(entry: Any) -> str:
     if not isinstance(entry, dict) or "loudness_lufs" not in entry:
         return ""
     lufs, peak = _number(entry.get("loudness_lufs")), _number(entry.get("peak_dbfs"))
-    return (f"{lufs:.1f} LUFS" if lufs is not None else "silent") + (f", peak {peak:.1f} dBFS" if peak is not None else "")
+    text = f"{lufs:.1f} LUFS" if lufs is not None else "silent"
+    return text + (f", peak {peak:.1f} dBFS" if peak is not None else "")
 
 
 @dataclass

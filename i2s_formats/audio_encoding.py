@@ -93,7 +93,8 @@ def decode_payloads(payloads: Sequence[bytes], encoding: int, channels: int = 1)
 
 
 def write_wav(path: str | os.PathLike, waveform: np.ndarray, sample_rate: int) -> Path:
-    """Writes a mono (frames,) or stereo (frames, 2) PCM 16-bit WAV at `sample_rate` atomically. Samples are quantised as the audio service
+    """Writes a mono (frames,) or stereo (frames, 2) PCM 16-bit WAV at `sample_rate`
+    atomically. Samples are quantised as the audio service
     streams them (to_pcm16 above), so a PCM 16-bit stream saved here keeps every sample exactly
     (libsndfile's own float conversion scales by 32768 and would move many by one step)."""
     import soundfile as sf

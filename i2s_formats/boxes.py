@@ -59,7 +59,8 @@ def check_location(box: common_pb2.BoundingBox, where: str) -> None:
 def from_model_pixels(raw: Any, frame: PixelFrame) -> common_pb2.BoundingBox | None:
     """The model's [x0, y0, x1, y1] in ``frame`` pixels → a normalised box of the original image.
     Corners are clamped into the frame and put in order; a box with no width or height grows to one
-    pixel of the frame (so it is always a valid box). None when ``raw`` is not four finite numbers (the grammar makes that rare)."""
+    pixel of the frame (so it is always a valid box). None when ``raw`` is not four finite numbers (the
+    grammar makes that rare)."""
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
         return None
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in raw):

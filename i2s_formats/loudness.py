@@ -31,8 +31,10 @@ class Level:
 
 
 def check_target(target: float) -> None:
-    if not (isinstance(target, (int, float)) and math.isfinite(target) and MIN_TARGET_LUFS <= target <= MAX_TARGET_LUFS):
-        raise InvalidInput(f"loudness_target_lufs={target} must be within {MIN_TARGET_LUFS:g}..{MAX_TARGET_LUFS:g} LUFS")
+    number = isinstance(target, (int, float)) and not isinstance(target, bool) and math.isfinite(target)
+    if not (number and MIN_TARGET_LUFS <= target <= MAX_TARGET_LUFS):
+        raise InvalidInput(f"loudness_target_lufs={target} must be within "
+                           f"{MIN_TARGET_LUFS:g}..{MAX_TARGET_LUFS:g} LUFS")
 
 
 @lru_cache(maxsize=8)

@@ -288,7 +288,8 @@ class _ImageRun:
         ref = pb.ClipRef(clip_id=f"{self.clip_prefix}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name=mix.FILE_NAME)
         encoding, chunk_seconds = self.request.output.encoding, self.request.output.chunk_seconds
         metadata = mix.metadata(result)
-        for chunk in audio_encoding.audio_chunks(ref.clip_id, result.samples, result.rate, encoding, chunk_seconds, metadata):
+        for chunk in audio_encoding.audio_chunks(ref.clip_id, result.samples, result.rate, encoding, chunk_seconds,
+                                                 metadata):
             await self._emit(audio=pb.ClipAudio(clip=ref, chunk=chunk))
         await self._emit(clip_done=pb.ClipDone(clip=ref, prompt=metadata.prompt, metadata=metadata, mix=result.plan))
 

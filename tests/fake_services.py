@@ -105,7 +105,8 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
             wave = (0.3 * np.sin(2 * np.pi * (200 + len(self.prompts)) * t)).astype(np.float32)
             yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=1, steps_total=1))
             encoding = request.settings.encoding or audio_encoding.PCM16
-            target = request.settings.loudness_target_lufs if request.settings.HasField("loudness_target_lufs") else None
+            settings = request.settings
+            target = settings.loudness_target_lufs if settings.HasField("loudness_target_lufs") else None
             out = loudness.deliver(wave, rate, request.settings.sample_rate_hertz, target)  # the service's output step
             metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=out.rate,
                                                num_samples=len(out.samples), seed=request.settings.seed,

@@ -498,7 +498,8 @@ class TransformersVisionBackend(VisionBackend):
         if reason is not None:
             req.deliver(Finished(reason, 0))
             return
-        processors: list[Any] = [GrammarLogitsProcessor(req.grammar if req.grammar is not None else self._grammar, self._vocab_size)]
+        grammar = req.grammar if req.grammar is not None else self._grammar
+        processors: list[Any] = [GrammarLogitsProcessor(grammar, self._vocab_size)]
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             processors.append(SeededSamplingLogitsProcessor(req.temperature, req.top_p, seed))
