@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from serving import request_context
 from serving.config import setting
 
 TRACER_NAME = "image_to_sound"
@@ -92,19 +93,12 @@ def client_interceptors() -> list:
         return _traced(method)
 
     def tag(span, _request) -> None:  # the client span of a model call: the caller's request id
-        span.set_attribute(REQUEST_ID, _request_id())
+        span.set_attribute(REQUEST_ID, request_context.request_id())
 
     return aio_client_interceptors(tracer_provider=_provider, filter_=traced, request_hook=tag)
 
 
 # --- the request's context -----------------------------------------------------------------------
-
-def _request_id() -> str:
-    from serving import request_log  # request_log imports this module for trace ids
-
-    record = request_log.current()
-    return record.request_id if record is not None else ""
-
 
 @dataclass(frozen=True)
 class Parent:
@@ -124,7 +118,7 @@ def capture() -> Parent | None:
 
     if not trace.get_current_span().get_span_context().is_valid:
         return None
-    return Parent(context.get_current(), _request_id())
+    return Parent(context.get_current(), request_context.request_id())
 
 
 def tag_current_span(request_id: str) -> None:
@@ -178,7 +172,7 @@ def current_span(name: str, request_id: str = "", **attributes) -> Iterator[None
     if _tracer is None:
         yield
         return
-    attributes = {REQUEST_ID: request_id or _request_id(), **attributes}
+    attributes = {REQUEST_ID: request_id or request_context.request_id(), **attributes}
     with _tracer.start_as_current_span(name, attributes=attributes):
         yield
 
@@ -228,11 +222,9 @@ def request_phases(first: str, **attributes) -> Phases:
     parent = capture()
     if parent is None:
         return NO_PHASES
-    from serving import request_log
-
     phases = Phases([parent], **attributes)
     phases.enter(first)
-    record = request_log.current()
+    record = request_context.current()
     if record is not None:
         record.closers.append(phases.end)
     return phases
