@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from serving.config import setting
+from serving.deadline import Deadline
 from serving.errors import NotReady
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,17 @@ class TritonTls:
 
 
 def translate_error(error: Exception) -> Exception:
-    """A tritonclient error -> the backend interfaces' exceptions (DEADLINE_EXCEEDED, INVALID_ARGUMENT,
+    """A tritonclient (or gRPC) error -> the backend interfaces' exceptions (DEADLINE_EXCEEDED, INVALID_ARGUMENT,
     UNAVAILABLE for a model that is down or unknown; anything else stays internal)."""
+    import grpc
     from tritonclient.utils import InferenceServerException
 
-    status = error.status() if isinstance(error, InferenceServerException) else None
-    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+    if isinstance(error, InferenceServerException):
+        status, message = error.status(), error.message()
+    elif isinstance(error, grpc.RpcError) and hasattr(error, "code"):  # a streaming call's own end
+        status, message = str(error.code()), error.details() or ""
+    else:
+        status, message = None, str(error)
     if status and "DEADLINE_EXCEEDED" in status:
         return TimeoutError(f"Triton: {message}")
     if status and "INVALID_ARGUMENT" in status:
@@ -44,6 +50,13 @@ def translate_error(error: Exception) -> Exception:
     if status and "UNAVAILABLE" in status or "not ready" in message.lower() or "unknown model" in message.lower():
         return NotReady(f"Triton: {message}")
     return RuntimeError(f"Triton: {message}")
+
+
+def call_timeout(deadline: Deadline | None, default_seconds: float | None) -> float | None:
+    """A Triton call's timeout: what is left of the caller's deadline (a passed one still makes a call that
+    times out at once, so the caller hears Triton's DEADLINE_EXCEEDED), else `default_seconds`."""
+    remaining = deadline.remaining() if deadline is not None else None
+    return default_seconds if remaining is None else max(0.001, remaining)
 
 
 class Readiness:
