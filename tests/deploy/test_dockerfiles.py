@@ -331,7 +331,7 @@ def test_torch_comes_from_the_index_the_builder_gives(target, index):
     (torch_install,) = [args for args in _effective(target, "RUN", all_stages) if "torch==" in args]
     assert f'--index-url "${{{index}}}" "torch==${{TORCH_VERSION}}"' in torch_install, target
     assert torch_install.index(f'test -n "${{{index}}}"') < torch_install.index("pip install"), target
-    assert f"{index} is required" in torch_install
+    assert f"--build-arg {index}=" in torch_install and "is required" in torch_install
     assert index in _effective(target, "ARG", all_stages), target  # declared in the stage, so RUN sees it
 
 
