@@ -22,9 +22,12 @@ import numpy as np
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2, vision_pb2
+from i2s_formats.source_merge import SourceMerge
+from serving import tracing
+from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.errors import InvalidInput, NotReady
-from serving.triton_client import (Readiness, TritonTls, call_timeout, model_ready, translate_error,
-                                   wait_model_ready)
+from serving.triton_client import (Readiness, TritonClients, TritonTls, call_timeout, model_ready,
+                                   translate_error, wait_model_ready)
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
                                  StreamEvent, VisionBackend)
 
@@ -124,7 +127,7 @@ class TritonVisionBackend(VisionBackend):
     decodes the requests in flight together, so this is the model's `engine_max_batch`."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *, prompt_version: str = "v1",
-                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = DEFAULT_DEADLINE_SECONDS,
                  readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None, concurrent_requests: int = 8):
         self.url = url
         self.tls = tls or TritonTls()
@@ -134,17 +137,16 @@ class TritonVisionBackend(VisionBackend):
         self.load_timeout_seconds = load_timeout_seconds
         self.request_timeout_seconds = request_timeout_seconds
         self.concurrent_requests = concurrent_requests
-        self._client = None  # for readiness calls; each stream opens its own, on the backend's event loop
+        # Readiness calls share a client; each stream opens its own on the backend's event loop. Both follow
+        # rotated TLS files.
+        self._clients = TritonClients(url, self.tls, "VLM service -> Triton")
         self._io: _EventLoopThread | None = None
         self._loaded = self._warm = self._closed = False
         self._readiness = Readiness(readiness_ttl_seconds)
 
     def load(self) -> None:
         """Waits (bounded) until Triton says the model is ready: Triton loads it, not us."""
-        import tritonclient.grpc as triton
-
-        self._client = triton.InferenceServerClient(self.url, **self.tls.client_options())
-        wait_model_ready(self._client, self.model_name, self.load_timeout_seconds)
+        wait_model_ready(self._clients.shared(), self.model_name, self.load_timeout_seconds)
         self._io = _EventLoopThread("triton-vlm-io")
         self._loaded = True
 
@@ -153,7 +155,7 @@ class TritonVisionBackend(VisionBackend):
         """Follows Triton's model readiness (a cheap gRPC call): an unloaded or failed model reads False."""
         if not (self._loaded and self._warm and not self._closed):
             return False
-        return self._readiness.check(lambda: model_ready(self._client, self.model_name))
+        return self._readiness.check(lambda: model_ready(self._clients.shared(), self.model_name))
 
     def warmup(self) -> None:
         """One short generation end to end, so the first request finds channel and model warm."""
@@ -163,30 +165,36 @@ class TritonVisionBackend(VisionBackend):
 
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
-               deadline: "Deadline | None" = None) -> Iterator[StreamEvent]:
+               deadline: "Deadline | None" = None,
+               phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         """The events as Triton sends them; the time left to `deadline` (else `request_timeout_seconds`)
         is the stream's timeout, so Triton itself stops there (TimeoutError)."""
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
-                            call_timeout(deadline, self.request_timeout_seconds))
+                            call_timeout(deadline, self.request_timeout_seconds), phases)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
                       deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
-        async for event in worker.stream(
-                lambda should_stop: self.stream(image, options, should_stop, deadline=deadline)):
+        # The in-process stages as seen from here: waiting for a model thread, then until Triton's first
+        # event (its queue and the prefill), then the decoding.
+        phases = tracing.request_phases("vlm.queue_wait", backend="triton")
+        async for event in worker.stream(lambda should_stop: self.stream(
+                image, options, should_stop, deadline=deadline, phases=phases)):
             yield event
 
     def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,
-                timeout_seconds: float | None) -> Iterator[StreamEvent]:
+                timeout_seconds: float | None, phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         """The events `_pump` receives on the backend's event loop, handed over through a queue, so this
         thread can look at `should_stop` while it waits (the gRPC call cannot be told to look)."""
+        phases.enter("vlm.prefill")
         started = time.perf_counter()
         items: queue.SimpleQueue = queue.SimpleQueue()
         pumping = self._io.submit(self._pump(arrays, timeout_seconds, items.put))
         pumping.add_done_callback(items.put)  # its end (an error, or after the last event) comes last
+        decoding = False
         header: SceneHeader | None = None
-        sources: dict[int, common_pb2.SoundSource] = {}
+        sources = SourceMerge()
         try:
             while not (should_stop is not None and should_stop()):
                 try:
@@ -196,11 +204,13 @@ class TritonVisionBackend(VisionBackend):
                 if event is pumping:
                     pumping.result()  # the pump's error
                     raise RuntimeError("Triton ended the stream without a description")
+                if not decoding:  # the first event: the prompt is read, decoding goes on
+                    decoding = True
+                    phases.enter("vlm.decode")
                 if isinstance(event, SceneHeader):
                     header = event
                 elif isinstance(event, SourceFound):
-                    merged = sources.setdefault(event.source.id, common_pb2.SoundSource())
-                    merged.MergeFrom(event.source)
+                    sources.add(event.source)
                 yield event
                 if isinstance(event, DescriptionDone):
                     return
@@ -208,13 +218,14 @@ class TritonVisionBackend(VisionBackend):
             yield DescriptionDone(
                 description=common_pb2.SceneDescription(
                     scene=header.scene if header else "", mood=header.mood if header else "",
-                    sources=list(sources.values()),
+                    sources=sources.sources(),
                 ),
                 prompt_tokens=0, output_tokens=0, time_to_first_token_seconds=0.0,
                 total_seconds=time.perf_counter() - started, finish_reason="cancelled",
             )
         finally:
             pumping.cancel()  # stopped or left early: the call is cancelled, so Triton stops generating
+            phases.end()
 
     async def _pump(self, arrays: dict[str, np.ndarray], timeout_seconds: float | None,
                     put: Callable[[StreamEvent], None]) -> None:
@@ -224,7 +235,7 @@ class TritonVisionBackend(VisionBackend):
         import tritonclient.grpc.aio as triton
         from tritonclient.utils import np_to_triton_dtype
 
-        client = triton.InferenceServerClient(self.url, **self.tls.client_options())
+        client = self._clients.new_aio()
         inputs = []
         for name, array in arrays.items():
             tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -255,9 +266,7 @@ class TritonVisionBackend(VisionBackend):
         if self._io is not None:
             self._io.close()
             self._io = None
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._clients.close()
 
 
 class _EventLoopThread:
