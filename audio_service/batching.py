@@ -115,9 +115,7 @@ class Batcher:
             raise Overloaded(f"{len(self._queue)} audio requests already waiting; retry later")
         loop = asyncio.get_running_loop()
         self._start(loop)
-        # Backends that are not AudioBackend subclasses (test doubles) group by the request's own key.
-        batch_key = getattr(self.backend, "batch_key", None)
-        key = batch_key(request) if batch_key is not None else request.batch_key()
+        key = self.backend.batch_key(request)
         if window is not None:
             key = key + ("window", window.overlap_frames)
         job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time(),
@@ -236,7 +234,8 @@ class Batcher:
         self.last_batch_size = len(batch)
         metrics.AUDIO_BATCH_SIZE.observe(len(batch))
         call = functools.partial(
-            self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
+            self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step,
+            deadline=Deadline.latest(job.deadline for job in batch),
         )
         if batch[0].window is not None:  # one key: all windows or none
             call = functools.partial(call, windows=[job.window for job in batch])

@@ -60,6 +60,7 @@ from audio_service.backend import (
 )
 from serving import tracing
 from serving.blocking import ModelWorker
+from serving.deadline import Deadline
 from serving.errors import NotReady
 from serving.models import hf_token, torch_dtype
 
@@ -211,11 +212,6 @@ class DiffusersAudioBackend(AudioBackend):
             raise NotReady("the audio model is not loaded")
         return self._pipe
 
-    @property
-    def thread_ident(self) -> int | None:
-        """The identity of the model thread (None until it ran something)."""
-        return self.worker.thread_ident
-
     def batch_key(self, request: AudioRequest) -> tuple:
         """Like `request.batch_key()`, with the duration replaced by its bucket: one bucket, one batch."""
         key = request.batch_key()
@@ -318,6 +314,7 @@ class DiffusersAudioBackend(AudioBackend):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        deadline: Deadline | None = None,  # its callers leave at their deadlines, which turns should_stop true
         windows: Sequence[Window | None] | None = None,
     ) -> list[AudioResult]:
         return self.worker.run(lambda: self._generate(requests, should_stop, on_step, windows))

@@ -1,6 +1,7 @@
 """AudioService servicer: gRPC messages in, batched backend calls, audio chunks out. No model logic here."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -15,7 +16,7 @@ from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from i2s_formats import audio_encoding, contract
+from i2s_formats import audio_encoding, contract, loudness
 from i2s_formats.chunk_stream import ChunkStream
 from serving import metrics, request_log, tracing
 from serving.deadline import Deadline
@@ -69,11 +70,13 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
                 else:
                     yield item
         elapsed = time.perf_counter() - started
+        out = await asyncio.to_thread(loudness.deliver, result.waveform, result.sample_rate_hertz,
+                                      call.output.sample_rate_hertz, call.output.loudness_target_lufs)
 
         metadata = common_pb2.ClipMetadata(
-            duration_seconds=len(result.waveform) / result.sample_rate_hertz,
-            sample_rate_hertz=result.sample_rate_hertz,
-            num_samples=len(result.waveform),
+            duration_seconds=len(out.samples) / out.rate,
+            sample_rate_hertz=out.rate,
+            num_samples=len(out.samples),
             seed=generation.seed,
             num_inference_steps=result.steps_run,
             scheduler=contract.SCHEDULER_ENUM[result.scheduler],
@@ -86,11 +89,12 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         )
         if result.score is not None:
             metadata.score = result.score
+        loudness.record(metadata, out.level, out.gain_db)
         request_log.note(clip_id=clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=result.steps_run)
         sending = tracing.request_phases("audio.chunk_send")
         for chunk in audio_encoding.audio_chunks(
-            clip_id, result.waveform, result.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds, metadata
+            clip_id, out.samples, out.rate, call.output.encoding, call.output.chunk_seconds, metadata
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
@@ -103,7 +107,11 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         shape = getattr(self.backend, "window_shape", lambda: None)()  # None: no windows (Triton, doubles)
         rate = shape.sample_rate_hertz if shape else self.backend.sample_rate_hertz
         deadline = Deadline.from_context(context)
-        stream = ChunkStream(call.clip_id, rate, call.output.encoding, call.output.chunk_seconds)
+        # Another rate or a loudness target needs the whole clip (resampled and measured once): sent at the end.
+        out_rate = call.output.sample_rate_hertz or rate
+        whole = out_rate != rate or call.output.loudness_target_lufs is not None
+        stream = ChunkStream(call.clip_id, out_rate, call.output.encoding, call.output.chunk_seconds)
+        made_samples: list[np.ndarray] = []
         started = time.perf_counter()
         async with Pump() as pump:
 
@@ -131,29 +139,44 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             pump.spawn(render())
             async for item in pump:
                 if isinstance(item, np.ndarray):
-                    for chunk in stream.add(item):
+                    made_samples.append(item)
+                    for chunk in ([] if whole else stream.add(item)):
                         yield audio_pb2.GenerateAudioResponse(chunk=chunk)
                 elif isinstance(item, clip_maker.MadeClip):
                     made = item
                 else:
                     yield item
         elapsed = time.perf_counter() - started
+        clip = np.concatenate(made_samples) if made_samples else np.zeros(0, np.float32)
+        if whole:
+            out = await asyncio.to_thread(loudness.deliver, clip, rate, out_rate, call.output.loudness_target_lufs)
+            level, gain_db, sent = out.level, out.gain_db, out.samples
+        else:
+            level, gain_db, sent = await asyncio.to_thread(loudness.measure, clip, rate), 0.0, None
+        scale = out_rate / rate  # sample offsets at the rate sent
         first = made.results[0]
         scores = [r.score for r in made.results if r.score is not None]
         metadata = common_pb2.ClipMetadata(
-            duration_seconds=stream.total_samples / rate, sample_rate_hertz=rate, num_samples=stream.total_samples,
+            duration_seconds=(len(sent) if whole else stream.total_samples) / out_rate, sample_rate_hertz=out_rate,
+            num_samples=len(sent) if whole else stream.total_samples,
             seed=made.seed, num_inference_steps=first.steps_run, scheduler=contract.SCHEDULER_ENUM[first.scheduler],
             guidance_scale=generation.guidance_scale, model_id=first.model_id, prompt=generation.prompt,
             negative_prompt=generation.negative_prompt, num_candidates=generation.num_candidates,
-            generation_seconds=elapsed, window_count=made.windows, window_join_samples=made.join_samples,
+            generation_seconds=elapsed, window_count=made.windows,
+            window_join_samples=[round(j * scale) for j in made.join_samples],
             guard_attempts=[common_pb2.GuardAttempt(**dataclasses.asdict(a)) for a in made.attempts],
         )
         if made.loop_points is not None:
-            metadata.loop_start_sample, metadata.loop_end_sample = made.loop_points
+            metadata.loop_start_sample = round(made.loop_points[0] * scale)
+            metadata.loop_end_sample = metadata.num_samples if whole else made.loop_points[1]
         if scores:
             metadata.score = float(np.mean(scores))  # each window's against the caption
         request_log.note(clip_id=call.clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=first.steps_run, windows=made.windows, tries=max(1, len(made.attempts)))
+        loudness.record(metadata, level, gain_db)
+        if whole:
+            for chunk in stream.add(sent):
+                yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         for chunk in stream.finish(metadata):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
 

@@ -25,8 +25,9 @@ class RecordingBackend(DiffusersAudioBackend):
         super().__init__(*args, **kwargs)
         self.calls = []  # (windows, results) of every call that finished
 
-    def generate(self, requests, *, should_stop=None, on_step=None, windows=None):
-        results = super().generate(requests, should_stop=should_stop, on_step=on_step, windows=windows)
+    def generate(self, requests, *, should_stop=None, on_step=None, deadline=None, windows=None):
+        results = super().generate(requests, should_stop=should_stop, on_step=on_step, deadline=deadline,
+                                   windows=windows)
         self.calls.append((windows, results))
         return results
 
