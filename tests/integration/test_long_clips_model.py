@@ -183,3 +183,15 @@ async def test_a_long_loop_streams_its_windows_and_loops_as_a_whole(long_audio):
     assert plan.join_samples[0] - RATE // 2 - 160 <= join <= plan.join_samples[0] - RATE // 2
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds.index("chunk") < max(i for i, k in enumerate(kinds) if k == "progress")  # streamed before the end
+
+
+async def test_a_loop_asked_at_48_khz_is_sent_whole_at_that_rate_with_its_points_there(long_audio):
+    servicer, _ = long_audio
+    events = [e async for e in servicer.GenerateAudio(request(3.0, loop=True, sample_rate_hertz=48000), None)]
+    chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
+    meta = chunks[-1].metadata
+    wave = audio_encoding.decode_payloads([c.data for c in chunks], chunks[0].encoding)
+    assert meta.sample_rate_hertz == 48000 and all(c.sample_rate_hertz == 48000 for c in chunks)
+    assert len(wave) == meta.num_samples and 3 * 48000 - 480 <= meta.num_samples <= 3 * 48000
+    assert (meta.loop_start_sample, meta.loop_end_sample) == (0, meta.num_samples)
+    assert meta.HasField("loudness_lufs") or meta.HasField("peak_dbfs") or np.abs(wave).max() == 0
