@@ -57,8 +57,11 @@ def available_versions(name: str, python: tuple[int, int]) -> set[Version]:
                "--python-version", f"{python[0]}.{python[1]}"]
     for platform in PLATFORMS:
         command += ["--platform", platform]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    if run.returncode != 0:  # pip says "No matching distribution found" when nothing fits
+    for _ in range(3):  # a network error is asked again (twice); "nothing fits" is an answer
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if run.returncode == 0 or "No matching distribution" in run.stderr:
+            break
+    if run.returncode != 0:
         return set()
     listed = next((line for line in run.stdout.splitlines() if line.startswith("Available versions:")), "")
     versions = set()
