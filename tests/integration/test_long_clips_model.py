@@ -195,3 +195,27 @@ async def test_a_loop_asked_at_48_khz_is_sent_whole_at_that_rate_with_its_points
     assert len(wave) == meta.num_samples and 3 * 48000 - 480 <= meta.num_samples <= 3 * 48000
     assert (meta.loop_start_sample, meta.loop_end_sample) == (0, meta.num_samples)
     assert meta.HasField("loudness_lufs") or meta.HasField("peak_dbfs") or np.abs(wave).max() == 0
+
+
+async def test_windows_of_two_long_clips_share_backend_calls_and_each_continues_its_own(long_audio):
+    import asyncio
+
+    _, backend = long_audio
+    together = AudioServicer(backend, AudioConfig(model="x", max_batch_size=2, max_wait_ms=60_000))  # full batches
+    backend.calls.clear()
+
+    async def clip(seed):
+        return [e async for e in together.GenerateAudio(request(31.0, seed=seed), None)]
+
+    a, b = await asyncio.gather(clip(21), clip(22))
+    await together.close()
+    assert [len(windows) for windows, _ in backend.calls] == [2, 2]  # window 1 of both, then window 2 of both
+    (first_windows, first), (second_windows, second) = backend.calls
+    assert all(w.context is None for w in first_windows) and all(w.context is not None for w in second_windows)
+    overlap = second_windows[0].overlap_frames
+    # Each clip's second window is held to its own first window's latent (rows may come in either order).
+    held = [[np.array_equal(s.latent[:, :overlap], f.latent[:, -overlap:]) for f in first] for s in second]
+    assert sorted(map(tuple, held)) == [(False, True), (True, False)]
+    assert not np.array_equal(first[0].latent, first[1].latent)
+    for events in (a, b):
+        assert [e.chunk for e in events if e.WhichOneof("event") == "chunk"][-1].metadata.window_count == 2
