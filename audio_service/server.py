@@ -9,13 +9,16 @@ import grpc
 
 from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
+from audio_service.clip_cache import clip_key, pack_clip, unpack_clip
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from i2s_formats import audio_encoding, contract
 from serving import metrics, request_log, tracing
 from serving.deadline import Deadline
 from serving.errors import NotReady
+from serving.priority import PriorityOrder
 from serving.pump import Pump
+from serving.result_cache import open_cache
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -26,16 +29,26 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         self.backend = backend
         self.config = config
         self.batcher = Batcher(
-            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
+            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
+            order=PriorityOrder(config.priority.batch_aging),
         )
+        self.cache = open_cache(config.cache, "audio")
         metrics.QUEUE_DEPTH.labels(queue="audio_batch").set_function(lambda: self.batcher.queue_depth)
 
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
             raise NotReady("the audio model is still loading")
         call = contract.generate_audio(request.prompt, request.settings, request.clip_id,
-                                       self.config.default_negative_prompt)
+                                       self.config.default_negative_prompt, request)
         generation, clip_id = call.generation, call.clip_id
+        key = clip_key(call, self.backend)
+        cached = await self.cache.lookup(key, call.handling.bypass_cache)
+        if cached is not None:  # no model runs: the clip as it was rendered, encoded as this call asks
+            waveform, metadata = unpack_clip(cached)
+            request_log.note(clip_id=clip_id, cache_hit=True)
+            for response in self._chunks(call, waveform, metadata):
+                yield response
+            return
 
         # Progress events while the batch denoises; the clip follows. If the caller cancels, this
         # coroutine is cancelled, the batcher marks the request and the backend stops early.
@@ -48,7 +61,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
 
             async def render() -> None:
                 pump.put_nowait(await self.batcher.submit(generation, on_step=progress,
-                                                          deadline=Deadline.from_context(context)))
+                                                          deadline=Deadline.from_context(context),
+                                                          priority=call.handling.priority))
 
             pump.spawn(render())
             async for item in pump:
@@ -76,15 +90,22 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             metadata.score = result.score
         request_log.note(clip_id=clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=result.steps_run)
+        await self.cache.store(key, pack_clip(result.waveform, metadata))
+        for response in self._chunks(call, result.waveform, metadata):
+            yield response
+
+    @staticmethod
+    def _chunks(call: contract.AudioCall, waveform, metadata: common_pb2.ClipMetadata):
         sending = tracing.request_phases("audio.chunk_send")
         for chunk in audio_encoding.audio_chunks(
-            clip_id, result.waveform, result.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds, metadata
+            call.clip_id, waveform, metadata.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds, metadata
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
 
     async def close(self) -> None:
         await self.batcher.close()
+        await self.cache.close()
 
 
 def build_backend(config: AudioConfig) -> AudioBackend:

@@ -108,6 +108,8 @@ class _ImageRun:
         self.call_metadata = ((request_log.REQUEST_ID_HEADER, self.request_id),)  # the model services log it
         self.deadline = deadline
         self.options = request.options
+        # The priority and cache flag, as every model call of the image sends them.
+        self.handling = dict(priority=request.options.priority, bypass_cache=request.options.bypass_cache)
         self.out: Pump | None = None  # the image's events, to the caller (made when the events are read)
         self.clip_tasks: list[asyncio.Future] = []
         self.clips: list[_Clip] = []
@@ -168,7 +170,8 @@ class _ImageRun:
             while True:
                 received = False
                 call = self.p.vlm.StreamSceneDescription(
-                    vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding),
+                    vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding,
+                                                             **self.handling),
                     timeout=self.deadline.left(), metadata=self.call_metadata,
                 )
                 try:
@@ -259,7 +262,8 @@ class _ImageRun:
                 while True:
                     forwarded = False
                     call = self.p.audio.GenerateAudio(
-                        audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.request.audio, clip_id=clip.ref.clip_id),
+                        audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.request.audio, clip_id=clip.ref.clip_id,
+                                                   **self.handling),
                         timeout=self.deadline.left(), metadata=self.call_metadata,
                     )
                     try:

@@ -116,6 +116,7 @@ class EngineRequest:
     should_stop: Callable[[], bool] | None = None
     deadline: float | None = None  # time.monotonic() after which the request stops ("deadline")
     cancelled: threading.Event = field(default_factory=threading.Event)
+    priority: str = "interactive"  # the scheduler's admission order (serving.priority)
     # Made where the request is submitted, on its RPC's task: its trace spans (no-op when tracing is off).
     phases: tracing.Phases = field(default_factory=lambda: tracing.request_phases("vlm.queue_wait"))
 

@@ -2,7 +2,7 @@
 
 Callers submit from any thread into a bounded queue (``Overloaded`` when full). One loop runs on the
 model thread while there is work: at each step boundary it admits waiting requests into the engine's free
-rows, then runs one engine step; without an engine it runs the reference ``generate()`` for one request
+rows (interactive before batch, with aging: serving.priority), then runs one engine step; without an engine it runs the reference ``generate()`` for one request
 after another. The loop returns when there is nothing left, and the next submission starts it again.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable
 
 from serving.errors import NotReady, Overloaded
+from serving.priority import PriorityOrder
 from vlm_service.engine import DecodeEngine, EngineRequest
 from vlm_service.messages import Finished
 
@@ -25,12 +26,15 @@ class Scheduler:
         engine: the decode engine, or None for the reference path.
         reference: runs one request with ``generate()`` (the reference path), on the model thread.
         threads: the set the loop adds its thread to (the backend's record of threads that ran model code).
+        order: which waiting requests go first when rows free up (default: interactive first, aging 4).
     """
 
     def __init__(self, worker: Any, *, max_queue: int, engine: DecodeEngine | None,
-                 reference: Callable[[EngineRequest], None], threads: set[int]) -> None:
+                 reference: Callable[[EngineRequest], None], threads: set[int],
+                 order: PriorityOrder | None = None) -> None:
         self.worker, self.max_queue, self.engine, self.reference = worker, max_queue, engine, reference
         self.threads = threads
+        self.order = order or PriorityOrder()
         self._cv = threading.Condition()
         self._pending: list[EngineRequest] = []
         self._running = False
@@ -72,7 +76,7 @@ class Scheduler:
                     self._running = False
                 else:
                     room = engine.free_slots if engine is not None else 1
-                    admit, self._pending = self._pending[:room], self._pending[room:]
+                    admit = self.order.take(self._pending, room, lambda req: req.priority)
                     if not admit and (engine is None or engine.active == 0):
                         self._running = False
                         return

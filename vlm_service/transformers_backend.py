@@ -41,8 +41,9 @@ from PIL import Image
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
+from serving.priority import INTERACTIVE, PriorityOrder
 from serving.pump import Pump
-from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
+from serving.models import DEFAULT_VLM_MODEL, checkpoint_revision, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
 from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
@@ -138,6 +139,7 @@ class TransformersVisionBackend(VisionBackend):
         attn_implementation: str = "sdpa",
         engine: EngineOptions | None = None,
         max_queue: int = 16,
+        batch_aging: int = 4,
     ) -> None:
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, int) or value < PATCH_FACTOR * PATCH_FACTOR):
@@ -160,6 +162,7 @@ class TransformersVisionBackend(VisionBackend):
         self._repetition_penalty = float(repetition_penalty)
         self._attn_implementation = attn_implementation
         self._max_queue = max_queue
+        self._batch_aging = batch_aging  # the scheduler's priority aging (serving.priority)
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
         self.model_threads: set[int] = set()  # threads that ran model code (tests: exactly one)
@@ -273,9 +276,20 @@ class TransformersVisionBackend(VisionBackend):
                 repetition_penalty=self._repetition_penalty, prefix_ids=ids[: ids.index(image_token_id)],
                 options=self.engine_options)
         self.scheduler = Scheduler(self.worker, max_queue=self._max_queue, engine=self.engine,
-                                   reference=self._generate_reference, threads=self.model_threads)
+                                   reference=self._generate_reference, threads=self.model_threads,
+                                   order=PriorityOrder(self._batch_aging))
+        self.model_revision = checkpoint_revision(self.model_id, self._revision, token)
         self._loaded = True
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - started)
+
+    def result_identity(self) -> dict | None:
+        identity = super().result_identity()
+        if identity is None:
+            return None
+        # The image's pixel budget, the precision, the device kind and the decode path change the tokens.
+        return {**identity, "dtype": str(self.model.dtype), "device": str(self.device).split(":")[0],
+                "pixels": [self._min_pixels, self._max_pixels], "repetition_penalty": self._repetition_penalty,
+                "engine": self.engine is not None}
 
     @property
     def ready(self) -> bool:
@@ -368,8 +382,8 @@ class TransformersVisionBackend(VisionBackend):
         return self.scheduler.queue_depth if self.scheduler is not None else 0
 
     def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[Delivery], None], *,
-               should_stop: Callable[[], bool] | None = None, deadline: float | None = None
-               ) -> tuple[EngineRequest, DescriptionAssembler]:
+               should_stop: Callable[[], bool] | None = None, deadline: float | None = None,
+               priority: str = INTERACTIVE) -> tuple[EngineRequest, DescriptionAssembler]:
         """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
         :class:`~vlm_service.engine.EngineRequest`). Raises InvalidInput,
         NotReady, Overloaded, before anything is queued."""
@@ -378,7 +392,7 @@ class TransformersVisionBackend(VisionBackend):
         inputs = self.prepare_inputs(image)
         req = EngineRequest(inputs=inputs, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                             top_p=options.top_p, seed=options.seed, deliver=deliver, should_stop=should_stop,
-                            deadline=deadline)
+                            deadline=deadline, priority=priority)
         assembler = DescriptionAssembler(
             self.tokenizer, prompt_version=self.prompt_version, model_id=self.model_id,
             prompt_tokens=int(inputs["input_ids"].shape[1]), started=started, max_new_tokens=options.max_new_tokens)
@@ -415,7 +429,7 @@ class TransformersVisionBackend(VisionBackend):
     schedules_itself = True  # its scheduler's queue (max_queue) is the one in front of the model
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: Any = None,
-                      deadline: Deadline | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: Deadline | None = None, priority: str = INTERACTIVE) -> AsyncIterator[StreamEvent]:
         """Events for asyncio callers, decoded concurrently with other requests; ``worker`` is unused (the
         backend has its own model thread). Leaving early cancels the request."""
         gone = threading.Event()
@@ -426,7 +440,8 @@ class TransformersVisionBackend(VisionBackend):
                     gone.set()
 
             req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set,
-                                         deadline=deadline.at if deadline is not None else None)  # the engine's instant
+                                         deadline=deadline.at if deadline is not None else None,  # the engine's instant
+                                         priority=priority)
             try:
                 async for item in pump:  # ends at the request's Finished (or Failed: raised)
                     events, finished = _assemble(assembler, item)

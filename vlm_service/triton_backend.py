@@ -163,7 +163,7 @@ class TritonVisionBackend(VisionBackend):
                             timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
+                      deadline: "Deadline | None" = None, priority: str = "interactive") -> AsyncIterator[StreamEvent]:
         """The caller's deadline becomes Triton's stream timeout, so Triton itself stops at it."""
         remaining = deadline.remaining() if deadline is not None else None
         timeout = None if remaining is None else max(0.001, remaining)

@@ -1,0 +1,40 @@
+"""The audio service's entries in the result cache (serving.result_cache): which clips, under which key, as
+which bytes.
+
+Only a request whose caller chose the seed is cached (a seedless request asks for a new sample). The key is
+every field of the resolved request (caption, negative prompt, seed, steps, guidance, duration, scheduler,
+candidates, and whatever option the request gains later: all decide the samples) and the backend's
+`result_identity()` (model id and revision, precision, device kind, duration buckets). The value is the
+clip's float32 samples and its metadata: a hit is encoded and chunked exactly as a fresh render is, so it
+streams the same bytes, with `metadata.cache_hit` set.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from audio_service.backend import AudioBackend
+from i2s_formats.contract import AudioCall
+from image_to_sound.v1 import common_pb2
+from serving.result_cache import content_key, pack, unpack
+
+
+def clip_key(call: AudioCall, backend: AudioBackend) -> str | None:
+    """The key of `call`'s clip, or None when it is not cached (no seed given, or revision unknown)."""
+    identity = backend.result_identity()
+    if not call.seeded or identity is None:
+        return None
+    return content_key("audio", request=dataclasses.asdict(call.generation), **identity)
+
+
+def pack_clip(waveform: np.ndarray, metadata: common_pb2.ClipMetadata) -> bytes:
+    return pack([metadata.SerializeToString(), np.ascontiguousarray(waveform, dtype=np.float32).tobytes()])
+
+
+def unpack_clip(value: bytes) -> tuple[np.ndarray, common_pb2.ClipMetadata]:
+    """The samples and the metadata of a cached clip, marked as a hit."""
+    meta_bytes, samples = unpack(value)
+    metadata = common_pb2.ClipMetadata.FromString(meta_bytes)
+    metadata.cache_hit = True
+    return np.frombuffer(samples, dtype=np.float32), metadata
