@@ -31,7 +31,8 @@ function buildRequest(data) {
   const audio = { durationSeconds: numberOrNull("seconds"), numInferenceSteps: numberOrNull("steps"),
                   encoding: "AUDIO_ENCODING_PCM_S16LE" };
   if (numberOrNull("seed") !== null) audio.seed = String(numberOrNull("seed"));
-  const request = { image: { data, mimeType: photo.type }, audio, options: { sceneMix: true } };
+  // Someone is waiting for this one: interactive (the default, said explicitly).
+  const request = { image: { data, mimeType: photo.type }, audio, options: { sceneMix: true, priority: "PRIORITY_INTERACTIVE" } };
   if (numberOrNull("vlm-seed") !== null) request.decoding = { seed: String(numberOrNull("vlm-seed")) };
   return request;
 }
