@@ -141,8 +141,10 @@ class Batcher:
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it any more
         try:
             self._queue.remove(job)  # still queued: it will never run
-        except ValueError:
-            pass  # already taken into a batch: should_stop sees the flag
+            metrics.WORK_CANCELLED.labels(stage="audio", state="queued").inc()
+        except ValueError:  # already taken into a batch: should_stop sees the flag
+            if not job.future.done():
+                metrics.WORK_CANCELLED.labels(stage="audio", state="running").inc()
 
     async def close(self, *, cancel_running: bool = False) -> None:
         """Stops accepting requests and fails the queued ones with NotReady.

@@ -29,6 +29,7 @@ Greedy decoding gives the same tokens on both (tests/integration/test_vlm_engine
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import secrets
@@ -38,6 +39,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from PIL import Image
 
+from serving import metrics
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
@@ -442,13 +444,18 @@ class TransformersVisionBackend(VisionBackend):
             req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set,
                                          deadline=deadline.at if deadline is not None else None,  # the engine's instant
                                          priority=priority)
+            started = False
             try:
                 async for item in pump:  # ends at the request's Finished (or Failed: raised)
+                    started = True
                     events, finished = _assemble(assembler, item)
                     for event in events:
                         yield event
                     if finished:
                         return
+            except (asyncio.CancelledError, GeneratorExit):  # the caller left: its row (or queue place) is freed
+                metrics.WORK_CANCELLED.labels(stage="vlm", state="running" if started else "queued").inc()
+                raise
             finally:
                 req.cancelled.set()
 
