@@ -34,7 +34,7 @@ from audio_service.backend import AudioBackend, AudioRequest, AudioResult, Backe
 from serving import metrics, tracing
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
-from serving.priority import BATCH, INTERACTIVE, PriorityOrder
+from serving.priority import BATCH, INTERACTIVE, PRIORITIES, PriorityOrder
 
 __all__ = ["Batcher", "NotReady", "Overloaded"]
 
@@ -81,6 +81,10 @@ class Batcher:
         self.max_wait_s = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
         self.order = order or PriorityOrder()
+        for priority in PRIORITIES:  # every series exists from the start (at 0)
+            metrics.QUEUE_WAIT.labels(stage="audio", priority=priority)
+        for state in ("queued", "running"):
+            metrics.WORK_CANCELLED.labels(stage="audio", state=state)
         # Counters and the last event only: per-batch history would grow for the life of the server
         # (the i2s_* metrics count batches for operators).
         self.backend_calls = 0  # number of backend.generate calls made

@@ -23,6 +23,7 @@ from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = audio_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name
+QUEUE = "audio_batch"  # its i2s_queue_depth label: the waiting work the autoscalers read (deploy/README.md "Scaling")
 
 class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     def __init__(self, backend: AudioBackend, config: AudioConfig):
@@ -33,7 +34,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             order=PriorityOrder(config.priority.batch_aging),
         )
         self.cache = open_cache(config.cache, "audio")
-        metrics.QUEUE_DEPTH.labels(queue="audio_batch").set_function(lambda: self.batcher.queue_depth)
+        metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: self.batcher.queue_depth)
 
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from serving import metrics, tracing
 from serving.errors import Overloaded
-from serving.priority import INTERACTIVE, PriorityOrder
+from serving.priority import INTERACTIVE, PRIORITIES, PriorityOrder
 
 
 @dataclass(eq=False)
@@ -47,6 +47,8 @@ class Admission:
         self._waiters: list[_Waiter] = []
         self._order = itertools.count()
         self._priority = order or PriorityOrder()
+        for priority in PRIORITIES:  # both series exist from the start (at 0)
+            metrics.QUEUE_WAIT.labels(stage="orchestrator", priority=priority)
 
     @property
     def waiting(self) -> int:

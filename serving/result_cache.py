@@ -79,8 +79,13 @@ class ResultCache:
     """What a service holds: lookups and stores, counted by result. Keeps nothing itself (`--cache-url off`);
     subclasses keep the bytes."""
 
+    RESULTS = ("hit", "miss", "bypass", "uncacheable", "error")
+
     def __init__(self, name: str):
         self.name = name  # the metrics' `cache` label: vlm, audio
+        for result in self.RESULTS:  # every series exists from the start (at 0), so rates and ratios have data
+            metrics.CACHE_LOOKUPS.labels(cache=name, result=result)
+        metrics.CACHE_EVICTIONS.labels(cache=name)
 
     async def lookup(self, key: str | None, bypass: bool = False) -> bytes | None:
         """The stored result, or None: no key (not cacheable), `bypass`, a miss, or the store unreachable."""

@@ -20,6 +20,7 @@ from vlm_service.config import VlmConfig
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+QUEUE = "vlm"  # its i2s_queue_depth label: the waiting work the autoscalers read (deploy/README.md "Scaling")
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -28,7 +29,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         self.config = config
         # One queue in front of the model: the backend's own scheduler's, else this worker's.
         self.worker = None if backend.schedules_itself else ModelWorker("vlm", max_queue=config.max_queue)
-        metrics.QUEUE_DEPTH.labels(queue="vlm").set_function(lambda: getattr(backend, "queue_depth", 0))
+        metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: getattr(backend, "queue_depth", 0))
         self.cache = open_cache(config.cache, "vlm")
 
     async def _events(self, request, context):

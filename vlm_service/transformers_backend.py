@@ -165,6 +165,8 @@ class TransformersVisionBackend(VisionBackend):
         self._attn_implementation = attn_implementation
         self._max_queue = max_queue
         self._batch_aging = batch_aging  # the scheduler's priority aging (serving.priority)
+        for state in ("queued", "running"):  # both series exist from the start (at 0)
+            metrics.WORK_CANCELLED.labels(stage="vlm", state=state)
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
         self.model_threads: set[int] = set()  # threads that ran model code (tests: exactly one)
