@@ -40,9 +40,11 @@ class FakeVisionServicer(vision_pb2_grpc.VisionServiceServicer):
     release: asyncio.Event = field(default_factory=asyncio.Event)
     finished: bool = False
     calls: int = 0
+    requests: list = field(default_factory=list)  # every request, as received
 
     async def StreamSceneDescription(self, request, context):
         self.calls += 1
+        self.requests.append(request)
         decode_image(request.image.data, request.image.mime_type)  # the real checks: bad images fail here
         yield vision_pb2.StreamSceneDescriptionResponse(
             scene=vision_pb2.SceneSummary(scene=self.description.scene, mood=self.description.mood))
@@ -71,9 +73,11 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
     entered: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call starts
     was_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     deadlines: list[float | None] = field(default_factory=list)  # time remaining seen by each call
+    requests: list = field(default_factory=list)  # every request, as received
 
     async def GenerateAudio(self, request, context):
         self.prompts.append(request.prompt)
+        self.requests.append(request)
         self.deadlines.append(context.time_remaining())
         self.entered.set()
         if self.fail_word in request.prompt:

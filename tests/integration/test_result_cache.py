@@ -4,6 +4,7 @@ never hit; with a real Redis that is killed mid-run, requests still succeed and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 
@@ -38,11 +39,11 @@ async def clip(stub, request) -> tuple[bytes, common_pb2.ClipMetadata]:
     return b"".join(c.data for c in chunks), chunks[-1].metadata
 
 
-@pytest_asyncio.fixture
-async def audio_service(tiny_audio_backend):
-    """(stub, servicer) of an audio service on the session's tiny AudioLDM2, caching in its own memory."""
-    config = AudioConfig(model="tiny", max_wait_ms=0, server=ServerOptions(port=0, grace_seconds=1))
-    server, servicer = make_audio_server(config, tiny_audio_backend)
+@contextlib.asynccontextmanager
+async def audio_server(backend, cache: CacheOptions = CacheOptions()):
+    """(stub, servicer) of an audio service on `backend`, its result cache as `cache` says."""
+    config = AudioConfig(model="tiny", max_wait_ms=0, cache=cache, server=ServerOptions(port=0, grace_seconds=1))
+    server, servicer = make_audio_server(config, backend)
     await server.start()
     await server.set_serving(True)
     channel = grpc.aio.insecure_channel(server.address)
@@ -52,6 +53,13 @@ async def audio_service(tiny_audio_backend):
         await channel.close()
         await server.stop()
         await servicer.close()
+
+
+@pytest_asyncio.fixture
+async def audio_service(tiny_audio_backend):
+    """An audio service on the session's tiny AudioLDM2, caching in its own memory."""
+    async with audio_server(tiny_audio_backend) as service:
+        yield service
 
 
 async def test_an_audio_hit_streams_the_same_bytes_says_so_and_runs_no_model(audio_service):
@@ -95,28 +103,19 @@ def redis(tmp_path):
 
 async def test_redis_killed_mid_run_requests_still_succeed_and_the_log_says_so(tiny_audio_backend, redis, caplog):
     options = CacheOptions(cache_url=redis.url, cache_retry_seconds=3600)  # no retry within the test
-    config = AudioConfig(model="tiny", max_wait_ms=0, cache=options, server=ServerOptions(port=0, grace_seconds=1))
-    server, servicer = make_audio_server(config, tiny_audio_backend)
-    await server.start()
-    await server.set_serving(True)
-    async with grpc.aio.insecure_channel(server.address) as channel:
-        stub = audio_pb2_grpc.AudioServiceStub(channel)
-        try:
-            first, _ = await clip(stub, audio_request(seed=21))
-            stored, stored_meta = await clip(stub, audio_request(seed=21))
-            assert stored == first and stored_meta.cache_hit  # served from Redis
-            calls = servicer.batcher.backend_calls
-            redis.kill()
-            with caplog.at_level(logging.WARNING, logger="serving.result_cache"):
-                after, after_meta = await clip(stub, audio_request(seed=21))
-                again, _ = await clip(stub, audio_request(seed=22))
-            assert not after_meta.cache_hit and len(after) == len(first) and again  # rendered, not failed
-            assert servicer.batcher.backend_calls == calls + 2
-            warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
-            assert len(warnings) == 1 and redis.url in warnings[0] and "serving without it" in warnings[0]
-        finally:
-            await server.stop()
-            await servicer.close()
+    async with audio_server(tiny_audio_backend, options) as (stub, servicer):
+        first, _ = await clip(stub, audio_request(seed=21))
+        stored, stored_meta = await clip(stub, audio_request(seed=21))
+        assert stored == first and stored_meta.cache_hit  # served from Redis
+        calls = servicer.batcher.backend_calls
+        redis.kill()
+        with caplog.at_level(logging.WARNING, logger="serving.result_cache"):
+            after, after_meta = await clip(stub, audio_request(seed=21))
+            again, _ = await clip(stub, audio_request(seed=22))
+        assert not after_meta.cache_hit and len(after) == len(first) and again  # rendered, not failed
+        assert servicer.batcher.backend_calls == calls + 2
+        warnings = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+        assert len(warnings) == 1 and redis.url in warnings[0] and "serving without it" in warnings[0]
 
 
 def png() -> bytes:

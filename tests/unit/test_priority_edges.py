@@ -4,8 +4,6 @@ refused; and that the orchestrator sends the resolved priority and cache flag to
 Orchestration only: FAKE model services behind the real orchestrator and HTTP front."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import grpc
 import httpx
 import pytest
@@ -55,26 +53,6 @@ def test_the_command_line_sends_batch_for_a_folder_and_interactive_for_one_image
     assert single.options.priority == common_pb2.PRIORITY_INTERACTIVE and single.options.bypass_cache
 
 
-@dataclass
-class FakeRecordingVision(FakeVisionServicer):
-    requests: list = field(default_factory=list)
-
-    async def StreamSceneDescription(self, request, context):
-        self.requests.append(request)
-        async for response in super().StreamSceneDescription(request, context):
-            yield response
-
-
-@dataclass
-class FakeRecordingAudio(FakeAudioServicer):
-    requests: list = field(default_factory=list)
-
-    async def GenerateAudio(self, request, context):
-        self.requests.append(request)
-        async for response in super().GenerateAudio(request, context):
-            yield response
-
-
 def image_request(**options) -> pb.ImageToSoundRequest:
     return pb.ImageToSoundRequest(request_id="p", image=common_pb2.Image(data=_save(), mime_type="image/png"),
                                   audio=common_pb2.AudioSettings(duration_seconds=1),
@@ -82,7 +60,7 @@ def image_request(**options) -> pb.ImageToSoundRequest:
 
 
 async def test_the_grpc_metadata_header_reaches_both_model_services_with_the_cache_flag():
-    async with fake_stack(FakeRecordingVision(), FakeRecordingAudio()) as (target, vision, audio):
+    async with fake_stack(FakeVisionServicer(), FakeAudioServicer()) as (target, vision, audio):
         async with grpc.aio.insecure_channel(target) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
             events = [e async for e in stub.ImageToSound(image_request(bypass_cache=True), timeout=WAIT,
@@ -102,7 +80,7 @@ async def test_the_http_header_sets_the_priority_of_a_json_lines_call():
     from gateway.front import HttpFront
     from gateway.options import HttpOptions
 
-    async with fake_stack(FakeRecordingVision(), FakeRecordingAudio()) as (target, vision, audio):
+    async with fake_stack(FakeVisionServicer(), FakeAudioServicer()) as (target, vision, audio):
         http = HttpFront(HttpOptions(http_port=0), ServerOptions(port=0), target)
         await http.start()
         try:
