@@ -440,10 +440,12 @@ class DiffusersAudioBackend(AudioBackend):
             clips = [np.ascontiguousarray(audio[b, :, : num_samples(r.duration_seconds, self.sample_rate_hertz)])
                      for b, r in enumerate(requests)]
             # Every clip is scored (its quality number), not only when there are candidates to rank.
+            phases.enter("audio.clap_score")
             if len({c.shape[-1] for c in clips}) == 1:  # one CLAP forward for the batch
                 scores = list(self._score_candidates(prompts, np.stack(clips)))
             else:
                 scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
+            phases.end()
         return [
             Candidates(waveforms=clips[b], scores=scores[b], steps_run=steps_run or total)
             for b in range(len(requests))
