@@ -37,6 +37,9 @@ def image_request(index: int, priority: int) -> pb.ImageToSoundRequest:
         options=pb.PipelineOptions(max_clips=2, priority=priority))
 
 
+STAGES: list[dict] = []  # per timed image: where its time to first audio went (from its summary)
+
+
 async def time_to_first_audio(stub, priority: int, index: int) -> float | None:
     """Seconds to the image's first audio chunk (None: it made no clip)."""
     started = time.perf_counter()
@@ -44,6 +47,11 @@ async def time_to_first_audio(stub, priority: int, index: int) -> float | None:
     async for event in stub.ImageToSound(image_request(index, priority), timeout=1800):
         if first is None and event.WhichOneof("event") == "audio":
             first = time.perf_counter() - started
+        if event.WhichOneof("event") == "summary":
+            s = event.summary
+            STAGES.append({"priority": priority, "first_audio_s": first, "scene_s": s.time_to_scene_seconds,
+                           "vlm_first_token_s": s.vlm_stats.time_to_first_token_seconds,
+                           "vlm_total_s": s.vlm_stats.total_seconds, "vlm_tokens": s.vlm_stats.output_tokens})
     return first
 
 
@@ -115,7 +123,8 @@ async def measure(target: str, services: EmbeddedServices, images: int, samples:
     return {"images": images, "samples": samples,
             "ttfa_alone_s": median(alone), "ttfa_interactive_during_batch_s": median(prioritised),
             "ttfa_one_class_during_batch_s": median(one_class), "batch_run_s": run_s, "batch_run_one_class_s": run_fifo_s,
-            "raw": {"alone": alone, "interactive": prioritised, "one_class": one_class}, "cache": cache}
+            "raw": {"alone": alone, "interactive": prioritised, "one_class": one_class}, "stages": STAGES,
+            "cache": cache}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,6 +10,13 @@ without a clock): while batch work waits, at most `batch_aging` interactive requ
 then the oldest batch request goes. The bound: while both classes wait, batch work gets at least one turn in
 every `batch_aging + 1`, so the k-th batch request in line is served within k * (batch_aging + 1) turns of
 that stage, however much interactive work keeps arriving.
+
+Where work shares slots (the VLM's decode rows, `admit`), batch work also yields capacity: outside its aging
+turn a batch request starts only while no interactive request holds a slot and more than `reserved` slots
+stay free after it, so an interactive request that arrives finds a slot at the next step and decodes beside
+fewer batch rows (each decode step costs more with every row). Batch work then waits, beyond the aging bound,
+at most until the interactive requests holding slots finish (each is bounded by its token budget and
+deadline).
 """
 from __future__ import annotations
 
@@ -39,9 +46,12 @@ class PriorityOrder:
     """The order of one queue (state: the interactive turns taken since batch work last had one). Not
     thread-safe: each caller uses it under the lock (or on the event loop) that guards its queue."""
 
-    def __init__(self, batch_aging: int = PriorityOptions.batch_aging) -> None:
+    def __init__(self, batch_aging: int = PriorityOptions.batch_aging, reserved: int = 0) -> None:
         _at_least_one(batch_aging)
+        if reserved < 0:
+            raise ValueError("reserved slots must not be negative")
         self.batch_aging = batch_aging
+        self.reserved = reserved  # slots of `admit` that batch work leaves free (outside its aging turn)
         self._overtakes = 0
 
     def choose(self, waiting: Sequence[T], priority_of: Callable[[T], str],
@@ -78,4 +88,19 @@ class PriorityOrder:
             chosen = self.pick(waiting, priority_of)
             del waiting[next(i for i, item in enumerate(waiting) if item is chosen)]  # by identity, not ==
             taken.append(chosen)
+        return taken
+
+    def admit(self, waiting: list[T], free: int, capacity: int, interactive_holding: int,
+              priority_of: Callable[[T], str]) -> list[T]:
+        """Items removed from `waiting` to start now in `free` of `capacity` slots, in order, batch work
+        yielding slots as the module says (`interactive_holding`: slots interactive requests hold now)."""
+        reserve = min(self.reserved, capacity - 1)  # never every slot: batch work must always be able to run
+        taken: list[T] = []
+        while waiting and len(taken) < free:
+            chosen = self.choose(waiting, priority_of)
+            if priority_of(chosen) == BATCH and self._overtakes < self.batch_aging:  # not its aging turn
+                if interactive_holding > 0 or free - len(taken) <= reserve:
+                    break
+            taken += self.take(waiting, 1, priority_of)
+            interactive_holding += priority_of(chosen) != BATCH
         return taken

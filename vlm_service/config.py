@@ -56,6 +56,8 @@ class VlmConfig:
                                                     check=_starts_at_one)
     image_limits: ImageLimits = ImageLimits()
     priority: PriorityOptions = PriorityOptions()
+    engine_interactive_rows: int = setting(1, "decode rows batch work leaves free for interactive requests that "
+                                           "arrive (outside its aging turn)")
     cache: CacheOptions = CacheOptions()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()

@@ -90,7 +90,8 @@ def build_backend(config: VlmConfig) -> VisionBackend:
 
         kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
                       dtype=config.dtype, prompt_version=config.prompt_version, max_queue=config.max_queue,
-                      engine=engine_options(config), batch_aging=config.priority.batch_aging)
+                      engine=engine_options(config), batch_aging=config.priority.batch_aging,
+                      interactive_rows=config.engine_interactive_rows)
         if config.max_pixels:
             kwargs["max_pixels"] = config.max_pixels
         return TransformersVisionBackend(**kwargs)

@@ -142,6 +142,7 @@ class TransformersVisionBackend(VisionBackend):
         engine: EngineOptions | None = None,
         max_queue: int = 16,
         batch_aging: int = 4,
+        interactive_rows: int = 1,
     ) -> None:
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, int) or value < PATCH_FACTOR * PATCH_FACTOR):
@@ -165,6 +166,7 @@ class TransformersVisionBackend(VisionBackend):
         self._attn_implementation = attn_implementation
         self._max_queue = max_queue
         self._batch_aging = batch_aging  # the scheduler's priority aging (serving.priority)
+        self._interactive_rows = interactive_rows  # decode rows batch work leaves free
         for state in ("queued", "running"):  # both series exist from the start (at 0)
             metrics.WORK_CANCELLED.labels(stage="vlm", state=state)
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
@@ -281,7 +283,7 @@ class TransformersVisionBackend(VisionBackend):
                 options=self.engine_options)
         self.scheduler = Scheduler(self.worker, max_queue=self._max_queue, engine=self.engine,
                                    reference=self._generate_reference, threads=self.model_threads,
-                                   order=PriorityOrder(self._batch_aging))
+                                   order=PriorityOrder(self._batch_aging, reserved=self._interactive_rows))
         self.model_revision = checkpoint_revision(self.model_id, self._revision, token)
         self._loaded = True
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - started)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -85,33 +86,36 @@ async def test_orchestrator_admission_serves_an_interactive_image_before_60_wait
     assert admission.running == 0
 
 
-class FakeOneRowEngine:
+class FakeRowsEngine:
     """NOT a model: the scheduler's view of a decode engine with `rows` rows, where each admitted request
-    finishes at the next step. The first step waits for `go`, so requests queue up behind a running one."""
+    finishes at the next step. The first step waits for `go`, so requests queue up behind a running one.
+    `admitted` records (step, request name) of every admission."""
 
     def __init__(self, rows: int = 1):
-        self.rows, self.active_rows = rows, []
-        self.admitted: list[EngineRequest] = []
+        self.rows: list = [None] * rows
+        self.admitted: list[tuple[int, str]] = []
+        self.steps = 0
         self.first_step, self.go = threading.Event(), threading.Event()
 
     @property
     def free_slots(self) -> int:
-        return self.rows - len(self.active_rows)
+        return self.rows.count(None)
 
     @property
     def active(self) -> int:
-        return len(self.active_rows)
+        return len(self.rows) - self.free_slots
 
     def admit(self, request: EngineRequest) -> None:
-        self.admitted.append(request)
-        self.active_rows.append(request)
+        self.admitted.append((self.steps, request.inputs["name"]))
+        self.rows[self.rows.index(None)] = SimpleNamespace(req=request)
 
     def step(self) -> None:
         self.first_step.set()
         assert self.go.wait(BOUND)
-        finished, self.active_rows = self.active_rows, []
-        for request in finished:
-            request.deliver(Finished("stop", 1))
+        self.steps += 1
+        finished, self.rows = [row for row in self.rows if row is not None], [None] * len(self.rows)
+        for row in finished:
+            row.req.deliver(Finished("stop", 1))
 
     def cancel_all(self) -> None:
         pass
@@ -125,27 +129,57 @@ def engine_request(name: str, priority: str, done: list[str]) -> EngineRequest:
                          deliver=lambda item: done.append(name), priority=priority)
 
 
-def test_vlm_scheduler_admits_an_interactive_request_before_60_waiting_batch_requests():
-    engine, worker, done = FakeOneRowEngine(rows=1), ModelWorker("fake-vlm"), []
-    scheduler = Scheduler(worker, max_queue=100, engine=engine, reference=None, threads=set(),
-                          order=PriorityOrder(batch_aging=4))
+def run_scheduler(engine: FakeRowsEngine, order: PriorityOrder, later: list[tuple[str, str]]) -> list[str]:
+    """One batch request decoding, then `later` (name, priority) submitted behind it; returns the names in
+    the order they finished once the engine may go on."""
+    worker, done = ModelWorker("fake-vlm"), []
+    scheduler = Scheduler(worker, max_queue=100, engine=engine, reference=None, threads=set(), order=order)
     try:
         scheduler.submit(engine_request("running", BATCH, done))
         assert engine.first_step.wait(BOUND)  # its row is decoding; everything below waits
-        for i in range(QUEUED_BATCH):
-            scheduler.submit(engine_request(f"batch-{i}", BATCH, done))
-        scheduler.submit(engine_request("interactive", INTERACTIVE, done))
-        assert scheduler.queue_depth == QUEUED_BATCH + 1
+        for name, priority in later:
+            scheduler.submit(engine_request(name, priority, done))
+        assert scheduler.queue_depth == len(later)
         engine.go.set()
         finished = threading.Event()
         worker.submit(finished.set)  # queued behind the decode loop: runs once the loop has nothing left
         assert finished.wait(BOUND)
-        admitted = [request.inputs["name"] for request in engine.admitted]
-        assert admitted[:2] == ["running", "interactive"]  # the next free row went to the interactive request
-        assert admitted[2:] == [f"batch-{i}" for i in range(QUEUED_BATCH)]  # batch work completes, in order
-        assert sorted(done) == sorted(admitted) and scheduler.queue_depth == 0
+        assert scheduler.queue_depth == 0
+        return done
     finally:
         scheduler.close()
+
+
+def test_vlm_scheduler_admits_an_interactive_request_before_60_waiting_batch_requests():
+    engine = FakeRowsEngine(rows=1)
+    later = [(f"batch-{i}", BATCH) for i in range(QUEUED_BATCH)] + [("interactive", INTERACTIVE)]
+    done = run_scheduler(engine, PriorityOrder(batch_aging=4, reserved=1), later)
+    admitted = [name for _, name in engine.admitted]
+    assert admitted[:2] == ["running", "interactive"]  # the next free row went to the interactive request
+    assert admitted[2:] == [f"batch-{i}" for i in range(QUEUED_BATCH)]  # batch work completes, in order
+    assert sorted(done) == sorted(admitted)
+
+
+def test_vlm_batch_work_leaves_a_row_free_and_yields_rows_while_interactive_work_decodes():
+    engine = FakeRowsEngine(rows=4)
+    later = [(f"b{i}", BATCH) for i in range(7)] + [("interactive", INTERACTIVE)]
+    run_scheduler(engine, PriorityOrder(batch_aging=4, reserved=1), later)
+    by_step: dict[int, list[str]] = {}
+    for step, name in engine.admitted:
+        by_step.setdefault(step, []).append(name)
+    # After the running row's step: the interactive request decodes alone (no batch row joins it); then batch
+    # work fills three of the four rows, one always left for interactive requests that arrive.
+    assert list(by_step.values()) == [["running"], ["interactive"], ["b0", "b1", "b2"], ["b3", "b4", "b5"], ["b6"]]
+
+
+def test_aging_admits_batch_work_beside_interactive_work_after_n_interactive_turns():
+    order = PriorityOrder(batch_aging=2, reserved=1)
+    waiting = [(BATCH, 0), (BATCH, 1), (INTERACTIVE, 0), (INTERACTIVE, 1), (INTERACTIVE, 2)]
+    taken = order.admit(waiting, free=8, capacity=8, interactive_holding=0, priority_of=lambda item: item[0])
+    assert taken == [(INTERACTIVE, 0), (INTERACTIVE, 1), (BATCH, 0), (INTERACTIVE, 2)]
+    assert waiting == [(BATCH, 1)]  # not its aging turn, and interactive work holds rows: it waits
+    # With one row only, none is reserved: batch work can always run.
+    assert PriorityOrder(reserved=1).admit([(BATCH, 0)], 1, 1, 0, lambda item: item[0]) == [(BATCH, 0)]
 
 
 async def test_audio_batcher_runs_an_interactive_clip_before_60_waiting_batch_clips():
