@@ -30,8 +30,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         self.backend = backend
         self.config = config
         self.batcher = Batcher(
-            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms, max_queue=config.max_queue,
-            order=PriorityOrder(config.priority.batch_aging),
+            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms,
+            max_queue=config.max_queue, order=PriorityOrder(config.priority.batch_aging),
         )
         self.cache = open_cache(config.cache, "audio")
         metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: self.batcher.queue_depth)
@@ -99,7 +99,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     def _chunks(call: contract.AudioCall, waveform, metadata: common_pb2.ClipMetadata):
         sending = tracing.request_phases("audio.chunk_send")
         for chunk in audio_encoding.audio_chunks(
-            call.clip_id, waveform, metadata.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds, metadata
+            call.clip_id, waveform, metadata.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds,
+            metadata,
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()

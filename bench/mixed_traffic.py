@@ -114,7 +114,8 @@ async def measure(target: str, services: EmbeddedServices, images: int, samples:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorStub(channel)
         await time_to_first_audio(stub, common_pb2.PRIORITY_INTERACTIVE, 999)  # warm every path once
-        alone = [t for i in range(samples) if (t := await time_to_first_audio(stub, common_pb2.PRIORITY_INTERACTIVE, i))]
+        alone = [t for i in range(samples)
+                 if (t := await time_to_first_audio(stub, common_pb2.PRIORITY_INTERACTIVE, i)) is not None]
         prioritised, run_s = await during_batch(stub, images, common_pb2.PRIORITY_INTERACTIVE, samples)
         one_class, run_fifo_s = await during_batch(stub, images, common_pb2.PRIORITY_BATCH, samples)
     ports = {name: (services.log_dir / f"{name}.port").read_text().strip() for name in ("vlm", "audio")}
@@ -122,7 +123,8 @@ async def measure(target: str, services: EmbeddedServices, images: int, samples:
     median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
     return {"images": images, "samples": samples,
             "ttfa_alone_s": median(alone), "ttfa_interactive_during_batch_s": median(prioritised),
-            "ttfa_one_class_during_batch_s": median(one_class), "batch_run_s": run_s, "batch_run_one_class_s": run_fifo_s,
+            "ttfa_one_class_during_batch_s": median(one_class), "batch_run_s": run_s,
+            "batch_run_one_class_s": run_fifo_s,
             "raw": {"alone": alone, "interactive": prioritised, "one_class": one_class}, "stages": STAGES,
             "cache": cache}
 
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--samples", type=int, default=3, help="interactive images timed in each condition")
-    p.add_argument("--json", default=os.path.join(os.environ["OUT"], "mixed_traffic.json") if os.environ.get("OUT") else None)
+    out = os.environ.get("OUT")
+    p.add_argument("--json", default=os.path.join(out, "mixed_traffic.json") if out else None)
     args = p.parse_args(argv)
     services = EmbeddedServices(vlm_model=args.vlm_model, audio_model=args.audio_model, device=args.device,
                                 relay_logs=False)

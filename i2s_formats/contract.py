@@ -56,7 +56,8 @@ def handling(priority: int, bypass_cache: bool = False, header: str = "", name: 
     if priority == common_pb2.PRIORITY_UNSPECIFIED and header.strip():
         value = header.strip().lower()
         if value not in PRIORITIES:
-            raise InvalidInput(f"{PRIORITY_HEADER} header {header.strip()[:40]!r} is not one of {', '.join(PRIORITIES)}")
+            raise InvalidInput(f"{PRIORITY_HEADER} header {header.strip()[:40]!r} is not one of "
+                               f"{', '.join(PRIORITIES)}")
         return Handling(value, bool(bypass_cache))
     return Handling(PRIORITY_BY_ENUM[priority], bool(bypass_cache))
 

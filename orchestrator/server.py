@@ -48,7 +48,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         request_log.set_request_id(request.request_id)  # as sent (cleaned), for the log line of a refusal
         resolved = self._resolve(request, context)  # before any wait or work: INVALID_ARGUMENT
         request_log.set_request_id(resolved.request_id)  # made when none was sent
-        async with self.admission.slot(StreamShare(), resolved.handling.priority):  # RESOURCE_EXHAUSTED when no slot comes in time
+        # RESOURCE_EXHAUSTED when no slot comes in time
+        async with self.admission.slot(StreamShare(), resolved.handling.priority):
             async for event in self.pipeline.run(resolved, deadline):
                 yield event
 

@@ -215,7 +215,8 @@ async def run_until_signal(
 def serve_model_service(name: str, kind: str, config: Any, *, in_process_backend: str,
                         build_backend: Callable, make_server: Callable, load_and_warm: Callable) -> None:
     """A model service's process once its flags are parsed: the usual mistakes (a model folder typo, the two
-    model folders swapped, a port in use, a cache URL that is malformed or does not answer) end here in one line, then torch's threads, the log format and
+    model folders swapped, a port in use, a cache URL that is malformed or does not answer) end here in one
+    line, then torch's threads, the log format and
     tracing are set, then it serves until SIGTERM. `kind` is serving.startup's VLM or AUDIO;
     `in_process_backend` the backend whose model folder is checked (not Triton's)."""
     import inspect

@@ -41,7 +41,8 @@ def stats_message(done: DescriptionDone) -> common_pb2.DescriptionStats:
 def stream_message(event: StreamEvent) -> vision_pb2.StreamSceneDescriptionResponse:
     """A backend event as StreamSceneDescription sends it."""
     if isinstance(event, SceneHeader):
-        return vision_pb2.StreamSceneDescriptionResponse(scene=vision_pb2.SceneSummary(scene=event.scene, mood=event.mood))
+        return vision_pb2.StreamSceneDescriptionResponse(
+            scene=vision_pb2.SceneSummary(scene=event.scene, mood=event.mood))
     if isinstance(event, SourceFound):
         return vision_pb2.StreamSceneDescriptionResponse(source=event.source)
     return vision_pb2.StreamSceneDescriptionResponse(

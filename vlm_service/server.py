@@ -15,7 +15,8 @@ from serving.server import GrpcServer
 from i2s_formats import contract
 from serving.result_cache import open_cache
 from vlm_service.backend import DescriptionDone, SourceFound, VisionBackend
-from vlm_service.description_cache import STORED_REASONS, description_key, pack_events, replay, stats_message, stream_message
+from vlm_service.description_cache import (STORED_REASONS, description_key, pack_events, replay, stats_message,
+                                           stream_message)
 from vlm_service.config import VlmConfig
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             return
         deadline = Deadline.from_context(context)
         parent, started_ns, sources, sent = tracing.capture(), tracing.now_ns(), 0, []
-        async for event in self.backend.astream(image, options, self.worker, deadline, priority=scene.handling.priority):
+        async for event in self.backend.astream(image, options, self.worker, deadline,
+                                                priority=scene.handling.priority):
             if isinstance(event, SourceFound):
                 sources += 1
                 tracing.record_span(parent, "vlm.time_to_source", started_ns, source_index=sources,

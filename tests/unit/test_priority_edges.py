@@ -25,7 +25,8 @@ def test_the_field_wins_then_the_header_then_interactive():
     assert contract.handling(common_pb2.PRIORITY_BATCH, header="interactive").priority == "batch"
     assert contract.handling(common_pb2.PRIORITY_UNSPECIFIED, header=" Batch ").priority == "batch"
     assert contract.handling(common_pb2.PRIORITY_UNSPECIFIED).priority == "interactive"
-    assert contract.handling(common_pb2.PRIORITY_INTERACTIVE, bypass_cache=True) == contract.Handling("interactive", True)
+    assert contract.handling(common_pb2.PRIORITY_INTERACTIVE, bypass_cache=True) == \
+        contract.Handling("interactive", True)
 
 
 def test_an_unknown_priority_is_refused_with_one_message_at_every_edge():
