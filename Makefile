@@ -14,7 +14,8 @@ TINY := models/tiny
 setup: $(STAMP) $(PROTO_STAMP)
 
 # torch's build (CPU or CUDA) is chosen by the index, not by the pin: PyPI's Linux wheel is the CUDA one;
-# TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU build (2.13.0+cpu, no CUDA libraries).
+# TORCH_INDEX=<PyTorch's CPU wheel index, or your mirror of it> gets the CPU build (2.13.0+cpu, no CUDA
+# libraries). Everything else comes from the index pip is configured with (pip.conf, PIP_INDEX_URL).
 TORCH_INDEX ?=
 
 $(STAMP): requirements.txt

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from i2s_formats.contract import AudioRequest
+from serving.deadline import Deadline
 from serving.errors import Cancelled
 
 __all__ = ["AudioBackend", "AudioRequest", "AudioResult", "BackendCancelled", "StepCallback", "StopCheck",
@@ -94,12 +95,15 @@ class AudioBackend(ABC):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        deadline: Deadline | None = None,
     ) -> list[AudioResult]:
         """Generates one clip per request, in order, in one model call.
 
         All requests must share `batch_key()` (else ValueError). `on_step(done, total)` is called from the
         calling thread after each denoising step; `should_stop()` is polled before the call and after each
-        step, and when it returns True the loop ends and BackendCancelled is raised.
+        step, and when it returns True the loop ends and BackendCancelled is raised. `deadline`: the last
+        of the callers' deadlines; a backend that calls out (Triton) bounds its call by it (TimeoutError
+        when it passes), one in process is stopped through `should_stop` when its callers leave.
         """
 
     def batch_key(self, request: AudioRequest) -> tuple:

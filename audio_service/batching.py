@@ -123,10 +123,8 @@ class Batcher:
             raise Overloaded(f"{len(self._queue)} audio requests already waiting; retry later")
         loop = asyncio.get_running_loop()
         self._start(loop)
-        # Backends that are not AudioBackend subclasses (test doubles) group by the request's own key.
-        batch_key = getattr(self.backend, "batch_key", None)
-        key = batch_key(request) if batch_key is not None else request.batch_key()
-        job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time(),
+        job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=self.backend.batch_key(request),
+                   queued_at=loop.time(),
                    trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline, priority=priority)
         self._queue.append(job)
         assert self._wakeup is not None
@@ -242,7 +240,8 @@ class Batcher:
         self.last_batch_size = len(batch)
         metrics.AUDIO_BATCH_SIZE.observe(len(batch))
         call = functools.partial(
-            self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
+            self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step,
+            deadline=Deadline.latest(job.deadline for job in batch),
         )
         # Each caller's trace gets its wait and, from the backend, the batch's stages (one span per caller).
         now_ns = time.time_ns()

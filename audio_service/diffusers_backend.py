@@ -58,6 +58,7 @@ from audio_service.backend import (
 )
 from serving import tracing
 from serving.blocking import ModelWorker
+from serving.deadline import Deadline
 from serving.errors import NotReady
 from serving.models import checkpoint_revision, hf_token, torch_dtype
 
@@ -206,11 +207,6 @@ class DiffusersAudioBackend(AudioBackend):
             raise NotReady("the audio model is not loaded")
         return self._pipe
 
-    @property
-    def thread_ident(self) -> int | None:
-        """The identity of the model thread (None until it ran something)."""
-        return self.worker.thread_ident
-
     def result_identity(self) -> dict | None:
         identity = super().result_identity()
         if identity is None:
@@ -322,6 +318,7 @@ class DiffusersAudioBackend(AudioBackend):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        deadline: Deadline | None = None,  # its callers leave at their deadlines, which turns should_stop true
     ) -> list[AudioResult]:
         return self.worker.run(lambda: self._generate(requests, should_stop, on_step))
 

@@ -26,15 +26,12 @@ class Scheduler:
         max_queue: requests waiting (not yet decoding) before ``Overloaded``.
         engine: the decode engine, or None for the reference path.
         reference: runs one request with ``generate()`` (the reference path), on the model thread.
-        threads: the set the loop adds its thread to (the backend's record of threads that ran model code).
         order: which waiting requests go first when rows free up (default: interactive first, aging 4).
     """
 
     def __init__(self, worker: Any, *, max_queue: int, engine: DecodeEngine | None,
-                 reference: Callable[[EngineRequest], None], threads: set[int],
-                 order: PriorityOrder | None = None) -> None:
+                 reference: Callable[[EngineRequest], None], order: PriorityOrder | None = None) -> None:
         self.worker, self.max_queue, self.engine, self.reference = worker, max_queue, engine, reference
-        self.threads = threads
         self.order = order or PriorityOrder()
         self._cv = threading.Condition()
         self._pending: list[EngineRequest] = []
@@ -68,7 +65,6 @@ class Scheduler:
             req.deliver(Finished("cancelled", 0))
 
     def _loop(self) -> None:
-        self.threads.add(threading.get_ident())
         engine = self.engine
         while True:
             with self._cv:

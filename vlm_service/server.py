@@ -15,9 +15,9 @@ from serving.server import GrpcServer
 from i2s_formats import contract
 from serving.result_cache import open_cache
 from vlm_service.backend import DescriptionDone, SourceFound, VisionBackend
+from vlm_service.config import VlmConfig, engine_options  # noqa: F401 - engine_options: bench's import
 from vlm_service.description_cache import (STORED_REASONS, description_key, pack_events, replay, stats_message,
                                            stream_message)
-from vlm_service.config import VlmConfig
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
@@ -28,8 +28,10 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, backend: VisionBackend, config: VlmConfig):
         self.backend = backend
         self.config = config
-        # One queue in front of the model: the backend's own scheduler's, else this worker's.
-        self.worker = None if backend.schedules_itself else ModelWorker("vlm", max_queue=config.max_queue)
+        # One queue in front of the model: the backend's own scheduler's, else this worker's, whose threads
+        # send the backend as many requests at once as it takes.
+        self.worker = None if backend.concurrent_requests is None else ModelWorker(
+            "vlm", max_queue=config.max_queue, concurrency=backend.concurrent_requests)
         metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: getattr(backend, "queue_depth", 0))
         self.cache = open_cache(config.cache, "vlm")
 
@@ -87,38 +89,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 def build_backend(config: VlmConfig) -> VisionBackend:
     """The one place that picks a backend implementation from the config."""
     if config.backend == "transformers":
-        from serving.models import hf_token
         from vlm_service.transformers_backend import TransformersVisionBackend
 
-        kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
-                      dtype=config.dtype, prompt_version=config.prompt_version, max_queue=config.max_queue,
-                      engine=engine_options(config), batch_aging=config.priority.batch_aging,
-                      interactive_rows=config.engine_interactive_rows)
-        if config.max_pixels:
-            kwargs["max_pixels"] = config.max_pixels
-        return TransformersVisionBackend(**kwargs)
+        return TransformersVisionBackend.from_config(config)
     if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
         from vlm_service.triton_backend import TritonVisionBackend
 
         return TritonVisionBackend(config.triton_url, config.triton_model, prompt_version=config.prompt_version,
-                                   tls=config.triton_tls)
+                                   tls=config.triton_tls, concurrent_requests=config.engine_max_batch)
     raise ValueError(f"unknown VLM backend {config.backend!r}")
-
-
-def engine_options(config: VlmConfig):
-    """The decode engine's options from the service flags (None: the reference generate() path)."""
-    if not config.engine:
-        return None
-    from vlm_service.engine import EngineOptions
-
-    batch_buckets = tuple(sorted({min(2**i, config.engine_max_batch) for i in range(config.engine_max_batch.bit_length() + 1)}))
-    return EngineOptions(
-        max_batch=config.engine_max_batch, batch_buckets=batch_buckets,
-        token_buckets=config.engine_token_buckets,
-        length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
-        capture=config.engine_capture, jump_forward=config.engine_jump_forward,
-        prefix_cache=config.engine_prefix_cache, attention=config.engine_attention,
-        prefill_chunk=config.engine_prefill_chunk)
 
 
 def make_server(

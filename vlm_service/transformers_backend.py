@@ -49,6 +49,7 @@ from serving.models import DEFAULT_VLM_MODEL, checkpoint_revision, hf_token, tor
 from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
 from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
+from vlm_service.config import VlmConfig, engine_options
 from vlm_service.decoding import (
     GrammarLogitsProcessor,
     SeededSamplingLogitsProcessor,
@@ -171,7 +172,6 @@ class TransformersVisionBackend(VisionBackend):
             metrics.WORK_CANCELLED.labels(stage="vlm", state=state)
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
-        self.model_threads: set[int] = set()  # threads that ran model code (tests: exactly one)
         self.scheduler: Scheduler | None = None
         self._loaded = False
         self._warm = False
@@ -190,14 +190,20 @@ class TransformersVisionBackend(VisionBackend):
         self._merge_size = 2
         self.prompt_text = ""
 
+    @classmethod
+    def from_config(cls, config: VlmConfig) -> "TransformersVisionBackend":
+        """The backend the VLM service's settings describe (the service and the Triton model build it so)."""
+        kwargs = dict(revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype,
+                      prompt_version=config.prompt_version, max_queue=config.max_queue, engine=engine_options(config),
+                      batch_aging=config.priority.batch_aging, interactive_rows=config.engine_interactive_rows)
+        if config.max_pixels:
+            kwargs["max_pixels"] = config.max_pixels
+        return cls(config.model, **kwargs)
+
     # -- life cycle (each step a job on the model thread) -----------------------------------------
 
     def _on_model_thread(self, fn: Callable, *args) -> Any:
-        def job():
-            self.model_threads.add(threading.get_ident())
-            return fn(*args)
-
-        return self.worker.submit(job).result()
+        return self.worker.submit(fn, *args).result()
 
     def load(self) -> None:
         if self._closed:
@@ -282,7 +288,7 @@ class TransformersVisionBackend(VisionBackend):
                 repetition_penalty=self._repetition_penalty, prefix_ids=ids[: ids.index(image_token_id)],
                 options=self.engine_options)
         self.scheduler = Scheduler(self.worker, max_queue=self._max_queue, engine=self.engine,
-                                   reference=self._generate_reference, threads=self.model_threads,
+                                   reference=self._generate_reference,
                                    order=PriorityOrder(self._batch_aging, reserved=self._interactive_rows))
         self.model_revision = checkpoint_revision(self.model_id, self._revision, token)
         self._loaded = True
@@ -432,7 +438,7 @@ class TransformersVisionBackend(VisionBackend):
         finally:
             req.cancelled.set()  # a consumer that leaves early stops its decoding at the next step
 
-    schedules_itself = True  # its scheduler's queue (max_queue) is the one in front of the model
+    concurrent_requests = None  # it schedules them: its scheduler's queue (max_queue) is the one in front of the model
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: Any = None,
                       deadline: Deadline | None = None, priority: str = INTERACTIVE) -> AsyncIterator[StreamEvent]:

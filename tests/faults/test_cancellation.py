@@ -31,14 +31,14 @@ class HeldAudioBackend(StepWatchingBackend):
         super().__init__(inner)
         self.release = threading.Event()
 
-    def generate(self, requests, *, should_stop=None, on_step=None):
+    def generate(self, requests, *, should_stop=None, on_step=None, **kwargs):
         def held(done, total):
             if done == 1:
                 assert self.release.wait(BOUND)
             if on_step:
                 on_step(done, total)
 
-        return super().generate(requests, should_stop=should_stop, on_step=held)
+        return super().generate(requests, should_stop=should_stop, on_step=held, **kwargs)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ class FakeCountingAudioBackend(AudioBackend):
 
     def __init__(self, *, gated: bool = False, fail_with: Exception | None = None):
         self.calls: list[list[AudioRequest]] = []
+        self.deadlines: list = []  # the deadline each call was given
         self.cancelled_after: list[int] = []
         self.gated = gated
         self.fail_with = fail_with
@@ -45,9 +46,11 @@ class FakeCountingAudioBackend(AudioBackend):
     def ready(self) -> bool:
         return True
 
-    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None) -> list[AudioResult]:
+    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None,
+                 deadline=None) -> list[AudioResult]:
         check_batch(requests)  # the batcher must only group compatible requests
         self.calls.append(list(requests))
+        self.deadlines.append(deadline)
         self.started.set()
         try:
             total = requests[0].num_inference_steps
@@ -264,7 +267,8 @@ class FakeBucketingAudioBackend(FakeCountingAudioBackend):
     def batch_key(self, request: AudioRequest) -> tuple:
         return ("bucket", 2.0 if request.duration_seconds <= 2.0 else request.duration_seconds) + request.batch_key()[1:]
 
-    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None) -> list[AudioResult]:
+    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None,
+                 deadline=None) -> list[AudioResult]:
         assert len({self.batch_key(r) for r in requests}) == 1
         self.calls.append(list(requests))
         return [AudioResult(waveform=np.full(num_samples(r.duration_seconds, self.sample_rate_hertz), r.seed, np.float32),

@@ -133,7 +133,7 @@ def run_scheduler(engine: FakeRowsEngine, order: PriorityOrder, later: list[tupl
     """One batch request decoding, then `later` (name, priority) submitted behind it; returns the names in
     the order they finished once the engine may go on."""
     worker, done = ModelWorker("fake-vlm"), []
-    scheduler = Scheduler(worker, max_queue=100, engine=engine, reference=None, threads=set(), order=order)
+    scheduler = Scheduler(worker, max_queue=100, engine=engine, reference=None, order=order)
     try:
         scheduler.submit(engine_request("running", BATCH, done))
         assert engine.first_step.wait(BOUND)  # its row is decoding; everything below waits
