@@ -1,6 +1,7 @@
 """AudioService servicer: gRPC messages in, batched backend calls, audio chunks out. No model logic here."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Sequence
@@ -12,7 +13,7 @@ from audio_service.batching import Batcher
 from audio_service.clip_cache import clip_key, pack_clip, unpack_clip
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from i2s_formats import audio_encoding, contract
+from i2s_formats import audio_encoding, contract, loudness
 from serving import metrics, request_log, tracing
 from serving.deadline import Deadline
 from serving.errors import NotReady
@@ -72,11 +73,13 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
                 else:
                     yield item
         elapsed = time.perf_counter() - started
+        out = await asyncio.to_thread(loudness.deliver, result.waveform, result.sample_rate_hertz,
+                                      call.output.sample_rate_hertz, call.output.loudness_target_lufs)
 
         metadata = common_pb2.ClipMetadata(
-            duration_seconds=len(result.waveform) / result.sample_rate_hertz,
-            sample_rate_hertz=result.sample_rate_hertz,
-            num_samples=len(result.waveform),
+            duration_seconds=len(out.samples) / out.rate,
+            sample_rate_hertz=out.rate,
+            num_samples=len(out.samples),
             seed=generation.seed,
             num_inference_steps=result.steps_run,
             scheduler=contract.SCHEDULER_ENUM[result.scheduler],
@@ -89,10 +92,11 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         )
         if result.score is not None:
             metadata.score = result.score
+        loudness.record(metadata, out.level, out.gain_db)
         request_log.note(clip_id=clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=result.steps_run)
-        await self.cache.store(key, pack_clip(result.waveform, metadata))
-        for response in self._chunks(call, result.waveform, metadata):
+        await self.cache.store(key, pack_clip(out.samples, metadata))  # as sent: rate and loudness applied
+        for response in self._chunks(call, out.samples, metadata):
             yield response
 
     @staticmethod

@@ -107,12 +107,15 @@ class Clip:
     prompt: str = ""
     metadata: common_pb2.ClipMetadata | None = None
     sample_rate_hertz: int = 16000
+    channels: int = 1  # 2 for the stereo scene mix
     payloads: list[bytes] = field(default_factory=list)
     encoding: int = common_pb2.AUDIO_ENCODING_PCM_S16LE
     source_name: str = ""
     action: str = ""
     instrument_role: str = "None"
     variant: common_pb2.SoundVariant | None = None  # what the clip renders (None for a scene mix)
+    location: common_pb2.BoundingBox | None = None  # where its source is in the image, when known
+    mix: pb.SceneMix | None = None  # how a scene mix was made (None for a variant clip)
     done: bool = False
 
     @property
@@ -121,8 +124,8 @@ class Clip:
 
     @property
     def waveform(self) -> np.ndarray:
-        """The clip as float32 samples in [-1, 1]."""
-        return audio_encoding.decode_payloads(self.payloads, self.encoding)
+        """The clip as float32 samples in [-1, 1]: (frames,) mono, (frames, 2) stereo."""
+        return audio_encoding.decode_payloads(self.payloads, self.encoding, self.channels)
 
     def save(self, folder: str | os.PathLike) -> Path:
         return write_wav(Path(folder) / self.ref.file_name, self.waveform, self.sample_rate_hertz)
@@ -160,9 +163,12 @@ class ImageResult:
             clip.payloads.append(chunk.data)
             clip.encoding = chunk.encoding
             clip.sample_rate_hertz = chunk.sample_rate_hertz
+            clip.channels = chunk.channels or 1
         elif kind == "clip_done":
             clip = self._clip(event.clip_done.clip)
             clip.prompt, clip.metadata, clip.done = event.clip_done.prompt, event.clip_done.metadata, True
+            if event.clip_done.HasField("mix"):
+                clip.mix = event.clip_done.mix
         elif kind == "clip_failed":
             self.failed.append(event.clip_failed)
         elif kind == "summary":
@@ -177,6 +183,7 @@ class ImageResult:
             source = self._sources.get(ref.source_id)
             if source is not None:
                 clip.source_name = source.name
+                clip.location = source.location if source.HasField("location") else None
                 for variant in source.variants:
                     if variant.id == ref.variant_id:
                         clip.variant = variant

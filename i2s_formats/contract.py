@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from i2s_formats import audio_encoding, seed_format
+from i2s_formats import audio_encoding, boxes, loudness, seed_format
 from serving import request_log
 from serving.errors import InvalidInput
 from serving.images import ImageLimits, check_image, decode_image
@@ -161,12 +161,26 @@ class AudioRequest:
         )
 
 
+# Output rates: 0 is the model's own; the others are resampled to (soxr).
+OUTPUT_RATES = (16000, 44100, 48000)
+
+
 @dataclass(frozen=True)
 class AudioOutput:
-    """How a clip goes back on the wire: its encoding and the length of its chunks."""
+    """How a clip goes back on the wire: its encoding, the length of its chunks, its rate (0: the model's)
+    and the loudness it is normalised to (None: the model's level)."""
 
     encoding: int = audio_encoding.PCM16
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS
+    sample_rate_hertz: int = 0
+    loudness_target_lufs: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_rate_hertz and self.sample_rate_hertz not in OUTPUT_RATES:
+            raise InvalidInput(f"sample_rate_hertz={self.sample_rate_hertz} is not supported; use 0 (the model's), "
+                               + ", ".join(map(str, OUTPUT_RATES)))
+        if self.loudness_target_lufs is not None:
+            loudness.check_target(self.loudness_target_lufs)
 
 
 @dataclass(frozen=True)
@@ -216,8 +230,10 @@ class ClipSettings:
             duration_seconds=self.duration_seconds, num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, num_candidates=self.num_candidates,
             scheduler=SCHEDULER_ENUM[self.scheduler], encoding=output.encoding,
-            chunk_duration_seconds=output.chunk_seconds,
+            chunk_duration_seconds=output.chunk_seconds, sample_rate_hertz=output.sample_rate_hertz,
         )
+        if output.loudness_target_lufs is not None:
+            settings.loudness_target_lufs = output.loudness_target_lufs
         if self.seed is not None:
             settings.seed = self.seed
         if self.negative_prompt is not None:
@@ -264,7 +280,11 @@ def audio_output(settings: common_pb2.AudioSettings) -> AudioOutput:
     if not (math.isfinite(chunk_seconds) and MIN_CHUNK_SECONDS <= chunk_seconds <= MAX_CHUNK_SECONDS):
         raise InvalidInput(f"settings.chunk_duration_seconds={chunk_seconds} must be within "
                            f"{MIN_CHUNK_SECONDS:g}..{MAX_CHUNK_SECONDS:g}")
-    return AudioOutput(ENCODINGS[settings.encoding], chunk_seconds)
+    target = settings.loudness_target_lufs if settings.HasField("loudness_target_lufs") else None
+    try:
+        return AudioOutput(ENCODINGS[settings.encoding], chunk_seconds, settings.sample_rate_hertz, target)
+    except InvalidInput as exc:
+        raise InvalidInput(f"settings.{exc}") from None
 
 
 def generate_audio(prompt: str, settings: common_pb2.AudioSettings, clip_id: str = "",
@@ -295,6 +315,7 @@ class DecodingOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    locate_sources: bool = False  # also ask for each source's box (another prompt line and grammar)
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -313,7 +334,7 @@ class DecodingOptions:
     def to_proto(self) -> common_pb2.DecodingSettings:
         """The wire settings with every resolved value set (the seed only when there is one)."""
         settings = common_pb2.DecodingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                               top_p=self.top_p)
+                                               top_p=self.top_p, locate_sources=self.locate_sources)
         if self.seed is not None:
             settings.seed = self.seed
         return settings
@@ -327,6 +348,7 @@ def decoding_options(settings: common_pb2.DecodingSettings) -> DecodingOptions:
             temperature=settings.temperature if settings.HasField("temperature") else 0.0,
             top_p=settings.top_p if settings.HasField("top_p") else 1.0,
             seed=settings.seed if settings.HasField("seed") else None,
+            locate_sources=settings.locate_sources,
         )
     except InvalidInput as exc:
         raise InvalidInput(f"decoding: {exc}") from None
@@ -437,10 +459,7 @@ def clean_description(description: common_pb2.SceneDescription, need_variants: b
         if len(source.variants) > MAX_VARIANTS_PER_SOURCE:
             raise InvalidInput(f"{where} has {len(source.variants)} variants; at most {MAX_VARIANTS_PER_SOURCE}")
         if source.HasField("location"):
-            box = source.location
-            corners = (box.x_min, box.y_min, box.x_max, box.y_max)
-            if not all(math.isfinite(c) and 0.0 <= c <= 1.0 for c in corners) or box.x_min > box.x_max or box.y_min > box.y_max:
-                raise InvalidInput(f"{where}.location must be a normalised box (0..1, min <= max)")
+            boxes.check_location(source.location, where)
         source.id = seed_format.clean_text(source.id, MAX_ID_CHARS) or f"s{i}"
         source.name = seed_format.clean_text(source.name, seed_format.MAX_NAME_CHARS)
         source.material = seed_format.clean_text(source.material, seed_format.MAX_MATERIAL_CHARS)

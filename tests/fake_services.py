@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, vision_pb2, vision_pb2_grpc
-from i2s_formats import audio_encoding
+from i2s_formats import audio_encoding, loudness
 from serving.errors import InvalidInput
 from serving.images import decode_image
 from serving.server import GrpcServer, ServerOptions
@@ -109,9 +109,14 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
             wave = (0.3 * np.sin(2 * np.pi * (200 + len(self.prompts)) * t)).astype(np.float32)
             yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=1, steps_total=1))
             encoding = request.settings.encoding or audio_encoding.PCM16
-            metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=rate, num_samples=len(wave),
-                                               seed=request.settings.seed, prompt=request.prompt, model_id=self.model_id)
-            for chunk in audio_encoding.audio_chunks(request.clip_id, wave, rate, encoding, 0.5, metadata):
+            settings = request.settings
+            target = settings.loudness_target_lufs if settings.HasField("loudness_target_lufs") else None
+            out = loudness.deliver(wave, rate, request.settings.sample_rate_hertz, target)  # the service's output step
+            metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=out.rate,
+                                               num_samples=len(out.samples), seed=request.settings.seed,
+                                               prompt=request.prompt, model_id=self.model_id)
+            loudness.record(metadata, out.level, out.gain_db)
+            for chunk in audio_encoding.audio_chunks(request.clip_id, out.samples, out.rate, encoding, 0.5, metadata):
                 yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         except asyncio.CancelledError:
             self.cancelled += 1

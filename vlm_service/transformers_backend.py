@@ -39,6 +39,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from PIL import Image
 
+from i2s_formats.boxes import PixelFrame
 from serving import metrics
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
@@ -92,6 +93,17 @@ def render_chatml(prompt: PromptTemplate) -> str:
         f"<|im_start|>user\n{user}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+def _prompt_text(tokenizer: Any, prompt: PromptTemplate) -> str:
+    """The chat-templated prompt (ChatML when the tokenizer has no template), with its one image placeholder."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
+    else:
+        text = render_chatml(prompt)
+    if text.count(IMAGE_TOKEN) != 1:
+        raise RuntimeError(f"chat template produced {text.count(IMAGE_TOKEN)} image placeholders, expected 1")
+    return text
 
 
 def _load_image_processor(model: str, revision: str | None, token: str | None, **kwargs: Any):
@@ -183,11 +195,15 @@ class TransformersVisionBackend(VisionBackend):
         self.model = None
         self.engine = None
         self._grammar = None
+        self._tokenizer_info = None
+        self._located: tuple[Any, str] | None = None  # (grammar, prompt text) with boxes, made when first asked
+        self._located_lock = threading.Lock()
         self._vocab_size = 0
         self._stop_ids: list[int] = []
         self._pad_id = 0
         self._image_token_id = 0
         self._merge_size = 2
+        self._patch_size = 14
         self.prompt_text = ""
 
     @classmethod
@@ -259,16 +275,10 @@ class TransformersVisionBackend(VisionBackend):
         tokenizer_info = build_tokenizer_info(tokenizer, vocab_size, stop_ids)
         grammar = compile_schema(tokenizer_info, self.prompt.schema)
 
-        if tokenizer.chat_template:
-            prompt_text = tokenizer.apply_chat_template(
-                self.prompt.messages(), tokenize=False, add_generation_prompt=True
-            )
-        else:
-            prompt_text = render_chatml(self.prompt)
-        if prompt_text.count(IMAGE_TOKEN) != 1:
-            raise RuntimeError(f"chat template produced {prompt_text.count(IMAGE_TOKEN)} image placeholders, expected 1")
+        prompt_text = _prompt_text(tokenizer, self.prompt)
 
         self.tokenizer = tokenizer
+        self._tokenizer_info = tokenizer_info
         self.image_processor = image_processor
         self.model = model
         self.device = device
@@ -278,6 +288,7 @@ class TransformersVisionBackend(VisionBackend):
         self._pad_id = int(pad_id)
         self._image_token_id = image_token_id
         self._merge_size = int(getattr(image_processor, "merge_size", 2) or 2)
+        self._patch_size = int(getattr(image_processor, "patch_size", 14) or 14)
         self.prompt_text = prompt_text
         if self.engine_options is not None:
             from vlm_service.engine import DecodeEngine
@@ -319,6 +330,7 @@ class TransformersVisionBackend(VisionBackend):
         image = Image.new("RGB", _WARMUP_IMAGE_SIZE, (128, 128, 128))
         for _ in self.stream(image, DecodingOptions(max_new_tokens=8), quiet=True):
             pass
+        self.grammar_and_prompt(locate_sources=True)  # compiled now, not on the first request's event loop
         self._warm = True
         log.info("warm in %.1f s", time.perf_counter() - started)
 
@@ -339,6 +351,7 @@ class TransformersVisionBackend(VisionBackend):
         if self.engine is not None:
             self.engine.close()
         self.engine = self.model = self.tokenizer = self.image_processor = self._grammar = None
+        self._located = self._tokenizer_info = None
         if cuda:
             import torch
 
@@ -346,9 +359,22 @@ class TransformersVisionBackend(VisionBackend):
 
     # -- inputs (caller's thread, CPU only) ---------------------------------------------------------
 
-    def prepare_inputs(self, image: Image.Image) -> dict[str, Any]:
+    def grammar_and_prompt(self, locate_sources: bool = False) -> tuple[Any, str]:
+        """The grammar and prompt text of a request: the version's own, or with boxes (compiled once, at
+        warm-up)."""
+        if not locate_sources:
+            return self._grammar, self.prompt_text
+        with self._located_lock:
+            if self._located is None:
+                located = self.prompt.located()
+                self._located = (compile_schema(self._tokenizer_info, located.schema),
+                                 _prompt_text(self.tokenizer, located))
+            return self._located
+
+    def prepare_inputs(self, image: Image.Image, prompt_text: str | None = None) -> dict[str, Any]:
         """Model inputs for one image, as CPU tensors: input_ids, attention_mask, pixel_values,
-        image_grid_thw, mm_token_type_ids (the model thread moves them to the device). Raises InvalidInput."""
+        image_grid_thw, mm_token_type_ids (the model thread moves them to the device); ``prompt_text``
+        defaults to the version's. Raises InvalidInput."""
         import torch
 
         self._require_loaded()
@@ -365,7 +391,7 @@ class TransformersVisionBackend(VisionBackend):
             raise InvalidInput(f"image cannot be processed: {exc}") from exc
         grid = vision["image_grid_thw"]
         n_image_tokens = int(grid[0].prod().item()) // (self._merge_size**2)
-        text = self.prompt_text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens, 1)
+        text = (prompt_text or self.prompt_text).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens, 1)
         encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         input_ids = encoded["input_ids"]
         is_image = input_ids == self._image_token_id
@@ -401,13 +427,17 @@ class TransformersVisionBackend(VisionBackend):
         NotReady, Overloaded, before anything is queued."""
         started = time.perf_counter()
         self._require_loaded()
-        inputs = self.prepare_inputs(image)
+        grammar, prompt_text = self.grammar_and_prompt(options.locate_sources)
+        inputs = self.prepare_inputs(image, prompt_text)
         req = EngineRequest(inputs=inputs, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                             top_p=options.top_p, seed=options.seed, deliver=deliver, should_stop=should_stop,
-                            deadline=deadline, priority=priority)
+                            deadline=deadline, grammar=grammar, priority=priority)
+        frame = PixelFrame.from_grid(inputs["image_grid_thw"][0].tolist(), self._patch_size) \
+            if options.locate_sources else None  # the model's boxes are in pixels of this resized frame
         assembler = DescriptionAssembler(
             self.tokenizer, prompt_version=self.prompt_version, model_id=self.model_id,
-            prompt_tokens=int(inputs["input_ids"].shape[1]), started=started, max_new_tokens=options.max_new_tokens)
+            prompt_tokens=int(inputs["input_ids"].shape[1]), started=started, max_new_tokens=options.max_new_tokens,
+            frame=frame)
         self.scheduler.submit(req)
         return req, assembler
 
@@ -500,7 +530,8 @@ class TransformersVisionBackend(VisionBackend):
         if reason is not None:
             req.deliver(Finished(reason, 0))
             return
-        processors: list[Any] = [GrammarLogitsProcessor(self._grammar, self._vocab_size)]
+        grammar = req.grammar if req.grammar is not None else self._grammar
+        processors: list[Any] = [GrammarLogitsProcessor(grammar, self._vocab_size)]
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             processors.append(SeededSamplingLogitsProcessor(req.temperature, req.top_p, seed))

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "vlm"
 # Tensor names of deploy/triton/vlm/config.pbtxt.
 IMAGE, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED = "IMAGE", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "SEED"
+LOCATE_SOURCES = "LOCATE_SOURCES"  # optional; sent only when true, so older models take every other request
 EVENT_KIND, EVENT = "EVENT_KIND", "EVENT"
 HEADER, SOURCE, DONE, ERROR = b"header", b"source", b"done", b"error"
 # How often a waiting stream looks at should_stop.
@@ -105,16 +106,19 @@ def request_arrays(image: Image.Image, options: DecodingOptions) -> dict[str, np
     }
     if options.seed is not None:
         arrays[SEED] = np.array([options.seed], dtype=np.int64)
+    if options.locate_sources:
+        arrays[LOCATE_SOURCES] = np.array([True], dtype=np.bool_)
     return arrays
 
 
 def options_from_arrays(arrays: dict[str, np.ndarray | None]) -> DecodingOptions:
-    seed = arrays.get(SEED)
+    seed, locate = arrays.get(SEED), arrays.get(LOCATE_SOURCES)
     return DecodingOptions(
         max_new_tokens=int(arrays[MAX_NEW_TOKENS].reshape(-1)[0]),
         temperature=float(arrays[TEMPERATURE].reshape(-1)[0]),
         top_p=float(arrays[TOP_P].reshape(-1)[0]),
         seed=None if seed is None else int(seed.reshape(-1)[0]),
+        locate_sources=bool(locate is not None and locate.reshape(-1)[0]),
     )
 
 

@@ -1,5 +1,6 @@
 // One clip on the page: its chunks are played through Web Audio as they arrive (each scheduled right after
-// the previous one), then the whole clip gets an <audio> player, a waveform, a spectrogram and a download.
+// the previous one), then the whole clip gets an <audio> player, a waveform, a spectrogram, its loudness and
+// a download. Variant clips are mono; the scene mix is stereo (chunks interleave left and right).
 import { asFloats, pcm16Samples, wavBlob } from "./wav.js";
 
 let context = null;
@@ -13,13 +14,14 @@ export class ClipPlayer {
     this.ref = ref;
     this.samples = [];  // Int16Array per chunk
     this.sampleRate = 16000;
+    this.channels = 1;
     this.nextTime = 0;
     this.onFirstPlay = onFirstPlay;
     this.element = document.createElement("div");
     this.element.className = "clip";
     this.element.dataset.clipId = ref.clipId;
     const title = document.createElement("h3");
-    title.textContent = ref.kind === "CLIP_KIND_SCENE_MIX" ? "Scene mix" : ref.fileName || ref.clipId;
+    title.textContent = ref.kind === "CLIP_KIND_SCENE_MIX" ? "Stereo scene mix" : ref.fileName || ref.clipId;
     this.state = document.createElement("p");
     this.state.className = "state";
     this.state.textContent = "waiting for audio…";
@@ -29,12 +31,19 @@ export class ClipPlayer {
 
   addChunk(chunk, bytes) {
     if (chunk.sampleRateHertz) this.sampleRate = chunk.sampleRateHertz;
+    if (chunk.channels) this.channels = chunk.channels;
     const samples = pcm16Samples(bytes);
     this.samples.push(samples);
     if (!samples.length) return;
     const ctx = audioContext();
-    const buffer = ctx.createBuffer(1, samples.length, this.sampleRate);
-    buffer.copyToChannel(asFloats(samples), 0);
+    const frames = samples.length / this.channels;
+    const buffer = ctx.createBuffer(this.channels, frames, this.sampleRate);
+    const floats = asFloats(samples);
+    for (let c = 0; c < this.channels; c++) {
+      const channel = new Float32Array(frames);
+      for (let i = 0; i < frames; i++) channel[i] = floats[i * this.channels + c];
+      buffer.copyToChannel(channel, c);
+    }
     const source = ctx.createBufferSource();
     source.buffer = buffer;
     source.connect(ctx.destination);
@@ -57,13 +66,18 @@ export class ClipPlayer {
 
   finish(done) {
     const samples = this.pcm();
-    this.wav = wavBlob(samples, this.sampleRate);
+    this.wav = wavBlob(samples, this.sampleRate, this.channels);
     const floats = asFloats(samples);
-    const seconds = (floats.length / this.sampleRate).toFixed(1);
+    const seconds = (floats.length / this.channels / this.sampleRate).toFixed(1);
     const seed = done.metadata?.seed === undefined ? "" : ` · seed ${done.metadata.seed}`;
     this.state.textContent = `${seconds} s${seed} · ${done.prompt || ""}`;
-    this.element.append(canvas("waveform", (c) => drawWaveform(c, floats)),
-                        canvas("spectrogram", (c) => drawSpectrogram(c, floats)));
+    const level = document.createElement("p");
+    level.className = "level";
+    level.textContent = loudnessText(done.metadata || {}, this.sampleRate, this.channels);
+    this.element.append(level);
+    const mono = this.channels === 1 ? floats : downmix(floats, this.channels);  // what the pictures show
+    this.element.append(canvas("waveform", (c) => drawWaveform(c, mono)),
+                        canvas("spectrogram", (c) => drawSpectrogram(c, mono)));
     const audio = document.createElement("audio");
     audio.controls = true;
     audio.src = URL.createObjectURL(this.wav);
@@ -79,6 +93,23 @@ export class ClipPlayer {
     this.element.classList.add("failed");
     this.state.textContent = `failed: ${failed.message || failed.code}`;
   }
+}
+
+// Loudness (ITU-R BS.1770, measured by the services) and peak, as the gallery shows them.
+export function loudnessText(metadata, sampleRate, channels) {
+  const lufs = metadata.loudnessLufs === undefined ? "silent" : `${metadata.loudnessLufs.toFixed(1)} LUFS`;
+  const peak = metadata.peakDbfs === undefined ? "" : ` · peak ${metadata.peakDbfs.toFixed(1)} dBFS`;
+  return `${lufs}${peak} · ${sampleRate} Hz ${channels === 2 ? "stereo" : "mono"}`;
+}
+
+function downmix(floats, channels) {
+  const out = new Float32Array(floats.length / channels);
+  for (let i = 0; i < out.length; i++) {
+    let sum = 0;
+    for (let c = 0; c < channels; c++) sum += floats[i * channels + c];
+    out[i] = sum / channels;
+  }
+  return out;
 }
 
 function canvas(kind, draw) {

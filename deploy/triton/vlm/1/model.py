@@ -50,7 +50,8 @@ class TritonPythonModel:
         # inputs are read here, while the request is certainly alive.
         for request in requests:
             arrays = {name: _input(request, name)
-                      for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED)}
+                      for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED,
+                                   wire.LOCATE_SOURCES)}
             self.streams.submit(self._serve, arrays, request.get_response_sender())
         return None
 
