@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCKS = ("requirements.in", "requirements.txt")
@@ -57,11 +57,20 @@ def available_versions(name: str, python: tuple[int, int]) -> set[Version]:
                "--python-version", f"{python[0]}.{python[1]}"]
     for platform in PLATFORMS:
         command += ["--platform", platform]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    if run.returncode != 0:  # pip says "No matching distribution found" when nothing fits
+    for _ in range(3):  # a network error is asked again (twice); "nothing fits" is an answer
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if run.returncode == 0 or "No matching distribution" in run.stderr:
+            break
+    if run.returncode != 0:
         return set()
     listed = next((line for line in run.stdout.splitlines() if line.startswith("Available versions:")), "")
-    return {Version(v.strip()) for v in listed.partition(":")[2].split(",") if v.strip()}
+    versions = set()
+    for text in listed.partition(":")[2].split(","):
+        try:
+            versions.add(Version(text.strip()))
+        except InvalidVersion:  # an old upload's non-standard name (e.g. "0.4.src"): never a pin of ours
+            continue
+    return versions
 
 
 def test_every_pin_resolves_on_the_configured_index():

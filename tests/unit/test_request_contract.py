@@ -38,7 +38,7 @@ class FakeCalls:
     model_id: str = "fake"
     sample_rate_hertz: int = 16000
     queue_depth: int = 0  # read by the queue-depth gauge
-    concurrent_requests: int | None = None  # schedules its requests itself: the servicer puts no worker before it
+    concurrent_requests: int | None = 1  # a backend that takes one request at a time (a worker in front)
 
     def __getattr__(self, name):
         if name.startswith("__"):
