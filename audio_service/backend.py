@@ -96,6 +96,14 @@ class AudioBackend(ABC):
 
     model_id: str
     sample_rate_hertz: int
+    model_revision: str | None = None  # the loaded weights (serving.models.checkpoint_revision); None: unknown
+
+    def result_identity(self) -> dict | None:
+        """What decides a clip besides its request: the model (id and revision) and the settings of this
+        backend that change the samples. Part of every result-cache key; None (revision unknown): no caching."""
+        if self.model_revision is None:
+            return None
+        return {"model_id": self.model_id, "revision": self.model_revision}
 
     @abstractmethod
     def load(self) -> None:

@@ -7,7 +7,10 @@
   candidates), from any image or client, go into one `backend.generate` call, up to `max_batch_size`
   (a full batch leaves at once). The oldest queued request waits at most `max_wait_ms` since it
   arrived for companions; requests that queued while a batch ran leave together right after it.
-  Others wait for a later call, oldest first.
+  Others wait for a later call.
+- Which request a call is formed around: interactive before batch (`serving.priority.PriorityOrder`: aging
+  gives batch requests at least one call in every `batch_aging + 1`), then the oldest; its companions are
+  compatible requests, interactive ones first. A running call is never preempted.
 - One dispatch thread calls the backend: one model, one call at a time. The event loop never blocks.
 - At most `max_queue` requests wait (the running batch not counted); beyond that `submit` raises
   `Overloaded` (RESOURCE_EXHAUSTED).
@@ -33,6 +36,7 @@ from audio_service.backend import AudioBackend, AudioRequest, AudioResult, Backe
 from serving import metrics, tracing
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
+from serving.priority import BATCH, INTERACTIVE, PRIORITIES, PriorityOrder
 
 __all__ = ["Batcher", "NotReady", "Overloaded"]
 
@@ -50,6 +54,7 @@ class _Job:
     trace: Any = None  # the caller's trace context (tracing.capture()), None when tracing is off
     queued_ns: int = 0
     deadline: Deadline | None = None
+    priority: str = INTERACTIVE
     window: Window | None = None
 
     def expired(self) -> bool:
@@ -66,6 +71,7 @@ class Batcher:
         max_batch_size: int = 4,
         max_wait_ms: float = 10.0,
         max_queue: int = 64,
+        order: PriorityOrder | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -77,6 +83,11 @@ class Batcher:
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
+        self.order = order or PriorityOrder()
+        for priority in PRIORITIES:  # every series exists from the start (at 0)
+            metrics.QUEUE_WAIT.labels(stage="audio", priority=priority)
+        for state in ("queued", "running"):
+            metrics.WORK_CANCELLED.labels(stage="audio", state=state)
         # Counters and the last event only: per-batch history would grow for the life of the server
         # (the i2s_* metrics count batches for operators).
         self.backend_calls = 0  # number of backend.generate calls made
@@ -100,7 +111,8 @@ class Batcher:
         return len(self._queue)
 
     async def submit(self, request: AudioRequest, on_step: StepCallback | None = None,
-                     deadline: Deadline | None = None, window: Window | None = None) -> AudioResult:
+                     deadline: Deadline | None = None, priority: str = INTERACTIVE,
+                     window: Window | None = None) -> AudioResult:
         """Queues one request and returns its result when its batch is done.
 
         `request` is valid by construction (i2s_formats.contract). Raises Overloaded when `max_queue`
@@ -119,7 +131,8 @@ class Batcher:
         if window is not None:
             key = key + ("window", window.overlap_frames)
         job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time(),
-                   trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline, window=window)
+                   trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline, priority=priority,
+                   window=window)
         self._queue.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -137,8 +150,10 @@ class Batcher:
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it any more
         try:
             self._queue.remove(job)  # still queued: it will never run
-        except ValueError:
-            pass  # already taken into a batch: should_stop sees the flag
+            metrics.WORK_CANCELLED.labels(stage="audio", state="queued").inc()
+        except ValueError:  # already taken into a batch: should_stop sees the flag
+            if not job.future.done():
+                metrics.WORK_CANCELLED.labels(stage="audio", state="running").inc()
 
     async def close(self, *, cancel_running: bool = False) -> None:
         """Stops accepting requests and fails the queued ones with NotReady.
@@ -177,14 +192,11 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(DeadlineExceeded("deadline exceeded while the audio request waited"))
 
-    def _compatible(self, key: tuple) -> list[_Job]:
-        batch = []
-        for job in self._queue:
-            if job.key == key and not job.cancelled:
-                batch.append(job)
-                if len(batch) == self.max_batch_size:
-                    break
-        return batch
+    def _compatible(self, head: _Job) -> list[_Job]:
+        """`head` and the requests that can share its call, interactive ones first, each class oldest first."""
+        others = [job for job in self._queue if job is not head and job.key == head.key and not job.cancelled]
+        others.sort(key=lambda job: job.priority == BATCH)  # stable: arrival order within a class
+        return [head, *others][: self.max_batch_size]
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,10 +206,10 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            head = self._queue[0]
+            head = self.order.choose(self._queue, _priority)
             deadline = head.queued_at + self.max_wait_s
-            # Wait for companions until the batch is full or the oldest request has waited long enough.
-            while not self._closed and head in self._queue and len(self._compatible(head.key)) < self.max_batch_size:
+            # Wait for companions until the batch is full or the head has waited long enough.
+            while not self._closed and head in self._queue and len(self._compatible(head)) < self.max_batch_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -209,9 +221,10 @@ class Batcher:
             if self._closed:
                 break
             self._drop_expired()
-            if head not in self._queue:  # the oldest caller left while we waited: start over
+            if head not in self._queue:  # the head's caller left while we waited: start over
                 continue
-            batch = self._compatible(head.key)
+            head = self.order.pick(self._queue, _priority)  # interactive work that came meanwhile goes first
+            batch = self._compatible(head)
             for job in batch:
                 self._queue.remove(job)
             await self._run_batch(loop, batch)
@@ -243,6 +256,7 @@ class Batcher:
         now_ns = time.time_ns()
         for job in batch:
             tracing.record_span(job.trace, "audio.batch_wait", job.queued_ns, now_ns, batch_size=len(batch))
+            metrics.QUEUE_WAIT.labels(stage="audio", priority=job.priority).observe((now_ns - job.queued_ns) / 1e9)
         phases = tracing.Phases([job.trace for job in batch if job.trace is not None], batch_size=len(batch))
         call = tracing.run_with_phases(phases, call)
         started = loop.time()
@@ -296,3 +310,7 @@ class Batcher:
                     job.on_step(done, total)
                 except Exception:  # noqa: BLE001 - a caller's callback must not break the others
                     log.exception("on_step callback failed")
+
+
+def _priority(job: _Job) -> str:
+    return job.priority

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.config import parse_config, setting
+from serving.priority import PriorityOptions
+from serving.result_cache import CacheOptions
 from serving.models import DEFAULT_AUDIO_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 from serving.threads import ThreadOptions
@@ -45,6 +47,8 @@ class AudioConfig:
                                       "each continuing the last); at most 300")
     speech_music_margin: float = setting(0.0, "the speech/music guard refuses a clip whose CLAP score for speech, "
                                          "singing or music is above its caption's score minus this")
+    priority: PriorityOptions = PriorityOptions()
+    cache: CacheOptions = CacheOptions()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()
 

@@ -62,7 +62,7 @@ from serving import tracing
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import NotReady
-from serving.models import hf_token, torch_dtype
+from serving.models import checkpoint_revision, hf_token, torch_dtype
 
 __all__ = ["DiffusersAudioBackend", "Candidates", "COMPILE_MODES", "bucket_for", "candidate_seed", "fit_length",
            "parse_buckets", "resample"]
@@ -212,6 +212,14 @@ class DiffusersAudioBackend(AudioBackend):
             raise NotReady("the audio model is not loaded")
         return self._pipe
 
+    def result_identity(self) -> dict | None:
+        identity = super().result_identity()
+        if identity is None:
+            return None
+        # Precision, device kind and buckets (a bucketed clip is rendered longer, then cut) change the samples.
+        return {**identity, "dtype": str(self.dtype), "device": str(self.device).split(":")[0],
+                "buckets": list(self.duration_buckets)}
+
     def batch_key(self, request: AudioRequest) -> tuple:
         """Like `request.batch_key()`, with the duration replaced by its bucket: one bucket, one batch."""
         key = request.batch_key()
@@ -261,6 +269,7 @@ class DiffusersAudioBackend(AudioBackend):
             # non-contiguous input (torch 2.11, CPU aot_eager); tracing the vocoder took minutes on CPU.
             pipe.unet.compile(**kwargs)
         self._encodings.clear()
+        self.model_revision = checkpoint_revision(self.model_id, self.revision, self._token)
         self._pipe = pipe
         log.info("loaded %s in %.1f s", self.model_id, time.perf_counter() - started)
 

@@ -14,6 +14,7 @@ import numpy as np
 from audio_service import clip_maker
 from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
+from audio_service.clip_cache import clip_key, pack_clip, unpack_clip
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from i2s_formats import audio_encoding, contract, loudness
@@ -21,32 +22,45 @@ from i2s_formats.chunk_stream import ChunkStream
 from serving import metrics, request_log, tracing
 from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
+from serving.priority import PriorityOrder
 from serving.pump import Pump
+from serving.result_cache import open_cache
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = audio_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name
+QUEUE = "audio_batch"  # its i2s_queue_depth label: the waiting work the autoscalers read (deploy/README.md "Scaling")
 
 class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     def __init__(self, backend: AudioBackend, config: AudioConfig):
         self.backend = backend
         self.config = config
         self.batcher = Batcher(
-            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
+            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms,
+            max_queue=config.max_queue, order=PriorityOrder(config.priority.batch_aging),
         )
-        metrics.QUEUE_DEPTH.labels(queue="audio_batch").set_function(lambda: self.batcher.queue_depth)
+        self.cache = open_cache(config.cache, "audio")
+        metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: self.batcher.queue_depth)
 
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
             raise NotReady("the audio model is still loading")
         call = contract.generate_audio(request.prompt, request.settings, request.clip_id,
-                                       self.config.default_negative_prompt)
+                                       self.config.default_negative_prompt, request)
         generation, clip_id = call.generation, call.clip_id
         if generation.duration_seconds > self.config.max_clip_seconds:
             raise InvalidInput(f"settings: duration_seconds={generation.duration_seconds:g}; this service makes "
                                f"clips of at most {self.config.max_clip_seconds:g} s")
-        if clip_maker.needs_clip_maker(generation):
+        if clip_maker.needs_clip_maker(generation):  # streamed as made; not cached (yet)
             async for response in self._made(call, context):
+                yield response
+            return
+        key = clip_key(call, self.backend)
+        cached = await self.cache.lookup(key, call.handling.bypass_cache)
+        if cached is not None:  # no model runs: the clip as it was rendered, encoded as this call asks
+            waveform, metadata = unpack_clip(cached)
+            request_log.note(clip_id=clip_id, cache_hit=True)
+            for response in self._chunks(call, waveform, metadata):
                 yield response
             return
 
@@ -61,7 +75,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
 
             async def render() -> None:
                 pump.put_nowait(await self.batcher.submit(generation, on_step=progress,
-                                                          deadline=Deadline.from_context(context)))
+                                                          deadline=Deadline.from_context(context),
+                                                          priority=call.handling.priority))
 
             pump.spawn(render())
             async for item in pump:
@@ -92,9 +107,16 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         loudness.record(metadata, out.level, out.gain_db)
         request_log.note(clip_id=clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=result.steps_run)
+        await self.cache.store(key, pack_clip(out.samples, metadata))  # as sent: rate and loudness applied
+        for response in self._chunks(call, out.samples, metadata):
+            yield response
+
+    @staticmethod
+    def _chunks(call: contract.AudioCall, waveform, metadata: common_pb2.ClipMetadata):
         sending = tracing.request_phases("audio.chunk_send")
         for chunk in audio_encoding.audio_chunks(
-            clip_id, out.samples, out.rate, call.output.encoding, call.output.chunk_seconds, metadata
+            call.clip_id, waveform, metadata.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds,
+            metadata,
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
@@ -124,10 +146,11 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             async def submit_window(request, window):
                 steps = request.num_inference_steps
                 return await self.batcher.submit(request, on_step=progress_from(window.index * steps),
-                                                 deadline=deadline, window=window)
+                                                 deadline=deadline, priority=call.handling.priority, window=window)
 
             async def submit_clip(request):
-                return await self.batcher.submit(request, on_step=progress_from(0), deadline=deadline)
+                return await self.batcher.submit(request, on_step=progress_from(0), deadline=deadline,
+                                                 priority=call.handling.priority)
 
             async def render() -> None:
                 async for item in clip_maker.make_clip(
@@ -182,6 +205,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
 
     async def close(self) -> None:
         await self.batcher.close()
+        await self.cache.close()
 
 
 def build_backend(config: AudioConfig) -> AudioBackend:

@@ -12,6 +12,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway import json_lines, readiness
+from i2s_formats import contract
 from gateway.connect_service import connect_app
 from gateway.upstream import Upstream
 
@@ -53,7 +54,8 @@ def create_app(upstream: Upstream, cors_origins: str = "") -> Starlette:
     if origins:  # off unless configured: the page itself is same-origin
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=origins, allow_methods=["POST", "GET"],
-            allow_headers=["authorization", "content-type", "connect-protocol-version", "connect-timeout-ms",
+            allow_headers=["authorization", contract.PRIORITY_HEADER, "content-type",
+                            "connect-protocol-version", "connect-timeout-ms",
                            "x-grpc-web", "x-user-agent"],
             expose_headers=["grpc-status", "grpc-message"]))
     return Starlette(

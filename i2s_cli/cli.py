@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--skip_vlm", action="store_true",
                        help=f"make clips from every *{DESCRIPTION_SUFFIX} under --sound_sources_dir (no images needed)")
     files.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    files.add_argument("--bypass_cache", action="store_true", help="render afresh even when the services hold a "
+                       "result for the same image or caption and seed")
     files.add_argument("--scene_mix", action="store_true", help="also write result/<image>/scene_mix.wav, all clips layered")
     files.add_argument("--export_phase2", metavar="DIR", help="also copy the clips into DIR/guitar, bass, keyboard, drum "
                        "by instrument")
@@ -289,10 +291,13 @@ def settings_from(args: argparse.Namespace) -> pb.StreamConfig:
         audio.seed = args.audio_seed
     if args.loudness_target is not None:
         audio.loudness_target_lufs = args.loudness_target
+    # One image is someone waiting for it; a folder is throughput work, served after interactive callers.
+    priority = contract.INTERACTIVE if args.single else contract.BATCH
     return pb.StreamConfig(
         audio=audio,
         decoding=common_pb2.DecodingSettings(max_new_tokens=args.max_new_tokens, locate_sources=args.locate_sources),
-        options=pb.PipelineOptions(skip_audio=args.skip_audio, scene_mix=args.scene_mix),
+        options=pb.PipelineOptions(skip_audio=args.skip_audio, scene_mix=args.scene_mix,
+                                   priority=contract.PRIORITY_ENUM[priority], bypass_cache=args.bypass_cache),
     )
 
 

@@ -3,11 +3,14 @@
     from i2s_client import ImageToSoundClient
     with ImageToSoundClient("localhost:50050") as client:
         client.wait_for_ready(timeout=600)  # the services may still be loading their models
-        result = client.generate("data/street.jpg", duration_seconds=4, seed=7)
+        result = client.generate("data/street.jpg", duration_seconds=4, seed=7)  # priority="interactive"
     if not result.ok:
         print("failed:", result.error or [f.message for f in result.failed])
     for clip in result.clips:
         print(clip.file_name, clip.source_name, clip.action, clip.instrument_role, clip.waveform.shape)
+
+`priority="batch"` marks throughput work (a folder, a dataset): it then waits behind interactive calls at
+every stage (never starved); `bypass_cache=True` renders afresh even when the services hold the result.
 
 One persistent channel per client (reuse it), a deadline on every call, retries on UNAVAILABLE
 (see serving/channels.py), and helpers that turn the event stream into numpy arrays or WAV files.
@@ -29,7 +32,7 @@ import grpc
 import numpy as np
 
 
-from i2s_formats import audio_encoding
+from i2s_formats import audio_encoding, contract
 from i2s_formats.audio_encoding import write_wav
 from i2s_formats.seed_format import role_name
 from i2s_formats.source_merge import SourceMerge
@@ -60,9 +63,12 @@ def make_request(
     audio: common_pb2.AudioSettings | None = None,
     decoding: common_pb2.DecodingSettings | None = None,
     options: pb.PipelineOptions | None = None,
+    priority: str | None = None,
+    bypass_cache: bool = False,
     **audio_settings,
 ) -> pb.ImageToSoundRequest:
-    """Builds a request; keyword arguments are AudioSettings fields (duration_seconds=4, seed=7, ...)."""
+    """Builds a request; keyword arguments are AudioSettings fields (duration_seconds=4, seed=7, ...).
+    `priority`: "interactive" (the server's default) or "batch"; `bypass_cache`: skip the result caches."""
     request = pb.ImageToSoundRequest(request_id=request_id or uuid.uuid4().hex[:12])
     if description is not None:
         request.description.CopyFrom(description)
@@ -78,7 +84,19 @@ def make_request(
         request.decoding.CopyFrom(decoding)
     if options is not None:
         request.options.CopyFrom(options)
+    if priority is not None:
+        request.options.priority = priority_enum(priority)
+    if bypass_cache:
+        request.options.bypass_cache = True
     return request
+
+
+def priority_enum(priority: str) -> int:
+    """"interactive" or "batch" -> the wire's Priority; ValueError for anything else."""
+    try:
+        return contract.PRIORITY_ENUM[priority]
+    except KeyError:
+        raise ValueError(f"priority={priority!r}: use one of {', '.join(contract.PRIORITY_ENUM)}") from None
 
 
 @dataclass

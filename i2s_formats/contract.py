@@ -22,9 +22,45 @@ from i2s_formats import audio_encoding, boxes, loudness, seed_format
 from serving import request_log
 from serving.errors import InvalidInput
 from serving.images import ImageLimits, check_image, decode_image
+from serving.priority import BATCH, INTERACTIVE, PRIORITIES
 
 if TYPE_CHECKING:
     from PIL import Image
+
+# -- handling (every request: its priority, and whether it may be answered from a result cache) ----------
+
+PRIORITY_BY_ENUM = {common_pb2.PRIORITY_UNSPECIFIED: INTERACTIVE, common_pb2.PRIORITY_INTERACTIVE: INTERACTIVE,
+                    common_pb2.PRIORITY_BATCH: BATCH}
+PRIORITY_ENUM = {INTERACTIVE: common_pb2.PRIORITY_INTERACTIVE, BATCH: common_pb2.PRIORITY_BATCH}
+PRIORITY_HEADER = "i2s-priority"  # HTTP header / gRPC metadata, for callers that cannot set the field
+
+
+@dataclass(frozen=True)
+class Handling:
+    """How a request is served: `priority` (serving.priority: interactive before batch, with aging) and
+    `bypass_cache` (run the model even when a cached result exists)."""
+
+    priority: str = INTERACTIVE
+    bypass_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.priority not in PRIORITIES:
+            raise InvalidInput(f"priority={self.priority!r} is not one of {', '.join(PRIORITIES)}")
+
+
+def handling(priority: int, bypass_cache: bool = False, header: str = "", name: str = "priority") -> Handling:
+    """The wire's priority enum (`name` says which field, for the message) or, when it is unset, the
+    `i2s-priority` header's value; InvalidInput for an unknown value of either."""
+    if priority not in PRIORITY_BY_ENUM:
+        raise InvalidInput(f"{name}={priority} is not a known priority ({', '.join(PRIORITIES)})")
+    if priority == common_pb2.PRIORITY_UNSPECIFIED and header.strip():
+        value = header.strip().lower()
+        if value not in PRIORITIES:
+            raise InvalidInput(f"{PRIORITY_HEADER} header {header.strip()[:40]!r} is not one of "
+                               f"{', '.join(PRIORITIES)}")
+        return Handling(value, bool(bypass_cache))
+    return Handling(PRIORITY_BY_ENUM[priority], bool(bypass_cache))
+
 
 # -- audio (GenerateAudio, and the audio settings of ImageToSound) -------------------------------------
 
@@ -174,6 +210,8 @@ class AudioCall:
     generation: AudioRequest
     output: AudioOutput
     clip_id: str
+    handling: Handling = Handling()
+    seeded: bool = False  # the caller chose the seed (a seedless request asks for a new sample: never cached)
 
 
 @dataclass(frozen=True)
@@ -275,12 +313,15 @@ def audio_output(settings: common_pb2.AudioSettings) -> AudioOutput:
 
 
 def generate_audio(prompt: str, settings: common_pb2.AudioSettings, clip_id: str = "",
-                   default_negative_prompt: str = "") -> AudioCall:
-    """A GenerateAudio request (its prompt, settings and clip id) resolved."""
+                   default_negative_prompt: str = "", request=None) -> AudioCall:
+    """A GenerateAudio request (its prompt, settings and clip id; its priority and cache flag when the
+    whole `request` is given) resolved."""
     return AudioCall(
         generation=audio_request(prompt, settings, default_negative_prompt),
         output=audio_output(settings),
         clip_id=seed_format.clean_text(clip_id, MAX_CLIP_ID_CHARS) or uuid.uuid4().hex[:12],  # echoed: bounded
+        handling=handling(request.priority, request.bypass_cache) if request is not None else Handling(),
+        seeded=settings.HasField("seed"),
     )
 
 
@@ -345,6 +386,7 @@ class SceneRequest:
 
     image: "Image.Image" = field(repr=False)
     decoding: DecodingOptions
+    handling: Handling = Handling()
 
 
 def scene_request(request, limits: ImageLimits = ImageLimits()) -> SceneRequest:
@@ -352,7 +394,8 @@ def scene_request(request, limits: ImageLimits = ImageLimits()) -> SceneRequest:
     if not request.HasField("image"):
         raise InvalidInput("image is required")
     image = decode_image(request.image.data, request.image.mime_type, limits)
-    return SceneRequest(image=image, decoding=decoding_options(request.decoding))
+    return SceneRequest(image=image, decoding=decoding_options(request.decoding),
+                        handling=handling(request.priority, request.bypass_cache))
 
 
 # -- orchestrator (ImageToSound, StreamImagesToSound) --------------------------------------------------
@@ -393,14 +436,17 @@ class ImageRequest:
     skip_audio: bool = False
     scene_mix: bool = False
     max_clips: int = 32  # the request's, or the orchestrator's cap
+    handling: Handling = Handling()  # the priority and cache flag every model call of the image sends
 
 
 def image_to_sound(request: pb.ImageToSoundRequest, max_clips_per_image: int,
-                   image_limits: ImageLimits = ImageLimits()) -> ImageRequest:
+                   image_limits: ImageLimits = ImageLimits(), priority_header: str = "") -> ImageRequest:
     """The whole orchestrator request resolved before any model is called: what a model service would
     refuse later (a NaN duration after the VLM has spent seconds describing the image) is refused here.
-    The image is checked from its header (type, size, aspect ratio, frames), not decoded."""
+    The image is checked from its header (type, size, aspect ratio, frames), not decoded. The priority is
+    the field's, else `priority_header`'s (the `i2s-priority` header)."""
     which = request.WhichOneof("input")
+    resolved = handling(request.options.priority, request.options.bypass_cache, priority_header, "options.priority")
     if which is None:
         raise InvalidInput("request needs an image or a description")
     if request.options.max_clips > max_clips_per_image:
@@ -418,6 +464,7 @@ def image_to_sound(request: pb.ImageToSoundRequest, max_clips_per_image: int,
         request_id=clean_request_id(request.request_id), image=image, description=description,
         decoding=decoding_options(request.decoding), audio=audio, output=output, skip_audio=skip_audio,
         scene_mix=request.options.scene_mix, max_clips=request.options.max_clips or max_clips_per_image,
+        handling=resolved,
     )
 
 

@@ -23,7 +23,7 @@ from orchestrator import mix
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
 from i2s_formats import audio_encoding, stereo_mix
-from i2s_formats.contract import ImageRequest
+from i2s_formats.contract import PRIORITY_ENUM, ImageRequest
 from i2s_formats.source_merge import SourceMerge
 from serving import metrics, request_log, tracing
 from serving.config import setting
@@ -121,6 +121,9 @@ class _ImageRun:
         self.deadline = deadline
         # Every clip's settings as resolved at the edge, all set: the audio service applies no default of its own.
         self.audio_settings = request.audio.to_proto(request.output)
+        # The priority and cache flag, as every model call of the image sends them.
+        self.handling = dict(priority=PRIORITY_ENUM[request.handling.priority],
+                             bypass_cache=request.handling.bypass_cache)
         self.out: Pump | None = None  # the image's events, to the caller (made when the events are read)
         self.clip_tasks: list[asyncio.Future] = []
         self.clips: list[_Clip] = []
@@ -174,7 +177,7 @@ class _ImageRun:
             raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no vision service; send a description")
         self.describing = True
         message = vision_pb2.StreamSceneDescriptionRequest(image=self.request.image,
-                                                           decoding=self.request.decoding.to_proto())
+                                                           decoding=self.request.decoding.to_proto(), **self.handling)
         try:
             async for response in self.p.retried_when_overloaded(lambda: self.p.vlm.StreamSceneDescription(
                     message, timeout=self.deadline.left(), metadata=self.call_metadata), self.deadline):
@@ -250,7 +253,7 @@ class _ImageRun:
             async with self.p.audio_slots:
                 metadata = None
                 message = audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.audio_settings,
-                                                         clip_id=clip.ref.clip_id)
+                                                         clip_id=clip.ref.clip_id, **self.handling)
                 async for response in self.p.retried_when_overloaded(lambda: self.p.audio.GenerateAudio(
                         message, timeout=self.deadline.left(), metadata=self.call_metadata), self.deadline):
                     if response.WhichOneof("event") != "chunk":

@@ -140,6 +140,7 @@ CATALOGUE: list[Case] = [
     Case("48 kHz at -14 LUFS", "audio", lambda: common_pb2.AudioSettings(sample_rate_hertz=48000, loudness_target_lufs=-14), OK),
     # pipeline options
     Case("max_clips 2^32-1", "options", lambda: {"max_clips": 2**32 - 1}, INVALID, "at most 32 per image"),
+    Case("priority enum 7", "options", lambda: {"priority": 7}, INVALID, "options.priority=7 is not a known priority"),
     # prompts (GenerateAudio)
     Case("empty prompt", "prompt", lambda: "", INVALID, "prompt must be a non-empty string"),
     Case("control characters only", "prompt", lambda: "\x00\x01\x1b\x7f\u200b\u202e\n\t ", INVALID, "no printable characters"),

@@ -46,9 +46,11 @@ class FakeVisionServicer(vision_pb2_grpc.VisionServiceServicer):
     finished: bool = False
     calls: int = 0
     decoding: list[common_pb2.DecodingSettings] = field(default_factory=list)  # as each call received them
+    requests: list = field(default_factory=list)  # every request, as received
 
     async def StreamSceneDescription(self, request, context):
         self.calls += 1
+        self.requests.append(request)
         self.decoding.append(request.decoding)
         decode_image(request.image.data, request.image.mime_type)  # the real checks: bad images fail here
         self.entered.set()
@@ -86,9 +88,11 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
     was_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     deadlines: list[float | None] = field(default_factory=list)  # time remaining seen by each call
     settings: list[common_pb2.AudioSettings] = field(default_factory=list)  # as each call received them
+    requests: list = field(default_factory=list)  # every request, as received
 
     async def GenerateAudio(self, request, context):
         self.prompts.append(request.prompt)
+        self.requests.append(request)
         self.settings.append(request.settings)
         self.deadlines.append(context.time_remaining())
         self.entered.set()

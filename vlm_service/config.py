@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serving.config import parse_config, setting
+from serving.priority import PriorityOptions
+from serving.result_cache import CacheOptions
 from serving.images import ImageLimits
 from serving.models import DEFAULT_VLM_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
@@ -58,6 +60,10 @@ class VlmConfig:
     engine_token_buckets: tuple[int, ...] = setting((1, 8), "new tokens per row in one step (comma list, starts at 1)",
                                                     check=_starts_at_one)
     image_limits: ImageLimits = ImageLimits()
+    priority: PriorityOptions = PriorityOptions()
+    engine_interactive_rows: int = setting(1, "decode rows batch work leaves free for interactive requests that "
+                                           "arrive (outside its aging turn)")
+    cache: CacheOptions = CacheOptions()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()
 

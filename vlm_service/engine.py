@@ -117,6 +117,7 @@ class EngineRequest:
     deadline: float | None = None  # time.monotonic() after which the request stops ("deadline")
     cancelled: threading.Event = field(default_factory=threading.Event)
     grammar: Any = None  # the request's compiled grammar (None: the engine's), e.g. with boxes (locate_sources)
+    priority: str = "interactive"  # the scheduler's admission order (serving.priority)
     # Made where the request is submitted, on its RPC's task: its trace spans (no-op when tracing is off).
     phases: tracing.Phases = field(default_factory=lambda: tracing.request_phases("vlm.queue_wait"))
 

@@ -29,6 +29,7 @@ Greedy decoding gives the same tokens on both (tests/integration/test_vlm_engine
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import secrets
@@ -39,11 +40,13 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from PIL import Image
 
 from i2s_formats.boxes import PixelFrame
+from serving import metrics
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
+from serving.priority import INTERACTIVE, PriorityOrder
 from serving.pump import Pump
-from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
+from serving.models import DEFAULT_VLM_MODEL, checkpoint_revision, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
 from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
@@ -151,6 +154,8 @@ class TransformersVisionBackend(VisionBackend):
         attn_implementation: str = "sdpa",
         engine: EngineOptions | None = None,
         max_queue: int = 16,
+        batch_aging: int = 4,
+        interactive_rows: int = 1,
     ) -> None:
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, int) or value < PATCH_FACTOR * PATCH_FACTOR):
@@ -173,6 +178,10 @@ class TransformersVisionBackend(VisionBackend):
         self._repetition_penalty = float(repetition_penalty)
         self._attn_implementation = attn_implementation
         self._max_queue = max_queue
+        self._batch_aging = batch_aging  # the scheduler's priority aging (serving.priority)
+        self._interactive_rows = interactive_rows  # decode rows batch work leaves free
+        for state in ("queued", "running"):  # both series exist from the start (at 0)
+            metrics.WORK_CANCELLED.labels(stage="vlm", state=state)
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
         self.scheduler: Scheduler | None = None
@@ -201,7 +210,8 @@ class TransformersVisionBackend(VisionBackend):
     def from_config(cls, config: VlmConfig) -> "TransformersVisionBackend":
         """The backend the VLM service's settings describe (the service and the Triton model build it so)."""
         kwargs = dict(revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype,
-                      prompt_version=config.prompt_version, max_queue=config.max_queue, engine=engine_options(config))
+                      prompt_version=config.prompt_version, max_queue=config.max_queue, engine=engine_options(config),
+                      batch_aging=config.priority.batch_aging, interactive_rows=config.engine_interactive_rows)
         if config.max_pixels:
             kwargs["max_pixels"] = config.max_pixels
         return cls(config.model, **kwargs)
@@ -289,9 +299,20 @@ class TransformersVisionBackend(VisionBackend):
                 repetition_penalty=self._repetition_penalty, prefix_ids=ids[: ids.index(image_token_id)],
                 options=self.engine_options)
         self.scheduler = Scheduler(self.worker, max_queue=self._max_queue, engine=self.engine,
-                                   reference=self._generate_reference)
+                                   reference=self._generate_reference,
+                                   order=PriorityOrder(self._batch_aging, reserved=self._interactive_rows))
+        self.model_revision = checkpoint_revision(self.model_id, self._revision, token)
         self._loaded = True
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - started)
+
+    def result_identity(self) -> dict | None:
+        identity = super().result_identity()
+        if identity is None:
+            return None
+        # The image's pixel budget, the precision, the device kind and the decode path change the tokens.
+        return {**identity, "dtype": str(self.model.dtype), "device": str(self.device).split(":")[0],
+                "pixels": [self._min_pixels, self._max_pixels], "repetition_penalty": self._repetition_penalty,
+                "engine": self.engine is not None}
 
     @property
     def ready(self) -> bool:
@@ -399,8 +420,8 @@ class TransformersVisionBackend(VisionBackend):
         return self.scheduler.queue_depth if self.scheduler is not None else 0
 
     def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[Delivery], None], *,
-               should_stop: Callable[[], bool] | None = None, deadline: float | None = None
-               ) -> tuple[EngineRequest, DescriptionAssembler]:
+               should_stop: Callable[[], bool] | None = None, deadline: float | None = None,
+               priority: str = INTERACTIVE) -> tuple[EngineRequest, DescriptionAssembler]:
         """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
         :class:`~vlm_service.engine.EngineRequest`). Raises InvalidInput,
         NotReady, Overloaded, before anything is queued."""
@@ -410,7 +431,7 @@ class TransformersVisionBackend(VisionBackend):
         inputs = self.prepare_inputs(image, prompt_text)
         req = EngineRequest(inputs=inputs, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                             top_p=options.top_p, seed=options.seed, deliver=deliver, should_stop=should_stop,
-                            deadline=deadline, grammar=grammar)
+                            deadline=deadline, grammar=grammar, priority=priority)
         frame = PixelFrame.from_grid(inputs["image_grid_thw"][0].tolist(), self._patch_size) \
             if options.locate_sources else None  # the model's boxes are in pixels of this resized frame
         assembler = DescriptionAssembler(
@@ -450,7 +471,7 @@ class TransformersVisionBackend(VisionBackend):
     concurrent_requests = None  # it schedules them: its scheduler's queue (max_queue) is the one in front of the model
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: Any = None,
-                      deadline: Deadline | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: Deadline | None = None, priority: str = INTERACTIVE) -> AsyncIterator[StreamEvent]:
         """Events for asyncio callers, decoded concurrently with other requests; ``worker`` is unused (the
         backend has its own model thread). Leaving early cancels the request."""
         gone = threading.Event()
@@ -461,14 +482,20 @@ class TransformersVisionBackend(VisionBackend):
                     gone.set()
 
             req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set,
-                                         deadline=deadline.at if deadline is not None else None)  # the engine's instant
+                                         deadline=deadline.at if deadline is not None else None,  # the engine's instant
+                                         priority=priority)
+            started = False
             try:
                 async for item in pump:  # ends at the request's Finished (or Failed: raised)
+                    started = True
                     events, finished = _assemble(assembler, item)
                     for event in events:
                         yield event
                     if finished:
                         return
+            except (asyncio.CancelledError, GeneratorExit):  # the caller left: its row (or queue place) is freed
+                metrics.WORK_CANCELLED.labels(stage="vlm", state="running" if started else "queued").inc()
+                raise
             finally:
                 req.cancelled.set()
 

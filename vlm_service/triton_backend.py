@@ -179,7 +179,7 @@ class TritonVisionBackend(VisionBackend):
                             call_timeout(deadline, self.request_timeout_seconds), phases)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
+                      deadline: "Deadline | None" = None, priority: str = "interactive") -> AsyncIterator[StreamEvent]:
         # The in-process stages as seen from here: waiting for a model thread, then until Triton's first
         # event (its queue and the prefill), then the decoding.
         phases = tracing.request_phases("vlm.queue_wait", backend="triton")

@@ -75,7 +75,8 @@ function buildRequest(data) {
   if (numberOrNull("loudness") !== null) audio.loudnessTargetLufs = numberOrNull("loudness");
   if (Number($("rate").value)) audio.sampleRateHertz = Number($("rate").value);
   if ($("loop").checked) audio.loop = true;
-  const request = { image: { data, mimeType: photo.type }, audio, options: { sceneMix: true } };
+  // Someone is waiting for this one: interactive (the default, said explicitly).
+  const request = { image: { data, mimeType: photo.type }, audio, options: { sceneMix: true, priority: "PRIORITY_INTERACTIVE" } };
   const decoding = { locateSources: $("locate").checked };
   if (numberOrNull("vlm-seed") !== null) decoding.seed = String(numberOrNull("vlm-seed"));
   request.decoding = decoding;

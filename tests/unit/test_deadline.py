@@ -57,7 +57,7 @@ class FakeCutVisionBackend(VisionBackend):
     def close(self): pass
     def stream(self, image, options, should_stop=None): raise AssertionError("astream is used")
 
-    async def astream(self, image, options, worker, deadline=None):
+    async def astream(self, image, options, worker, deadline=None, priority="interactive"):
         self.deadlines.append(deadline)
         description = common_pb2.SceneDescription(scene="a street")
         source = description.sources.add(id="s1", name="bell")

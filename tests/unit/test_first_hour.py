@@ -115,6 +115,14 @@ SERVICE_CASES = [
     ("orchestrator", ["--port", "{busy}"], "python -m orchestrator: error: port {busy} on 127.0.0.1 is already in "
      "use (another service still running?): stop it, or pass --port N (0: any free port)"),
     ("audio_service", ["--model", "models/tiny/audio", "--port", "{busy}"], "is already in use"),
+    ("audio_service", ["--model", "models/tiny/audio", "--cache-url", "redis://127.0.0.1:port/0"],
+     "python -m audio_service: error: --cache-url redis://127.0.0.1:port/0: malformed (Port could not be cast to "
+     "integer value as 'port'); give redis://host:port/db"),
+    ("vlm_service", ["--model", "models/tiny/vlm", "--cache-url", "http://cache:6379"], "--cache-url "
+     "http://cache:6379: not a redis://host:port/db URL (empty: this process's memory; off: no cache)"),
+    # Something listens there, but it is no Redis: no answer to PING within the start-up check's bound.
+    ("vlm_service", ["--model", "models/tiny/vlm", "--cache-url", "redis://127.0.0.1:{busy}/0"],
+     "python -m vlm_service: error: --cache-url redis://127.0.0.1:{busy}/0: Redis does not answer"),
 ]
 
 
