@@ -286,6 +286,7 @@ async def test_health_check_speaks_mutual_tls_with_the_pods_own_certificate(tmp_
 
 MODEL_STACK = {"torch", "transformers", "diffusers", "accelerate", "safetensors", "tokenizers", "xgrammar"}
 COMMAND_LINE_ONLY = {"matplotlib", "jinja2"}  # the gallery of main.py (i2s_cli), which no service runs
+MODEL_SERVICES_ONLY = {"redis"}  # the result cache's client: the orchestrator caches nothing
 
 
 def _mounts(args: str) -> set[str]:
@@ -360,7 +361,7 @@ def test_orchestrator_image_installs_the_project_without_the_model_stack():
     assert "torch" not in runs and "models.txt" not in runs
     listed = _requirement_names((DEPLOY / "docker" / "orchestrator-requirements.txt").read_text().splitlines())
     declared = _requirement_names(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
-    assert listed == (declared - MODEL_STACK - COMMAND_LINE_ONLY) | {"huggingface-hub"}  # hf download: the prefetch Job
+    assert listed == (declared - MODEL_STACK - COMMAND_LINE_ONLY - MODEL_SERVICES_ONLY) | {"huggingface-hub"}  # hf download: the prefetch Job
 
 
 async def test_orchestrator_serves_an_image_with_only_what_its_image_installs():
