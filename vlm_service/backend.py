@@ -85,6 +85,10 @@ class VisionBackend(ABC):
     # True for a backend that queues and schedules its requests itself (bounded by its own max_queue): the
     # servicer then puts no ModelWorker queue in front of it, so one queue stands before each model.
     schedules_itself: bool = False
+    # Which path serves, once warm (serving.fast_path.report; the engine's: its decode step), and why it is
+    # not the one asked for, if it is not.
+    serving_path: str = "remote"
+    serving_path_reason: str | None = None
 
     @abstractmethod
     def load(self) -> None:

@@ -52,6 +52,11 @@ class VlmConfig:
     engine_max_len: int = setting(3072, "KV slots per request (prompt + output); the step also runs at half of it")
     engine_token_buckets: tuple[int, ...] = setting((1, 8), "new tokens per row in one step (comma list, starts at 1)",
                                                     check=_starts_at_one)
+    sdpa_backend: str = setting("flash-efficient", "kernels torch's SDPA may use on CUDA: flash-efficient (no cuDNN: "
+                                "it plans per prompt length), any (torch's choice, cuDNN included), math",
+                                choices=["flash-efficient", "any", "math"])
+    self_check: bool = setting(False, "check the captured decode step against the eager one before SERVING also "
+                               "off CUDA (on CUDA it always runs); a mismatch serves the eager step")
     image_limits: ImageLimits = ImageLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()

@@ -7,7 +7,7 @@ from typing import Sequence
 import grpc
 
 from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
-from serving import metrics, request_log, tracing
+from serving import fast_path, metrics, request_log, tracing
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady
@@ -94,7 +94,7 @@ def build_backend(config: VlmConfig) -> VisionBackend:
 
         kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
                       dtype=config.dtype, prompt_version=config.prompt_version, max_queue=config.max_queue,
-                      engine=engine_options(config))
+                      engine=engine_options(config), sdpa_backend=config.sdpa_backend)
         if config.max_pixels:
             kwargs["max_pixels"] = config.max_pixels
         return TransformersVisionBackend(**kwargs)
@@ -119,7 +119,7 @@ def engine_options(config: VlmConfig):
         length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
         capture=config.engine_capture, jump_forward=config.engine_jump_forward,
         prefix_cache=config.engine_prefix_cache, attention=config.engine_attention,
-        prefill_chunk=config.engine_prefill_chunk)
+        prefill_chunk=config.engine_prefill_chunk, self_check=config.self_check)
 
 
 def make_server(
@@ -138,3 +138,4 @@ def make_server(
 def load_and_warm(backend: VisionBackend) -> None:
     backend.load()
     backend.warmup()
+    fast_path.report("vlm", backend.serving_path, backend.serving_path_reason)

@@ -48,12 +48,12 @@ from vlm_service.assembly import DescriptionAssembler
 from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
 from vlm_service.decoding import (
     GrammarLogitsProcessor,
-    SeededSamplingLogitsProcessor,
     StopCriterion,
     build_tokenizer_info,
     compile_schema,
 )
 from vlm_service.engine import EngineOptions, EngineRequest
+from vlm_service.sampling import SeededSamplingLogitsProcessor
 from vlm_service.messages import Delivery, Failed, Finished, Tokens
 from vlm_service.scheduler import Scheduler
 
@@ -121,6 +121,7 @@ class TransformersVisionBackend(VisionBackend):
         repetition_penalty: applied in greedy and sampled decoding (1.0 disables it).
         engine: the decode engine's options; None decodes with ``generate()``, one request at a time.
         max_queue: requests waiting for the model (not yet decoding) before ``Overloaded``.
+        sdpa_backend: the SDPA kernels allowed on CUDA (:func:`vlm_service.attention.choose_sdpa_backends`).
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class TransformersVisionBackend(VisionBackend):
         prompt_version: str = "v1",
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
         attn_implementation: str = "sdpa",
+        sdpa_backend: str = "flash-efficient",
         engine: EngineOptions | None = None,
         max_queue: int = 16,
     ) -> None:
@@ -159,6 +161,7 @@ class TransformersVisionBackend(VisionBackend):
         self._max_pixels = max_pixels
         self._repetition_penalty = float(repetition_penalty)
         self._attn_implementation = attn_implementation
+        self._sdpa_backend = sdpa_backend
         self._max_queue = max_queue
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
@@ -208,6 +211,10 @@ class TransformersVisionBackend(VisionBackend):
         token = hf_token(self._token)
         device = self._device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch_dtype(self._dtype_arg, device, gpu_default="bfloat16")
+        if device.startswith("cuda"):
+            from vlm_service.attention import choose_sdpa_backends
+
+            choose_sdpa_backends(self._sdpa_backend)
         common = {"revision": self._revision, "token": token}
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_id, **common)
@@ -290,6 +297,9 @@ class TransformersVisionBackend(VisionBackend):
         started = time.perf_counter()
         if self.engine is not None:
             self._on_model_thread(self.engine.warm)
+            self.serving_path, self.serving_path_reason = self.engine.runner.path, self.engine.path_reason
+        else:
+            self.serving_path = "generate"
         image = Image.new("RGB", _WARMUP_IMAGE_SIZE, (128, 128, 128))
         for _ in self.stream(image, DecodingOptions(max_new_tokens=8), quiet=True):
             pass
