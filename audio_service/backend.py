@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from i2s_formats.contract import AudioRequest
-from serving.errors import Cancelled
+from serving.errors import Cancelled, ServiceError
 
 __all__ = ["AudioBackend", "AudioRequest", "AudioResult", "BackendCancelled", "StepCallback", "StopCheck",
            "check_batch", "num_samples"]
@@ -34,6 +34,11 @@ class AudioResult:
     scheduler: str
     model_id: str
     candidate_index: int = 0  # which of the request's candidates was kept
+
+
+class NonFiniteAudio(ServiceError):
+    """The model produced NaN or infinite samples for a clip (e.g. float16 overflow): the clip fails rather
+    than going out as silence. A backend's `generate` returns it in that request's place."""
 
 
 class BackendCancelled(Cancelled):
@@ -67,6 +72,11 @@ def check_batch(requests: Sequence[AudioRequest],
 class AudioBackend(ABC):
     """One text-to-audio model on one device."""
 
+    # Which UNet serves once warm (serving.fast_path.report: "compiled" or "eager"; "remote" for Triton), and
+    # why it is not the one asked for, if it is not.
+    serving_path: str = "remote"
+    serving_path_reason: str | None = None
+
     model_id: str
     sample_rate_hertz: int
 
@@ -86,8 +96,9 @@ class AudioBackend(ABC):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
-    ) -> list[AudioResult]:
-        """Generates one clip per request, in order, in one model call.
+    ) -> list[AudioResult | NonFiniteAudio]:
+        """Generates one clip per request, in order, in one model call (a :class:`NonFiniteAudio` in the
+        place of a request whose clip came out NaN or infinite).
 
         All requests must share `batch_key()` (else ValueError). `on_step(done, total)` is called from the
         calling thread after each denoising step; `should_stop()` is polled before the call and after each
