@@ -57,6 +57,8 @@ class VlmConfig:
                                 choices=["flash-efficient", "any", "math"])
     self_check: bool = setting(False, "check the captured decode step against the eager one before SERVING also "
                                "off CUDA (on CUDA it always runs); a mismatch serves the eager step")
+    random_weights: bool = setting(False, "benchmarks only: --model's architecture with random weights made on the "
+                                   "device (its weight files are not read)")
     image_limits: ImageLimits = ImageLimits()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()

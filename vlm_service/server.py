@@ -94,7 +94,8 @@ def build_backend(config: VlmConfig) -> VisionBackend:
 
         kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
                       dtype=config.dtype, prompt_version=config.prompt_version, max_queue=config.max_queue,
-                      engine=engine_options(config), sdpa_backend=config.sdpa_backend)
+                      engine=engine_options(config), sdpa_backend=config.sdpa_backend,
+                      random_weights=config.random_weights)
         if config.max_pixels:
             kwargs["max_pixels"] = config.max_pixels
         return TransformersVisionBackend(**kwargs)

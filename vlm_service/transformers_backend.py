@@ -90,6 +90,29 @@ def render_chatml(prompt: PromptTemplate) -> str:
     )
 
 
+def random_model(path: str, dtype: Any, device: str, attn_implementation: str):
+    """Qwen2.5-VL of the config in ``path`` with random weights, built without touching the host's memory or
+    the disk (a full-size model for a GPU benchmark in seconds instead of writing and reading 16 GB): the
+    modules are constructed on the meta device, given storage on ``device``, then initialised there
+    (transformers' ``init_weights``: the usual random init, and the rotary buffers computed again)."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype,
+                                                                 attn_implementation=attn_implementation)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.init_weights()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the model's defaults
+        pass
+    return model
+
+
 def _load_image_processor(model: str, revision: str | None, token: str | None, **kwargs: Any):
     """The Qwen2-VL image processor of the checkpoint: the torchvision class when torchvision works,
     else the PIL class (AutoImageProcessor itself refuses to load without torchvision in transformers 5.x)."""
@@ -122,6 +145,8 @@ class TransformersVisionBackend(VisionBackend):
         engine: the decode engine's options; None decodes with ``generate()``, one request at a time.
         max_queue: requests waiting for the model (not yet decoding) before ``Overloaded``.
         sdpa_backend: the SDPA kernels allowed on CUDA (:func:`vlm_service.attention.choose_sdpa_backends`).
+        random_weights: benchmarks only: the architecture of ``model``'s config.json with random weights made
+            on the device (:func:`random_model`); its weight files, if any, are not read.
     """
 
     def __init__(
@@ -138,6 +163,7 @@ class TransformersVisionBackend(VisionBackend):
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
         attn_implementation: str = "sdpa",
         sdpa_backend: str = "flash-efficient",
+        random_weights: bool = False,
         engine: EngineOptions | None = None,
         max_queue: int = 16,
     ) -> None:
@@ -162,6 +188,7 @@ class TransformersVisionBackend(VisionBackend):
         self._repetition_penalty = float(repetition_penalty)
         self._attn_implementation = attn_implementation
         self._sdpa_backend = sdpa_backend
+        self._random_weights = random_weights
         self._max_queue = max_queue
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
@@ -224,9 +251,12 @@ class TransformersVisionBackend(VisionBackend):
         if self._max_pixels is not None:
             pixel_kwargs["max_pixels"] = self._max_pixels
         image_processor = _load_image_processor(self.model_id, self._revision, token, **pixel_kwargs)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            self.model_id, dtype=dtype, attn_implementation=self._attn_implementation, device_map=device, **common
-        )
+        if self._random_weights:
+            model = random_model(self.model_id, dtype, device, self._attn_implementation)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                self.model_id, dtype=dtype, attn_implementation=self._attn_implementation, device_map=device,
+                **common)
         model.eval()
 
         image_token_id = int(model.config.image_token_id)
