@@ -5,7 +5,7 @@
 # Here, before the call:   make device-wheels        (the wheels the GPU image lacks, every one pinned to the
 #                           lock, into .whl/)
 # The call:                 carry [".whl", "protos/image_to_sound/v1"] (the generated stubs), timeout_s 540,
-#                           command: bash bench/device_run.sh [--label h100]
+#                           command: bash bench/device_run.sh [all|audio|vlm] [--label h100] [bench flags]
 # Phases (each line of the log starts with its elapsed seconds): wheels into /tmp/site (no pip download);
 # card and versions; then ONE `python -m bench all` that starts the three services with the full-size
 # architectures: the VLM builds its random weights on the GPU itself (--random-weights: nothing written or
@@ -27,6 +27,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export OUT=${OUT:-/tmp/bench-out} BENCH_CACHE=${BENCH_CACHE:-/tmp/i2s-bench} PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+WHAT=all  # or a first argument audio / vlm: one service only (a variant's call)
+case "${1:-}" in all|audio|vlm) WHAT=$1; shift ;; esac
 case " $* " in *" --device "*) ;; *) set -- "$@" --device cuda ;; esac
 # Tiny (this machine, the test suite): the same run, with the in-process engine-vs-generate comparison; full
 # size: without it (it would load the 7B twice more), and a deadline that leaves room for a rerun.
@@ -36,6 +38,6 @@ if command -v nvidia-smi >/dev/null; then
 fi
 "$PY" -c "import torch, transformers, diffusers, grpc, xgrammar; from importlib.metadata import version; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__, 'grpc', grpc.__version__, 'xgrammar', version('xgrammar'))" | tee "$OUT/versions.txt"
 phase "bench (deadline ${DEADLINE_S:-$DEFAULT_DEADLINE} s)"
-"$PY" -m bench all $COMPARE --deadline-s "${DEADLINE_S:-$DEFAULT_DEADLINE}" --json "$OUT/bench.json" "$@" \
+"$PY" -m bench "$WHAT" $COMPARE --deadline-s "${DEADLINE_S:-$DEFAULT_DEADLINE}" --json "$OUT/bench.json" "$@" \
   2>&1 | tee "$OUT/bench.log"
 phase "done"

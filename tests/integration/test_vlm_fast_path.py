@@ -224,3 +224,23 @@ def test_the_flex_fallback_registers_the_plain_attention_again(tiny_vlm_dir):
         assert b.model.config.text_config._attn_implementation == NAME and not runner.block_masks
     finally:
         b.close()
+
+
+def test_random_weights_build_the_model_on_its_device_from_a_checkpoint_without_weights(tiny_vlm_dir, tmp_path):
+    """The bench's --random-weights: a skeleton (config, tokenizer, processor; no weight files) is enough, and
+    the model answers; without the flag the same folder cannot load."""
+    import shutil
+
+    skeleton = tmp_path / "skeleton"
+    shutil.copytree(tiny_vlm_dir, skeleton, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    b = TransformersVisionBackend(str(skeleton), device="cpu", random_weights=True, engine=_options())
+    try:
+        load_and_warm(b)
+        assert all(p.device.type == "cpu" and p.isfinite().all() for p in b.model.parameters())
+        c = _run(b, IMAGES[0], 12)
+        _wait(c)
+        assert len(c.tokens) == 12
+    finally:
+        b.close()
+    with pytest.raises(OSError):
+        TransformersVisionBackend(str(skeleton), device="cpu", engine=None).load()
