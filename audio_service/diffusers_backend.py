@@ -500,10 +500,12 @@ class DiffusersAudioBackend(AudioBackend):
             clips = [np.ascontiguousarray(audio[b, :, : num_samples(r.duration_seconds, self.sample_rate_hertz)])
                      for b, r in enumerate(requests)]
             # Every clip is scored (its quality number), not only when there are candidates to rank.
+            phases.enter("audio.clap_score")
             if len({c.shape[-1] for c in clips}) == 1:  # one CLAP forward for the batch
                 scores = list(self._score_candidates(prompts, np.stack(clips)))
             else:
                 scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
+            phases.end()
         # A non-finite candidate ranks last (-inf) and never wins: _generate fails a request with no other.
         return [
             Candidates(waveforms=clips[b], scores=np.where(finite[b], scores[b], -np.inf).astype(np.float32),

@@ -17,8 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
+from serving import tracing
+from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.errors import NotReady
-from serving.triton_client import Readiness, TritonTls, model_ready, translate_error, wait_model_ready
+from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
+                                  wait_model_ready)
 from audio_service.backend import (AudioBackend, AudioRequest, AudioResult, BackendCancelled,
                                    StepCallback, StopCheck, check_batch)
 
@@ -103,7 +106,7 @@ class TritonAudioBackend(AudioBackend):
     """Generates clips through Triton's gRPC API; the model runs in the Triton server."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *,
-                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = DEFAULT_DEADLINE_SECONDS,
                  readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None):
         self.url = url
         self.tls = tls or TritonTls()
@@ -112,16 +115,13 @@ class TritonAudioBackend(AudioBackend):
         self.sample_rate_hertz = 16000  # AudioLDM2's; each result carries the server's
         self.load_timeout_seconds = load_timeout_seconds
         self.request_timeout_seconds = request_timeout_seconds
-        self._client = None
+        self._clients = TritonClients(url, self.tls, "audio service -> Triton")  # follows rotated TLS files
         self._loaded = False
         # The servicer asks before every request, from its event loop: reuse an answer for this long.
         self._readiness = Readiness(readiness_ttl_seconds)
 
     def load(self) -> None:
-        import tritonclient.grpc as triton
-
-        self._client = triton.InferenceServerClient(self.url, **self.tls.client_options())
-        wait_model_ready(self._client, self.model_name, self.load_timeout_seconds)
+        wait_model_ready(self._clients.shared(), self.model_name, self.load_timeout_seconds)
         self._loaded = True
 
     @property
@@ -129,7 +129,7 @@ class TritonAudioBackend(AudioBackend):
         """Follows Triton's model readiness: an unloaded or failed model reads False."""
         if not self._loaded:
             return False
-        return self._readiness.check(lambda: model_ready(self._client, self.model_name))
+        return self._readiness.check(lambda: model_ready(self._clients.shared(), self.model_name))
 
     def generate(self, requests: Sequence[AudioRequest], *, should_stop: StopCheck | None = None,
                  on_step: StepCallback | None = None, timeout_seconds: float | None = None) -> list[AudioResult]:
@@ -146,6 +146,9 @@ class TritonAudioBackend(AudioBackend):
             tensor = triton.InferInput(name, list(array.shape), triton.np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
+        # The in-process stages all run inside Triton (its queue, the batch it joins, encoding, denoising,
+        # decoding, CLAP scoring): from here, one stage per caller, as the in-process backend's are.
+        tracing.batch_phases().enter("audio.triton_infer", model=self.model_name)
         done = threading.Event()
         outcome: dict = {}
 
@@ -153,7 +156,8 @@ class TritonAudioBackend(AudioBackend):
             outcome.update(result=result, error=error)
             done.set()
 
-        call = self._client.async_infer(
+        client = self._clients.shared()  # held until the call ends (a replaced client closes when let go)
+        call = client.async_infer(
             self.model_name, inputs, finished, outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS],
             client_timeout=timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds,
         )
@@ -172,6 +176,4 @@ class TritonAudioBackend(AudioBackend):
 
     def close(self) -> None:
         self._loaded = False
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._clients.close()

@@ -29,40 +29,64 @@ class HttpFront:
         self.port = -1
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._tls_watcher: asyncio.Task | None = None
         self._socket: socket.socket | None = None
-        self._ssl_context: ssl.SSLContext | None = None
-        self._tls_files = None
+        # The gRPC port's files, through the same reload mechanism: every new connection's handshake takes
+        # the context built from the current files (a client CA rotated out is refused at once).
+        self.tls: security.Reloading[ssl.SSLContext] | None = None
         if server.tls_cert_file:
-            files = {"tls-cert-file": server.tls_cert_file, "tls-key-file": server.tls_key_file}
-            if server.tls_client_ca_file:
-                files["tls-client-ca-file"] = server.tls_client_ca_file
-            self._tls_files = security.watch_files(files)  # SIGHUP invalidates it too
-            self._tls_files.changed()
+            files = {"tls-cert-file": server.tls_cert_file, "tls-key-file": server.tls_key_file,
+                     "tls-client-ca-file": server.tls_client_ca_file}
+            self.tls = security.Reloading("HTTP port", {k: v for k, v in files.items() if v}, self._tls_context)
 
-    def _config(self):
+    def _tls_config(self):
         from hypercorn.config import Config
 
-        front = self
-
-        class KeptContext(Config):
-            # Hypercorn builds its SSL context once; kept here so rotated files can be loaded into it.
-            def create_ssl_context(self):
-                front._ssl_context = super().create_ssl_context()
-                return front._ssl_context
-
-        config = KeptContext()
-        config.bind = [f"fd://{self._socket.fileno()}"]
-        config.graceful_timeout = self.server.grace_seconds
-        config.accesslog = None
-        config.errorlog = logging.getLogger("gateway.hypercorn")
-        config.h11_max_incomplete_size = 64 * 1024  # headers only; bodies are limited per route
+        config = Config()
         if self.server.tls_cert_file:
             config.certfile = self.server.tls_cert_file
             config.keyfile = self.server.tls_key_file
             if self.server.tls_client_ca_file:  # mutual TLS, as on the gRPC port
                 config.ca_certs = self.server.tls_client_ca_file
                 config.verify_mode = ssl.CERT_REQUIRED
+        return config
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """A new context from the current files, as Hypercorn makes it (ALPN h2 and http/1.1, TLS >= 1.2): a
+        fresh one each time, since loading a CA into a live context adds to its CAs and never removes one."""
+        try:
+            return self._tls_config().create_ssl_context()
+        except (ssl.SSLError, OSError, ValueError):
+            raise security.SecurityConfigError(
+                "tls-cert-file / tls-key-file / tls-client-ca-file: not a PEM certificate, its key and CAs") from None
+
+    def _listening_context(self) -> ssl.SSLContext:
+        """The context Hypercorn listens with: its handshakes switch to the current files' context (the
+        server-name callback runs on every ClientHello, SNI sent or not, before certificates are chosen)."""
+        listening = self._tls_context()
+
+        def use_current_files(connection, _server_name, _context) -> None:
+            connection.context = self.tls.current()
+
+        listening.sni_callback = use_current_files
+        if self.server.tls_client_ca_file:
+            # No session resumption with mutual TLS: a resumed session skips the client-certificate check,
+            # so a client of a CA rotated out could come back on a session from before. TLS 1.3 resumes only
+            # with tickets (none are issued); TLS 1.2 would resume from the server's session cache, which
+            # Python cannot turn off: TLS 1.3 only.
+            listening.minimum_version = ssl.TLSVersion.TLSv1_3
+            listening.num_tickets = 0
+        return listening
+
+    def _config(self):
+        config = self._tls_config()
+        config.bind = [f"fd://{self._socket.fileno()}"]
+        config.graceful_timeout = self.server.grace_seconds
+        config.accesslog = None
+        config.errorlog = logging.getLogger("gateway.hypercorn")
+        config.h11_max_incomplete_size = 64 * 1024  # headers only; bodies are limited per route
+        if self.tls is not None:
+            listening = self._listening_context()
+            config.create_ssl_context = lambda: listening
         return config
 
     async def start(self) -> int:
@@ -77,40 +101,13 @@ class HttpFront:
         self._socket.setblocking(False)
         self.port = self._socket.getsockname()[1]
         self._task = asyncio.create_task(serve(self.app, self._config(), shutdown_trigger=self._stop.wait))
-        if self._tls_files is not None and self.options.http_tls_check_seconds > 0:
-            self._tls_watcher = asyncio.create_task(self._watch_tls_files())
         if self.options.http_port_file:
             write_text_atomic(self.options.http_port_file, f"{self.port}\n")
         log.info("HTTP front on %s:%d (%s)", self.server.host, self.port,
                  "TLS" if self.server.tls_cert_file else "plaintext h2c/HTTP/1.1")
         return self.port
 
-    def reload_tls(self) -> bool:
-        """Loads changed TLS files into the live context: new handshakes use them. Unusable files (a rotation
-        half done) keep the current certificate. Returns whether it reloaded."""
-        if self._tls_files is None or self._ssl_context is None or not self._tls_files.changed():
-            return False
-        cert, key, ca = self.server.tls_cert_file, self.server.tls_key_file, self.server.tls_client_ca_file
-        try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # a dry run first
-            self._ssl_context.load_cert_chain(cert, key)
-            if ca:
-                self._ssl_context.load_verify_locations(ca)
-        except (ssl.SSLError, OSError, ValueError):
-            log.warning("TLS files changed but are unusable; the HTTP port keeps the previous certificate")
-            return False
-        log.info("HTTP port: TLS certificate reloaded")
-        return True
-
-    async def _watch_tls_files(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.http_tls_check_seconds)  # polling files, not synchronising
-            self.reload_tls()
-
     async def stop(self) -> None:
-        if self._tls_watcher is not None:
-            self._tls_watcher.cancel()
-            await asyncio.gather(self._tls_watcher, return_exceptions=True)
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)

@@ -3,6 +3,7 @@
 the Connect table's HTTP status and a Connect error body; an error after it is a last line {"error": ...}."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 from connectrpc.code import Code
@@ -51,6 +52,31 @@ def _error(error: ConnectError) -> JSONResponse:
     return JSONResponse(error_json(error), status_code=http_status(error))
 
 
+async def _caller_left(request: Request) -> None:
+    """Returns when the caller disconnects (the body has been read: receive() has nothing else to say)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _first_event(events, request: Request) -> pb.ImageToSoundEvent | None:
+    """The stream's first event, or None when it ends without one. Until then nothing is sent, so nothing
+    would notice the caller leaving before the whole image was described and rendered: the caller is
+    watched meanwhile, and leaving cancels the call (ClientDisconnect). From the first event on, the
+    streaming response watches the caller itself."""
+    first = asyncio.ensure_future(anext(events, None))
+    left = asyncio.ensure_future(_caller_left(request))
+    try:
+        await asyncio.wait((first, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        if not first.done():
+            first.cancel()  # inside the stream: its `finally` cancels the gRPC call
+        await asyncio.gather(first, left, return_exceptions=True)
+    if first.cancelled():
+        raise ClientDisconnect
+    return first.result()
+
+
 def _line(event: pb.ImageToSoundEvent) -> bytes:
     return json.dumps(json_format.MessageToDict(event), separators=(",", ":")).encode() + b"\n"
 
@@ -82,11 +108,11 @@ def json_lines_endpoint(upstream: Upstream):
         # Wait for the first event before answering, so a refusal (token, validation, admission) gets its
         # HTTP status rather than a 200 with an error line.
         try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = None
+            first = await _first_event(events, request)
         except ConnectError as exc:
             return _error(exc)
+        except ClientDisconnect:
+            return Response(status_code=499)  # nobody reads it: the caller's work is already cancelled
 
         async def lines():
             try:

@@ -11,7 +11,5 @@ class HttpOptions:
     http_port: int = setting(-1, "HTTP/1.1 + HTTP/2 port for Connect, gRPC-Web, JSON lines and the page at / "
                              "(-1: off, 0: any free port); TLS, tokens and limits are the gRPC port's")
     http_port_file: str | None = setting(None, "write the bound HTTP port to this file once listening")
-    http_tls_check_seconds: float = setting(30.0, "how often the HTTP port checks the TLS files for changes (also "
-                                            "on SIGHUP); new connections get the new certificate (0: never)")
     http_cors_origins: str = setting("", "comma-separated origins allowed to call the API from other sites' "
                                      "pages (CORS); empty: CORS off, only the page served here")

@@ -32,12 +32,14 @@ import numpy as np
 from i2s_formats import audio_encoding
 from i2s_formats.audio_encoding import write_wav
 from i2s_formats.seed_format import role_name
+from i2s_formats.source_merge import SourceMerge
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from serving import channels, security
+from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.images import mime_type_for
 
 ImageInput = str | os.PathLike | bytes | common_pb2.Image
-DEFAULT_TIMEOUT_SECONDS = 600.0
+DEFAULT_TIMEOUT_SECONDS = DEFAULT_DEADLINE_SECONDS
 
 
 def to_image(image: ImageInput) -> common_pb2.Image:
@@ -121,7 +123,7 @@ class ImageResult:
     summary: pb.ImageSummary | None = None
     error: pb.ImageFailed | None = None
     _by_id: dict[str, Clip] = field(default_factory=dict, repr=False)
-    _sources: dict[str, common_pb2.SoundSource] = field(default_factory=dict, repr=False)
+    _sources: SourceMerge = field(default_factory=SourceMerge, repr=False)
 
     def add(self, event: pb.ImageToSoundEvent) -> None:
         """Folds one event into the result."""
@@ -129,10 +131,7 @@ class ImageResult:
         if kind == "scene":
             self.scene, self.mood = event.scene.scene, event.scene.mood
         elif kind == "source":
-            merged = self._sources.setdefault(event.source.id, common_pb2.SoundSource(
-                id=event.source.id, name=event.source.name, material=event.source.material))
-            known = {v.id for v in merged.variants}
-            merged.variants.extend(v for v in event.source.variants if v.id not in known)
+            self._sources.add(event.source)
         elif kind == "description":
             self.description = event.description
         elif kind == "audio":

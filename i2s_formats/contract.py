@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
 from i2s_formats import audio_encoding, seed_format
+from serving import request_log
 from serving.errors import InvalidInput
 from serving.images import ImageLimits, check_image, decode_image
 
@@ -42,6 +43,8 @@ MIN_CANDIDATES, MAX_CANDIDATES = 1, 8
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 MAX_CLIP_ID_CHARS = 128
+# Checks the settings of a request whose captions are not yet made (ClipSettings): a prompt that passes.
+_PLACEHOLDER_PROMPT = "a placeholder caption"
 
 # The scheduler and encoding names: wire enum <-> the backends' names, converted here only.
 SCHEDULERS = ("dpm", "ddim")
@@ -139,26 +142,79 @@ class AudioCall:
     clip_id: str
 
 
-def audio_request(prompt: str, settings: common_pb2.AudioSettings, default_negative_prompt: str = "") -> AudioRequest:
-    """Audio settings (+ prompt) → the backend's request, defaults filled in; InvalidInput on nonsense."""
+@dataclass(frozen=True)
+class ClipSettings:
+    """The audio settings of a request without its prompt, defaults filled in, valid by construction: what
+    the orchestrator resolves once per image and sends, every field set, with each clip's caption.
+
+    Two values are deliberately left to the audio service when the caller sets none: the seed (`None`: each
+    clip draws a fresh one there; a draw, not a default, and a seedless request asks for a new sample) and
+    the negative prompt (`None`: the audio deployment's `--negative-prompt`, an operator's setting)."""
+
+    duration_seconds: float = DEFAULT_DURATION_SECONDS
+    num_inference_steps: int = DEFAULT_STEPS["dpm"]
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    num_candidates: int = 1
+    scheduler: str = "dpm"
+    seed: int | None = None
+    negative_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        self.request(_PLACEHOLDER_PROMPT)  # AudioRequest holds the bounds: one place checks them
+
+    def request(self, prompt: str, default_negative_prompt: str = "") -> AudioRequest:
+        """The backend's request for one clip (the prompt already cleaned)."""
+        return AudioRequest(
+            prompt=prompt, duration_seconds=self.duration_seconds, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, num_candidates=self.num_candidates, scheduler=self.scheduler,
+            seed=secrets.randbits(31) if self.seed is None else self.seed,
+            negative_prompt=default_negative_prompt if self.negative_prompt is None else self.negative_prompt,
+        )
+
+    def to_proto(self, output: "AudioOutput") -> common_pb2.AudioSettings:
+        """The wire settings with every resolved value set: a model service of another version applies
+        none of its own defaults to them."""
+        settings = common_pb2.AudioSettings(
+            duration_seconds=self.duration_seconds, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, num_candidates=self.num_candidates,
+            scheduler=SCHEDULER_ENUM[self.scheduler], encoding=output.encoding,
+            chunk_duration_seconds=output.chunk_seconds,
+        )
+        if self.seed is not None:
+            settings.seed = self.seed
+        if self.negative_prompt is not None:
+            settings.negative_prompt = self.negative_prompt
+        return settings
+
+
+def clip_settings(settings: common_pb2.AudioSettings) -> ClipSettings:
+    """Audio settings → ClipSettings, defaults filled in (the one place they are); InvalidInput on nonsense."""
     if settings.scheduler not in SCHEDULER_BY_ENUM:
         raise InvalidInput(f"settings.scheduler={settings.scheduler} is not a known scheduler")
     scheduler = SCHEDULER_BY_ENUM[settings.scheduler]
+    try:
+        return ClipSettings(
+            duration_seconds=settings.duration_seconds or DEFAULT_DURATION_SECONDS,
+            num_inference_steps=settings.num_inference_steps or DEFAULT_STEPS[scheduler],
+            guidance_scale=settings.guidance_scale if settings.HasField("guidance_scale") else DEFAULT_GUIDANCE_SCALE,
+            num_candidates=settings.num_candidates or 1,
+            scheduler=scheduler,
+            seed=settings.seed if settings.HasField("seed") else None,
+            negative_prompt=settings.negative_prompt if settings.HasField("negative_prompt") else None,
+        )
+    except InvalidInput as exc:
+        raise InvalidInput(f"settings: {exc}") from None
+
+
+def audio_request(prompt: str, settings: common_pb2.AudioSettings, default_negative_prompt: str = "") -> AudioRequest:
+    """Audio settings (+ prompt) → the backend's request, defaults filled in; InvalidInput on nonsense."""
+    resolved = clip_settings(settings)
     # Control and format characters removed, whitespace collapsed: what is left must say something.
     cleaned = seed_format.clean_text(prompt, max(len(prompt), 1))
     if prompt and not cleaned:
         raise InvalidInput("prompt has no printable characters")
     try:
-        return AudioRequest(
-            prompt=cleaned,
-            duration_seconds=settings.duration_seconds or DEFAULT_DURATION_SECONDS,
-            num_inference_steps=settings.num_inference_steps or DEFAULT_STEPS[scheduler],
-            guidance_scale=settings.guidance_scale if settings.HasField("guidance_scale") else DEFAULT_GUIDANCE_SCALE,
-            seed=settings.seed if settings.HasField("seed") else secrets.randbits(31),
-            num_candidates=settings.num_candidates or 1,
-            scheduler=scheduler,
-            negative_prompt=settings.negative_prompt if settings.HasField("negative_prompt") else default_negative_prompt,
-        )
+        return resolved.request(cleaned, default_negative_prompt)
     except InvalidInput as exc:
         raise InvalidInput(f"settings: {exc}") from None
 
@@ -213,6 +269,14 @@ class DecodingOptions:
         if s is not None and (not _is_int(s) or not -(2**63) <= s < 2**63):
             raise InvalidInput(f"seed must be None or a 64-bit integer, got {s!r}")
 
+    def to_proto(self) -> common_pb2.DecodingSettings:
+        """The wire settings with every resolved value set (the seed only when there is one)."""
+        settings = common_pb2.DecodingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                               top_p=self.top_p)
+        if self.seed is not None:
+            settings.seed = self.seed
+        return settings
+
 
 def decoding_options(settings: common_pb2.DecodingSettings) -> DecodingOptions:
     """Decoding settings → the engine's options, defaults filled in; InvalidInput on nonsense."""
@@ -246,19 +310,16 @@ def scene_request(request, limits: ImageLimits = ImageLimits()) -> SceneRequest:
 
 # -- orchestrator (ImageToSound, StreamImagesToSound) --------------------------------------------------
 
-MAX_REQUEST_ID_CHARS = 128
 MAX_ID_CHARS = 32  # source and variant ids of a hand-made description
 MAX_SOURCES = 64
 MAX_VARIANTS_PER_SOURCE = 16
 _ROLES = set(common_pb2.InstrumentRole.values())
-# The audio service resolves the real prompt; this stands in for it while the caption is not yet made.
-_PLACEHOLDER_PROMPT = "a placeholder caption"
 
 
 def clean_request_id(raw: str) -> str:
-    """The id echoed on every event and used in clip ids and logs: no control characters (no forged log
-    lines), at most MAX_REQUEST_ID_CHARS; a fresh one when nothing printable is left."""
-    return seed_format.clean_text(raw, MAX_REQUEST_ID_CHARS) or uuid.uuid4().hex[:12]
+    """The id echoed on every event and used in clip ids and logs: cleaned as every request id is
+    (serving.request_log.clean_id); a fresh one when nothing printable is left."""
+    return request_log.clean_id(raw) or uuid.uuid4().hex[:12]
 
 
 def with_defaults(image: pb.ImageToSoundRequest, config: pb.StreamConfig) -> pb.ImageToSoundRequest:
@@ -271,30 +332,46 @@ def with_defaults(image: pb.ImageToSoundRequest, config: pb.StreamConfig) -> pb.
     return merged
 
 
+@dataclass(frozen=True)
+class ImageRequest:
+    """An ImageToSound request resolved: what the pipeline carries to the model calls, which send exactly
+    these values (the model services still check them at their own edge: they are public APIs too)."""
+
+    request_id: str  # cleaned, or made when none was sent
+    image: common_pb2.Image | None  # checked from its header; None when a description is given
+    description: common_pb2.SceneDescription | None  # cleaned; None when an image is given
+    decoding: DecodingOptions
+    audio: ClipSettings
+    output: AudioOutput
+    skip_audio: bool = False
+    scene_mix: bool = False
+    max_clips: int = 32  # the request's, or the orchestrator's cap
+
+
 def image_to_sound(request: pb.ImageToSoundRequest, max_clips_per_image: int,
-                   image_limits: ImageLimits = ImageLimits()) -> pb.ImageToSoundRequest:
-    """The whole orchestrator request checked before any model is called: what a model service would
-    refuse later (a NaN duration after the VLM has spent seconds describing the image) is refused here
-    (each model service resolves its settings again at its own edge: they are separate processes). The
-    image is checked from its header (type, size, aspect ratio, frames), not decoded. Returns what the
-    pipeline forwards: the request with its id and a hand-made description cleaned."""
+                   image_limits: ImageLimits = ImageLimits()) -> ImageRequest:
+    """The whole orchestrator request resolved before any model is called: what a model service would
+    refuse later (a NaN duration after the VLM has spent seconds describing the image) is refused here.
+    The image is checked from its header (type, size, aspect ratio, frames), not decoded."""
     which = request.WhichOneof("input")
     if which is None:
         raise InvalidInput("request needs an image or a description")
     if request.options.max_clips > max_clips_per_image:
         raise InvalidInput(f"options.max_clips={request.options.max_clips}; at most {max_clips_per_image} per image")
-    if not request.options.skip_audio:  # the settings as the audio service will take them (or refuse them)
-        audio_request(_PLACEHOLDER_PROMPT, request.audio)
-        audio_output(request.audio)
-    cleaned = pb.ImageToSoundRequest()
-    cleaned.CopyFrom(request)
-    cleaned.request_id = clean_request_id(request.request_id)
+    skip_audio = request.options.skip_audio
+    # Settings that no clip will use are not held against the request (descriptions only).
+    audio, output = (ClipSettings(), AudioOutput()) if skip_audio else (clip_settings(request.audio), audio_output(request.audio))
+    image = description = None
     if which == "image":
-        decoding_options(request.decoding)
         check_image(request.image.data, request.image.mime_type, image_limits)
+        image = request.image
     else:
-        cleaned.description.CopyFrom(clean_description(request.description, need_variants=not request.options.skip_audio))
-    return cleaned
+        description = clean_description(request.description, need_variants=not skip_audio)
+    return ImageRequest(
+        request_id=clean_request_id(request.request_id), image=image, description=description,
+        decoding=decoding_options(request.decoding), audio=audio, output=output, skip_audio=skip_audio,
+        scene_mix=request.options.scene_mix, max_clips=request.options.max_clips or max_clips_per_image,
+    )
 
 
 def clean_description(description: common_pb2.SceneDescription, need_variants: bool = True) -> common_pb2.SceneDescription:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from gateway.options import HttpOptions
 from orchestrator.pipeline import PipelineLimits
 from serving.config import parse_config, setting
+from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.server import ServerOptions
 
 DEFAULT_PORT = 50050
@@ -17,7 +18,7 @@ class OrchestratorConfig:
     vlm_target: str = setting("127.0.0.1:50051", "VLM service target: host:port, or dns:///svc:port for "
                               "client-side round robin over replicas", flag="vlm")
     audio_target: str = setting("127.0.0.1:50052", "audio service target (as --vlm)", flag="audio")
-    default_deadline_seconds: float = setting(600.0, "deadline of a request whose caller sets none")
+    default_deadline_seconds: float = setting(DEFAULT_DEADLINE_SECONDS, "deadline of a request whose caller sets none")
     max_images_in_flight: int = setting(8, "images of one streaming call in work (running or waiting for a slot); "
                                         "the stream is not read further meanwhile")
     max_images_total: int = setting(16, "images processed at once, all calls together (keep <= the VLM's queue)")

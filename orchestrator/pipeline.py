@@ -13,8 +13,8 @@ import logging
 import random
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -23,10 +23,12 @@ from orchestrator.mix import mix_clips
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
 from i2s_formats import audio_encoding
+from i2s_formats.contract import ImageRequest
+from i2s_formats.source_merge import SourceMerge
 from serving import metrics, request_log, tracing
 from serving.config import setting
 from serving.deadline import Deadline
-from serving.errors import InvalidInput, Upstream, excerpt
+from serving.errors import Upstream, excerpt
 from serving.pump import Pump
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class _Clip:
     encoding: int = 0
     sample_rate_hertz: int = 0  # as the audio service's chunks say
     ok: bool = False
+    failed: tuple[grpc.StatusCode, str] | None = None  # the ClipFailed's code and message
 
 
 class Pipeline:
@@ -80,40 +83,50 @@ class Pipeline:
         self.audio_slots = asyncio.Semaphore(limits.max_audio_calls)
         self.overloaded_retries = overloaded_retries
 
-    def run(self, request: pb.ImageToSoundRequest, deadline: Deadline, clip_prefix: str | None = None):
-        """The events of one image, as an async iterator. Closing it early cancels all downstream calls.
-        `clip_prefix` (default: the request id) starts every clip id of the image."""
+    def run(self, request: ImageRequest, deadline: Deadline, clip_prefix: str | None = None):
+        """The events of one image (resolved by the request contract), as an async iterator. Closing it
+        early cancels all downstream calls. `clip_prefix` (default: the request id) starts every clip id."""
         return _ImageRun(self, request, deadline, clip_prefix).events()
 
-    async def backoff(self, attempt: int, deadline: Deadline) -> bool:
-        """After a RESOURCE_EXHAUSTED that produced nothing yet: wait (jittered, doubling) and say whether
-        to try again: not when retries are used up or the wait would pass the deadline."""
-        if attempt >= self.overloaded_retries:
-            return False
-        pause = 0.1 * 2**attempt * (0.5 + random.random())
-        left = deadline.left()
-        if left is not None and left <= pause:
-            return False
-        await asyncio.sleep(pause)
-        return True
+    async def retried_when_overloaded(self, open_call: Callable[[], AsyncIterator], deadline: Deadline) -> AsyncIterator:
+        """The responses of a streaming model call, opened again (jittered, doubling waits) while it is
+        refused RESOURCE_EXHAUSTED before it sent anything: asking again then repeats nothing (no description
+        twice, no audio chunk twice). Gives up when retries are used up or a wait would pass the deadline."""
+        attempt = 0
+        while True:
+            received = False
+            try:
+                async for response in open_call():
+                    received = True
+                    yield response
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or received or attempt >= self.overloaded_retries:
+                    raise
+                pause = 0.1 * 2**attempt * (0.5 + random.random())
+                left = deadline.left()
+                if left is not None and left <= pause:
+                    raise
+                attempt += 1
+                await asyncio.sleep(pause)
 
 
 class _ImageRun:
-    def __init__(self, pipeline: Pipeline, request: pb.ImageToSoundRequest, deadline: Deadline,
-                 clip_prefix: str | None = None):
+    def __init__(self, pipeline: Pipeline, request: ImageRequest, deadline: Deadline, clip_prefix: str | None = None):
         self.p = pipeline
         self.request = request
-        self.request_id = request.request_id or uuid.uuid4().hex[:12]
+        self.request_id = request.request_id
         self.clip_prefix = clip_prefix or self.request_id
         self.call_metadata = ((request_log.REQUEST_ID_HEADER, self.request_id),)  # the model services log it
         self.deadline = deadline
-        self.options = request.options
+        # Every clip's settings as resolved at the edge, all set: the audio service applies no default of its own.
+        self.audio_settings = request.audio.to_proto(request.output)
         self.out: Pump | None = None  # the image's events, to the caller (made when the events are read)
         self.clip_tasks: list[asyncio.Future] = []
         self.clips: list[_Clip] = []
-        self.sources: dict[str, common_pb2.SoundSource] = {}  # merged by id, in discovery order
+        self.sources = SourceMerge()
         self.scene = ("", "")
-        self.seen_variants: set[str] = set()
+        self.variants = 0
         self.started = time.perf_counter()
         self.t_scene = 0.0
         self.t_first_audio = 0.0
@@ -142,15 +155,12 @@ class _ImageRun:
             await self._produce()
 
     async def _produce(self) -> None:
-        which = self.request.WhichOneof("input")
-        if which == "image":
+        if self.request.description is None:
             await self._describe()
-        elif which == "description":
-            await self._replay(self.request.description)
         else:
-            raise InvalidInput("request needs an image or a description")
+            await self._replay(self.request.description)
         await asyncio.gather(*self.clip_tasks)
-        if self.options.scene_mix:
+        if self.request.scene_mix:
             await self._emit_mix()
         summary = self._summary()
         request_log.note(time_to_scene_s=summary.time_to_scene_seconds,
@@ -163,42 +173,28 @@ class _ImageRun:
         if self.p.vlm is None:
             raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no vision service; send a description")
         self.describing = True
-        attempt = 0
+        message = vision_pb2.StreamSceneDescriptionRequest(image=self.request.image,
+                                                           decoding=self.request.decoding.to_proto())
         try:
-            while True:
-                received = False
-                call = self.p.vlm.StreamSceneDescription(
-                    vision_pb2.StreamSceneDescriptionRequest(image=self.request.image, decoding=self.request.decoding),
-                    timeout=self.deadline.left(), metadata=self.call_metadata,
-                )
-                try:
-                    async for response in call:
-                        received = True
-                        kind = response.WhichOneof("event")
-                        if kind == "scene":
-                            await self._on_scene(response.scene.scene, response.scene.mood)
-                        elif kind == "source":
-                            await self._on_source(response.source)
-                        elif kind == "final":
-                            self.describing = False
-                            self.vlm_stats = response.final.stats
-                            await self._emit(description=response.final.description)
-                    return
-                except grpc.aio.AioRpcError as exc:
-                    # A full VLM queue refuses before describing anything: asking again repeats nothing.
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not received \
-                            and await self.p.backoff(attempt, self.deadline):
-                        attempt += 1
-                        continue
-                    log.info("image %s: vision service: %s %s", self.request_id, exc.code().name, excerpt(exc.details(), 300))
-                    raise Upstream(exc.code(), downstream_message("vision service", exc.code(), exc.details())) from None
+            async for response in self.p.retried_when_overloaded(lambda: self.p.vlm.StreamSceneDescription(
+                    message, timeout=self.deadline.left(), metadata=self.call_metadata), self.deadline):
+                kind = response.WhichOneof("event")
+                if kind == "scene":
+                    await self._on_scene(response.scene.scene, response.scene.mood)
+                elif kind == "source":
+                    await self._on_source(response.source)
+                elif kind == "final":
+                    self.describing = False
+                    self.vlm_stats = response.final.stats
+                    await self._emit(description=response.final.description)
+        except grpc.aio.AioRpcError as exc:
+            log.info("image %s: vision service: %s %s", self.request_id, exc.code().name, excerpt(exc.details(), 300))
+            raise Upstream(exc.code(), downstream_message("vision service", exc.code(), exc.details())) from None
         finally:
             self.describing = False
 
     async def _replay(self, description: common_pb2.SceneDescription) -> None:
-        """A description made earlier (the seed's --skip_vlm): same events, no VLM."""
-        if not description.sources:
-            raise InvalidInput("description has no sound sources")
+        """A description made earlier (the seed's --skip_vlm; cleaned by the contract): same events, no VLM."""
         await self._on_scene(description.scene, description.mood)
         for source in description.sources:
             await self._on_source(source)
@@ -210,20 +206,15 @@ class _ImageRun:
         await self._emit(scene=vision_pb2.SceneSummary(scene=scene, mood=mood))
 
     async def _on_source(self, source: common_pb2.SoundSource) -> None:
-        merged = self.sources.setdefault(source.id, common_pb2.SoundSource(
-            id=source.id, name=source.name, material=source.material, location=source.location))
+        merged, new = self.sources.add(source)
         await self._emit(source=source)
-        for variant in source.variants:
-            if variant.id in self.seen_variants:
-                continue
-            self.seen_variants.add(variant.id)
-            merged.variants.append(variant)
+        for variant in new:
+            self.variants += 1
             self._start_clip(merged, variant)
 
     # --- audio --------------------------------------------------------------------------------
     def _start_clip(self, source: common_pb2.SoundSource, variant: common_pb2.SoundVariant) -> None:
-        limit = self.options.max_clips or self.p.limits.max_clips_per_image
-        if self.options.skip_audio or len(self.clips) >= limit:
+        if self.request.skip_audio or len(self.clips) >= self.request.max_clips:
             return
         index = len(self.clips) + 1
         ref = pb.ClipRef(
@@ -242,11 +233,14 @@ class _ImageRun:
 
     async def _fail(self, clip: _Clip, code: grpc.StatusCode, message: str) -> None:
         log.warning("clip %s failed: %s %s", clip.ref.clip_id, code.name, message)
+        clip.failed = (code, message)
         await self._emit(clip_failed=pb.ClipFailed(clip=clip.ref, code=code.value[0], message=message))
 
     async def _render_in_span(self, clip: _Clip) -> None:
-        with tracing.current_span("orchestrator.clip", self.request_id, **{"i2s.clip_id": clip.ref.clip_id}):
+        with tracing.current_span("orchestrator.clip", self.request_id, **{"i2s.clip_id": clip.ref.clip_id}) as span:
             await self._render(clip)
+            if clip.failed:  # reported to the caller as ClipFailed, and on the span as the error it is
+                span.fail(*clip.failed)
 
     async def _render(self, clip: _Clip) -> None:
         """One clip: an audio RPC whose chunks are forwarded as they come. Failures become ClipFailed."""
@@ -255,37 +249,23 @@ class _ImageRun:
                 raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no audio service")
             async with self.p.audio_slots:
                 metadata = None
-                attempt = 0
-                while True:
-                    forwarded = False
-                    call = self.p.audio.GenerateAudio(
-                        audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.request.audio, clip_id=clip.ref.clip_id),
-                        timeout=self.deadline.left(), metadata=self.call_metadata,
-                    )
-                    try:
-                        async for response in call:
-                            if response.WhichOneof("event") != "chunk":
-                                continue
-                            chunk = response.chunk
-                            if not self.t_first_audio:
-                                self.t_first_audio = self._since_start()
-                                metrics.TIME_TO_FIRST_AUDIO.observe(self.t_first_audio)
-                                self.first_audio_while_describing = self.describing
-                            if self.options.scene_mix:
-                                clip.payloads.append(chunk.data)
-                                clip.encoding, clip.sample_rate_hertz = chunk.encoding, chunk.sample_rate_hertz
-                            forwarded = True
-                            await self._emit(audio=pb.ClipAudio(clip=clip.ref, chunk=chunk))
-                            if chunk.last:
-                                metadata = chunk.metadata
-                        break
-                    except grpc.aio.AioRpcError as exc:
-                        # Retried only while no chunk has reached the client: a retry never duplicates audio.
-                        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not forwarded \
-                                and await self.p.backoff(attempt, self.deadline):
-                            attempt += 1
-                            continue
-                        raise
+                message = audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.audio_settings,
+                                                         clip_id=clip.ref.clip_id)
+                async for response in self.p.retried_when_overloaded(lambda: self.p.audio.GenerateAudio(
+                        message, timeout=self.deadline.left(), metadata=self.call_metadata), self.deadline):
+                    if response.WhichOneof("event") != "chunk":
+                        continue
+                    chunk = response.chunk
+                    if not self.t_first_audio:
+                        self.t_first_audio = self._since_start()
+                        metrics.TIME_TO_FIRST_AUDIO.observe(self.t_first_audio)
+                        self.first_audio_while_describing = self.describing
+                    if self.request.scene_mix:
+                        clip.payloads.append(chunk.data)
+                        clip.encoding, clip.sample_rate_hertz = chunk.encoding, chunk.sample_rate_hertz
+                    await self._emit(audio=pb.ClipAudio(clip=clip.ref, chunk=chunk))
+                    if chunk.last:
+                        metadata = chunk.metadata
                 if metadata is None:
                     raise Upstream(grpc.StatusCode.INTERNAL, "audio stream ended without its last chunk")
             clip.ok = True
@@ -307,8 +287,7 @@ class _ImageRun:
             return
         mixed, rate = mix_clips(layers)
         ref = pb.ClipRef(clip_id=f"{self.clip_prefix}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name="scene_mix.wav")
-        encoding = self.request.audio.encoding or audio_encoding.PCM16
-        chunk_seconds = self.request.audio.chunk_duration_seconds or 0.5
+        encoding, chunk_seconds = self.request.output.encoding, self.request.output.chunk_seconds
         metadata = common_pb2.ClipMetadata(duration_seconds=len(mixed) / rate, sample_rate_hertz=rate,
                                            num_samples=len(mixed), prompt="scene mix of %d clips" % len(layers))
         for chunk in audio_encoding.audio_chunks(ref.clip_id, mixed, rate, encoding, chunk_seconds, metadata):
@@ -318,7 +297,7 @@ class _ImageRun:
     def _summary(self) -> pb.ImageSummary:
         summary = pb.ImageSummary(
             sources=len(self.sources),
-            variants=len(self.seen_variants),
+            variants=self.variants,
             clips_done=sum(c.ok for c in self.clips),
             clips_failed=sum(not c.ok for c in self.clips),
             time_to_first_audio_seconds=self.t_first_audio,

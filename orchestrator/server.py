@@ -34,7 +34,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                                    wait_seconds=config.admission_wait_seconds)
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
-    def _validate(self, request: pb.ImageToSoundRequest) -> pb.ImageToSoundRequest:
+    def _resolve(self, request: pb.ImageToSoundRequest) -> contract.ImageRequest:
         return contract.image_to_sound(request, self.config.limits.max_clips_per_image)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
@@ -42,11 +42,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
         deadline = self._deadline(context)
-        request_log.set_request_id(request.request_id)  # as sent, for the log line of a refusal
-        request = self._validate(request)  # before any wait or work: INVALID_ARGUMENT
-        request_log.set_request_id(request.request_id)  # cleaned, or made when none was sent
+        request_log.set_request_id(request.request_id)  # as sent (cleaned), for the log line of a refusal
+        resolved = self._resolve(request)  # before any wait or work: INVALID_ARGUMENT
+        request_log.set_request_id(resolved.request_id)  # made when none was sent
         async with self.admission.slot(StreamShare()):  # RESOURCE_EXHAUSTED when no slot comes in time
-            async for event in self.pipeline.run(request, deadline):
+            async for event in self.pipeline.run(resolved, deadline):
                 yield event
 
     async def StreamImagesToSound(self, request_iterator, context: grpc.aio.ServicerContext):
@@ -62,14 +62,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             # The stream's deadline if the caller set one; else each image gets the default from its arrival
             # (a streaming app may keep one stream open far longer than any single image takes).
             deadline = self._deadline(context)
-            request_id = clean_request_id(request.request_id)
+            request_id = request.request_id  # cleaned (or made) as the image was read
             try:
                 with request_log.record("StreamImagesToSound.image", request_id):  # one log line per image
-                    request = self._validate(request)
+                    resolved = self._resolve(request)
                     seen = clip_prefixes[request_id] = clip_prefixes.get(request_id, 0) + 1
                     prefix = request_id if seen == 1 else f"{request_id}~{seen}"
                     async with self.admission.slot(share):
-                        async for event in self.pipeline.run(request, deadline, clip_prefix=prefix):
+                        async for event in self.pipeline.run(resolved, deadline, clip_prefix=prefix):
                             await out.put(event)
             except asyncio.CancelledError:
                 raise
@@ -113,11 +113,9 @@ class Orchestrator:
         self.config = config
         # Client TLS files are read into a channel's credentials once: when they change (a rotated Secret),
         # new channels replace the old ones (see reload_downstream_credentials).
-        tls_files = {"downstream-tls-ca-file": config.downstream_tls_ca_file,
-                     "downstream-tls-cert-file": config.downstream_tls_cert_file,
-                     "downstream-tls-key-file": config.downstream_tls_key_file}
-        self._tls_files = security.watch_files({k: v for k, v in tls_files.items() if v})
-        self._tls_files.changed()
+        self._credentials = security.reloading_client_credentials(
+            "downstream channels", config.downstream_tls_ca_file, config.downstream_tls_cert_file,
+            config.downstream_tls_key_file)
         self._call_credentials = security.token_call_credentials(token_file=config.downstream_token_file)
         self.channels = self._open_channels()
         pipeline = Pipeline(None, None, config.limits, overloaded_retries=config.overloaded_retries)
@@ -134,9 +132,7 @@ class Orchestrator:
         self._closing: set[asyncio.Task] = set()
 
     def _open_channels(self) -> dict[str, grpc.aio.Channel]:
-        config = self.config
-        credentials = security.client_credentials(
-            config.downstream_tls_ca_file, config.downstream_tls_cert_file, config.downstream_tls_key_file)
+        config, credentials = self.config, self._credentials.value
         # An empty target means "not deployed" (embedded --skip_vlm / --skip_audio runs).
         return {name: channels.aio_channel(target, credentials, self._call_credentials)
                 for name, target in (("vlm", config.vlm_target), ("audio", config.audio_target)) if target}
@@ -149,13 +145,9 @@ class Orchestrator:
         """If the downstream TLS files changed: new channels for new calls; calls in flight finish on the
         old ones (closed after --channel-close-grace-seconds). Unusable files keep the current channels.
         Returns whether the channels were replaced."""
-        if not self._tls_files.files or not self._tls_files.changed():
+        if not self._credentials.refresh():  # unchanged, or unusable (then logged, and the current ones kept)
             return False
-        try:
-            fresh = self._open_channels()
-        except security.SecurityConfigError as exc:
-            log.warning("downstream TLS files changed but are unusable (%s); keeping the current channels", exc)
-            return False
+        fresh = self._open_channels()
         from serving.health import mirror_serving, wait_channel_serving
 
         try:  # new calls go to the new channels once they reach a serving backend (or after a bound)
@@ -177,7 +169,6 @@ class Orchestrator:
             task = asyncio.create_task(channel.close(grace=self.config.channel_close_grace_seconds))
             self._closing.add(task)
             task.add_done_callback(lambda t, c=channel: (self._closing.discard(t), self._retired.remove(c)))
-        log.info("downstream TLS credentials reloaded")
         return True
 
     async def _watch_tls_files(self) -> None:
@@ -193,7 +184,7 @@ class Orchestrator:
 
         await asyncio.gather(*(wait_channel_serving(channel, timeout=timeout) for channel in self.channels.values()))
         self._mirror = asyncio.create_task(mirror_serving(self.channels, self.server.set_serving))
-        if self._tls_files.files and self.config.downstream_tls_check_seconds > 0:
+        if self._credentials.watched.files and self.config.downstream_tls_check_seconds > 0:
             self._tls_watcher = asyncio.create_task(self._watch_tls_files())
 
     async def close(self) -> None:

@@ -10,6 +10,9 @@ import time
 
 from serving.errors import DeadlineExceeded
 
+# The deadline of a call whose caller sets none (the orchestrator's, the client's, a Triton backend's call).
+DEFAULT_DEADLINE_SECONDS = 600.0
+
 
 class Deadline:
     """An instant on the monotonic clock (`at`), or none (`at is None`: no deadline)."""

@@ -16,6 +16,7 @@ import contextvars
 import json
 import logging
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -29,8 +30,10 @@ _current: contextvars.ContextVar["RequestRecord | None"] = contextvars.ContextVa
 
 
 def clean_id(raw: str) -> str:
-    """A client-sent id made safe for a log line: printable, bounded."""
-    return "".join(c for c in str(raw)[:MAX_ID_CHARS] if c.isprintable())
+    """A client-sent id made safe to echo and log (the one cleaner of request ids): no control or format
+    characters (no forged log lines), whitespace collapsed, at most MAX_ID_CHARS. May be empty."""
+    kept = "".join(" " if c.isspace() else c for c in str(raw) if c.isspace() or unicodedata.category(c)[0] != "C")
+    return " ".join(kept.split())[:MAX_ID_CHARS].rstrip()
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Transport security and authentication for every server and client of the project, in one place.
 
-- TLS and mutual TLS from PEM files (`server_credentials`, `client_credentials`). The server re-reads its
-  files when they change: gRPC asks the certificate fetcher on every new connection's handshake, and the
-  fetcher re-reads only files whose identity (inode, mtime, size) changed, so a rotated Kubernetes Secret
-  (the kubelet swaps a symlink) takes effect for new connections without a restart. SIGHUP forces a
-  re-read (`reload_all`).
+- TLS and mutual TLS from PEM files (`server_certificates`, `client_credentials`). Every TLS file of every
+  port and hop is re-read when it changes, through one mechanism (`Reloading`): the user of the files asks
+  for them when it needs them (gRPC's certificate fetcher and the HTTP port on every new connection's
+  handshake, the channel makers before a new channel or call), only files whose identity (inode, mtime,
+  size) changed are read again, and files that do not check out (half a rotation) keep the previous
+  ones. So a rotated Kubernetes Secret (the kubelet swaps a symlink) takes effect without a restart.
+  SIGHUP forces a re-read (`reload_all`).
 - Bearer tokens: `BearerTokenInterceptor` checks "authorization: Bearer <token>" against every allowed
   token in constant time; tokens come from a file (one per line, re-read on change, so a new token can be
   added before the old one is removed) and/or an environment variable. Health stays open for probes.
@@ -22,7 +24,7 @@ import threading
 import weakref
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Generic, Iterable, Mapping, Sequence, TypeVar
 
 import grpc
 
@@ -108,6 +110,62 @@ def _check_key_pair(cert_file: str, key_file: str) -> None:
         raise SecurityConfigError("tls-cert-file / tls-key-file: not a PEM certificate and its private key") from None
 
 
+def _check_ca(ca_file: str, setting: str) -> None:
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_verify_locations(ca_file)
+    except (ssl.SSLError, OSError, ValueError):
+        raise SecurityConfigError(f"{setting}: not a PEM CA certificate") from None
+
+
+T = TypeVar("T")
+
+
+class Reloading(Generic[T]):
+    """What is built from a set of TLS files (server credentials, an SSL context, client credentials), built
+    again when any of them changes: the one reload mechanism of every TLS port and hop of the project.
+
+    `build` reads the files and checks them (a key that does not match its certificate, a CA file that is
+    not PEM); when it fails, a rotation is half done (the kubelet writes files one by one) or the Secret is
+    broken: the previous value is kept and the next change is tried again. Callers ask `current()` (or
+    `refresh()`) at the moment they need the files: a handshake, a new channel, a call. Checking costs a
+    stat of each file. SIGHUP (reload_all) forces a rebuild at the next ask."""
+
+    def __init__(self, what: str, files: Mapping[str, str], build: Callable[[], T]):
+        self.what = what
+        self.watched = watch_files(files)
+        self.watched.changed()  # the initial contents are current
+        self._build = build
+        self._lock = threading.Lock()  # gRPC's handshakes call from several threads
+        self.value: T = build()  # a broken file at start-up is an error, not a warning
+        self.loads = 1  # values built, the first one included: tests and logs
+
+    def refresh(self) -> bool:
+        """Rebuilds if the files changed since the last look; True when a new value was built."""
+        with self._lock:
+            if not self.watched.changed():
+                return False
+            try:
+                value = self._build()
+            except SecurityConfigError as exc:
+                log.warning("%s: TLS files changed but are unusable (%s); keeping the previous ones", self.what, exc)
+                return False
+            except Exception:  # noqa: BLE001 - a handshake must not fail inside gRPC or ssl because of this
+                log.exception("%s: reloading the TLS files failed; keeping the previous ones", self.what)
+                return False
+            self.value = value
+            self.loads += 1
+        log.info("%s: TLS files reloaded", self.what)
+        return True
+
+    def current(self) -> T:
+        self.refresh()
+        return self.value
+
+
+def _present(files: Mapping[str, str | None]) -> dict[str, str]:
+    return {setting: path for setting, path in files.items() if path}
+
+
 # ---------------------------------------------------------------------------------------------- servers
 
 
@@ -116,37 +174,27 @@ class ServerCertificates:
 
     def __init__(self, cert_file: str, key_file: str, client_ca_file: str | None = None):
         self.cert_file, self.key_file, self.client_ca_file = cert_file, key_file, client_ca_file
-        files = {"tls-cert-file": cert_file, "tls-key-file": key_file}
-        if client_ca_file:
-            files["tls-client-ca-file"] = client_ca_file
-        self.watched = watch_files(files)
-        self.watched.changed()  # the initial contents are current
-        self.loads = 0  # configurations built (the first one included): tests and logs
-        self.initial = self._configuration()
+        self.reloading = Reloading("gRPC port", _present(
+            {"tls-cert-file": cert_file, "tls-key-file": key_file, "tls-client-ca-file": client_ca_file}),
+            self._configuration)
+        self.initial = self.reloading.value
+
+    @property
+    def loads(self) -> int:
+        return self.reloading.loads
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         _check_key_pair(self.cert_file, self.key_file)
-        data = self.watched.read()
-        self.loads += 1
-        return grpc.ssl_server_certificate_configuration(
-            [(data["tls-key-file"], data["tls-cert-file"])], root_certificates=data.get("tls-client-ca-file"))
+        if self.client_ca_file:
+            _check_ca(self.client_ca_file, "tls-client-ca-file")
+        pair = (_read(self.key_file, "tls-key-file"), _read(self.cert_file, "tls-cert-file"))
+        client_ca = _read(self.client_ca_file, "tls-client-ca-file") if self.client_ca_file else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=client_ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        """gRPC's certificate-configuration fetcher: None keeps the current certificate."""
-        try:
-            if not self.watched.changed():
-                return None
-            configuration = self._configuration()
-        except SecurityConfigError as exc:
-            # Mid-rotation (key written, certificate not yet) or a broken Secret: keep serving with the
-            # previous certificate; the next change is tried again.
-            log.warning("TLS files changed but are unusable (%s); keeping the previous certificate", exc)
-            return None
-        except Exception:  # noqa: BLE001 - an exception here would fail the handshake inside gRPC
-            log.exception("reloading the TLS certificate failed; keeping the previous one")
-            return None
-        log.info("TLS certificate reloaded")
-        return configuration
+        """gRPC's certificate-configuration fetcher (every new connection's handshake): None keeps the
+        current configuration."""
+        return self.reloading.value if self.reloading.refresh() else None
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
@@ -260,19 +308,31 @@ def auth_interceptors(tokens_file: str | None, tokens_env: str | None = None) ->
 def client_credentials(ca_file: str | None = None, cert_file: str | None = None,
                        key_file: str | None = None) -> grpc.ChannelCredentials | None:
     """TLS for a client: the CA that signed the server's certificate (None: the system's roots), and for
-    mutual TLS the client's certificate and key. None (plaintext) when nothing is given.
-
-    Read once: a channel's credentials are fixed, so a rotated client certificate takes a new channel
-    (the orchestrator opens new ones when its files change; see Orchestrator.reload_downstream_credentials)."""
+    mutual TLS the client's certificate and key. None (plaintext) when nothing is given. The files are
+    checked (the key belongs to the certificate, the CA is PEM) and read once: a channel's credentials are
+    fixed, so a rotated client certificate takes a new channel (`reloading_client_credentials`)."""
     if not (ca_file or cert_file or key_file):
         return None
     if bool(cert_file) != bool(key_file):
         raise SecurityConfigError("the client certificate and its key go together")
+    if cert_file:
+        _check_key_pair(cert_file, key_file)
+    if ca_file:
+        _check_ca(ca_file, "tls-ca-file")
     return grpc.ssl_channel_credentials(
         root_certificates=_read(ca_file, "tls-ca-file") if ca_file else None,
         private_key=_read(key_file, "tls-key-file") if key_file else None,
         certificate_chain=_read(cert_file, "tls-cert-file") if cert_file else None,
     )
+
+
+def reloading_client_credentials(what: str, ca_file: str | None = None, cert_file: str | None = None,
+                                 key_file: str | None = None) -> Reloading[grpc.ChannelCredentials | None]:
+    """`client_credentials`, built again when the files change: whoever makes channels (the orchestrator
+    towards the model services, the model services towards Triton) asks `current()` and makes new ones
+    when the value changed."""
+    return Reloading(what, _present({"tls-ca-file": ca_file, "tls-cert-file": cert_file, "tls-key-file": key_file}),
+                     lambda: client_credentials(ca_file, cert_file, key_file))
 
 
 class _TokenPlugin(grpc.AuthMetadataPlugin):

@@ -24,6 +24,8 @@ from serving.config import setting
 
 TRACER_NAME = "image_to_sound"
 REQUEST_ID = "i2s.request_id"
+STATUS_CODE = "i2s.status_code"  # the gRPC code of a failed image or clip, on its span
+STATUS_CHARS = 200
 _NOT_TRACED = ("grpc.health.v1.", "grpc.reflection.")  # probes and mirrors: noise, not requests
 
 _tracer: Any = None  # the SDK tracer once `setup` turned tracing on
@@ -171,16 +173,42 @@ def span(name: str, **attributes) -> Iterator[None]:
         started.end()
 
 
+class SpanOutcome:
+    """What `current_span` yields. An exception leaving the block marks the span as failed with the status
+    the client is told; `fail` marks it for a failure that was handled (a clip reported as ClipFailed)."""
+
+    def __init__(self, span: Any = None):
+        self._span = span
+
+    def fail(self, code: Any, message: str) -> None:
+        """Status ERROR with "CODE: message" (the gRPC code and the client's message, bounded)."""
+        if self._span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        self._span.set_attribute(STATUS_CODE, code.name)
+        self._span.set_status(Status(StatusCode.ERROR, f"{code.name}: {message}"[:STATUS_CHARS]))
+
+
 @contextlib.contextmanager
-def current_span(name: str, request_id: str = "", **attributes) -> Iterator[None]:
+def current_span(name: str, request_id: str = "", **attributes) -> Iterator[SpanOutcome]:
     """A span made current for the block (the calls it makes become its children). Only in a coroutine
-    or thread of its own, never around a `yield` of a generator."""
+    or thread of its own, never around a `yield` of a generator. Cancellation (the caller left) is no
+    failure; the exception's traceback is not recorded (the log has it; a span carries no internals)."""
     if _tracer is None:
-        yield
+        yield SpanOutcome()
         return
     attributes = {REQUEST_ID: request_id or _request_id(), **attributes}
-    with _tracer.start_as_current_span(name, attributes=attributes):
-        yield
+    with _tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
+                                       set_status_on_exception=False) as span:
+        outcome = SpanOutcome(span)
+        try:
+            yield outcome
+        except Exception as exc:
+            from serving.errors import status_for
+
+            outcome.fail(*status_for(exc))
+            raise
 
 
 def now_ns() -> int:

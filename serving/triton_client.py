@@ -1,13 +1,16 @@
-"""What both model services' Triton backends share on the client side: readiness that follows Triton's
-model state, and Triton's errors translated into the domain errors (tritonclient is imported lazily)."""
+"""What both model services' Triton backends share on the client side: clients made with the current TLS
+files, readiness that follows Triton's model state, and Triton's errors translated into the domain errors
+(tritonclient is imported lazily)."""
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from serving import security
 from serving.config import setting
 from serving.errors import NotReady
 
@@ -23,11 +26,52 @@ class TritonTls:
     triton_key_file: str | None = setting(None, "PEM private key of --triton-cert-file")
 
     def client_options(self) -> dict[str, Any]:
-        """Keyword arguments of tritonclient.grpc.InferenceServerClient (it reads the files when created)."""
+        """Keyword arguments of tritonclient.grpc.InferenceServerClient (it reads the files when created);
+        for tools and tests: the backends use `TritonClients`, which follows the files as they change."""
         if not self.triton_ca_file:
             return {}
         return {"ssl": True, "root_certificates": self.triton_ca_file, "private_key": self.triton_key_file,
                 "certificate_chain": self.triton_cert_file}
+
+
+class TritonClients:
+    """tritonclient gRPC clients towards one Triton, made with the current TLS files (`security.Reloading`,
+    the project's one reload mechanism): a rotated client certificate is used from the next call on, no
+    restart. `shared()` is the client for unary calls, replaced by a new one once the files changed (a
+    replaced client closes when the last call holding it lets it go: tritonclient closes on deletion, so
+    a caller keeps the client it got for the whole call); `new()` is one of its own (a stream needs one)."""
+
+    def __init__(self, url: str, tls: TritonTls, what: str):
+        self.url = url
+        self.credentials = security.reloading_client_credentials(
+            what, tls.triton_ca_file, tls.triton_cert_file, tls.triton_key_file) if tls.triton_ca_file else None
+        self._shared: Any = None
+        self._shared_credentials: Any = None
+        self._lock = threading.Lock()
+
+    def _current(self):
+        return self.credentials.current() if self.credentials is not None else None
+
+    def new(self):
+        import tritonclient.grpc as triton
+
+        return triton.InferenceServerClient(self.url, creds=self._current())
+
+    def shared(self):
+        credentials = self._current()
+        with self._lock:
+            if self._shared is None or credentials is not self._shared_credentials:
+                import tritonclient.grpc as triton
+
+                self._shared = triton.InferenceServerClient(self.url, creds=credentials)
+                self._shared_credentials = credentials
+            return self._shared
+
+    def close(self) -> None:
+        with self._lock:
+            shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.close()
 
 
 def translate_error(error: Exception) -> Exception:

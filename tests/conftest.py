@@ -5,6 +5,7 @@ import sys
 from tests.audio_fixtures import *  # noqa: F401,F403
 from tests.vlm_fixtures import *  # noqa: F401,F403
 from tests.browser import chromium  # noqa: F401
+from tests.tracing_fixtures import *  # noqa: F401,F403
 
 
 def pytest_configure(config):

@@ -33,17 +33,31 @@ def scripted_description(sources: int = 3, variants: int = 2) -> common_pb2.Scen
 @dataclass
 class FakeVisionServicer(vision_pb2_grpc.VisionServiceServicer):
     """Streams a scripted description. If `hold_after_first_source` is set, the rest of the stream waits
-    until `release` is set: a test can then prove that audio started before the VLM finished."""
+    until `release` is set: a test can then prove that audio started before the VLM finished.
+    `hold_before_scene` holds the whole stream the same way (nothing sent yet); `was_cancelled` is set
+    when a held call is cancelled."""
 
     description: common_pb2.SceneDescription = field(default_factory=scripted_description)
     hold_after_first_source: bool = False
+    hold_before_scene: bool = False
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    entered: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call starts
+    was_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     finished: bool = False
     calls: int = 0
+    decoding: list[common_pb2.DecodingSettings] = field(default_factory=list)  # as each call received them
 
     async def StreamSceneDescription(self, request, context):
         self.calls += 1
+        self.decoding.append(request.decoding)
         decode_image(request.image.data, request.image.mime_type)  # the real checks: bad images fail here
+        self.entered.set()
+        if self.hold_before_scene:
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.was_cancelled.set()
+                raise
         yield vision_pb2.StreamSceneDescriptionResponse(
             scene=vision_pb2.SceneSummary(scene=self.description.scene, mood=self.description.mood))
         for i, source in enumerate(self.description.sources):
@@ -71,9 +85,11 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
     entered: asyncio.Event = field(default_factory=asyncio.Event)  # set when a call starts
     was_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     deadlines: list[float | None] = field(default_factory=list)  # time remaining seen by each call
+    settings: list[common_pb2.AudioSettings] = field(default_factory=list)  # as each call received them
 
     async def GenerateAudio(self, request, context):
         self.prompts.append(request.prompt)
+        self.settings.append(request.settings)
         self.deadlines.append(context.time_remaining())
         self.entered.set()
         if self.fail_word in request.prompt:

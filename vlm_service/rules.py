@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from image_to_sound.v1 import common_pb2
+from i2s_formats.source_merge import SourceMerge
 from i2s_formats.seed_format import SEED_ROLE_NAME, Role, description_from_raw, round_confidence
 
 MIN_CONFIDENCE = 0.7
@@ -127,7 +128,7 @@ class PostRules:
         self._admitted_keys: set[tuple[str, str]] = set()
         self._held: dict[tuple[str, str], _Held] = {}
         self._order = 0
-        self._merged: dict[str, common_pb2.SoundSource] = {}
+        self._merged = SourceMerge()
         self._admitted = 0
         self._finished = False
 
@@ -180,8 +181,7 @@ class PostRules:
 
     def description(self, scene: str, mood: str) -> common_pb2.SceneDescription:
         desc = common_pb2.SceneDescription(scene=scene, mood=mood)
-        for source in self._merged.values():
-            desc.sources.append(source)
+        desc.sources.extend(self._merged.sources())
         return desc
 
     def _emit(self, source: common_pb2.SoundSource, variants: list[common_pb2.SoundVariant]) -> common_pb2.SoundSource:
@@ -190,28 +190,8 @@ class PostRules:
             event.location.CopyFrom(source.location)
         event.variants.extend(variants)
         self._admitted += len(variants)
-        merge_into(self._merged, event)
+        self._merged.add(event)
         return event
-
-
-def merge_into(merged: dict[str, common_pb2.SoundSource], event: common_pb2.SoundSource) -> None:
-    """Merge one streamed source into ``merged`` (id -> source): first sighting keeps name, material and
-    location; later ones append their variants."""
-    existing = merged.get(event.id)
-    if existing is None:
-        copy = common_pb2.SoundSource()
-        copy.CopyFrom(event)
-        merged[event.id] = copy
-    else:
-        existing.variants.extend(event.variants)
-
-
-def merge_sources(events: Iterable[common_pb2.SoundSource]) -> list[common_pb2.SoundSource]:
-    """The sources a stream of source events adds up to, in order of first appearance."""
-    merged: dict[str, common_pb2.SoundSource] = {}
-    for event in events:
-        merge_into(merged, event)
-    return list(merged.values())
 
 
 def apply_post_rules(

@@ -19,8 +19,12 @@ import numpy as np
 from PIL import Image
 
 from image_to_sound.v1 import common_pb2, vision_pb2
+from i2s_formats.source_merge import SourceMerge
+from serving import tracing
+from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.errors import InvalidInput, NotReady
-from serving.triton_client import Readiness, TritonTls, model_ready, translate_error, wait_model_ready
+from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
+                                  wait_model_ready)
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
                                  StreamEvent, VisionBackend)
 
@@ -117,7 +121,7 @@ class TritonVisionBackend(VisionBackend):
     """Describes images through Triton's gRPC streaming API; events arrive as the model decodes them."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *, prompt_version: str = "v1",
-                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = 600.0,
+                 load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = DEFAULT_DEADLINE_SECONDS,
                  readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None):
         self.url = url
         self.tls = tls or TritonTls()
@@ -126,19 +130,15 @@ class TritonVisionBackend(VisionBackend):
         self.prompt_version = prompt_version
         self.load_timeout_seconds = load_timeout_seconds
         self.request_timeout_seconds = request_timeout_seconds
-        self._client = None  # for readiness calls; each stream opens its own (one stream per client)
+        # Readiness calls share a client; each stream opens its own (one stream per client). Both follow
+        # rotated TLS files.
+        self._clients = TritonClients(url, self.tls, "VLM service -> Triton")
         self._loaded = self._warm = self._closed = False
         self._readiness = Readiness(readiness_ttl_seconds)
 
-    def _new_client(self):
-        import tritonclient.grpc as triton
-
-        return triton.InferenceServerClient(self.url, **self.tls.client_options())
-
     def load(self) -> None:
         """Waits (bounded) until Triton says the model is ready: Triton loads it, not us."""
-        self._client = self._new_client()
-        wait_model_ready(self._client, self.model_name, self.load_timeout_seconds)
+        wait_model_ready(self._clients.shared(), self.model_name, self.load_timeout_seconds)
         self._loaded = True
 
     @property
@@ -146,7 +146,7 @@ class TritonVisionBackend(VisionBackend):
         """Follows Triton's model readiness (a cheap gRPC call): an unloaded or failed model reads False."""
         if not (self._loaded and self._warm and not self._closed):
             return False
-        return self._readiness.check(lambda: model_ready(self._client, self.model_name))
+        return self._readiness.check(lambda: model_ready(self._clients.shared(), self.model_name))
 
     def warmup(self) -> None:
         """One short generation end to end, so the first request finds channel and model warm."""
@@ -156,28 +156,33 @@ class TritonVisionBackend(VisionBackend):
 
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
-               timeout_seconds: float | None = None) -> Iterator[StreamEvent]:
+               timeout_seconds: float | None = None,
+               phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
-                            timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds)
+                            timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds, phases)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
                       deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
         """The caller's deadline becomes Triton's stream timeout, so Triton itself stops at it."""
         remaining = deadline.remaining() if deadline is not None else None
         timeout = None if remaining is None else max(0.001, remaining)
-        async for event in worker.stream(
-                lambda should_stop: self.stream(image, options, should_stop, timeout_seconds=timeout)):
+        # The in-process stages as seen from here: waiting for a model thread, then until Triton's first
+        # event (its queue and the prefill), then the decoding.
+        phases = tracing.request_phases("vlm.queue_wait", backend="triton")
+        async for event in worker.stream(lambda should_stop: self.stream(
+                image, options, should_stop, timeout_seconds=timeout, phases=phases)):
             yield event
 
     def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,
-                timeout_seconds: float | None) -> Iterator[StreamEvent]:
+                timeout_seconds: float | None, phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         import tritonclient.grpc as triton
 
+        phases.enter("vlm.prefill")
         started = time.perf_counter()
         responses: queue.SimpleQueue = queue.SimpleQueue()
-        client = self._new_client()
+        client = self._clients.new()
         inputs = []
         for name, array in arrays.items():
             tensor = triton.InferInput(name, list(array.shape), triton.np_to_triton_dtype(array.dtype))
@@ -186,9 +191,9 @@ class TritonVisionBackend(VisionBackend):
         outputs = [triton.InferRequestedOutput(EVENT_KIND), triton.InferRequestedOutput(EVENT)]
         client.start_stream(callback=lambda result, error: responses.put((result, error)),
                             stream_timeout=timeout_seconds)
-        finished = False
+        finished = decoding = False
         header: SceneHeader | None = None
-        sources: dict[int, common_pb2.SoundSource] = {}
+        sources = SourceMerge()
         try:
             client.async_stream_infer(self.model_name, inputs, outputs=outputs, enable_empty_final_response=True)
             while True:
@@ -207,17 +212,19 @@ class TritonVisionBackend(VisionBackend):
                     return
                 event = decode_event(result.as_numpy(EVENT_KIND).reshape(-1)[0],
                                      result.as_numpy(EVENT).reshape(-1)[0])
+                if not decoding:  # the first event: the prompt is read, decoding goes on
+                    decoding = True
+                    phases.enter("vlm.decode")
                 if isinstance(event, SceneHeader):
                     header = event
                 elif isinstance(event, SourceFound):
-                    merged = sources.setdefault(event.source.id, common_pb2.SoundSource())
-                    merged.MergeFrom(event.source)
+                    sources.add(event.source)
                 yield event
             # should_stop: the stream ends like the in-process one, with what was decoded so far.
             yield DescriptionDone(
                 description=common_pb2.SceneDescription(
                     scene=header.scene if header else "", mood=header.mood if header else "",
-                    sources=list(sources.values()),
+                    sources=sources.sources(),
                 ),
                 prompt_tokens=0, output_tokens=0, time_to_first_token_seconds=0.0,
                 total_seconds=time.perf_counter() - started, finish_reason="cancelled",
@@ -231,9 +238,8 @@ class TritonVisionBackend(VisionBackend):
                 # reads it would wait forever: one leaked thread per cancelled stream. End it.
                 stream._request_queue.put(None)
             client.close()
+            phases.end()
 
     def close(self) -> None:
         self._closed = True
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._clients.close()

@@ -132,6 +132,46 @@ def test_the_callers_deadline_becomes_tritons_stream_timeout(vlm):
     assert done.finish_reason == "length"
 
 
+def test_the_triton_backends_stages_are_spans_like_the_in_process_ones(vlm, audio, spans):
+    import asyncio
+
+    from audio_service.backend import AudioRequest
+    from serving import tracing
+    from serving.blocking import ModelWorker
+    from vlm_service.backend import DecodingOptions
+
+    async def describe():
+        worker = ModelWorker("vlm-test")
+        try:
+            with tracing._tracer.start_as_current_span("rpc") as rpc:
+                events = [e async for e in vlm.astream(_photo(), DecodingOptions(max_new_tokens=16), worker)]
+            return rpc, events
+        finally:
+            worker.close()
+
+    rpc, events = asyncio.run(describe())
+    assert events[-1].output_tokens == 16
+    finished = {s.name: s for s in spans.get_finished_spans()}
+    stages = [finished[name] for name in ("vlm.queue_wait", "vlm.prefill", "vlm.decode")]
+    for stage in stages:  # under the request's span, one after the other, as the in-process backend's
+        assert stage.parent.span_id == rpc.get_span_context().span_id and stage.attributes["backend"] == "triton"
+    for earlier, later in zip(stages, stages[1:]):
+        assert earlier.end_time == later.start_time
+    assert stages[-1].end_time <= finished["rpc"].end_time
+
+    # Audio: the batch's stage, one span under each caller's request (here one caller), as the batcher runs it.
+    with tracing._tracer.start_as_current_span("audio-rpc") as audio_rpc:
+        phases = tracing.Phases([tracing.capture()], batch_size=1)
+    try:
+        tracing.run_with_phases(phases, lambda: audio.generate(
+            [AudioRequest(prompt="rain", duration_seconds=1.0, num_inference_steps=2)]))()
+    finally:
+        phases.end()
+    infer = [s for s in spans.get_finished_spans() if s.name == "audio.triton_infer"]
+    assert len(infer) == 1 and infer[0].parent.span_id == audio_rpc.get_span_context().span_id
+    assert infer[0].attributes["batch_size"] == 1 and infer[0].end_time > infer[0].start_time
+
+
 def test_bad_decoding_options_cannot_reach_the_backend():
     from vlm_service.backend import DecodingOptions
 

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import ssl
 import re
 import subprocess
 import sys
 import threading
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving import security
 
 from tests.real_stack import png
 from tests.security.pki import CertificateAuthority
@@ -64,33 +71,46 @@ class ProcessOutput:
         return match
 
 
-@pytest.fixture(scope="module")
-def orchestrator_process(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("http-front")
-    ca = CertificateAuthority(folder, "ca")
-    server, client = ca.issue("server", server=True), ca.issue("client", server=False)
+@contextlib.contextmanager
+def orchestrator_with_http(folder, server, client_ca_file):
+    """`python -m orchestrator` with mutual TLS on both ports (the model services are not running); yields the
+    process, its output, the HTTP port's base URL and the gRPC port's target, once both listen."""
     (folder / "tokens").write_text(f"{TOKEN}\n")
     port_file = folder / "http-port"
     (folder / "tmp").mkdir()  # the process's TMPDIR: where its private socket folder is made
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "--vlm", "127.0.0.1:1", "--audio", "127.0.0.1:2", "--host", "127.0.0.1",
          "--port", "0", "--http-port", "0", "--http-port-file", str(port_file), "--tls-cert-file", str(server.cert),
-         "--tls-key-file", str(server.key), "--tls-client-ca-file", str(ca.cert_file),
-         "--auth-tokens-file", str(folder / "tokens"), "--http-tls-check-seconds", "0.2"],
+         "--tls-key-file", str(server.key), "--tls-client-ca-file", str(client_ca_file),
+         "--auth-tokens-file", str(folder / "tokens")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "TMPDIR": str(folder / "tmp")})
     output = ProcessOutput(process, folder / "log")
     try:
+        grpc_port = output.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1)
         port = output.wait_for(r"HTTP front on 127\.0\.0\.1:(\d+)").group(1)  # logged after the port file is written
         assert port_file.read_text().strip() == port
-        assert [p.name for p in (folder / "tmp").iterdir()][0].startswith("i2s-orchestrator-")
-        context = ssl.create_default_context(cafile=str(ca.cert_file))
-        context.load_cert_chain(str(client.cert), str(client.key))
-        yield process, f"https://127.0.0.1:{port}", context, str(ca.cert_file), folder, output
+        yield process, output, f"https://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
     finally:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def orchestrator_process(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("http-front")
+    ca = CertificateAuthority(folder, "ca")
+    server, client = ca.issue("server", server=True), ca.issue("client", server=False)
+    with orchestrator_with_http(folder, server, ca.cert_file) as (process, output, base, _):
+        assert [p.name for p in (folder / "tmp").iterdir()][0].startswith("i2s-orchestrator-")
+        yield process, base, client_context(ca.cert_file, client), str(ca.cert_file), folder, output
+
+
+def client_context(ca_file, client) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.load_cert_chain(str(client.cert), str(client.key))
+    return context
 
 
 async def test_page_over_http2_with_the_grpc_ports_tls(orchestrator_process):
@@ -132,11 +152,97 @@ async def test_a_rotated_certificate_is_served_without_a_restart(orchestrator_pr
     os.replace(issued.cert, folder / "server.crt")
     trusting_new = ssl.create_default_context(cafile=str(new_ca.cert_file))
     trusting_new.load_cert_chain(str(folder / "client.crt"), str(folder / "client.key"))  # still the old CA's client
-    # The front checks its files every 0.2 s here and says when it has loaded them.
-    await asyncio.to_thread(output.wait_for, "HTTP port: TLS certificate reloaded", seen)
+    # The next connection's handshake reads the files again: no waiting for a check.
     async with httpx.AsyncClient(http2=True, verify=trusting_new, timeout=5) as client:
         response = await client.get(base + "/")
     assert response.status_code == 200 and response.http_version == "HTTP/2"
+    await asyncio.to_thread(output.wait_for, "HTTP port: TLS files reloaded", seen)
+
+
+async def _http_status(base: str, context: ssl.SSLContext) -> int | None:
+    """The page's status over the HTTP port, or None when the TLS handshake is refused."""
+    try:
+        async with httpx.AsyncClient(http2=True, verify=context, timeout=30) as client:
+            return (await client.get(base + "/")).status_code
+    except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
+        return None
+
+
+def _page_status_resuming(base: str, context: ssl.SSLContext, session: ssl.SSLSession | None = None):
+    """GET / over HTTP/1.1 on a TLS socket that offers to resume `session`: (status or None when refused,
+    the connection's session, whether it was resumed)."""
+    host, port = base.removeprefix("https://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=host, session=session) as tls:
+                tls.sendall(b"GET / HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+                head = b""
+                while b"\r\n" not in head and (part := tls.recv(256)):
+                    head += part
+                status = int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
+                return status, tls.session, tls.session_reused
+        except (ssl.SSLError, OSError):
+            return None, None, False
+
+
+async def _grpc_status(target: str, ca_file, client) -> str:
+    """Health over the gRPC port on a new channel (a new handshake): the status, or the refusal's code."""
+    credentials = security.client_credentials(str(ca_file), str(client.cert), str(client.key))
+    async with grpc.aio.secure_channel(target, credentials) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+async def test_a_client_ca_rotated_out_is_refused_on_both_ports_without_a_restart(tmp_path):
+    ca1, ca2 = CertificateAuthority(tmp_path / "ca1", "ca1"), CertificateAuthority(tmp_path / "ca2", "ca2")
+    server = ca1.issue("server", server=True)
+    client1, client2 = ca1.issue("client1", server=False), ca2.issue("client2", server=False)
+    from_ca1, from_ca2 = client_context(ca1.cert_file, client1), client_context(ca1.cert_file, client2)
+    client_ca = tmp_path / "client-ca.pem"
+    shutil.copy(ca1.cert_file, client_ca)
+
+    def rotate(content: bytes) -> None:  # the whole file replaced at once, as a Secret volume updates
+        (tmp_path / "client-ca.next").write_bytes(content)
+        os.replace(tmp_path / "client-ca.next", client_ca)
+
+    with orchestrator_with_http(tmp_path, server, client_ca) as (_, output, base, target):
+        accepted_health = await _grpc_status(target, ca1.cert_file, client1)
+        assert accepted_health in ("SERVING", "NOT_SERVING")  # an answer: the handshake was accepted
+        assert await _http_status(base, from_ca1) == 200
+        assert await _http_status(base, from_ca2) is None
+        assert await _grpc_status(target, ca1.cert_file, client2) == "UNAVAILABLE"
+        raw_ca1 = client_context(ca1.cert_file, client1)  # HTTP/1.1 (httpx sets ALPN h2 on its contexts)
+        status, session, _ = await asyncio.to_thread(_page_status_resuming, base, raw_ca1)
+        assert status == 200
+        # Mutual TLS on the HTTP port is TLS 1.3 without resumption (a resumed TLS 1.2 session, from the
+        # server's cache that Python cannot turn off, would skip the client-certificate check).
+        tls12 = client_context(ca1.cert_file, client1)
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        assert await _http_status(base, tls12) is None
+
+        # Half a rotation (the new CA file cut short): unusable, so both ports keep the previous files.
+        seen = len(output.lines)
+        rotate(ca2.cert_file.read_bytes()[:60])
+        assert await _http_status(base, from_ca1) == 200
+        assert await _grpc_status(target, ca1.cert_file, client1) == accepted_health
+        await asyncio.to_thread(output.wait_for, "HTTP port: TLS files changed but are unusable", seen)
+        await asyncio.to_thread(output.wait_for, "gRPC port: TLS files changed but are unusable", seen)
+
+        # CA 1 rotated out, CA 2 in: without a restart, the next handshakes refuse CA 1's client and accept CA 2's.
+        seen = len(output.lines)
+        rotate(ca2.cert_file.read_bytes())
+        assert await _http_status(base, from_ca1) is None
+        assert await _http_status(base, from_ca2) == 200
+        # Nor does CA 1's client get back in on its session from before the rotation.
+        status, _, resumed = await asyncio.to_thread(_page_status_resuming, base, raw_ca1, session)
+        assert status is None and not resumed
+        assert await _grpc_status(target, ca1.cert_file, client1) == "UNAVAILABLE"
+        assert await _grpc_status(target, ca1.cert_file, client2) == accepted_health
+        await asyncio.to_thread(output.wait_for, "HTTP port: TLS files reloaded", seen)
+        await asyncio.to_thread(output.wait_for, "gRPC port: TLS files reloaded", seen)
 
 
 async def test_sigterm_stops_both_ports_and_removes_the_private_socket(orchestrator_process):

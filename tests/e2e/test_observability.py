@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "i2s-services.json"
 PHOTO = ROOT / "data" / "camera.png"
 REQUEST_ID = "traced-1"
+FAILED_ID = "traced-broken"  # an image the VLM cannot decode (its header passes the orchestrator's checks)
 BOUND = 600
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ STAGES = {
     "i2s-orchestrator": {"orchestrator.admission_wait", "orchestrator.image", "orchestrator.clip"},
     "i2s-vlm": {"vlm.queue_wait", "vlm.prefill", "vlm.time_to_source", "vlm.decode"},
     "i2s-audio": {"audio.batch_wait", "audio.prompt_encoding", "audio.denoise", "audio.vae_vocoder",
-                  "audio.chunk_send"},
+                  "audio.clap_score", "audio.chunk_send"},
 }
 
 
@@ -107,13 +108,19 @@ async def traced(tiny_vlm_dir, tiny_audio_dir):
                 async for _ in stub.ImageToSound(pb.ImageToSoundRequest(request_id="bad"), timeout=60):
                     pass
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            broken = make_request(PHOTO, request_id=FAILED_ID)
+            broken.image.data = broken.image.data[:2000]
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                async for _ in stub.ImageToSound(broken, timeout=60):
+                    pass
+            assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         scraped = {}
         for name, process in (("orchestrator", orchestrator), ("vlm", vlm), ("audio", audio)):
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port(process)}/metrics", timeout=30) as page:
                 scraped[name] = page.read().decode()
         for process in (orchestrator, vlm, audio):
             assert await process.terminate() == 0, process.log()
-        yield {"events": events, "collector": collector, "metrics": scraped,
+        yield {"events": events, "collector": collector, "metrics": scraped, "failed": failed.value,
                "logs": {name: request_lines(p) for name, p in
                         (("i2s-orchestrator", orchestrator), ("i2s-vlm", vlm), ("i2s-audio", audio))}}
     finally:
@@ -161,6 +168,8 @@ def test_one_image_is_one_trace_across_the_three_processes(traced):
         assert not missing, (service, missing, sorted(names))
     assert names[("i2s-orchestrator", "orchestrator.clip")] == len(clips)
     assert names[("i2s-audio", "audio.denoise")] == len(clips)  # one per clip, also when batched together
+    assert names[("i2s-audio", "audio.clap_score")] == len(clips)
+    assert all(span.status.code != span.status.STATUS_CODE_ERROR for _, span in trace)  # nothing failed
 
     def ancestors(span) -> list[str]:
         chain = []
@@ -210,6 +219,21 @@ def test_one_image_is_one_trace_across_the_three_processes(traced):
     assert [l["status"] for l in refused] == ["INVALID_ARGUMENT"]
 
 
+def test_a_failed_image_is_an_error_span_with_its_status(traced):
+    """The image the VLM could not decode: its orchestrator.image span says so, with the status and
+    message the caller got, as the request line does."""
+    spans = traced["collector"].spans
+    image = [span for service, span in spans if service == "i2s-orchestrator" and span.name == "orchestrator.image"
+             and attributes(span).get("i2s.request_id") == FAILED_ID]
+    assert len(image) == 1
+    failed = traced["failed"]
+    assert image[0].status.code == image[0].status.STATUS_CODE_ERROR
+    assert image[0].status.message == f"INVALID_ARGUMENT: {failed.details()}"[:200]
+    assert attributes(image[0])["i2s.status_code"] == "INVALID_ARGUMENT"
+    line = [l for l in traced["logs"]["i2s-orchestrator"] if l["request_id"] == FAILED_ID]
+    assert [l["status"] for l in line] == ["INVALID_ARGUMENT"]
+
+
 def dashboard_metric_names() -> set[str]:
     dashboard = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
@@ -232,5 +256,5 @@ def test_every_dashboard_metric_is_served_after_traffic(traced):
         assert name in samples, name
     for name in without_samples:
         assert name in types, name
-    # The error panel has something to show: the refused call, by its code.
-    assert re.search(r'i2s_rpcs_total\{code="INVALID_ARGUMENT",method="ImageToSound"\} 1\.0', scraped)
+    # The error panel has something to show: the refused call and the image the VLM could not decode, by code.
+    assert re.search(r'i2s_rpcs_total\{code="INVALID_ARGUMENT",method="ImageToSound"\} 2\.0', scraped)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from vlm_prompt import load_prompt
 from tests.vlm_fixtures import description_schema
+from i2s_formats.source_merge import merge_sources
 from vlm_service import rules
 from serving.errors import InvalidInput, NotReady
 from vlm_service.backend import (
@@ -179,7 +180,7 @@ def test_stream_order_and_merge(greedy):
     assert all(k is SourceFound for k in kinds[1:-1])
     found = [e.source for e in greedy if isinstance(e, SourceFound)]
     done = greedy[-1]
-    assert rules.merge_sources(found) == list(done.description.sources)
+    assert merge_sources(found) == list(done.description.sources)
     assert (greedy[0].scene, greedy[0].mood) == (done.description.scene, done.description.mood)
     ids = [v.id for s in found for v in s.variants]
     assert len(ids) == len(set(ids))

@@ -17,6 +17,7 @@ from PIL import Image
 
 from serving.errors import Overloaded
 from tests.vlm_fixtures import description_schema
+from i2s_formats.source_merge import merge_sources
 from vlm_service import rules
 from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound
 from vlm_service.engine import EngineOptions
@@ -185,7 +186,7 @@ def test_every_output_is_schema_valid(tiny_vlm_dir, version, jump):
             jsonschema.validate(rules.to_compact_dict(done.description), description_schema())
             assert isinstance(events[0], SceneHeader)
             found = [e.source for e in events if isinstance(e, SourceFound)]
-            assert rules.merge_sources(found) == list(done.description.sources)
+            assert merge_sources(found) == list(done.description.sources)
             assert done.model_steps < done.output_tokens
             if version == "v2":  # sources first: the header went out before the scene was decoded
                 assert (events[0].scene, events[0].mood) == ("", "")

@@ -16,7 +16,8 @@ from serving.server import ServerOptions
 from tests.vlm_fixtures import description_schema
 from vlm_service.config import VlmConfig
 from vlm_service.messages import Finished
-from vlm_service.rules import merge_sources, to_compact_dict
+from i2s_formats.source_merge import merge_sources
+from vlm_service.rules import to_compact_dict
 from vlm_service.server import load_and_warm, make_server
 from vlm_service.transformers_backend import TransformersVisionBackend
 

@@ -15,22 +15,6 @@ from vlm_service.transformers_backend import TransformersVisionBackend
 STAGES = ["vlm.queue_wait", "vlm.prefill", "vlm.decode"]
 
 
-@pytest.fixture
-def spans(monkeypatch):
-    """Tracing on in this process for one test, into memory (no global provider, nothing exported)."""
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(tracing, "_provider", provider)
-    monkeypatch.setattr(tracing, "_tracer", provider.get_tracer("test"))
-    yield exporter
-    provider.shutdown()
-
-
 @pytest.mark.parametrize("engine", [True, False], ids=["engine", "reference"])
 def test_queue_wait_prefill_and_decode_follow_each_other_under_the_request(tiny_vlm_dir, spans, engine):
     options = EngineOptions(max_batch=2, batch_buckets=(1, 2), token_buckets=(1,), length_buckets=(1024,),

@@ -61,3 +61,28 @@ class CertificateAuthority:
         issued.key.write_bytes(_key_pem(key))
         os.chmod(issued.key, 0o600)
         return issued
+
+
+class MountedSecret:
+    """Files laid out as the kubelet mounts a Secret: NAME -> ..data/NAME, ..data -> a versioned folder;
+    an update writes a new folder and swaps the ..data link atomically."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.version = folder, 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def update(self, **files: Path | bytes) -> None:
+        self.version += 1
+        version = self.folder / f"..v{self.version}"
+        version.mkdir()
+        for name, content in files.items():
+            (version / name).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
+        link = self.folder / "..data.tmp"
+        link.symlink_to(version.name)
+        os.replace(link, self.folder / "..data")
+        for name in files:
+            if not (self.folder / name).is_symlink():
+                (self.folder / name).symlink_to(f"..data/{name}")
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.folder / name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from serving import security
 from serving.server import GrpcServer, ServerOptions
-from tests.security.pki import CertificateAuthority
+from tests.security.pki import CertificateAuthority, MountedSecret
 
 BOUND = 20  # seconds: every call of these tests has this deadline
 
@@ -32,31 +31,6 @@ def pki(tmp_path_factory):
         "server": ca.issue("server", server=True), "client": ca.issue("client", server=False),
         "rogue_server": rogue.issue("rogue-server", server=True), "rogue_client": rogue.issue("rogue-client", server=False),
     }
-
-
-class MountedSecret:
-    """Files laid out as the kubelet mounts a Secret: NAME -> ..data/NAME, ..data -> a versioned folder;
-    an update writes a new folder and swaps the ..data link atomically."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.version = folder, 0
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def update(self, **files: Path | bytes) -> None:
-        self.version += 1
-        version = self.folder / f"..v{self.version}"
-        version.mkdir()
-        for name, content in files.items():
-            (version / name).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
-        link = self.folder / "..data.tmp"
-        link.symlink_to(version.name)
-        os.replace(link, self.folder / "..data")
-        for name in files:
-            if not (self.folder / name).is_symlink():
-                (self.folder / name).symlink_to(f"..data/{name}")
-
-    def __getitem__(self, name: str) -> str:
-        return str(self.folder / name)
 
 
 async def _ping(request: bytes, context) -> bytes:
@@ -149,7 +123,7 @@ async def test_a_certificate_rotated_on_disk_is_served_to_new_connections_withou
         with caplog.at_level(logging.WARNING, logger="serving.security"):
             secret.update(**{"tls.crt": pki["server"].cert, "tls.key": pki["rogue_server"].key})
             assert await _call(server.address, _tls(pki)) == b"pong:x"
-        assert "keeping the previous certificate" in caplog.text
+        assert "keeping the previous ones" in caplog.text
         assert str(tmp_path) not in caplog.text  # the log names the setting, not the server's path
 
         # The Secret is rotated to a certificate from another CA: new connections get the new one.

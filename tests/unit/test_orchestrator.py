@@ -243,3 +243,36 @@ async def test_orchestrator_health_follows_the_model_services():
             await vision.grpc_server.stop()  # the VLM service is gone
             assert await next_status() == not_serving
             watch.cancel()
+
+
+@pytest.mark.parametrize("sent", [
+    common_pb2.AudioSettings(),  # every value the contract's default
+    common_pb2.AudioSettings(scheduler=common_pb2.SCHEDULER_DDIM, duration_seconds=2.5, seed=7, negative_prompt="hum"),
+])
+async def test_the_model_services_receive_exactly_what_the_orchestrator_resolved(image_bytes, sent):
+    """Validated once, handed on: the orchestrator resolves the request (i2s_formats.contract) and sends every
+    resolved value set, so an audio service of another version applies no default of its own mid-rollout.
+    Only the seed and the negative prompt stay unset when the caller sets none (a fresh draw per clip, and the
+    audio deployment's --negative-prompt: docs/architecture.md "The request contract")."""
+    from i2s_formats import contract
+
+    request = make_request(image_bytes, request_id="r", audio=sent)
+    resolved = contract.image_to_sound(request, max_clips_per_image=32)
+    vision = FakeVisionServicer(description=scripted_description(sources=1, variants=2))
+    async with fake_stack(vision=vision) as (target, vision, audio):
+        async with AsyncImageToSoundClient(target) as client:
+            result = await asyncio.wait_for(client.generate(image_bytes, request_id="r", audio=sent), BOUND)
+    assert result.ok, result
+    assert len(audio.settings) == 2 and all(s == resolved.audio.to_proto(resolved.output) for s in audio.settings)
+    for received in audio.settings:
+        for name in ("duration_seconds", "num_inference_steps", "num_candidates", "scheduler", "encoding",
+                     "chunk_duration_seconds"):
+            assert getattr(received, name), name  # set: no zero left for the audio service to default
+        assert received.HasField("guidance_scale")
+        assert received.HasField("seed") == sent.HasField("seed")
+        assert received.HasField("negative_prompt") == sent.HasField("negative_prompt")
+        # What the audio service makes of them is what the orchestrator resolved.
+        assert contract.clip_settings(received) == resolved.audio
+    expected_steps = 200 if sent.scheduler == common_pb2.SCHEDULER_DDIM else 20
+    assert audio.settings[0].num_inference_steps == expected_steps
+    assert vision.decoding == [resolved.decoding.to_proto()] and vision.decoding[0].max_new_tokens == 1024

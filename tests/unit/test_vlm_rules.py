@@ -12,6 +12,7 @@ import pytest
 
 from image_to_sound.v1 import common_pb2
 from i2s_formats import seed_format
+from i2s_formats.source_merge import merge_sources
 from vlm_service import rules
 
 Role = common_pb2.InstrumentRole
@@ -267,7 +268,7 @@ def test_streamed_events_merge_to_the_final_description():
         events = [e for e in (post.add(s) for s in sources) if e is not None]
         events += post.finish()
         final = post.description("scene", "mood")
-        assert list(final.sources) == rules.merge_sources(events)
+        assert list(final.sources) == merge_sources(events)
         # One-shot form agrees.
         assert rules.apply_post_rules(common_pb2.SceneDescription(scene="scene", mood="mood", sources=sources)) == final
         # Variant ids are never repeated across events; no event is empty.
