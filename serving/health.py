@@ -22,12 +22,17 @@ def clear_detail(key: str) -> None:
     DETAILS.pop(key, None)
 
 
+def _one_line(value: str) -> str:
+    """Printable ASCII on one line: what a gRPC metadata value may hold (an exception's text may not)."""
+    return " ".join(value.encode("ascii", "replace").decode().split())
+
+
 def details_metadata() -> tuple[tuple[str, str], ...]:
-    return tuple((f"i2s-{key}", value.encode("ascii", "replace").decode()) for key, value in sorted(DETAILS.items()))
+    return tuple((f"i2s-{key}", _one_line(value)) for key, value in sorted(DETAILS.items()))
 
 
 def details_text() -> str:
-    return ", ".join(f"{key}={value}" for key, value in sorted(DETAILS.items()))
+    return ", ".join(f"{key}={_one_line(value)}" for key, value in sorted(DETAILS.items()))
 
 
 class HealthServicer(health.aio.HealthServicer):

@@ -23,7 +23,7 @@ def test_compare_accepts_noise_within_the_tolerance_and_catches_a_wrong_result()
 
 async def test_a_report_sets_one_path_and_every_health_answer_carries_it():
     fast_path.report("probe", "compiled")
-    fast_path.report("probe", "eager", "the compiled forward disagreed")
+    fast_path.report("probe", "eager", "the compiled forward\ndisagreed")  # an exception's text: lines
     assert REGISTRY.get_sample_value("i2s_fast_path", {"service": "probe", "path": "eager"}) == 1.0
     assert REGISTRY.get_sample_value("i2s_fast_path", {"service": "probe", "path": "compiled"}) is None
     server = grpc.aio.server()
