@@ -9,12 +9,13 @@ PROTO_STAMP := protos/.generated
 TINY := models/tiny
 
 
-.PHONY: setup protos tiny-models browser-tools test test-unit test-integration test-e2e deploy-tools deploy-check device-wheels demo run clean
+.PHONY: setup protos tiny-models browser-tools redis-server test test-unit test-integration test-e2e deploy-tools deploy-check device-wheels demo run clean
 
 setup: $(STAMP) $(PROTO_STAMP)
 
 # torch's build (CPU or CUDA) is chosen by the index, not by the pin: PyPI's Linux wheel is the CUDA one;
-# TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU build (2.13.0+cpu, no CUDA libraries).
+# TORCH_INDEX=<PyTorch's CPU wheel index, or your mirror of it> gets the CPU build (2.13.0+cpu, no CUDA
+# libraries). Everything else comes from the index pip is configured with (pip.conf, PIP_INDEX_URL).
 TORCH_INDEX ?=
 
 $(STAMP): requirements.txt
@@ -39,7 +40,7 @@ $(TINY)/vlm/config.json: | setup
 $(TINY)/audio/model_index.json: | setup
 	$(PY) -m tiny_models.audio $(TINY)/audio
 
-test: setup deploy-tools browser-tools
+test: setup deploy-tools browser-tools redis-server
 	$(PY) -m pytest -q
 
 test-unit: setup
@@ -56,6 +57,12 @@ test-e2e: setup
 browser-tools:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# The shared result cache's tests (--cache-url redis://...) start Debian's redis-server on loopback; installed
+# the same way when missing.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 # checkov (the security scan of deploy/) pins packaging, boto3 and more against our lock: a venv of its own,
 # inside .venv so that everything that skips .venv (git, the packaging test, rm -rf .venv) skips it too.

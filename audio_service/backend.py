@@ -14,10 +14,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from i2s_formats.contract import AudioRequest
+from serving.deadline import Deadline
 from serving.errors import Cancelled, ServiceError
 
 __all__ = ["AudioBackend", "AudioRequest", "AudioResult", "BackendCancelled", "StepCallback", "StopCheck",
-           "check_batch", "num_samples"]
+           "Window", "WindowShape", "check_batch", "num_samples"]
 
 StepCallback = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -34,6 +35,32 @@ class AudioResult:
     scheduler: str
     model_id: str
     candidate_index: int = 0  # which of the request's candidates was kept
+    latent: np.ndarray | None = None  # a window's final latent (C, frames, bins), float32; None for a plain clip
+
+
+@dataclass(frozen=True)
+class WindowShape:
+    """A backend's model window for long clips (audio_service/long_clips.py): its length in latent frames
+    and how many audio samples one latent frame decodes to."""
+
+    frames: int
+    frame_samples: int
+    sample_rate_hertz: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames * self.frame_samples / self.sample_rate_hertz
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    """One window of a long clip, for `generate(..., windows=)`: generated at the backend's window length,
+    its first `overlap_frames` latent frames held to `context` (the previous window's final latent there,
+    (C, overlap_frames, bins)) at every denoising step; `context` None for the first window."""
+
+    index: int
+    overlap_frames: int
+    context: np.ndarray | None = None
 
 
 class NonFiniteAudio(ServiceError):
@@ -79,6 +106,14 @@ class AudioBackend(ABC):
 
     model_id: str
     sample_rate_hertz: int
+    model_revision: str | None = None  # the loaded weights (serving.models.checkpoint_revision); None: unknown
+
+    def result_identity(self) -> dict | None:
+        """What decides a clip besides its request: the model (id and revision) and the settings of this
+        backend that change the samples. Part of every result-cache key; None (revision unknown): no caching."""
+        if self.model_revision is None:
+            return None
+        return {"model_id": self.model_id, "revision": self.model_revision}
 
     @abstractmethod
     def load(self) -> None:
@@ -96,14 +131,24 @@ class AudioBackend(ABC):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        deadline: Deadline | None = None,
+        windows: Sequence[Window | None] | None = None,
     ) -> list[AudioResult | NonFiniteAudio]:
         """Generates one clip per request, in order, in one model call (a :class:`NonFiniteAudio` in the
         place of a request whose clip came out NaN or infinite).
 
         All requests must share `batch_key()` (else ValueError). `on_step(done, total)` is called from the
         calling thread after each denoising step; `should_stop()` is polled before the call and after each
-        step, and when it returns True the loop ends and BackendCancelled is raised.
+        step, and when it returns True the loop ends and BackendCancelled is raised. `deadline`: the last
+        of the callers' deadlines; a backend that calls out (Triton) bounds its call by it (TimeoutError
+        when it passes), one in process is stopped through `should_stop` when its callers leave. `windows`
+        (only from a backend with a `window_shape()`): one per request, all set; each result then carries its
+        `latent`.
         """
+
+    def window_shape(self) -> WindowShape | None:
+        """The model window long clips are made of; None when this backend cannot continue a window."""
+        return None
 
     def batch_key(self, request: AudioRequest) -> tuple:
         """Requests with equal keys may share one `generate` call (a backend that buckets durations widens it)."""

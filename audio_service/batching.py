@@ -7,7 +7,10 @@
   candidates), from any image or client, go into one `backend.generate` call, up to `max_batch_size`
   (a full batch leaves at once). The oldest queued request waits at most `max_wait_ms` since it
   arrived for companions; requests that queued while a batch ran leave together right after it.
-  Others wait for a later call, oldest first.
+  Others wait for a later call.
+- Which request a call is formed around: interactive before batch (`serving.priority.PriorityOrder`: aging
+  gives batch requests at least one call in every `batch_aging + 1`), then the oldest; its companions are
+  compatible requests, interactive ones first. A running call is never preempted.
 - One dispatch thread calls the backend: one model, one call at a time. The event loop never blocks.
 - At most `max_queue` requests wait (the running batch not counted); beyond that `submit` raises
   `Overloaded` (RESOURCE_EXHAUSTED).
@@ -15,6 +18,8 @@
   deadline (`serving.deadline.Deadline`) passes while it waits: its caller gets DeadlineExceeded at once. If every caller of the
   running batch is cancelled, the backend's `should_stop` turns true and the loop ends at the next step.
 - `on_step(done, total)` progress reaches each caller on the event loop (call_soon_threadsafe).
+- A window of a long clip (`window=`, audio_service/long_clips.py) batches with windows of other clips
+  (same settings), never with plain clips: the backend then gets `windows=` for the whole call.
 """
 from __future__ import annotations
 
@@ -27,10 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback
+from audio_service.backend import AudioBackend, AudioRequest, AudioResult, BackendCancelled, StepCallback, Window
 from serving import metrics, tracing
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady, Overloaded
+from serving.priority import BATCH, INTERACTIVE, PRIORITIES, PriorityOrder
 
 __all__ = ["Batcher", "NotReady", "Overloaded"]
 
@@ -48,6 +54,8 @@ class _Job:
     trace: Any = None  # the caller's trace context (tracing.capture()), None when tracing is off
     queued_ns: int = 0
     deadline: Deadline | None = None
+    priority: str = INTERACTIVE
+    window: Window | None = None
 
     def expired(self) -> bool:
         return self.deadline is not None and self.deadline.expired()
@@ -63,6 +71,7 @@ class Batcher:
         max_batch_size: int = 4,
         max_wait_ms: float = 10.0,
         max_queue: int = 64,
+        order: PriorityOrder | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -74,6 +83,11 @@ class Batcher:
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_ms) / 1000.0
         self.max_queue = int(max_queue)
+        self.order = order or PriorityOrder()
+        for priority in PRIORITIES:  # every series exists from the start (at 0)
+            metrics.QUEUE_WAIT.labels(stage="audio", priority=priority)
+        for state in ("queued", "running"):
+            metrics.WORK_CANCELLED.labels(stage="audio", state=state)
         # Counters and the last event only: per-batch history would grow for the life of the server
         # (the i2s_* metrics count batches for operators).
         self.backend_calls = 0  # number of backend.generate calls made
@@ -97,7 +111,8 @@ class Batcher:
         return len(self._queue)
 
     async def submit(self, request: AudioRequest, on_step: StepCallback | None = None,
-                     deadline: Deadline | None = None) -> AudioResult:
+                     deadline: Deadline | None = None, priority: str = INTERACTIVE,
+                     window: Window | None = None) -> AudioResult:
         """Queues one request and returns its result when its batch is done.
 
         `request` is valid by construction (i2s_formats.contract). Raises Overloaded when `max_queue`
@@ -112,11 +127,12 @@ class Batcher:
             raise Overloaded(f"{len(self._queue)} audio requests already waiting; retry later")
         loop = asyncio.get_running_loop()
         self._start(loop)
-        # Backends that are not AudioBackend subclasses (test doubles) group by the request's own key.
-        batch_key = getattr(self.backend, "batch_key", None)
-        key = batch_key(request) if batch_key is not None else request.batch_key()
+        key = self.backend.batch_key(request)
+        if window is not None:
+            key = key + ("window", window.overlap_frames)
         job = _Job(request=request, future=loop.create_future(), on_step=on_step, key=key, queued_at=loop.time(),
-                   trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline)
+                   trace=tracing.capture(), queued_ns=time.time_ns(), deadline=deadline, priority=priority,
+                   window=window)
         self._queue.append(job)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -134,8 +150,10 @@ class Batcher:
         job.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody reads it any more
         try:
             self._queue.remove(job)  # still queued: it will never run
-        except ValueError:
-            pass  # already taken into a batch: should_stop sees the flag
+            metrics.WORK_CANCELLED.labels(stage="audio", state="queued").inc()
+        except ValueError:  # already taken into a batch: should_stop sees the flag
+            if not job.future.done():
+                metrics.WORK_CANCELLED.labels(stage="audio", state="running").inc()
 
     async def close(self, *, cancel_running: bool = False) -> None:
         """Stops accepting requests and fails the queued ones with NotReady.
@@ -174,14 +192,11 @@ class Batcher:
             if not job.future.done():
                 job.future.set_exception(DeadlineExceeded("deadline exceeded while the audio request waited"))
 
-    def _compatible(self, key: tuple) -> list[_Job]:
-        batch = []
-        for job in self._queue:
-            if job.key == key and not job.cancelled:
-                batch.append(job)
-                if len(batch) == self.max_batch_size:
-                    break
-        return batch
+    def _compatible(self, head: _Job) -> list[_Job]:
+        """`head` and the requests that can share its call, interactive ones first, each class oldest first."""
+        others = [job for job in self._queue if job is not head and job.key == head.key and not job.cancelled]
+        others.sort(key=lambda job: job.priority == BATCH)  # stable: arrival order within a class
+        return [head, *others][: self.max_batch_size]
 
     async def _dispatch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -191,10 +206,10 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            head = self._queue[0]
+            head = self.order.choose(self._queue, _priority)
             deadline = head.queued_at + self.max_wait_s
-            # Wait for companions until the batch is full or the oldest request has waited long enough.
-            while not self._closed and head in self._queue and len(self._compatible(head.key)) < self.max_batch_size:
+            # Wait for companions until the batch is full or the head has waited long enough.
+            while not self._closed and head in self._queue and len(self._compatible(head)) < self.max_batch_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -206,9 +221,10 @@ class Batcher:
             if self._closed:
                 break
             self._drop_expired()
-            if head not in self._queue:  # the oldest caller left while we waited: start over
+            if head not in self._queue:  # the head's caller left while we waited: start over
                 continue
-            batch = self._compatible(head.key)
+            head = self.order.pick(self._queue, _priority)  # interactive work that came meanwhile goes first
+            batch = self._compatible(head)
             for job in batch:
                 self._queue.remove(job)
             await self._run_batch(loop, batch)
@@ -231,12 +247,16 @@ class Batcher:
         self.last_batch_size = len(batch)
         metrics.AUDIO_BATCH_SIZE.observe(len(batch))
         call = functools.partial(
-            self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step
+            self.backend.generate, [job.request for job in batch], should_stop=should_stop, on_step=on_step,
+            deadline=Deadline.latest(job.deadline for job in batch),
         )
+        if batch[0].window is not None:  # one key: all windows or none
+            call = functools.partial(call, windows=[job.window for job in batch])
         # Each caller's trace gets its wait and, from the backend, the batch's stages (one span per caller).
         now_ns = time.time_ns()
         for job in batch:
             tracing.record_span(job.trace, "audio.batch_wait", job.queued_ns, now_ns, batch_size=len(batch))
+            metrics.QUEUE_WAIT.labels(stage="audio", priority=job.priority).observe((now_ns - job.queued_ns) / 1e9)
         phases = tracing.Phases([job.trace for job in batch if job.trace is not None], batch_size=len(batch))
         call = tracing.run_with_phases(phases, call)
         started = loop.time()
@@ -294,3 +314,7 @@ class Batcher:
                     job.on_step(done, total)
                 except Exception:  # noqa: BLE001 - a caller's callback must not break the others
                     log.exception("on_step callback failed")
+
+
+def _priority(job: _Job) -> str:
+    return job.priority

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from serving.config import parse_config, setting
+from serving.priority import PriorityOptions
+from serving.result_cache import CacheOptions
 from serving.models import DEFAULT_AUDIO_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 from serving.threads import ThreadOptions
@@ -43,6 +45,12 @@ class AudioConfig:
                                                   'are trimmed back ("": exact lengths; with --compile: 4,10,30)')
     prompt_cache_size: int = setting(256, "captions whose encodings are kept (LRU); 0 lets the pipeline encode "
                                      "every batch")
+    max_clip_seconds: float = setting(300.0, "the longest clip made (clips over 30 s are made in model windows, "
+                                      "each continuing the last); at most 300")
+    speech_music_margin: float = setting(0.0, "the speech/music guard refuses a clip whose CLAP score for speech, "
+                                         "singing or music is above its caption's score minus this")
+    priority: PriorityOptions = PriorityOptions()
+    cache: CacheOptions = CacheOptions()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()
 

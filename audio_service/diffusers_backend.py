@@ -54,14 +54,17 @@ from audio_service.backend import (
     NonFiniteAudio,
     StepCallback,
     StopCheck,
+    Window,
+    WindowShape,
     check_batch,
     num_samples,
 )
 from i2s_formats.contract import DEFAULT_GUIDANCE_SCALE
 from serving import metrics, tracing
 from serving.blocking import ModelWorker
+from serving.deadline import Deadline
 from serving.errors import NotReady
-from serving.models import hf_token, torch_dtype
+from serving.models import checkpoint_revision, hf_token, torch_dtype
 
 __all__ = ["DiffusersAudioBackend", "Candidates", "COMPILE_MODES", "bucket_for", "candidate_seed", "fit_length",
            "parse_buckets", "resample"]
@@ -81,6 +84,7 @@ class Candidates:
     waveforms: np.ndarray  # (num_candidates, num_samples) float32
     scores: np.ndarray  # (num_candidates,) CLAP cosine similarity of each candidate to the request's prompt
     steps_run: int
+    latents: np.ndarray | None = None  # (num_candidates, C, frames, bins) final latents of a window; else None
 
 
 class _Stop(Exception):
@@ -165,6 +169,7 @@ class DiffusersAudioBackend(AudioBackend):
         warmup_batch_sizes: Sequence[int] = (1,),
         warmup_duration_seconds: float = 1.0,
         self_check: bool = False,
+        window_frames: int | None = None,
     ):
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r} is not one of {', '.join(COMPILE_MODES)}")
@@ -173,6 +178,7 @@ class DiffusersAudioBackend(AudioBackend):
         if not warmup_batch_sizes or min(warmup_batch_sizes) < 1:
             raise ValueError("warmup_batch_sizes must be positive")
         self.compile_mode = compile
+        self.window_frames = window_frames  # long clips' window in latent frames; None: the model's native one
         self.duration_buckets = parse_buckets(duration_buckets)
         self.prompt_cache_size = int(prompt_cache_size)
         self.warmup_batch_sizes = tuple(sorted(set(int(b) for b in warmup_batch_sizes)))
@@ -212,10 +218,13 @@ class DiffusersAudioBackend(AudioBackend):
             raise NotReady("the audio model is not loaded")
         return self._pipe
 
-    @property
-    def thread_ident(self) -> int | None:
-        """The identity of the model thread (None until it ran something)."""
-        return self.worker.thread_ident
+    def result_identity(self) -> dict | None:
+        identity = super().result_identity()
+        if identity is None:
+            return None
+        # Precision, device kind and buckets (a bucketed clip is rendered longer, then cut) change the samples.
+        return {**identity, "dtype": str(self.dtype), "device": str(self.device).split(":")[0],
+                "buckets": list(self.duration_buckets)}
 
     def batch_key(self, request: AudioRequest) -> tuple:
         """Like `request.batch_key()`, with the duration replaced by its bucket: one bucket, one batch."""
@@ -266,6 +275,7 @@ class DiffusersAudioBackend(AudioBackend):
             # non-contiguous input (torch 2.11, CPU aot_eager); tracing the vocoder took minutes on CPU.
             pipe.unet.compile(**kwargs)
         self._encodings.clear()
+        self.model_revision = checkpoint_revision(self.model_id, self.revision, self._token)
         self._pipe = pipe
         log.info("loaded %s in %.1f s", self.model_id, time.perf_counter() - started)
 
@@ -374,13 +384,25 @@ class DiffusersAudioBackend(AudioBackend):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        deadline: Deadline | None = None,  # its callers leave at their deadlines, which turns should_stop true
+        windows: Sequence[Window | None] | None = None,
     ) -> list[AudioResult | NonFiniteAudio]:
-        return self.worker.run(lambda: self._generate(requests, should_stop, on_step))
+        return self.worker.run(lambda: self._generate(requests, should_stop, on_step, windows))
+
+    def window_shape(self) -> WindowShape:
+        """The model's native window (unet sample_size latent frames: 10.24 s for cvssp/audioldm2), or
+        `window_frames` (tests and benchmarks: the tiny checkpoint's native 2.56 s is arbitrary)."""
+        pipe = self.pipeline
+        hop = int(np.prod(pipe.vocoder.config.upsample_rates))
+        frames = self.window_frames or int(pipe.unet.config.sample_size)
+        return WindowShape(frames=frames, frame_samples=hop * pipe.vae_scale_factor,
+                           sample_rate_hertz=self.sample_rate_hertz)
 
     def _generate(self, requests: Sequence[AudioRequest], should_stop: StopCheck | None,
-                  on_step: StepCallback | None) -> list[AudioResult | NonFiniteAudio]:
+                  on_step: StepCallback | None, windows: Sequence[Window | None] | None = None,
+                  ) -> list[AudioResult | NonFiniteAudio]:
         requests = list(requests)
-        candidates = self._generate_candidates(requests, should_stop=should_stop, on_step=on_step)
+        candidates = self._generate_candidates(requests, should_stop=should_stop, on_step=on_step, windows=windows)
         results = []
         for request, cands in zip(requests, candidates):
             best = int(np.argmax(cands.scores))
@@ -399,6 +421,7 @@ class DiffusersAudioBackend(AudioBackend):
                     scheduler=request.scheduler,
                     model_id=self.model_id,
                     candidate_index=best,
+                    latent=None if cands.latents is None else cands.latents[best],
                 )
             )
         return results
@@ -431,9 +454,12 @@ class DiffusersAudioBackend(AudioBackend):
         *,
         should_stop: StopCheck | None = None,
         on_step: StepCallback | None = None,
+        windows: Sequence[Window | None] | None = None,
     ) -> list[Candidates]:
         requests = list(requests)
         check_batch(requests, key=self.batch_key)
+        if windows is not None and (len(windows) != len(requests) or any(w is None for w in windows)):
+            raise ValueError("windows: one per request, all set")
         import torch
 
         first = requests[0]
@@ -443,8 +469,10 @@ class DiffusersAudioBackend(AudioBackend):
             if should_stop is not None and should_stop():
                 raise BackendCancelled(0, total)
 
-            # Generated at the bucket's length, each request trimmed back to its own below.
-            n = self.generation_samples(first)
+            # Generated at the bucket's length, each request trimmed back to its own below; a window at
+            # exactly the model's window (long_clips asks for that length).
+            n = self.generation_samples(first) if windows is None else num_samples(first.duration_seconds,
+                                                                                    self.sample_rate_hertz)
             hop = int(np.prod(pipe.vocoder.config.upsample_rates))
             frames = math.ceil(n / hop)
             # Half a frame of slack: the pipeline floors audio_length_in_s / hop-seconds to whole frames.
@@ -455,10 +483,18 @@ class DiffusersAudioBackend(AudioBackend):
             ]
             negatives = [r.negative_prompt.strip() for r in requests]
             steps_run = 0
+            hold = None
+            if windows is not None:
+                from audio_service.latent_windows import OverlapHold
+
+                hold = OverlapHold(pipe, self._schedulers[first.scheduler], windows, k, generators,
+                                   n // (hop * pipe.vae_scale_factor), total, self.device, self.dtype)
 
             def step_callback(step_index: int, timestep: Any, latents: Any) -> None:
                 nonlocal steps_run
                 steps_run = step_index + 1
+                if hold is not None:
+                    hold.apply(step_index, latents)
                 if on_step is not None:
                     on_step(steps_run, total)
                 if steps_run == total:  # the pipeline goes on to the VAE decoder and the vocoder
@@ -483,6 +519,7 @@ class DiffusersAudioBackend(AudioBackend):
                     guidance_scale=float(first.guidance_scale),
                     num_waveforms_per_prompt=k,
                     generator=generators,
+                    latents=None if hold is None else hold.initial,
                     callback=step_callback,
                     callback_steps=1,
                     output_type="np",
@@ -507,9 +544,11 @@ class DiffusersAudioBackend(AudioBackend):
                 scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
             phases.end()
         # A non-finite candidate ranks last (-inf) and never wins: _generate fails a request with no other.
+        latents = None if hold is None else hold.final.reshape(len(requests), k, *hold.final.shape[1:])
         return [
             Candidates(waveforms=clips[b], scores=np.where(finite[b], scores[b], -np.inf).astype(np.float32),
-                       steps_run=steps_run or total)
+                       steps_run=steps_run or total,
+                       latents=None if latents is None else latents[b])
             for b in range(len(requests))
         ]
 

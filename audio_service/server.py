@@ -1,41 +1,68 @@
 """AudioService servicer: gRPC messages in, batched backend calls, audio chunks out. No model logic here."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
 from typing import Sequence
 
 import grpc
 
+import numpy as np
+
+from audio_service import clip_maker
 from audio_service.backend import AudioBackend, AudioResult
 from audio_service.batching import Batcher
+from audio_service.clip_cache import clip_key, pack_clip, unpack_clip
 from audio_service.config import AudioConfig, effective_buckets, effective_max_batch_size
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
-from i2s_formats import audio_encoding, contract
+from i2s_formats import audio_encoding, contract, loudness
+from i2s_formats.chunk_stream import ChunkStream
 from serving import fast_path, metrics, request_log, tracing
 from serving.deadline import Deadline
-from serving.errors import NotReady
+from serving.errors import InvalidInput, NotReady
+from serving.priority import PriorityOrder
 from serving.pump import Pump
+from serving.result_cache import open_cache
 from serving.server import GrpcServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = audio_pb2.DESCRIPTOR.services_by_name["AudioService"].full_name
+QUEUE = "audio_batch"  # its i2s_queue_depth label: the waiting work the autoscalers read (deploy/README.md "Scaling")
 
 class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
     def __init__(self, backend: AudioBackend, config: AudioConfig):
         self.backend = backend
         self.config = config
         self.batcher = Batcher(
-            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
+            backend, max_batch_size=effective_max_batch_size(config), max_wait_ms=config.max_wait_ms,
+            max_queue=config.max_queue, order=PriorityOrder(config.priority.batch_aging),
         )
-        metrics.QUEUE_DEPTH.labels(queue="audio_batch").set_function(lambda: self.batcher.queue_depth)
+        self.cache = open_cache(config.cache, "audio")
+        metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: self.batcher.queue_depth)
 
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
             raise NotReady("the audio model is still loading")
         call = contract.generate_audio(request.prompt, request.settings, request.clip_id,
-                                       self.config.default_negative_prompt)
+                                       self.config.default_negative_prompt, request)
         generation, clip_id = call.generation, call.clip_id
+        if generation.duration_seconds > self.config.max_clip_seconds:
+            raise InvalidInput(f"settings: duration_seconds={generation.duration_seconds:g}; this service makes "
+                               f"clips of at most {self.config.max_clip_seconds:g} s")
+        if clip_maker.needs_clip_maker(generation):  # streamed as made; not cached (yet)
+            async for response in self._made(call, context):
+                yield response
+            return
+        key = clip_key(call, self.backend)
+        cached = await self.cache.lookup(key, call.handling.bypass_cache)
+        if cached is not None:  # no model runs: the clip as it was rendered, encoded as this call asks
+            waveform, metadata = unpack_clip(cached)
+            request_log.note(clip_id=clip_id, cache_hit=True)
+            for response in self._chunks(call, waveform, metadata):
+                yield response
+            return
 
         # Progress events while the batch denoises; the clip follows. If the caller cancels, this
         # coroutine is cancelled, the batcher marks the request and the backend stops early.
@@ -48,7 +75,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
 
             async def render() -> None:
                 pump.put_nowait(await self.batcher.submit(generation, on_step=progress,
-                                                          deadline=Deadline.from_context(context)))
+                                                          deadline=Deadline.from_context(context),
+                                                          priority=call.handling.priority))
 
             pump.spawn(render())
             async for item in pump:
@@ -57,11 +85,13 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
                 else:
                     yield item
         elapsed = time.perf_counter() - started
+        out = await asyncio.to_thread(loudness.deliver, result.waveform, result.sample_rate_hertz,
+                                      call.output.sample_rate_hertz, call.output.loudness_target_lufs)
 
         metadata = common_pb2.ClipMetadata(
-            duration_seconds=len(result.waveform) / result.sample_rate_hertz,
-            sample_rate_hertz=result.sample_rate_hertz,
-            num_samples=len(result.waveform),
+            duration_seconds=len(out.samples) / out.rate,
+            sample_rate_hertz=out.rate,
+            num_samples=len(out.samples),
             seed=generation.seed,
             num_inference_steps=result.steps_run,
             scheduler=contract.SCHEDULER_ENUM[result.scheduler],
@@ -74,17 +104,108 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         )
         if result.score is not None:
             metadata.score = result.score
+        loudness.record(metadata, out.level, out.gain_db)
         request_log.note(clip_id=clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=result.steps_run)
+        await self.cache.store(key, pack_clip(out.samples, metadata))  # as sent: rate and loudness applied
+        for response in self._chunks(call, out.samples, metadata):
+            yield response
+
+    @staticmethod
+    def _chunks(call: contract.AudioCall, waveform, metadata: common_pb2.ClipMetadata):
         sending = tracing.request_phases("audio.chunk_send")
         for chunk in audio_encoding.audio_chunks(
-            clip_id, result.waveform, result.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds, metadata
+            call.clip_id, waveform, metadata.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds,
+            metadata,
         ):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
 
+    async def _made(self, call: contract.AudioCall, context: grpc.aio.ServicerContext):
+        """A long, looped or guarded clip (audio_service/clip_maker.py): progress over all its model calls, its
+        chunks as soon as its samples are final (a long clip's first window streams before the second is
+        made), the metadata on the last chunk."""
+        generation = call.generation
+        shape = getattr(self.backend, "window_shape", lambda: None)()  # None: no windows (Triton, doubles)
+        rate = shape.sample_rate_hertz if shape else self.backend.sample_rate_hertz
+        deadline = Deadline.from_context(context)
+        # Another rate or a loudness target needs the whole clip (resampled and measured once): sent at the end.
+        out_rate = call.output.sample_rate_hertz or rate
+        whole = out_rate != rate or call.output.loudness_target_lufs is not None
+        stream = ChunkStream(call.clip_id, out_rate, call.output.encoding, call.output.chunk_seconds)
+        made_samples: list[np.ndarray] = []
+        started = time.perf_counter()
+        async with Pump() as pump:
+
+            def progress_from(offset: int):
+                def progress(done: int, total: int) -> None:
+                    pump.put_nowait(audio_pb2.GenerateAudioResponse(
+                        progress=common_pb2.Progress(steps_done=offset + done, steps_total=offset + total)))
+                return progress
+
+            async def submit_window(request, window):
+                steps = request.num_inference_steps
+                return await self.batcher.submit(request, on_step=progress_from(window.index * steps),
+                                                 deadline=deadline, priority=call.handling.priority, window=window)
+
+            async def submit_clip(request):
+                return await self.batcher.submit(request, on_step=progress_from(0), deadline=deadline,
+                                                 priority=call.handling.priority)
+
+            async def render() -> None:
+                async for item in clip_maker.make_clip(
+                        generation, sample_rate=rate, shape=shape, submit_clip=submit_clip,
+                        submit_window=submit_window, backend=self.backend,
+                        guard_margin=self.config.speech_music_margin):
+                    pump.put_nowait(item)
+
+            pump.spawn(render())
+            async for item in pump:
+                if isinstance(item, np.ndarray):
+                    made_samples.append(item)
+                    for chunk in ([] if whole else stream.add(item)):
+                        yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+                elif isinstance(item, clip_maker.MadeClip):
+                    made = item
+                else:
+                    yield item
+        elapsed = time.perf_counter() - started
+        clip = np.concatenate(made_samples) if made_samples else np.zeros(0, np.float32)
+        if whole:
+            out = await asyncio.to_thread(loudness.deliver, clip, rate, out_rate, call.output.loudness_target_lufs)
+            level, gain_db, sent = out.level, out.gain_db, out.samples
+        else:
+            level, gain_db, sent = await asyncio.to_thread(loudness.measure, clip, rate), 0.0, None
+        scale = out_rate / rate  # sample offsets at the rate sent
+        first = made.results[0]
+        scores = [r.score for r in made.results if r.score is not None]
+        metadata = common_pb2.ClipMetadata(
+            duration_seconds=(len(sent) if whole else stream.total_samples) / out_rate, sample_rate_hertz=out_rate,
+            num_samples=len(sent) if whole else stream.total_samples,
+            seed=made.seed, num_inference_steps=first.steps_run, scheduler=contract.SCHEDULER_ENUM[first.scheduler],
+            guidance_scale=generation.guidance_scale, model_id=first.model_id, prompt=generation.prompt,
+            negative_prompt=generation.negative_prompt, num_candidates=generation.num_candidates,
+            generation_seconds=elapsed, window_count=made.windows,
+            window_join_samples=[round(j * scale) for j in made.join_samples],
+            guard_attempts=[common_pb2.GuardAttempt(**dataclasses.asdict(a)) for a in made.attempts],
+        )
+        if made.loop_points is not None:
+            metadata.loop_start_sample = round(made.loop_points[0] * scale)
+            metadata.loop_end_sample = metadata.num_samples if whole else made.loop_points[1]
+        if scores:
+            metadata.score = float(np.mean(scores))  # each window's against the caption
+        request_log.note(clip_id=call.clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
+                         steps=first.steps_run, windows=made.windows, tries=max(1, len(made.attempts)))
+        loudness.record(metadata, level, gain_db)
+        if whole:
+            for chunk in stream.add(sent):
+                yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+        for chunk in stream.finish(metadata):
+            yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+
     async def close(self) -> None:
         await self.batcher.close()
+        await self.cache.close()
 
 
 def build_backend(config: AudioConfig) -> AudioBackend:

@@ -18,10 +18,10 @@ from typing import Sequence
 import numpy as np
 
 from serving import tracing
-from serving.deadline import DEFAULT_DEADLINE_SECONDS
+from serving.deadline import DEFAULT_DEADLINE_SECONDS, Deadline
 from serving.errors import NotReady
-from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
-                                  wait_model_ready)
+from serving.triton_client import (Readiness, TritonClients, TritonTls, call_timeout, model_ready,
+                                   translate_error, wait_model_ready)
 from audio_service.backend import (AudioBackend, AudioRequest, AudioResult, BackendCancelled,
                                    StepCallback, StopCheck, check_batch)
 
@@ -132,7 +132,9 @@ class TritonAudioBackend(AudioBackend):
         return self._readiness.check(lambda: model_ready(self._clients.shared(), self.model_name))
 
     def generate(self, requests: Sequence[AudioRequest], *, should_stop: StopCheck | None = None,
-                 on_step: StepCallback | None = None, timeout_seconds: float | None = None) -> list[AudioResult]:
+                 on_step: StepCallback | None = None, deadline: Deadline | None = None) -> list[AudioResult]:
+        """One Triton request for the batch; the callers' deadline is its timeout (Triton's DEADLINE_EXCEEDED,
+        raised as TimeoutError), else `request_timeout_seconds`."""
         import tritonclient.grpc as triton
 
         check_batch(requests)
@@ -159,7 +161,7 @@ class TritonAudioBackend(AudioBackend):
         client = self._clients.shared()  # held until the call ends (a replaced client closes when let go)
         call = client.async_infer(
             self.model_name, inputs, finished, outputs=[triton.InferRequestedOutput(n) for n in OUTPUTS],
-            client_timeout=timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds,
+            client_timeout=call_timeout(deadline, self.request_timeout_seconds),
         )
         while not done.wait(_STOP_POLL_SECONDS):
             if should_stop is not None and should_stop():

@@ -53,8 +53,7 @@ def _decode(backend: Any, image: Any, tokens: int, clients: int = 1) -> list[dic
 
 
 def _engine(model: str, device: str, image: Any, tokens: int, random_weights: bool = False) -> dict:
-    from vlm_service.config import VlmConfig
-    from vlm_service.server import engine_options
+    from vlm_service.config import VlmConfig, engine_options
     from vlm_service.transformers_backend import TransformersVisionBackend
 
     b = TransformersVisionBackend(model, device=device, engine=engine_options(VlmConfig()), random_weights=random_weights)
@@ -83,8 +82,7 @@ def eager_step(model: str, device: str, image_png: bytes, tokens: int, random_we
     against which the captured step's number (the service's) reads. Public APIs only."""
     from PIL import Image
 
-    from vlm_service.config import VlmConfig
-    from vlm_service.server import engine_options
+    from vlm_service.config import VlmConfig, engine_options
     from vlm_service.transformers_backend import TransformersVisionBackend
 
     b = TransformersVisionBackend(model, device=device, engine=engine_options(VlmConfig(engine_capture="none")),

@@ -1,5 +1,5 @@
-"""The ASGI app of the HTTP front: the page and its modules at /, JSON lines at /v1/image-to-sound, and the
-Connect / gRPC-Web service at /image_to_sound.v1.Orchestrator/*."""
+"""The ASGI app of the HTTP front: the page and its modules at /, JSON lines at /v1/image-to-sound, readiness
+at /v1/ready, and the Connect / gRPC-Web service at /image_to_sound.v1.Orchestrator/*."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,8 @@ from starlette.responses import FileResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway import json_lines
+from gateway import json_lines, readiness
+from i2s_formats import contract
 from gateway.connect_service import connect_app
 from gateway.upstream import Upstream
 
@@ -53,13 +54,15 @@ def create_app(upstream: Upstream, cors_origins: str = "") -> Starlette:
     if origins:  # off unless configured: the page itself is same-origin
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=origins, allow_methods=["POST", "GET"],
-            allow_headers=["authorization", "content-type", "connect-protocol-version", "connect-timeout-ms",
+            allow_headers=["authorization", contract.PRIORITY_HEADER, "content-type",
+                            "connect-protocol-version", "connect-timeout-ms",
                            "x-grpc-web", "x-user-agent"],
             expose_headers=["grpc-status", "grpc-message"]))
     return Starlette(
         routes=[
             Route("/", lambda request: FileResponse(STATIC / "index.html"), methods=["GET", "HEAD"]),
             Route(json_lines.PATH, json_lines.json_lines_endpoint(upstream), methods=["POST"]),
+            Route(readiness.PATH, readiness.readiness_endpoint(upstream.channel), methods=["GET"]),
             Mount(connect.path, app=connect),
             Mount("/static", app=StaticFiles(directory=STATIC)),
         ],

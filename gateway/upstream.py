@@ -8,11 +8,13 @@ from typing import AsyncIterator, Mapping
 import grpc
 
 from gateway.errors import from_grpc
+from i2s_formats import contract
 from image_to_sound.v1 import orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from serving.channels import channel_options
 
-# Request headers passed on as gRPC metadata: the bearer token, checked by the gRPC server's interceptor.
-FORWARDED_HEADERS = ("authorization",)
+# Request headers passed on as gRPC metadata: the bearer token, checked by the gRPC server's interceptor, and
+# `I2S-Priority: interactive|batch`, resolved by the request contract when the body sets no priority.
+FORWARDED_HEADERS = ("authorization", contract.PRIORITY_HEADER)
 
 
 class Upstream:

@@ -4,7 +4,8 @@ Embedded by default (the three services as local child processes); --orchestrato
 Outputs, as the seed wrote them:
     sound_sources/<stem>/<stem>_sound_source.json      the description, in the seed's format
     result/<stem>/NN_<source>_<action>.wav              one clip per variant (PCM 16-bit mono)
-    result/<stem>/prompts.json                          what each clip was made from
+    result/<stem>/prompts.json                          what each clip was made from (with its loudness and box)
+    result/<stem>/scene_mix.wav, mix.json               with --scene_mix: the stereo mix and the data that rebuild it
     result/index.html                                   the gallery of every image (i2s_cli/gallery.py)
 Every file is written atomically; an image whose outputs are complete is skipped on the next run.
 With --skip_vlm the input is the descriptions, not the images: every *_sound_source.json under
@@ -31,9 +32,11 @@ from i2s_client import ImageResult, ImageToSoundClient, OrchestratorUnavailable,
 from i2s_cli.gallery import SpectrogramDrawer, write_gallery
 from i2s_cli.phase2 import export_phase2
 from serving.atomic_files import write_text_atomic
+from serving.errors import InvalidInput
 from serving.images import EXTENSIONS
+from serving.errors import InvalidInput
 from serving.security import SecurityConfigError
-from i2s_formats import contract
+from i2s_formats import boxes, contract, json_schemas, loudness, stereo_mix
 from i2s_formats.seed_format import SeedFormatError, dumps_seed, read_seed_file
 
 log = logging.getLogger("main")
@@ -82,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--skip_vlm", action="store_true",
                        help=f"make clips from every *{DESCRIPTION_SUFFIX} under --sound_sources_dir (no images needed)")
     files.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    files.add_argument("--bypass_cache", action="store_true", help="render afresh even when the services hold a "
+                       "result for the same image or caption and seed")
     files.add_argument("--scene_mix", action="store_true", help="also write result/<image>/scene_mix.wav, all clips layered")
     files.add_argument("--export_phase2", metavar="DIR", help="also copy the clips into DIR/guitar, bass, keyboard, drum "
                        "by instrument")
@@ -89,7 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--no_progress", action="store_true", help="no progress bars (log lines only)")
     audio = p.add_argument_group("sound")
     audio.add_argument("--audio_seconds", type=float, default=contract.DEFAULT_DURATION_SECONDS, metavar="SECONDS",
-                       help=f"clip length (default: {contract.DEFAULT_DURATION_SECONDS:g})")
+                       help=f"clip length, up to {contract.MAX_DURATION_SECONDS:g}; over "
+                       f"{contract.MAX_SINGLE_WINDOW_SECONDS:g} the clip is made window after window, each continuing "
+                       f"the last (default: {contract.DEFAULT_DURATION_SECONDS:g})")
+    audio.add_argument("--loop", action="store_true",
+                       help="make every clip a seamless loop (its end flows into its start; the loop points go into "
+                       "the WAV's sampler chunk and prompts.json)")
+    audio.add_argument("--reject_speech_music", type=retries, default=0, metavar="N",
+                       help="remake a clip that sounds more like speech, singing or music than its caption, with a "
+                       f"new seed, up to N times (0-{contract.MAX_GUARD_RETRIES}; default: 0, off)")
     audio.add_argument("--audio_steps", type=int, default=0, metavar="N",
                        help="denoising steps: more is slower and cleaner (default: 20; the original script used 200 "
                        "with --audio_scheduler ddim)")
@@ -102,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="denoising method (default: dpm; ddim with 200 steps is the original script's)")
     audio.add_argument("--num_candidates", type=int, default=1, metavar="N",
                        help="clips made per sound; the one that best matches its caption is kept (default: 1)")
+    music = p.add_argument_group("material for music (README \"Phase 2\")")
+    music.add_argument("--locate_sources", action="store_true",
+                       help="also ask where each sound source is in the image (a box, used to place it in the "
+                       "stereo scene mix)")
+    music.add_argument("--loudness_target", type=loudness_target, default=None, metavar="LUFS",
+                       help=f"normalise every clip and the scene mix to this loudness ({loudness.MIN_TARGET_LUFS:g} "
+                       f"to {loudness.MAX_TARGET_LUFS:g}; e.g. -23 broadcast, -14 streaming), peaks under "
+                       f"{loudness.PEAK_CEILING_DBFS:g} dBFS (default: clips as the model made them, the mix at "
+                       f"{loudness.MIX_TARGET_LUFS:g})")
+    music.add_argument("--sample_rate", type=int, default=0, choices=(0, *contract.OUTPUT_RATES), metavar="HERTZ",
+                       help="output rate: " + ", ".join(map(str, contract.OUTPUT_RATES)) + " (default: the model's, "
+                       "16000)")
     models = p.add_argument_group("models and devices (for the services started here)")
     models.add_argument("--vlm_model", default=DEFAULT_VLM_MODEL, metavar="ID_OR_DIR",
                         help=f"image describer: Hugging Face id or local folder (default: {DEFAULT_VLM_MODEL})")
@@ -129,6 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--token_file", metavar="FILE",
                         help="bearer token to send (first line); or set I2S_AUTH_TOKEN")
     return p
+
+
+def loudness_target(value: str) -> float:
+    """--loudness_target: a number within the contract's range (argparse says what is wrong, then exits 2)."""
+    try:
+        target = float(value)
+        loudness.check_target(target)
+    except (ValueError, InvalidInput) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return target
 
 
 def find_images(data_dir: Path) -> list[Path]:
@@ -161,6 +196,7 @@ class Job:
     error: str = ""
     result: ImageResult | None = None
     clips_written: list[dict] = field(default_factory=list)
+    mix_level: dict | None = None  # the scene mix's loudness, once mix.json is written
     done: bool = False
 
 
@@ -229,6 +265,17 @@ def plan_descriptions(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def retries(text: str) -> int:
+    """--reject_speech_music N: a count of retries, refused by argparse (one line) when out of range."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= contract.MAX_GUARD_RETRIES:
+        raise argparse.ArgumentTypeError(f"{value} is not within 0..{contract.MAX_GUARD_RETRIES}")
+    return value
+
+
 def settings_from(args: argparse.Namespace) -> pb.StreamConfig:
     audio = common_pb2.AudioSettings(
         duration_seconds=args.audio_seconds,
@@ -236,13 +283,21 @@ def settings_from(args: argparse.Namespace) -> pb.StreamConfig:
         guidance_scale=args.audio_guidance,
         num_candidates=args.num_candidates,
         scheduler=contract.SCHEDULER_ENUM[args.audio_scheduler],
+        sample_rate_hertz=args.sample_rate,
+        loop=args.loop,
+        reject_speech_music=args.reject_speech_music,
     )
     if args.audio_seed is not None:
         audio.seed = args.audio_seed
+    if args.loudness_target is not None:
+        audio.loudness_target_lufs = args.loudness_target
+    # One image is someone waiting for it; a folder is throughput work, served after interactive callers.
+    priority = contract.INTERACTIVE if args.single else contract.BATCH
     return pb.StreamConfig(
         audio=audio,
-        decoding=common_pb2.DecodingSettings(max_new_tokens=args.max_new_tokens),
-        options=pb.PipelineOptions(skip_audio=args.skip_audio, scene_mix=args.scene_mix),
+        decoding=common_pb2.DecodingSettings(max_new_tokens=args.max_new_tokens, locate_sources=args.locate_sources),
+        options=pb.PipelineOptions(skip_audio=args.skip_audio, scene_mix=args.scene_mix,
+                                   priority=contract.PRIORITY_ENUM[priority], bypass_cache=args.bypass_cache),
     )
 
 
@@ -262,6 +317,26 @@ class Progress:
     def close(self) -> None:
         self.clips.close()
         self.images.close()
+
+
+MIX_JSON = "mix.json"
+
+
+def level_of(metadata: common_pb2.ClipMetadata) -> loudness.Level:
+    return loudness.Level(metadata.loudness_lufs if metadata.HasField("loudness_lufs") else None,
+                          metadata.peak_dbfs if metadata.HasField("peak_dbfs") else None)
+
+
+def level_fields(metadata: common_pb2.ClipMetadata) -> dict:
+    """A clip's loudness as prompts.json records it (float32 in its shortest exact decimal; None: silence)."""
+    level = level_of(metadata)
+    return {"loudness_lufs": _shortest(level.lufs), "peak_dbfs": _shortest(level.peak_dbfs),
+            "loudness_gain_db": _shortest(metadata.loudness_gain_db)}
+
+
+def _shortest(value: float | None) -> float | None:
+    """A ClipMetadata float32 in its shortest exact decimal, as the score is written."""
+    return None if value is None else float(np.format_float_positional(np.float32(value)))
 
 
 class Writer:
@@ -288,6 +363,8 @@ class Writer:
             if clip.ref.kind == pb.CLIP_KIND_VARIANT:
                 job.clips_written.append(self._manifest_entry(clip, event.clip_done.prompt_style))
                 self.progress.clips.update(1)
+            elif clip.mix is not None:
+                self._write_mix_json(clip)
             clip.payloads.clear()  # written: free the memory
             log.info("%s: clip %s", job.key, path)
             if self.spectrograms is not None:
@@ -319,11 +396,32 @@ class Writer:
             "guidance": round(m.guidance_scale, 3), "duration_seconds": round(m.duration_seconds, 3),
             "sample_rate_hertz": m.sample_rate_hertz, "model": m.model_id,
         }
+        entry.update(clip_id=clip.ref.clip_id, box=boxes.to_list(clip.location) if clip.location is not None else None,
+                     **level_fields(m))
         if variant is not None and variant.HasField("confidence"):
             entry["confidence"] = round(variant.confidence, 3)
         if m.HasField("score"):  # CLAP score, as ClipDone's float32 in its shortest exact decimal
-            entry["score"] = float(np.format_float_positional(np.float32(m.score)))
+            entry["score"] = _shortest(m.score)
+        if m.window_count > 1:  # a long clip: where its windows join (the gallery marks them)
+            entry["windows"] = m.window_count
+            entry["window_join_samples"] = list(m.window_join_samples)
+        if m.HasField("loop_end_sample"):
+            entry["loop_samples"] = [m.loop_start_sample, m.loop_end_sample]
+        if m.guard_attempts:  # every try of the speech/music guard, the kept one last
+            entry["guard_attempts"] = [
+                {"seed": a.seed, "rejected": a.rejected, **{k: round(getattr(a, f"{k}_score"), 4)
+                                                            for k in ("caption", "speech", "singing", "music")}}
+                for a in m.guard_attempts]
         return entry
+
+    def _write_mix_json(self, clip) -> None:
+        """mix.json beside scene_mix.wav: the data that rebuild it, checked against its schema first."""
+        job = self.job
+        locations = {c.ref.clip_id: c.location for c in job.result.clips}
+        document = stereo_mix.to_json(clip.mix, clip.file_name, level_of(clip.metadata), locations)
+        json_schemas.validate(document, json_schemas.MIX)
+        write_text_atomic(job.result_dir / MIX_JSON, json.dumps(document, indent=2) + "\n")
+        job.mix_level = level_fields(clip.metadata)
 
     def _write_manifest(self) -> None:
         job, result = self.job, self.job.result
@@ -335,6 +433,9 @@ class Writer:
         }
         if self.args.scene_mix and (job.result_dir / "scene_mix.wav").exists():
             manifest["scene_mix"] = "scene_mix.wav"
+            if (job.result_dir / MIX_JSON).exists():
+                manifest["scene_mix_data"] = MIX_JSON
+                manifest["scene_mix_level"] = job.mix_level
         keep = {c["file"] for c in job.clips_written} | {"scene_mix.wav"}
         for stale in [*job.result_dir.glob("*.wav"), *job.result_dir.glob(".*.part")]:
             if stale.name not in keep:  # clips and temp files of an earlier, interrupted run
@@ -441,6 +542,11 @@ def check_inputs(args: argparse.Namespace) -> str:
     """What is wrong with the inputs named on the command line, in one line ("" if nothing)."""
     if args.skip_audio and args.skip_vlm:
         return "--skip_audio and --skip_vlm together leave nothing to do"
+    if not args.skip_audio:  # the sound settings, checked by the contract the services use, before any work
+        try:
+            contract.clip_settings(settings_from(args).audio)
+        except InvalidInput as exc:
+            return f"sound {exc}"
     if args.skip_vlm:  # the descriptions are the input: no image is needed, --single only names one
         if not Path(args.sound_sources_dir).is_dir():
             return f"--skip_vlm: --sound_sources_dir {args.sound_sources_dir}: no such folder"
@@ -467,6 +573,8 @@ def warn_changed_settings(jobs: list[Job], args: argparse.Namespace) -> None:
         wanted["steps"] = args.audio_steps
     if args.audio_seed is not None:
         wanted["seed"] = args.audio_seed
+    if args.sample_rate:
+        wanted["sample_rate_hertz"] = args.sample_rate
     changed: dict[str, set] = {}
     count = 0
     for job in jobs:

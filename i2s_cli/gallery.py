@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from i2s_formats import boxes
 from serving.atomic_files import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,30 @@ class ClipView:
 
     @property
     def score(self) -> float | None:
-        value = self.entry.get("score")
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+        return _number(self.entry.get("score"))
+
+    @property
+    def loudness(self) -> str:
+        """"-23.0 LUFS, peak -3.1 dBFS" as measured (ITU-R BS.1770); "" when the run did not record it."""
+        return level_text(self.entry)
+
+    @property
+    def box(self) -> list[float] | None:
+        value = self.entry.get("box")
+        return list(value) if isinstance(value, list) and boxes.box_error(value) is None else None
+
+
+def _number(value: Any) -> float | None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if number and math.isfinite(value) else None
+
+
+def level_text(entry: Any) -> str:
+    if not isinstance(entry, dict) or "loudness_lufs" not in entry:
+        return ""
+    lufs, peak = _number(entry.get("loudness_lufs")), _number(entry.get("peak_dbfs"))
+    text = f"{lufs:.1f} LUFS" if lufs is not None else "silent"
+    return text + (f", peak {peak:.1f} dBFS" if peak is not None else "")
 
 
 @dataclass
@@ -64,6 +87,25 @@ class ImageView:
     clips: list[ClipView] = field(default_factory=list)
     sources: list[tuple[str, list[ClipView]]] = field(default_factory=list)  # clips grouped by source, in order
     mix: ClipView | None = None
+
+    @property
+    def boxes(self) -> list[tuple[str, list[float]]]:
+        """(source name, box) of every located source, once each: drawn over the picture."""
+        seen: dict[str, list[float]] = {}
+        for clip in self.clips:
+            if clip.box is not None:
+                seen.setdefault(str(clip.entry.get("source", "")), clip.box)
+        return list(seen.items())
+
+    @property
+    def mix_loudness(self) -> str:
+        return level_text(self.manifest.get("scene_mix_level"))
+
+    @property
+    def mix_data(self) -> str:
+        """Link to the mix's mix.json, when the run wrote one."""
+        name = self.manifest.get("scene_mix_data")
+        return _href(Path(self.stem) / name) if isinstance(name, str) and Path(name).name == name else ""
 
 
 def write_gallery(result_dir: str | Path) -> Path | None:

@@ -3,11 +3,14 @@
     from i2s_client import ImageToSoundClient
     with ImageToSoundClient("localhost:50050") as client:
         client.wait_for_ready(timeout=600)  # the services may still be loading their models
-        result = client.generate("data/street.jpg", duration_seconds=4, seed=7)
+        result = client.generate("data/street.jpg", duration_seconds=4, seed=7)  # priority="interactive"
     if not result.ok:
         print("failed:", result.error or [f.message for f in result.failed])
     for clip in result.clips:
         print(clip.file_name, clip.source_name, clip.action, clip.instrument_role, clip.waveform.shape)
+
+`priority="batch"` marks throughput work (a folder, a dataset): it then waits behind interactive calls at
+every stage (never starved); `bypass_cache=True` renders afresh even when the services hold the result.
 
 One persistent channel per client (reuse it), a deadline on every call, retries on UNAVAILABLE
 (see serving/channels.py), and helpers that turn the event stream into numpy arrays or WAV files.
@@ -29,7 +32,7 @@ import grpc
 import numpy as np
 
 
-from i2s_formats import audio_encoding
+from i2s_formats import audio_encoding, contract
 from i2s_formats.audio_encoding import write_wav
 from i2s_formats.seed_format import role_name
 from i2s_formats.source_merge import SourceMerge
@@ -60,9 +63,12 @@ def make_request(
     audio: common_pb2.AudioSettings | None = None,
     decoding: common_pb2.DecodingSettings | None = None,
     options: pb.PipelineOptions | None = None,
+    priority: str | None = None,
+    bypass_cache: bool = False,
     **audio_settings,
 ) -> pb.ImageToSoundRequest:
-    """Builds a request; keyword arguments are AudioSettings fields (duration_seconds=4, seed=7, ...)."""
+    """Builds a request; keyword arguments are AudioSettings fields (duration_seconds=4, seed=7, ...).
+    `priority`: "interactive" (the server's default) or "batch"; `bypass_cache`: skip the result caches."""
     request = pb.ImageToSoundRequest(request_id=request_id or uuid.uuid4().hex[:12])
     if description is not None:
         request.description.CopyFrom(description)
@@ -78,7 +84,19 @@ def make_request(
         request.decoding.CopyFrom(decoding)
     if options is not None:
         request.options.CopyFrom(options)
+    if priority is not None:
+        request.options.priority = priority_enum(priority)
+    if bypass_cache:
+        request.options.bypass_cache = True
     return request
+
+
+def priority_enum(priority: str) -> int:
+    """"interactive" or "batch" -> the wire's Priority; ValueError for anything else."""
+    try:
+        return contract.PRIORITY_ENUM[priority]
+    except KeyError:
+        raise ValueError(f"priority={priority!r}: use one of {', '.join(contract.PRIORITY_ENUM)}") from None
 
 
 @dataclass
@@ -89,12 +107,15 @@ class Clip:
     prompt: str = ""
     metadata: common_pb2.ClipMetadata | None = None
     sample_rate_hertz: int = 16000
+    channels: int = 1  # 2 for the stereo scene mix
     payloads: list[bytes] = field(default_factory=list)
     encoding: int = common_pb2.AUDIO_ENCODING_PCM_S16LE
     source_name: str = ""
     action: str = ""
     instrument_role: str = "None"
     variant: common_pb2.SoundVariant | None = None  # what the clip renders (None for a scene mix)
+    location: common_pb2.BoundingBox | None = None  # where its source is in the image, when known
+    mix: pb.SceneMix | None = None  # how a scene mix was made (None for a variant clip)
     done: bool = False
 
     @property
@@ -103,11 +124,19 @@ class Clip:
 
     @property
     def waveform(self) -> np.ndarray:
-        """The clip as float32 samples in [-1, 1]."""
-        return audio_encoding.decode_payloads(self.payloads, self.encoding)
+        """The clip as float32 samples in [-1, 1]: (frames,) mono, (frames, 2) stereo."""
+        return audio_encoding.decode_payloads(self.payloads, self.encoding, self.channels)
+
+    @property
+    def loop_points(self) -> tuple[int, int] | None:
+        """[start, end) sample offsets of a loop clip (written into the WAV's sampler chunk); else None."""
+        m = self.metadata
+        if m is None or not m.HasField("loop_end_sample"):
+            return None
+        return int(m.loop_start_sample), int(m.loop_end_sample)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        return write_wav(Path(folder) / self.ref.file_name, self.waveform, self.sample_rate_hertz)
+        return write_wav(Path(folder) / self.ref.file_name, self.waveform, self.sample_rate_hertz, self.loop_points)
 
 
 @dataclass
@@ -142,9 +171,12 @@ class ImageResult:
             clip.payloads.append(chunk.data)
             clip.encoding = chunk.encoding
             clip.sample_rate_hertz = chunk.sample_rate_hertz
+            clip.channels = chunk.channels or 1
         elif kind == "clip_done":
             clip = self._clip(event.clip_done.clip)
             clip.prompt, clip.metadata, clip.done = event.clip_done.prompt, event.clip_done.metadata, True
+            if event.clip_done.HasField("mix"):
+                clip.mix = event.clip_done.mix
         elif kind == "clip_failed":
             self.failed.append(event.clip_failed)
         elif kind == "summary":
@@ -159,6 +191,7 @@ class ImageResult:
             source = self._sources.get(ref.source_id)
             if source is not None:
                 clip.source_name = source.name
+                clip.location = source.location if source.HasField("location") else None
                 for variant in source.variants:
                     if variant.id == ref.variant_id:
                         clip.variant = variant

@@ -18,13 +18,49 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
-from i2s_formats import audio_encoding, seed_format
+from i2s_formats import audio_encoding, boxes, loudness, seed_format
 from serving import request_log
 from serving.errors import InvalidInput
 from serving.images import ImageLimits, check_image, decode_image
+from serving.priority import BATCH, INTERACTIVE, PRIORITIES
 
 if TYPE_CHECKING:
     from PIL import Image
+
+# -- handling (every request: its priority, and whether it may be answered from a result cache) ----------
+
+PRIORITY_BY_ENUM = {common_pb2.PRIORITY_UNSPECIFIED: INTERACTIVE, common_pb2.PRIORITY_INTERACTIVE: INTERACTIVE,
+                    common_pb2.PRIORITY_BATCH: BATCH}
+PRIORITY_ENUM = {INTERACTIVE: common_pb2.PRIORITY_INTERACTIVE, BATCH: common_pb2.PRIORITY_BATCH}
+PRIORITY_HEADER = "i2s-priority"  # HTTP header / gRPC metadata, for callers that cannot set the field
+
+
+@dataclass(frozen=True)
+class Handling:
+    """How a request is served: `priority` (serving.priority: interactive before batch, with aging) and
+    `bypass_cache` (run the model even when a cached result exists)."""
+
+    priority: str = INTERACTIVE
+    bypass_cache: bool = False
+
+    def __post_init__(self) -> None:
+        if self.priority not in PRIORITIES:
+            raise InvalidInput(f"priority={self.priority!r} is not one of {', '.join(PRIORITIES)}")
+
+
+def handling(priority: int, bypass_cache: bool = False, header: str = "", name: str = "priority") -> Handling:
+    """The wire's priority enum (`name` says which field, for the message) or, when it is unset, the
+    `i2s-priority` header's value; InvalidInput for an unknown value of either."""
+    if priority not in PRIORITY_BY_ENUM:
+        raise InvalidInput(f"{name}={priority} is not a known priority ({', '.join(PRIORITIES)})")
+    if priority == common_pb2.PRIORITY_UNSPECIFIED and header.strip():
+        value = header.strip().lower()
+        if value not in PRIORITIES:
+            raise InvalidInput(f"{PRIORITY_HEADER} header {header.strip()[:40]!r} is not one of "
+                               f"{', '.join(PRIORITIES)}")
+        return Handling(value, bool(bypass_cache))
+    return Handling(PRIORITY_BY_ENUM[priority], bool(bypass_cache))
+
 
 # -- audio (GenerateAudio, and the audio settings of ImageToSound) -------------------------------------
 
@@ -32,7 +68,13 @@ DEFAULT_DURATION_SECONDS = 4.0  # the seed's --audio_seconds default
 DEFAULT_GUIDANCE_SCALE = 3.5  # the seed's --audio_guidance default
 DEFAULT_CHUNK_SECONDS = 0.5
 MIN_CHUNK_SECONDS, MAX_CHUNK_SECONDS = 0.05, 30.0
-MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 30.0
+MIN_DURATION_SECONDS, MAX_DURATION_SECONDS = 1.0, 300.0
+# Up to this length a clip is one model call, as always; a longer one is made in windows of the model's
+# native length, each continuing the last (audio_service/long_clips.py). The audio service's
+# --max-clip-seconds may lower MAX_DURATION_SECONDS for its deployment.
+MAX_SINGLE_WINDOW_SECONDS = 30.0
+MIN_LOOP_SECONDS = 2.0  # a shorter loop is mostly its own crossfade
+MAX_GUARD_RETRIES = 8  # the speech/music guard's N: each retry is a whole clip again
 MIN_STEPS, MAX_STEPS = 1, 1000
 # DPM-Solver on AudioLDM2's 1000 training steps: at 999 steps the last update is not finite and at 1000
 # diffusers' scheduler indexes past its sigmas (IndexError); it is meant for tens of steps anyway.
@@ -84,6 +126,8 @@ class AudioRequest:
     negative_prompt: str = ""  # "" = none (the pipeline then uses an empty unconditional prompt)
     num_candidates: int = 1  # generate this many, keep the one CLAP ranks best against the prompt
     scheduler: str = "dpm"  # "dpm" (DPM-Solver++ multistep) | "ddim" (the seed's 200-step setting)
+    loop: bool = False  # the clip's end flows into its start (audio_service/loops.py)
+    reject_speech_music: int = 0  # the speech/music guard's retries, 0 = off (audio_service/speech_music_guard.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt.strip():
@@ -113,6 +157,18 @@ class AudioRequest:
         if s > MAX_STEPS_BY_SCHEDULER[self.scheduler]:
             raise InvalidInput(f"num_inference_steps={s}: the {self.scheduler} scheduler takes at most "
                                f"{MAX_STEPS_BY_SCHEDULER[self.scheduler]}")
+        if not isinstance(self.loop, bool):
+            raise InvalidInput("loop must be true or false")
+        if self.loop and d < MIN_LOOP_SECONDS:
+            raise InvalidInput(f"loop needs a clip of at least {MIN_LOOP_SECONDS:g} s; duration_seconds={d:g}")
+        r = self.reject_speech_music
+        if not _is_int(r) or not 0 <= r <= MAX_GUARD_RETRIES:
+            raise InvalidInput(f"reject_speech_music={r} must be an integer within 0..{MAX_GUARD_RETRIES}")
+
+    @property
+    def windowed(self) -> bool:
+        """Made in model windows, each continuing the last (longer than one model call makes)."""
+        return self.duration_seconds > MAX_SINGLE_WINDOW_SECONDS
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (same latent shape and loop)."""
@@ -125,12 +181,26 @@ class AudioRequest:
         )
 
 
+# Output rates: 0 is the model's own; the others are resampled to (soxr).
+OUTPUT_RATES = (16000, 44100, 48000)
+
+
 @dataclass(frozen=True)
 class AudioOutput:
-    """How a clip goes back on the wire: its encoding and the length of its chunks."""
+    """How a clip goes back on the wire: its encoding, the length of its chunks, its rate (0: the model's)
+    and the loudness it is normalised to (None: the model's level)."""
 
     encoding: int = audio_encoding.PCM16
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS
+    sample_rate_hertz: int = 0
+    loudness_target_lufs: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_rate_hertz and self.sample_rate_hertz not in OUTPUT_RATES:
+            raise InvalidInput(f"sample_rate_hertz={self.sample_rate_hertz} is not supported; use 0 (the model's), "
+                               + ", ".join(map(str, OUTPUT_RATES)))
+        if self.loudness_target_lufs is not None:
+            loudness.check_target(self.loudness_target_lufs)
 
 
 @dataclass(frozen=True)
@@ -140,6 +210,8 @@ class AudioCall:
     generation: AudioRequest
     output: AudioOutput
     clip_id: str
+    handling: Handling = Handling()
+    seeded: bool = False  # the caller chose the seed (a seedless request asks for a new sample: never cached)
 
 
 @dataclass(frozen=True)
@@ -158,6 +230,8 @@ class ClipSettings:
     scheduler: str = "dpm"
     seed: int | None = None
     negative_prompt: str | None = None
+    loop: bool = False
+    reject_speech_music: int = 0
 
     def __post_init__(self) -> None:
         self.request(_PLACEHOLDER_PROMPT)  # AudioRequest holds the bounds: one place checks them
@@ -169,6 +243,7 @@ class ClipSettings:
             guidance_scale=self.guidance_scale, num_candidates=self.num_candidates, scheduler=self.scheduler,
             seed=secrets.randbits(31) if self.seed is None else self.seed,
             negative_prompt=default_negative_prompt if self.negative_prompt is None else self.negative_prompt,
+            loop=self.loop, reject_speech_music=self.reject_speech_music,
         )
 
     def to_proto(self, output: "AudioOutput") -> common_pb2.AudioSettings:
@@ -178,8 +253,11 @@ class ClipSettings:
             duration_seconds=self.duration_seconds, num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, num_candidates=self.num_candidates,
             scheduler=SCHEDULER_ENUM[self.scheduler], encoding=output.encoding,
-            chunk_duration_seconds=output.chunk_seconds,
+            chunk_duration_seconds=output.chunk_seconds, sample_rate_hertz=output.sample_rate_hertz,
+            loop=self.loop, reject_speech_music=self.reject_speech_music,
         )
+        if output.loudness_target_lufs is not None:
+            settings.loudness_target_lufs = output.loudness_target_lufs
         if self.seed is not None:
             settings.seed = self.seed
         if self.negative_prompt is not None:
@@ -201,6 +279,7 @@ def clip_settings(settings: common_pb2.AudioSettings) -> ClipSettings:
             scheduler=scheduler,
             seed=settings.seed if settings.HasField("seed") else None,
             negative_prompt=settings.negative_prompt if settings.HasField("negative_prompt") else None,
+            loop=settings.loop, reject_speech_music=settings.reject_speech_music,
         )
     except InvalidInput as exc:
         raise InvalidInput(f"settings: {exc}") from None
@@ -226,16 +305,23 @@ def audio_output(settings: common_pb2.AudioSettings) -> AudioOutput:
     if not (math.isfinite(chunk_seconds) and MIN_CHUNK_SECONDS <= chunk_seconds <= MAX_CHUNK_SECONDS):
         raise InvalidInput(f"settings.chunk_duration_seconds={chunk_seconds} must be within "
                            f"{MIN_CHUNK_SECONDS:g}..{MAX_CHUNK_SECONDS:g}")
-    return AudioOutput(ENCODINGS[settings.encoding], chunk_seconds)
+    target = settings.loudness_target_lufs if settings.HasField("loudness_target_lufs") else None
+    try:
+        return AudioOutput(ENCODINGS[settings.encoding], chunk_seconds, settings.sample_rate_hertz, target)
+    except InvalidInput as exc:
+        raise InvalidInput(f"settings.{exc}") from None
 
 
 def generate_audio(prompt: str, settings: common_pb2.AudioSettings, clip_id: str = "",
-                   default_negative_prompt: str = "") -> AudioCall:
-    """A GenerateAudio request (its prompt, settings and clip id) resolved."""
+                   default_negative_prompt: str = "", request=None) -> AudioCall:
+    """A GenerateAudio request (its prompt, settings and clip id; its priority and cache flag when the
+    whole `request` is given) resolved."""
     return AudioCall(
         generation=audio_request(prompt, settings, default_negative_prompt),
         output=audio_output(settings),
         clip_id=seed_format.clean_text(clip_id, MAX_CLIP_ID_CHARS) or uuid.uuid4().hex[:12],  # echoed: bounded
+        handling=handling(request.priority, request.bypass_cache) if request is not None else Handling(),
+        seeded=settings.HasField("seed"),
     )
 
 
@@ -254,6 +340,7 @@ class DecodingOptions:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    locate_sources: bool = False  # also ask for each source's box (another prompt line and grammar)
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -272,7 +359,7 @@ class DecodingOptions:
     def to_proto(self) -> common_pb2.DecodingSettings:
         """The wire settings with every resolved value set (the seed only when there is one)."""
         settings = common_pb2.DecodingSettings(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                               top_p=self.top_p)
+                                               top_p=self.top_p, locate_sources=self.locate_sources)
         if self.seed is not None:
             settings.seed = self.seed
         return settings
@@ -286,6 +373,7 @@ def decoding_options(settings: common_pb2.DecodingSettings) -> DecodingOptions:
             temperature=settings.temperature if settings.HasField("temperature") else 0.0,
             top_p=settings.top_p if settings.HasField("top_p") else 1.0,
             seed=settings.seed if settings.HasField("seed") else None,
+            locate_sources=settings.locate_sources,
         )
     except InvalidInput as exc:
         raise InvalidInput(f"decoding: {exc}") from None
@@ -298,6 +386,7 @@ class SceneRequest:
 
     image: "Image.Image" = field(repr=False)
     decoding: DecodingOptions
+    handling: Handling = Handling()
 
 
 def scene_request(request, limits: ImageLimits = ImageLimits()) -> SceneRequest:
@@ -305,7 +394,8 @@ def scene_request(request, limits: ImageLimits = ImageLimits()) -> SceneRequest:
     if not request.HasField("image"):
         raise InvalidInput("image is required")
     image = decode_image(request.image.data, request.image.mime_type, limits)
-    return SceneRequest(image=image, decoding=decoding_options(request.decoding))
+    return SceneRequest(image=image, decoding=decoding_options(request.decoding),
+                        handling=handling(request.priority, request.bypass_cache))
 
 
 # -- orchestrator (ImageToSound, StreamImagesToSound) --------------------------------------------------
@@ -346,14 +436,17 @@ class ImageRequest:
     skip_audio: bool = False
     scene_mix: bool = False
     max_clips: int = 32  # the request's, or the orchestrator's cap
+    handling: Handling = Handling()  # the priority and cache flag every model call of the image sends
 
 
 def image_to_sound(request: pb.ImageToSoundRequest, max_clips_per_image: int,
-                   image_limits: ImageLimits = ImageLimits()) -> ImageRequest:
+                   image_limits: ImageLimits = ImageLimits(), priority_header: str = "") -> ImageRequest:
     """The whole orchestrator request resolved before any model is called: what a model service would
     refuse later (a NaN duration after the VLM has spent seconds describing the image) is refused here.
-    The image is checked from its header (type, size, aspect ratio, frames), not decoded."""
+    The image is checked from its header (type, size, aspect ratio, frames), not decoded. The priority is
+    the field's, else `priority_header`'s (the `i2s-priority` header)."""
     which = request.WhichOneof("input")
+    resolved = handling(request.options.priority, request.options.bypass_cache, priority_header, "options.priority")
     if which is None:
         raise InvalidInput("request needs an image or a description")
     if request.options.max_clips > max_clips_per_image:
@@ -371,6 +464,7 @@ def image_to_sound(request: pb.ImageToSoundRequest, max_clips_per_image: int,
         request_id=clean_request_id(request.request_id), image=image, description=description,
         decoding=decoding_options(request.decoding), audio=audio, output=output, skip_audio=skip_audio,
         scene_mix=request.options.scene_mix, max_clips=request.options.max_clips or max_clips_per_image,
+        handling=resolved,
     )
 
 
@@ -390,10 +484,7 @@ def clean_description(description: common_pb2.SceneDescription, need_variants: b
         if len(source.variants) > MAX_VARIANTS_PER_SOURCE:
             raise InvalidInput(f"{where} has {len(source.variants)} variants; at most {MAX_VARIANTS_PER_SOURCE}")
         if source.HasField("location"):
-            box = source.location
-            corners = (box.x_min, box.y_min, box.x_max, box.y_max)
-            if not all(math.isfinite(c) and 0.0 <= c <= 1.0 for c in corners) or box.x_min > box.x_max or box.y_min > box.y_max:
-                raise InvalidInput(f"{where}.location must be a normalised box (0..1, min <= max)")
+            boxes.check_location(source.location, where)
         source.id = seed_format.clean_text(source.id, MAX_ID_CHARS) or f"s{i}"
         source.name = seed_format.clean_text(source.name, seed_format.MAX_NAME_CHARS)
         source.material = seed_format.clean_text(source.material, seed_format.MAX_MATERIAL_CHARS)

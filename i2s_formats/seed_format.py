@@ -3,6 +3,7 @@
 
     {"scene_description": str, "mood_description": str,
      "sound_sources": [{"name": str, "material": str,
+        "box": [x_min, y_min, x_max, y_max],   (optional, added: 0..1 of the image; only when located)
         "variants": [{"play_method": str, "timbre": [str, ...],
                       "mapping_to_music_instrument": "guitar"|"bass"|"keyboard"|"drums"|"None",
                       "confidence": float}]}]}
@@ -23,6 +24,7 @@ import unicodedata
 from typing import Any, Iterable, Mapping
 
 from image_to_sound.v1 import common_pb2
+from i2s_formats import boxes
 
 # Length bounds applied when cleaning strings (characters). Looser than the v1 schema's, since they also
 # apply to seed files and unconstrained backends.
@@ -212,7 +214,8 @@ def source_from_raw(raw: Any, index: int) -> common_pb2.SoundSource | None:
     if not has_words(name):
         return None
     source = common_pb2.SoundSource(
-        id=f"s{index}", name=name, material=clean_text(_get(raw, _MATERIAL_KEYS), MAX_MATERIAL_CHARS)
+        id=f"s{index}", name=name, material=clean_text(_get(raw, _MATERIAL_KEYS), MAX_MATERIAL_CHARS),
+        location=boxes.location_from_file(raw.get(boxes.BOX_KEY)),
     )
     raw_variants = _get(raw, _VARIANTS_KEYS)
     if isinstance(raw_variants, (Mapping, str)):
@@ -258,6 +261,8 @@ def to_seed_dict(desc: common_pb2.SceneDescription) -> dict[str, Any]:
             {
                 "name": source.name,
                 "material": source.material,
+                # An added optional field: files without boxes are what the seed wrote.
+                **({boxes.BOX_KEY: boxes.to_list(source.location)} if source.HasField("location") else {}),
                 "variants": [
                     {
                         "play_method": variant.action,

@@ -7,6 +7,7 @@ from gateway.options import HttpOptions
 from orchestrator.pipeline import PipelineLimits
 from serving.config import parse_config, setting
 from serving.deadline import DEFAULT_DEADLINE_SECONDS
+from serving.priority import PriorityOptions
 from serving.server import ServerOptions
 
 DEFAULT_PORT = 50050
@@ -37,6 +38,7 @@ class OrchestratorConfig:
     channel_close_grace_seconds: float = setting(60.0, "how long calls in flight on channels replaced after a TLS "
                                                  "file change may go on before those channels close")
     limits: PipelineLimits = PipelineLimits()
+    priority: PriorityOptions = PriorityOptions()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     http: HttpOptions = HttpOptions()
 

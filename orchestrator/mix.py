@@ -1,52 +1,39 @@
-"""The scene mix: all clips of an image layered into one soundscape, loudness-matched, never clipping.
+"""The scene mix of one image: its finished variant clips placed in stereo by their sources' boxes and
+brought to a loudness target (the math and the data that describe it: i2s_formats.stereo_mix).
 
-Clips carry their own sample rate (the audio service's model decides it): the mix is made at the highest
-rate among them, and any clip at another rate is resampled to it first (soxr, imported only then)."""
+Clips carry their own sample rate: the mix is made at the highest among them (the others resampled)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-TARGET_RMS = 0.1  # about -20 dBFS per layer before summing
-PEAK_CEILING = 0.98
+from i2s_formats import loudness, stereo_mix
+from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb
+
+FILE_NAME = "scene_mix.wav"
 
 
-def mix_layers(layers: Sequence[np.ndarray], target_rms: float = TARGET_RMS) -> np.ndarray:
-    """Normalises each layer to the same RMS (silent layers stay silent), sums them, and scales the sum
-    down if its peak would pass PEAK_CEILING. The result is as long as the longest layer."""
-    if not layers:
-        return np.zeros(0, dtype=np.float32)
-    length = max(len(layer) for layer in layers)
-    out = np.zeros(length, dtype=np.float64)
-    for layer in layers:
-        layer = np.asarray(layer, dtype=np.float64)
-        rms = float(np.sqrt(np.mean(layer**2))) if len(layer) else 0.0
-        if rms > 1e-6:
-            out[: len(layer)] += layer * (target_rms / rms)
-    # Layers add up: keep the whole mix at the per-layer loudness rather than louder with every layer.
-    out /= max(1.0, np.sqrt(len(layers)))
-    peak = float(np.max(np.abs(out))) if length else 0.0
-    if peak > PEAK_CEILING:
-        out *= PEAK_CEILING / peak
-    return out.astype(np.float32)
+@dataclass(frozen=True)
+class SceneMixResult:
+    samples: np.ndarray  # (frames, 2) float32
+    rate: int
+    plan: pb.SceneMix
+    level: loudness.Level
 
 
-def mix_clips(clips: Sequence[tuple[np.ndarray, int]], target_rms: float = TARGET_RMS) -> tuple[np.ndarray, int]:
-    """`mix_layers` over (waveform, sample rate) pairs that need not share a rate. Returns the mix and its
-    rate: the highest among the clips, so no clip loses bandwidth. Raises ValueError on an empty list or a
-    rate that is not positive."""
-    if not clips:
-        raise ValueError("no clips to mix")
-    if any(rate <= 0 for _, rate in clips):
-        raise ValueError("every clip needs a positive sample rate")
-    rate = max(r for _, r in clips)
-    layers = [np.asarray(w, dtype=np.float32) if r == rate else resample(w, r, rate) for w, r in clips]
-    return mix_layers(layers, target_rms), rate
+def scene_mix(stems: Sequence[stereo_mix.StemIn], target_lufs: float | None = None) -> SceneMixResult:
+    """The stereo mix of ``stems`` at ``target_lufs`` (None: loudness.MIX_TARGET_LUFS), measured."""
+    target = loudness.MIX_TARGET_LUFS if target_lufs is None else target_lufs
+    samples, plan = stereo_mix.mix_stems(stems, target)
+    return SceneMixResult(samples, plan.sample_rate_hertz, plan, loudness.measure(samples, plan.sample_rate_hertz))
 
 
-def resample(waveform: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
-    """Mono float32 samples from one rate to another (soxr, high quality)."""
-    import soxr
-
-    return soxr.resample(np.asarray(waveform, dtype=np.float32), from_rate, to_rate).astype(np.float32)
+def metadata(result: SceneMixResult) -> common_pb2.ClipMetadata:
+    """The mix's ClipMetadata: length, rate, loudness and peak."""
+    out = common_pb2.ClipMetadata(duration_seconds=len(result.samples) / result.rate, sample_rate_hertz=result.rate,
+                                  num_samples=len(result.samples),
+                                  prompt="stereo scene mix of %d clips" % len(result.plan.stems))
+    loudness.record(out, result.level, result.plan.gain_db)
+    return out

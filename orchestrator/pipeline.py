@@ -19,11 +19,11 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, orchestrator_pb2 as pb, vision_pb2, vision_pb2_grpc
-from orchestrator.mix import mix_clips
+from orchestrator import mix
 from orchestrator.naming import clip_file_name
 from orchestrator import prompts
-from i2s_formats import audio_encoding
-from i2s_formats.contract import ImageRequest
+from i2s_formats import audio_encoding, stereo_mix
+from i2s_formats.contract import PRIORITY_ENUM, ImageRequest
 from i2s_formats.source_merge import SourceMerge
 from serving import metrics, request_log, tracing
 from serving.config import setting
@@ -121,6 +121,9 @@ class _ImageRun:
         self.deadline = deadline
         # Every clip's settings as resolved at the edge, all set: the audio service applies no default of its own.
         self.audio_settings = request.audio.to_proto(request.output)
+        # The priority and cache flag, as every model call of the image sends them.
+        self.handling = dict(priority=PRIORITY_ENUM[request.handling.priority],
+                             bypass_cache=request.handling.bypass_cache)
         self.out: Pump | None = None  # the image's events, to the caller (made when the events are read)
         self.clip_tasks: list[asyncio.Future] = []
         self.clips: list[_Clip] = []
@@ -174,7 +177,7 @@ class _ImageRun:
             raise Upstream(grpc.StatusCode.FAILED_PRECONDITION, "this orchestrator has no vision service; send a description")
         self.describing = True
         message = vision_pb2.StreamSceneDescriptionRequest(image=self.request.image,
-                                                           decoding=self.request.decoding.to_proto())
+                                                           decoding=self.request.decoding.to_proto(), **self.handling)
         try:
             async for response in self.p.retried_when_overloaded(lambda: self.p.vlm.StreamSceneDescription(
                     message, timeout=self.deadline.left(), metadata=self.call_metadata), self.deadline):
@@ -250,7 +253,7 @@ class _ImageRun:
             async with self.p.audio_slots:
                 metadata = None
                 message = audio_pb2.GenerateAudioRequest(prompt=clip.prompt, settings=self.audio_settings,
-                                                         clip_id=clip.ref.clip_id)
+                                                         clip_id=clip.ref.clip_id, **self.handling)
                 async for response in self.p.retried_when_overloaded(lambda: self.p.audio.GenerateAudio(
                         message, timeout=self.deadline.left(), metadata=self.call_metadata), self.deadline):
                     if response.WhichOneof("event") != "chunk":
@@ -281,18 +284,24 @@ class _ImageRun:
             await self._fail(clip, code, f"audio service: {exc}")
 
     async def _emit_mix(self) -> None:
-        layers = [(audio_encoding.decode_payloads(c.payloads, c.encoding), c.sample_rate_hertz)
-                  for c in self.clips if c.ok]
-        if not layers:
+        stems = [self._stem(c) for c in self.clips if c.ok]
+        if not stems:
             return
-        mixed, rate = mix_clips(layers)
-        ref = pb.ClipRef(clip_id=f"{self.clip_prefix}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name="scene_mix.wav")
+        result = await asyncio.to_thread(mix.scene_mix, stems, self.request.output.loudness_target_lufs)
+        ref = pb.ClipRef(clip_id=f"{self.clip_prefix}-mix", kind=pb.CLIP_KIND_SCENE_MIX, file_name=mix.FILE_NAME)
         encoding, chunk_seconds = self.request.output.encoding, self.request.output.chunk_seconds
-        metadata = common_pb2.ClipMetadata(duration_seconds=len(mixed) / rate, sample_rate_hertz=rate,
-                                           num_samples=len(mixed), prompt="scene mix of %d clips" % len(layers))
-        for chunk in audio_encoding.audio_chunks(ref.clip_id, mixed, rate, encoding, chunk_seconds, metadata):
+        metadata = mix.metadata(result)
+        for chunk in audio_encoding.audio_chunks(ref.clip_id, result.samples, result.rate, encoding, chunk_seconds,
+                                                 metadata):
             await self._emit(audio=pb.ClipAudio(clip=ref, chunk=chunk))
-        await self._emit(clip_done=pb.ClipDone(clip=ref, prompt=metadata.prompt, metadata=metadata))
+        await self._emit(clip_done=pb.ClipDone(clip=ref, prompt=metadata.prompt, metadata=metadata, mix=result.plan))
+
+    def _stem(self, clip: _Clip) -> stereo_mix.StemIn:
+        source = self.sources.get(clip.ref.source_id)
+        location = source.location if source is not None and source.HasField("location") else None
+        return stereo_mix.StemIn(clip.ref.clip_id, clip.ref.file_name,
+                                 audio_encoding.decode_payloads(clip.payloads, clip.encoding), clip.sample_rate_hertz,
+                                 location)
 
     def _summary(self) -> pb.ImageSummary:
         summary = pb.ImageSummary(

@@ -18,6 +18,7 @@ from serving import metrics, request_log, security
 from serving.deadline import Deadline
 from serving.errors import InvalidInput
 from serving.interceptors import client_status
+from serving.priority import PriorityOrder
 from serving.pump import Pump
 from serving.server import GrpcServer
 
@@ -31,11 +32,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self.pipeline = pipeline
         self.config = config
         self.admission = Admission(total=config.max_images_total, max_waiting=config.max_images_waiting,
-                                   wait_seconds=config.admission_wait_seconds)
+                                   wait_seconds=config.admission_wait_seconds,
+                                   order=PriorityOrder(config.priority.batch_aging))
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
 
-    def _resolve(self, request: pb.ImageToSoundRequest) -> contract.ImageRequest:
-        return contract.image_to_sound(request, self.config.limits.max_clips_per_image)
+    def _resolve(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext) -> contract.ImageRequest:
+        header = dict(context.invocation_metadata() or ()).get(contract.PRIORITY_HEADER, "")
+        return contract.image_to_sound(request, self.config.limits.max_clips_per_image, priority_header=header)
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         return Deadline.from_context(context, self.config.default_deadline_seconds)
@@ -43,9 +46,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     async def ImageToSound(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext):
         deadline = self._deadline(context)
         request_log.set_request_id(request.request_id)  # as sent (cleaned), for the log line of a refusal
-        resolved = self._resolve(request)  # before any wait or work: INVALID_ARGUMENT
+        resolved = self._resolve(request, context)  # before any wait or work: INVALID_ARGUMENT
         request_log.set_request_id(resolved.request_id)  # made when none was sent
-        async with self.admission.slot(StreamShare()):  # RESOURCE_EXHAUSTED when no slot comes in time
+        # RESOURCE_EXHAUSTED when no slot comes in time
+        async with self.admission.slot(StreamShare(), resolved.handling.priority):
             async for event in self.pipeline.run(resolved, deadline):
                 yield event
 
@@ -65,10 +69,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             request_id = request.request_id  # cleaned (or made) as the image was read
             try:
                 with request_log.record("StreamImagesToSound.image", request_id):  # one log line per image
-                    resolved = self._resolve(request)
+                    resolved = self._resolve(request, context)
                     seen = clip_prefixes[request_id] = clip_prefixes.get(request_id, 0) + 1
                     prefix = request_id if seen == 1 else f"{request_id}~{seen}"
-                    async with self.admission.slot(share):
+                    async with self.admission.slot(share, resolved.handling.priority):
                         async for event in self.pipeline.run(resolved, deadline, clip_prefix=prefix):
                             await out.put(event)
             except asyncio.CancelledError:

@@ -1,8 +1,10 @@
 """Running blocking model code (a torch generate loop) from asyncio without blocking the event loop.
 
-Each backend gets one worker thread: models are not thread-safe, and one call at a time on one device
-is what we want anyway. Cancellation flows the other way: when the consumer goes away, `should_stop`
-turns true and the model loop can end early instead of burning GPU time for nobody.
+An in-process model gets one worker thread: models are not thread-safe, and one call at a time on one
+device is what we want anyway. A backend that serves requests concurrently (a client of a Triton server
+whose engine decodes them together) gets as many threads as it takes requests at once. Cancellation flows
+the other way: when the consumer goes away, `should_stop` turns true and the model loop can end early
+instead of burning GPU time for nobody.
 """
 from __future__ import annotations
 
@@ -18,25 +20,35 @@ from serving.pump import Pump
 T = TypeVar("T")
 
 
+_thread = threading.local()  # .worker: the ModelWorker a thread belongs to
+
+
 class ModelWorker:
-    """One thread that owns a model; at most `max_queue` callers wait for it (else Overloaded)."""
+    """`concurrency` threads (one for a model: the first generate() on a new thread runs ~3x slower for the
+    whole call, docs/architecture.md "One model thread", so load, warm-up and every request go through the
+    same one) that run a backend's blocking calls; at most `max_queue` callers wait for a free thread
+    (else Overloaded)."""
 
-    def __init__(self, name: str, max_queue: int = 16):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+    def __init__(self, name: str, max_queue: int = 16, concurrency: int = 1):
+        if concurrency < 1:
+            raise ValueError("a worker needs at least one thread")
+        self.concurrency = concurrency
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name,
+                                            initializer=self._enter)
         self._max_queue = max_queue
-        self._waiting = 0
-        # The first generate() on a new thread runs ~3x slower for the whole call (docs/architecture.md
-        # "One model thread"): load, warm-up and every request go through this one thread, whose identity
-        # tests can check.
-        self.thread_ident: int | None = None
+        self._in_flight = 0
 
-    def _mark(self) -> None:
-        self.thread_ident = threading.get_ident()
+    def _enter(self) -> None:
+        _thread.worker = self
+
+    def on_thread(self) -> bool:
+        """True on one of this worker's threads."""
+        return getattr(_thread, "worker", None) is self
 
     def submit(self, fn: Callable[..., T], *args) -> Future:
-        """Runs `fn(*args)` on the worker's thread, for callers without an event loop (a backend's own
-        jobs and decode loop); returns its concurrent Future."""
-        return self._executor.submit(lambda: (self._mark(), fn(*args))[1])
+        """Runs `fn(*args)` on a worker thread, for callers without an event loop (a backend's own jobs
+        and decode loop); returns its concurrent Future."""
+        return self._executor.submit(fn, *args)
 
     def run(self, fn: Callable[..., T], *args) -> T:
         """Runs the blocking `fn(*args)` on the worker's thread and waits for it, from any thread.
@@ -46,21 +58,21 @@ class ModelWorker:
         loader in `asyncio.to_thread`, a test) lands on the same one. The caller's context variables (the
         batch's trace phases) go along.
         """
-        if threading.get_ident() == self.thread_ident:
+        if self.on_thread():
             return fn(*args)
         return self.submit(contextvars.copy_context().run, fn, *args).result()
 
     async def stream(self, make_iter: Callable[[Callable[[], bool]], Iterator[T]]) -> AsyncIterator[T]:
-        """Yields the items of the blocking iterator `make_iter(should_stop)` as the thread produces them."""
-        if self._waiting >= self._max_queue:
-            raise Overloaded(f"{self._waiting} requests already waiting; retry later")
+        """Yields the items of the blocking iterator `make_iter(should_stop)` as a thread produces them."""
+        waiting = self._in_flight - self.concurrency
+        if waiting >= self._max_queue:
+            raise Overloaded(f"{waiting} requests already waiting; retry later")
         stop = threading.Event()
-        self._waiting += 1
+        self._in_flight += 1
         try:
             async with Pump() as pump:
 
                 def produce() -> None:  # the thread; its error ends the pump's stream
-                    self._mark()
                     if stop.is_set():  # the caller left while queued: never start
                         return
                     for item in make_iter(stop.is_set):
@@ -74,7 +86,7 @@ class ModelWorker:
                 async for item in pump:
                     yield item
         finally:
-            self._waiting -= 1
+            self._in_flight -= 1
             stop.set()
 
     def close(self) -> None:

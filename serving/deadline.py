@@ -2,11 +2,14 @@
 
 Every servicer builds a `Deadline` from its call's time remaining (`from_context`) and hands that one object
 down: the orchestrator gives each downstream call `left()`, the audio batcher drops a request whose deadline
-passes while it waits, and the VLM engine, which keeps a `time.monotonic()` instant per row, gets `at`.
+passes while it waits and gives its backend the batch's `latest` (Triton's call timeout), the VLM Triton
+client makes `remaining()` its stream timeout, and the VLM engine, which keeps a `time.monotonic()` instant per
+row, gets `at`.
 """
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 from serving.errors import DeadlineExceeded
 
@@ -25,6 +28,13 @@ class Deadline:
     @classmethod
     def after(cls, seconds: float | None) -> "Deadline":
         return cls(None if seconds is None else time.monotonic() + seconds)
+
+    @classmethod
+    def latest(cls, deadlines: "Iterable[Deadline | None]") -> "Deadline":
+        """The last of several callers' deadlines (none if any caller has none): work done for all of
+        them is wanted until then."""
+        instants = [d.at if d is not None else None for d in deadlines]
+        return cls(None if not instants or None in instants else max(instants))
 
     @classmethod
     def from_context(cls, context, default_seconds: float | None = None) -> "Deadline":

@@ -31,6 +31,18 @@ TIME_TO_FIRST_AUDIO = Histogram(
 )
 QUEUE_DEPTH = Gauge("i2s_queue_depth", "Requests waiting, by queue (orchestrator admission, VLM, audio batcher)",
                     ["queue"])
+QUEUE_WAIT = Histogram("i2s_queue_wait_seconds", "From arrival to admission, by stage (orchestrator admission, "
+                       "audio batcher) and priority (interactive, batch)", ["stage", "priority"],
+                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+CACHE_LOOKUPS = Counter("i2s_cache_lookups_total", "Result cache lookups, by cache (vlm, audio) and result (hit, "
+                        "miss, bypass, uncacheable: no seed; error: the shared store failed, counted besides the "
+                        "miss)", ["cache", "result"])
+CACHE_EVICTIONS = Counter("i2s_cache_evictions_total", "Results dropped from the in-memory cache to stay within "
+                          "--cache-max-bytes, by cache", ["cache"])
+CACHE_BYTES = Gauge("i2s_cache_bytes", "Bytes of results in the in-memory cache, by cache", ["cache"])
+WORK_CANCELLED = Counter("i2s_work_cancelled_total", "Requests stopped before they finished because their "
+                         "callers left (or their deadlines passed), by stage (vlm, audio) and state (queued: "
+                         "dropped before the model saw it; running: stopped at the next step)", ["stage", "state"])
 AUDIO_BATCH_SIZE = Histogram("i2s_audio_batch_size", "Requests per audio model call",
                              buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))
 VLM_TOKENS = Counter("i2s_vlm_tokens_total", "VLM tokens of finished descriptions, by kind (prompt, output)",

@@ -36,3 +36,25 @@ def torch_dtype(name: Any, device: str, *, gpu_default: str) -> Any:
         return getattr(torch, DTYPE_ALIASES[name.lower()])
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}") from None
+
+
+def checkpoint_revision(model: str, revision: str | None = None, token: str | None = None) -> str | None:
+    """Which weights `model` loaded, for result-cache keys (a result is never served across revisions): a
+    local folder's fingerprint (every file's path, size and modification time), or the hub snapshot's commit
+    as the local hub cache holds it after loading. None when it cannot be told (then nothing is cached)."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return "local-" + digest.hexdigest()[:16]
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, token=token, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - not in the local hub cache (or not a hub id): no key, no caching
+        return None

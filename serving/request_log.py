@@ -12,21 +12,19 @@ line then holds its fields at the top level, ready for a log pipeline.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
 import logging
 import time
 import unicodedata
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from serving import tracing
+from serving.errors import status_for
+from serving.request_context import RequestRecord, current, enter
 
 REQUEST_ID_HEADER = "x-request-id"
 MAX_ID_CHARS = 128
 log = logging.getLogger("i2s.requests")
-
-_current: contextvars.ContextVar["RequestRecord | None"] = contextvars.ContextVar("i2s_request", default=None)
 
 
 def clean_id(raw: str) -> str:
@@ -36,28 +34,9 @@ def clean_id(raw: str) -> str:
     return " ".join(kept.split())[:MAX_ID_CHARS].rstrip()
 
 
-@dataclass
-class RequestRecord:
-    method: str
-    request_id: str = ""
-    trace_id: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    fields: dict[str, Any] = field(default_factory=dict)  # timings (seconds) and counts the service adds
-    closers: list[Callable[[], None]] = field(default_factory=list)  # spans to end with the request
-
-    def line(self, code: str) -> dict[str, Any]:
-        return {"event": "request", "method": self.method, "request_id": self.request_id,
-                "trace_id": self.trace_id, "status": code,
-                "seconds": round(time.perf_counter() - self.started, 6), **self.fields}
-
-
-def current() -> RequestRecord | None:
-    return _current.get()
-
-
 def set_request_id(request_id: str) -> None:
     """The current request's id, once the service knows it (the orchestrator's request message)."""
-    record = _current.get()
+    record = current()
     if record is not None:
         record.request_id = clean_id(request_id)
         tracing.tag_current_span(record.request_id)
@@ -65,7 +44,7 @@ def set_request_id(request_id: str) -> None:
 
 def note(**fields: Any) -> None:
     """Adds timings or counts to the current request's line (nothing outside a request)."""
-    record = _current.get()
+    record = current()
     if record is not None:
         record.fields.update({k: round(v, 6) if isinstance(v, float) else v for k, v in fields.items()})
 
@@ -73,7 +52,7 @@ def note(**fields: Any) -> None:
 def start(method: str, request_id: str = "") -> RequestRecord:
     """Opens the current task's record (each RPC and each image runs in a task of its own)."""
     record = RequestRecord(method=method, request_id=clean_id(request_id), trace_id=tracing.current_trace_id())
-    _current.set(record)
+    enter(record)
     return record
 
 
@@ -89,8 +68,6 @@ def finish(record: RequestRecord, code: str) -> None:
 def record(method: str, request_id: str) -> Iterator[RequestRecord]:
     """A record around one unit of work that is not an RPC of its own (an image of a stream): its line
     says OK, or the status its exception maps to."""
-    from serving.errors import status_for
-
     entry = start(method, request_id)
     code = "OK"
     try:

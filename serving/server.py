@@ -216,7 +216,8 @@ async def run_until_signal(
 def serve_model_service(name: str, kind: str, config: Any, *, in_process_backend: str,
                         build_backend: Callable, make_server: Callable, load_and_warm: Callable) -> None:
     """A model service's process once its flags are parsed: the usual mistakes (a model folder typo, the two
-    model folders swapped, a port in use) end here in one line, then torch's threads, the log format and
+    model folders swapped, a port in use, a cache URL that is malformed or does not answer) end here in one
+    line, then torch's threads, the log format and
     tracing are set, then it serves until SIGTERM. `kind` is serving.startup's VLM or AUDIO;
     `in_process_backend` the backend whose model folder is checked (not Triton's)."""
     import inspect
@@ -224,8 +225,11 @@ def serve_model_service(name: str, kind: str, config: Any, *, in_process_backend
     from serving.startup import check_model_folder, prepare_process
     from serving.threads import apply_torch_threads
 
+    from serving.result_cache import check_options
+
     if config.backend == in_process_backend:
         check_model_folder(config.model, kind)
+    check_options(config.cache)  # a malformed --cache-url, or a Redis that does not answer: one line
     prepare_process(name, config.server)
     apply_torch_threads(config.threads)  # before the model loads: its threads are sized by then
 

@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+from serving import request_context
 from serving.config import setting
+from serving.errors import status_for
 
 TRACER_NAME = "image_to_sound"
 REQUEST_ID = "i2s.request_id"
@@ -94,19 +96,12 @@ def client_interceptors() -> list:
         return _traced(method)
 
     def tag(span, _request) -> None:  # the client span of a model call: the caller's request id
-        span.set_attribute(REQUEST_ID, _request_id())
+        span.set_attribute(REQUEST_ID, request_context.request_id())
 
     return aio_client_interceptors(tracer_provider=_provider, filter_=traced, request_hook=tag)
 
 
 # --- the request's context -----------------------------------------------------------------------
-
-def _request_id() -> str:
-    from serving import request_log  # request_log imports this module for trace ids
-
-    record = request_log.current()
-    return record.request_id if record is not None else ""
-
 
 @dataclass(frozen=True)
 class Parent:
@@ -126,7 +121,7 @@ def capture() -> Parent | None:
 
     if not trace.get_current_span().get_span_context().is_valid:
         return None
-    return Parent(context.get_current(), _request_id())
+    return Parent(context.get_current(), request_context.request_id())
 
 
 def tag_current_span(request_id: str) -> None:
@@ -198,15 +193,13 @@ def current_span(name: str, request_id: str = "", **attributes) -> Iterator[Span
     if _tracer is None:
         yield SpanOutcome()
         return
-    attributes = {REQUEST_ID: request_id or _request_id(), **attributes}
+    attributes = {REQUEST_ID: request_id or request_context.request_id(), **attributes}
     with _tracer.start_as_current_span(name, attributes=attributes, record_exception=False,
                                        set_status_on_exception=False) as span:
         outcome = SpanOutcome(span)
         try:
             yield outcome
         except Exception as exc:
-            from serving.errors import status_for
-
             outcome.fail(*status_for(exc))
             raise
 
@@ -256,11 +249,9 @@ def request_phases(first: str, **attributes) -> Phases:
     parent = capture()
     if parent is None:
         return NO_PHASES
-    from serving import request_log
-
     phases = Phases([parent], **attributes)
     phases.enter(first)
-    record = request_log.current()
+    record = request_context.current()
     if record is not None:
         record.closers.append(phases.end)
     return phases

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from serving import security
 from serving.config import setting
+from serving.deadline import Deadline
 from serving.errors import NotReady
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class TritonClients:
     the project's one reload mechanism): a rotated client certificate is used from the next call on, no
     restart. `shared()` is the client for unary calls, replaced by a new one once the files changed (a
     replaced client closes when the last call holding it lets it go: tritonclient closes on deletion, so
-    a caller keeps the client it got for the whole call); `new()` is one of its own (a stream needs one)."""
+    a caller keeps the client it got for the whole call); `new_aio()` is an aio one of its own (for a stream)."""
 
     def __init__(self, url: str, tls: TritonTls, what: str):
         self.url = url
@@ -52,8 +53,9 @@ class TritonClients:
     def _current(self):
         return self.credentials.current() if self.credentials is not None else None
 
-    def new(self):
-        import tritonclient.grpc as triton
+    def new_aio(self):
+        """An aio client of its own, for a stream on the event loop that makes it."""
+        import tritonclient.grpc.aio as triton
 
         return triton.InferenceServerClient(self.url, creds=self._current())
 
@@ -75,12 +77,17 @@ class TritonClients:
 
 
 def translate_error(error: Exception) -> Exception:
-    """A tritonclient error -> the backend interfaces' exceptions (DEADLINE_EXCEEDED, INVALID_ARGUMENT,
+    """A tritonclient (or gRPC) error -> the backend interfaces' exceptions (DEADLINE_EXCEEDED, INVALID_ARGUMENT,
     UNAVAILABLE for a model that is down or unknown; anything else stays internal)."""
+    import grpc
     from tritonclient.utils import InferenceServerException
 
-    status = error.status() if isinstance(error, InferenceServerException) else None
-    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+    if isinstance(error, InferenceServerException):
+        status, message = error.status(), error.message()
+    elif isinstance(error, grpc.RpcError) and hasattr(error, "code"):  # a streaming call's own end
+        status, message = str(error.code()), error.details() or ""
+    else:
+        status, message = None, str(error)
     if status and "DEADLINE_EXCEEDED" in status:
         return TimeoutError(f"Triton: {message}")
     if status and "INVALID_ARGUMENT" in status:
@@ -88,6 +95,13 @@ def translate_error(error: Exception) -> Exception:
     if status and "UNAVAILABLE" in status or "not ready" in message.lower() or "unknown model" in message.lower():
         return NotReady(f"Triton: {message}")
     return RuntimeError(f"Triton: {message}")
+
+
+def call_timeout(deadline: Deadline | None, default_seconds: float | None) -> float | None:
+    """A Triton call's timeout: what is left of the caller's deadline (a passed one still makes a call that
+    times out at once, so the caller hears Triton's DEADLINE_EXCEEDED), else `default_seconds`."""
+    remaining = deadline.remaining() if deadline is not None else None
+    return default_seconds if remaining is None else max(0.001, remaining)
 
 
 class Readiness:

@@ -80,6 +80,10 @@ def _description(**change) -> common_pb2.SceneDescription:
     return description
 
 
+def _box(x0, y0, x1, y1) -> common_pb2.BoundingBox:
+    return common_pb2.BoundingBox(x_min=x0, y_min=y0, x_max=x1, y_max=y1)
+
+
 def _many_sources(n: int) -> common_pb2.SceneDescription:
     description = common_pb2.SceneDescription(scene="a market")
     for i in range(n):
@@ -118,14 +122,25 @@ CATALOGUE: list[Case] = [
     Case("duration +inf", "audio", lambda: common_pb2.AudioSettings(duration_seconds=INF), INVALID, "duration_seconds"),
     Case("duration negative", "audio", lambda: common_pb2.AudioSettings(duration_seconds=-4), INVALID, "duration_seconds"),
     Case("duration huge", "audio", lambda: common_pb2.AudioSettings(duration_seconds=1e30), INVALID, "duration_seconds"),
+    Case("duration over 5 minutes", "audio", lambda: common_pb2.AudioSettings(duration_seconds=300.5), INVALID, "within 1..300"),
+    Case("loop on a 1.5 s clip", "audio", lambda: common_pb2.AudioSettings(duration_seconds=1.5, loop=True), INVALID, "loop needs a clip of at least 2 s"),
+    Case("speech/music retries huge", "audio", lambda: common_pb2.AudioSettings(reject_speech_music=2**32 - 1), INVALID, "reject_speech_music"),
     Case("guidance -inf", "audio", lambda: common_pb2.AudioSettings(guidance_scale=-INF), INVALID, "guidance_scale"),
     Case("steps huge", "audio", lambda: common_pb2.AudioSettings(num_inference_steps=2**31 - 1), INVALID, "num_inference_steps"),
     Case("candidates huge", "audio", lambda: common_pb2.AudioSettings(num_candidates=10**6), INVALID, "num_candidates"),
     Case("scheduler enum 99", "audio", lambda: common_pb2.AudioSettings(scheduler=99), INVALID, "scheduler=99"),
     Case("encoding enum 99", "audio", lambda: common_pb2.AudioSettings(encoding=99), INVALID, "encoding=99"),
     Case("chunk duration NaN", "audio", lambda: common_pb2.AudioSettings(chunk_duration_seconds=NAN), INVALID, "chunk_duration_seconds"),
+    Case("sample rate 22050", "audio", lambda: common_pb2.AudioSettings(sample_rate_hertz=22050), INVALID, "sample_rate_hertz=22050 is not supported"),
+    Case("sample rate 2^32-1", "audio", lambda: common_pb2.AudioSettings(sample_rate_hertz=2**32 - 1), INVALID, "sample_rate_hertz"),
+    Case("loudness target -80", "audio", lambda: common_pb2.AudioSettings(loudness_target_lufs=-80), INVALID, "loudness_target_lufs=-80"),
+    Case("loudness target +3", "audio", lambda: common_pb2.AudioSettings(loudness_target_lufs=3), INVALID, "within -70..0"),
+    Case("loudness target NaN", "audio", lambda: common_pb2.AudioSettings(loudness_target_lufs=NAN), INVALID, "loudness_target_lufs=nan"),
+    Case("loudness target -inf", "audio", lambda: common_pb2.AudioSettings(loudness_target_lufs=-INF), INVALID, "loudness_target_lufs=-inf"),
+    Case("48 kHz at -14 LUFS", "audio", lambda: common_pb2.AudioSettings(sample_rate_hertz=48000, loudness_target_lufs=-14), OK),
     # pipeline options
     Case("max_clips 2^32-1", "options", lambda: {"max_clips": 2**32 - 1}, INVALID, "at most 32 per image"),
+    Case("priority enum 7", "options", lambda: {"priority": 7}, INVALID, "options.priority=7 is not a known priority"),
     # prompts (GenerateAudio)
     Case("empty prompt", "prompt", lambda: "", INVALID, "prompt must be a non-empty string"),
     Case("control characters only", "prompt", lambda: "\x00\x01\x1b\x7f\u200b\u202e\n\t ", INVALID, "no printable characters"),
@@ -142,6 +157,12 @@ CATALOGUE: list[Case] = [
     Case("confidence -5", "description", lambda: _description(confidence=-5), INVALID, "confidence=-5"),
     Case("instrument role 99", "description", lambda: _description(instrument_role=99), INVALID, "instrument_role=99"),
     Case("location NaN", "description", lambda: _description(location=common_pb2.BoundingBox(x_min=NAN)), INVALID, "location"),
+    Case("location +inf", "description", lambda: _description(location=_box(0.1, 0.1, INF, 0.5)), INVALID, "location must be finite"),
+    Case("location out of range", "description", lambda: _description(location=_box(0.1, 0.1, 1.5, 0.5)), INVALID, "within 0..1"),
+    Case("location negative", "description", lambda: _description(location=_box(-0.2, 0.1, 0.5, 0.5)), INVALID, "within 0..1"),
+    Case("location inverted", "description", lambda: _description(location=_box(0.8, 0.1, 0.2, 0.5)), INVALID, "x_min < x_max"),
+    Case("location empty", "description", lambda: _description(location=_box(0.3, 0.5, 0.6, 0.5)), INVALID, "y_min < y_max"),
+    Case("location in range", "description", lambda: _description(location=_box(0.1, 0.2, 0.3, 0.4)), OK),
     Case("source name ../../etc", "description", lambda: _description(name="../../etc/passwd"), OK),
     Case("source name CON", "description", lambda: _description(name="CON"), OK),
     Case("source name NUL", "description", lambda: _description(name="NUL"), OK),

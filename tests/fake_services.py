@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2, vision_pb2, vision_pb2_grpc
-from i2s_formats import audio_encoding
+from i2s_formats import audio_encoding, loudness
 from serving.errors import InvalidInput
 from serving.images import decode_image
 from serving.server import GrpcServer, ServerOptions
@@ -46,9 +46,11 @@ class FakeVisionServicer(vision_pb2_grpc.VisionServiceServicer):
     finished: bool = False
     calls: int = 0
     decoding: list[common_pb2.DecodingSettings] = field(default_factory=list)  # as each call received them
+    requests: list = field(default_factory=list)  # every request, as received
 
     async def StreamSceneDescription(self, request, context):
         self.calls += 1
+        self.requests.append(request)
         self.decoding.append(request.decoding)
         decode_image(request.image.data, request.image.mime_type)  # the real checks: bad images fail here
         self.entered.set()
@@ -86,9 +88,11 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
     was_cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     deadlines: list[float | None] = field(default_factory=list)  # time remaining seen by each call
     settings: list[common_pb2.AudioSettings] = field(default_factory=list)  # as each call received them
+    requests: list = field(default_factory=list)  # every request, as received
 
     async def GenerateAudio(self, request, context):
         self.prompts.append(request.prompt)
+        self.requests.append(request)
         self.settings.append(request.settings)
         self.deadlines.append(context.time_remaining())
         self.entered.set()
@@ -105,9 +109,14 @@ class FakeAudioServicer(audio_pb2_grpc.AudioServiceServicer):
             wave = (0.3 * np.sin(2 * np.pi * (200 + len(self.prompts)) * t)).astype(np.float32)
             yield audio_pb2.GenerateAudioResponse(progress=common_pb2.Progress(steps_done=1, steps_total=1))
             encoding = request.settings.encoding or audio_encoding.PCM16
-            metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=rate, num_samples=len(wave),
-                                               seed=request.settings.seed, prompt=request.prompt, model_id=self.model_id)
-            for chunk in audio_encoding.audio_chunks(request.clip_id, wave, rate, encoding, 0.5, metadata):
+            settings = request.settings
+            target = settings.loudness_target_lufs if settings.HasField("loudness_target_lufs") else None
+            out = loudness.deliver(wave, rate, request.settings.sample_rate_hertz, target)  # the service's output step
+            metadata = common_pb2.ClipMetadata(duration_seconds=seconds, sample_rate_hertz=out.rate,
+                                               num_samples=len(out.samples), seed=request.settings.seed,
+                                               prompt=request.prompt, model_id=self.model_id)
+            loudness.record(metadata, out.level, out.gain_db)
+            for chunk in audio_encoding.audio_chunks(request.clip_id, out.samples, out.rate, encoding, 0.5, metadata):
                 yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         except asyncio.CancelledError:
             self.cancelled += 1

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,23 @@ class PromptTemplate:
         if not self.image_first:
             user.reverse()
         return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+
+
+    def located(self) -> "PromptTemplate":
+        """This version asking also where each source is (``vlm_prompt/locate.json``): one more task line
+        and a bounded pixel ``box`` in each source. The version itself is unchanged, so a request without
+        locate_sources gets exactly the prompt and grammar it always had."""
+        spec = json.loads((_ROOT / "locate.json").read_text(encoding="utf-8"))
+        schema = copy.deepcopy(self.schema)
+        source = schema["properties"]["sources"]["items"]
+        props = list(source["properties"].items())
+        at = [k for k, _ in props].index(spec["after"]) + 1
+        source["properties"] = dict(props[:at] + [(spec["property"], spec["schema"])] + props[at:])
+        source["required"] = [k for k in source["properties"] if k in source["required"] or k == spec["property"]]
+        lines = self.task.splitlines()
+        at = next((i for i, line in enumerate(lines) if EXAMPLE_PLACEHOLDER in line), len(lines))
+        task = "\n".join(lines[:at] + [spec["task_line"]] + lines[at:])
+        return replace(self, task=task, schema=schema)
 
 
 def available_versions() -> list[str]:

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any, Iterable
 
-from i2s_formats import seed_format
+from i2s_formats import boxes, seed_format
 from vlm_service import rules
 from vlm_service.backend import DescriptionDone, SceneHeader, SourceFound, StreamEvent
 from vlm_service.decoding import IncrementalDetokenizer, JsonStreamParser, ParsedHeader, ParsedSource
@@ -21,7 +21,8 @@ class DescriptionAssembler:
     """One request's events from its tokens: :meth:`tokens` as they come, then :meth:`finish` once."""
 
     def __init__(self, tokenizer: Any, *, prompt_version: str, model_id: str, prompt_tokens: int,
-                 started: float, max_new_tokens: int, quiet: bool = False) -> None:
+                 started: float, max_new_tokens: int, quiet: bool = False,
+                 frame: boxes.PixelFrame | None = None) -> None:
         self._detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         self._parser = JsonStreamParser()
         self._post = rules.PostRules()
@@ -30,6 +31,7 @@ class DescriptionAssembler:
         self.started = started
         self.max_new_tokens = max_new_tokens
         self.quiet = quiet
+        self.frame = frame  # set when the request asked for boxes: the model's pixel frame
         self.output_tokens = 0
         self.first_token_at: float | None = None
 
@@ -90,7 +92,7 @@ class DescriptionAssembler:
                     mood=seed_format.clean_text(event.mood, seed_format.MAX_MOOD_CHARS),
                 ))
             elif isinstance(event, ParsedSource):
-                source = seed_format.source_from_raw(event.data, event.index)
+                source = rules.source_from_model(event.data, event.index, self.frame)
                 admitted = self._post.add(source) if source is not None else None
                 if admitted is not None:
                     events.append(SourceFound(admitted))

@@ -65,6 +65,7 @@ class DescriptionDone:
     total_seconds: float
     finish_reason: FinishReason = "stop"
     model_steps: int = 0
+    cache_hit: bool = False  # replayed from the result cache (vlm_service.description_cache): no model ran
 
 
 StreamEvent = SceneHeader | SourceFound | DescriptionDone
@@ -74,17 +75,27 @@ class VisionBackend(ABC):
     """A model that describes an image's sound sources.
 
     Life cycle: construct (cheap, loads nothing) -> :meth:`load` -> :meth:`warmup` -> ``ready`` ->
-    requests -> :meth:`close`. Unless a subclass says otherwise, calls must be serialised (one request
-    at a time); :meth:`stream` is a blocking generator meant to run in a worker thread, and
-    :meth:`astream` runs it on the service's worker. A backend that schedules concurrent requests itself
-    (the transformers one) overrides :meth:`astream`.
+    requests -> :meth:`close`. A backend takes ``concurrent_requests`` calls at once (by default one:
+    calls are serialised); :meth:`stream` is a blocking generator meant to run in a worker thread, and
+    :meth:`astream` runs it on the service's worker, which has that many threads. A backend that queues
+    and schedules concurrent requests itself (the transformers one) overrides :meth:`astream`.
     """
 
     model_id: str
     prompt_version: str
-    # True for a backend that queues and schedules its requests itself (bounded by its own max_queue): the
-    # servicer then puts no ModelWorker queue in front of it, so one queue stands before each model.
-    schedules_itself: bool = False
+    # How many requests the servicer sends at once: its worker gets that many threads. None for a backend
+    # that queues and schedules its requests itself (bounded by its own max_queue): the servicer then puts
+    # no worker queue in front of it, so one queue stands before each model.
+    concurrent_requests: int | None = 1
+    model_revision: str | None = None  # the loaded weights (serving.models.checkpoint_revision); None: unknown
+
+    def result_identity(self) -> dict | None:
+        """What decides a description besides the image and decoding options: the model (id and revision),
+        the prompt version and the settings of this backend that change the tokens. Part of every
+        result-cache key; None (revision unknown): no caching."""
+        if self.model_revision is None:
+            return None
+        return {"model_id": self.model_id, "revision": self.model_revision, "prompt_version": self.prompt_version}
     # Which path serves, once warm (serving.fast_path.report; the engine's: its decode step), and why it is
     # not the one asked for, if it is not.
     serving_path: str = "remote"
@@ -122,9 +133,10 @@ class VisionBackend(ABC):
         """
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker | None",
-                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
-        """:meth:`stream` for asyncio callers: on ``worker``'s thread, one request at a time, stopped when
-        the caller leaves. A backend that can stop at ``deadline`` ends with finish_reason "deadline"."""
+                      deadline: "Deadline | None" = None, priority: str = "interactive") -> AsyncIterator[StreamEvent]:
+        """:meth:`stream` for asyncio callers: on a thread of ``worker`` (``concurrent_requests`` of them),
+        stopped when the caller leaves. A backend that can stop at ``deadline`` ends with finish_reason "deadline".
+        A backend that schedules itself serves ``priority`` (serving.priority) first; this one, in arrival order."""
         async for event in worker.stream(lambda should_stop: self.stream(image, options, should_stop)):
             yield event
 

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from serving.config import parse_config, setting
+from serving.priority import PriorityOptions
+from serving.result_cache import CacheOptions
 from serving.images import ImageLimits
 from serving.models import DEFAULT_VLM_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 from serving.threads import ThreadOptions
 from serving.triton_client import TritonTls
+
+if TYPE_CHECKING:  # imported when used: the engine module is not needed to read flags
+    from vlm_service.engine import EngineOptions
 
 DEFAULT_PORT = 50051
 
@@ -37,7 +43,8 @@ class VlmConfig:
     # The decode engine (docs/architecture.md "The VLM decode engine"); engine=False decodes with generate(),
     # one request at a time (the reference).
     engine: bool = setting(True, "decode engine: batched steps, static KV cache (false: generate(), the reference)")
-    engine_max_batch: int = setting(8, "requests decoded together; batch buckets are the powers of two up to it")
+    engine_max_batch: int = setting(8, "requests decoded together; batch buckets are the powers of two up to it "
+                                    "(--backend triton: streams sent to Triton at once, its model's own setting)")
     engine_capture: str = setting("auto", "decode step: auto (CUDA graphs on CUDA, eager elsewhere; eager if "
                                   "capture fails at warm-up), none (eager), torch.compile reduce-overhead, CUDA graphs",
                                   choices=["auto", "none", "compile", "cuda-graph"])
@@ -60,8 +67,28 @@ class VlmConfig:
     random_weights: bool = setting(False, "benchmarks only: --model's architecture with random weights made on the "
                                    "device (its weight files are not read)")
     image_limits: ImageLimits = ImageLimits()
+    priority: PriorityOptions = PriorityOptions()
+    engine_interactive_rows: int = setting(1, "decode rows batch work leaves free for interactive requests that "
+                                           "arrive (outside its aging turn)")
+    cache: CacheOptions = CacheOptions()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)
     threads: ThreadOptions = ThreadOptions()
+
+
+def engine_options(config: VlmConfig) -> EngineOptions | None:
+    """The decode engine's options from the service flags (None: the reference generate() path)."""
+    if not config.engine:
+        return None
+    from vlm_service.engine import EngineOptions
+
+    batch_buckets = tuple(sorted({min(2**i, config.engine_max_batch) for i in range(config.engine_max_batch.bit_length() + 1)}))
+    return EngineOptions(
+        max_batch=config.engine_max_batch, batch_buckets=batch_buckets,
+        token_buckets=config.engine_token_buckets,
+        length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
+        capture=config.engine_capture, jump_forward=config.engine_jump_forward,
+        prefix_cache=config.engine_prefix_cache, attention=config.engine_attention,
+        prefill_chunk=config.engine_prefill_chunk, self_check=config.self_check)
 
 
 def parse_args(argv: list[str] | None = None) -> VlmConfig:

@@ -118,6 +118,8 @@ class EngineRequest:
     should_stop: Callable[[], bool] | None = None
     deadline: float | None = None  # time.monotonic() after which the request stops ("deadline")
     cancelled: threading.Event = field(default_factory=threading.Event)
+    grammar: Any = None  # the request's compiled grammar (None: the engine's), e.g. with boxes (locate_sources)
+    priority: str = "interactive"  # the scheduler's admission order (serving.priority)
     # Made where the request is submitted, on its RPC's task: its trace spans (no-op when tracing is off).
     phases: tracing.Phases = field(default_factory=lambda: tracing.request_phases("vlm.queue_wait"))
 
@@ -285,7 +287,7 @@ class DecodeEngine:
                 self.cache.keys[layer][row.slot, :, :start] = k
                 self.cache.values[layer][row.slot, :, :start] = v
         row.delta, row.steps = int(delta.reshape(-1)[0]), 1
-        row.matcher = xgr.GrammarMatcher(self.grammar)
+        row.matcher = xgr.GrammarMatcher(req.grammar if req.grammar is not None else self.grammar)
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             row.sampler = RowSampler(req.temperature, req.top_p, seed)

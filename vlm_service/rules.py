@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from image_to_sound.v1 import common_pb2
+from i2s_formats import boxes, seed_format
 from i2s_formats.source_merge import SourceMerge
 from i2s_formats.seed_format import SEED_ROLE_NAME, Role, description_from_raw, round_confidence
 
@@ -252,3 +253,17 @@ def description_from_dict(data: Mapping[str, Any], *, apply_rules: bool = True) 
     rules.finish()
     return rules.description(description.scene, description.mood)
 
+
+def source_from_model(data: Mapping[str, Any], index: int, frame: boxes.PixelFrame | None = None
+                      ) -> common_pb2.SoundSource | None:
+    """One source as the model wrote it: its ``box`` is in pixels of ``frame`` (the image after the
+    processor's resize) and becomes the normalised location here; without a frame (no boxes asked for)
+    any box is ignored."""
+    raw = dict(data)
+    raw_box = raw.pop(boxes.BOX_KEY, None)
+    source = seed_format.source_from_raw(raw, index)
+    if source is not None and frame is not None:
+        location = boxes.from_model_pixels(raw_box, frame)
+        if location is not None:
+            source.location.CopyFrom(location)
+    return source

@@ -2,7 +2,8 @@
 
 Callers submit from any thread into a bounded queue (``Overloaded`` when full). One loop runs on the
 model thread while there is work: at each step boundary it admits waiting requests into the engine's free
-rows, then runs one engine step; without an engine it runs the reference ``generate()`` for one request
+rows (interactive before batch, with aging; batch work leaving rows to interactive work: serving.priority),
+then runs one engine step; without an engine it runs the reference ``generate()`` for one request
 after another. The loop returns when there is nothing left, and the next submission starts it again.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 from typing import Any, Callable
 
 from serving.errors import NotReady, Overloaded
+from serving.priority import BATCH, PriorityOrder
 from vlm_service.engine import DecodeEngine, EngineRequest
 from vlm_service.messages import Finished
 
@@ -24,13 +26,13 @@ class Scheduler:
         max_queue: requests waiting (not yet decoding) before ``Overloaded``.
         engine: the decode engine, or None for the reference path.
         reference: runs one request with ``generate()`` (the reference path), on the model thread.
-        threads: the set the loop adds its thread to (the backend's record of threads that ran model code).
+        order: which waiting requests go first when rows free up (default: interactive first, aging 4).
     """
 
     def __init__(self, worker: Any, *, max_queue: int, engine: DecodeEngine | None,
-                 reference: Callable[[EngineRequest], None], threads: set[int]) -> None:
+                 reference: Callable[[EngineRequest], None], order: PriorityOrder | None = None) -> None:
         self.worker, self.max_queue, self.engine, self.reference = worker, max_queue, engine, reference
-        self.threads = threads
+        self.order = order or PriorityOrder()
         self._cv = threading.Condition()
         self._pending: list[EngineRequest] = []
         self._running = False
@@ -63,7 +65,6 @@ class Scheduler:
             req.deliver(Finished("cancelled", 0))
 
     def _loop(self) -> None:
-        self.threads.add(threading.get_ident())
         engine = self.engine
         while True:
             with self._cv:
@@ -71,8 +72,12 @@ class Scheduler:
                     admit, self._pending = self._pending, []
                     self._running = False
                 else:
-                    room = engine.free_slots if engine is not None else 1
-                    admit, self._pending = self._pending[:room], self._pending[room:]
+                    if engine is None:
+                        admit = self.order.take(self._pending, 1, _priority)
+                    else:
+                        holding = sum(row is not None and row.req.priority != BATCH for row in engine.rows)
+                        admit = self.order.admit(self._pending, engine.free_slots, len(engine.rows), holding,
+                                                 _priority)
                     if not admit and (engine is None or engine.active == 0):
                         self._running = False
                         return
@@ -93,3 +98,7 @@ class Scheduler:
             except BaseException as exc:  # noqa: BLE001 - a broken step fails its batch, not the service
                 log.exception("decode step failed")
                 engine.fail_all(exc)
+
+
+def _priority(req: EngineRequest) -> str:
+    return req.priority

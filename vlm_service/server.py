@@ -6,45 +6,51 @@ from typing import Sequence
 
 import grpc
 
-from image_to_sound.v1 import common_pb2, vision_pb2, vision_pb2_grpc
+from image_to_sound.v1 import vision_pb2, vision_pb2_grpc
 from serving import fast_path, metrics, request_log, tracing
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady
 from serving.server import GrpcServer
 from i2s_formats import contract
-from vlm_service.backend import DescriptionDone, SceneHeader, SourceFound, VisionBackend
-from vlm_service.config import VlmConfig
+from serving.result_cache import open_cache
+from vlm_service.backend import DescriptionDone, SourceFound, VisionBackend
+from vlm_service.config import VlmConfig, engine_options  # noqa: F401 - engine_options: bench's import
+from vlm_service.description_cache import (STORED_REASONS, description_key, pack_events, replay, stats_message,
+                                           stream_message)
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
-
-
-def stats_message(done: DescriptionDone) -> common_pb2.DescriptionStats:
-    return common_pb2.DescriptionStats(
-        prompt_tokens=done.prompt_tokens,
-        output_tokens=done.output_tokens,
-        time_to_first_token_seconds=done.time_to_first_token_seconds,
-        total_seconds=done.total_seconds,
-    )
+QUEUE = "vlm"  # its i2s_queue_depth label: the waiting work the autoscalers read (deploy/README.md "Scaling")
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, backend: VisionBackend, config: VlmConfig):
         self.backend = backend
         self.config = config
-        # One queue in front of the model: the backend's own scheduler's, else this worker's.
-        self.worker = None if backend.schedules_itself else ModelWorker("vlm", max_queue=config.max_queue)
-        metrics.QUEUE_DEPTH.labels(queue="vlm").set_function(lambda: getattr(backend, "queue_depth", 0))
+        # One queue in front of the model: the backend's own scheduler's, else this worker's, whose threads
+        # send the backend as many requests at once as it takes.
+        self.worker = None if backend.concurrent_requests is None else ModelWorker(
+            "vlm", max_queue=config.max_queue, concurrency=backend.concurrent_requests)
+        metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: getattr(backend, "queue_depth", 0))
+        self.cache = open_cache(config.cache, "vlm")
 
     async def _events(self, request, context):
         if not self.backend.ready:
             raise NotReady("the VLM is still loading")
         scene = contract.scene_request(request, self.config.image_limits)
         image, options = scene.image, scene.decoding
+        key = description_key(request.image.data, options, self.backend)
+        cached = await self.cache.lookup(key, scene.handling.bypass_cache)
+        if cached is not None:  # no model runs: the stream as it was sent
+            request_log.note(cache_hit=True)
+            for event in replay(cached):
+                yield event
+            return
         deadline = Deadline.from_context(context)
-        parent, started_ns, sources = tracing.capture(), tracing.now_ns(), 0
-        async for event in self.backend.astream(image, options, self.worker, deadline):
+        parent, started_ns, sources, sent = tracing.capture(), tracing.now_ns(), 0, []
+        async for event in self.backend.astream(image, options, self.worker, deadline,
+                                                priority=scene.handling.priority):
             if isinstance(event, SourceFound):
                 sources += 1
                 tracing.record_span(parent, "vlm.time_to_source", started_ns, source_index=sources,
@@ -60,6 +66,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                     context.set_trailing_metadata((("vlm-model-steps", str(event.model_steps)),))
                 if event.finish_reason == "deadline":  # a cut description is not an answer
                     raise DeadlineExceeded(f"deadline exceeded after {event.output_tokens} tokens of the description")
+                if event.finish_reason in STORED_REASONS:  # before the last yield: DescribeScene stops reading at it
+                    await self.cache.store(key, pack_events([*sent, event]))
+            sent.append(event)
             yield event
 
     async def DescribeScene(self, request: vision_pb2.DescribeSceneRequest, context: grpc.aio.ServicerContext):
@@ -70,18 +79,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def StreamSceneDescription(self, request: vision_pb2.StreamSceneDescriptionRequest, context):
         async for event in self._events(request, context):
-            if isinstance(event, SceneHeader):
-                yield vision_pb2.StreamSceneDescriptionResponse(
-                    scene=vision_pb2.SceneSummary(scene=event.scene, mood=event.mood)
-                )
-            elif isinstance(event, SourceFound):
-                yield vision_pb2.StreamSceneDescriptionResponse(source=event.source)
-            elif isinstance(event, DescriptionDone):
-                yield vision_pb2.StreamSceneDescriptionResponse(
-                    final=vision_pb2.DescribeSceneResponse(description=event.description, stats=stats_message(event))
-                )
+            yield stream_message(event)
 
-    def close(self) -> None:
+    def close(self) -> None:  # the cache's connections (if any) end with the process
         if self.worker is not None:
             self.worker.close()
 
@@ -89,38 +89,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 def build_backend(config: VlmConfig) -> VisionBackend:
     """The one place that picks a backend implementation from the config."""
     if config.backend == "transformers":
-        from serving.models import hf_token
         from vlm_service.transformers_backend import TransformersVisionBackend
 
-        kwargs = dict(model=config.model, revision=config.revision, token=hf_token(), device=config.device,
-                      dtype=config.dtype, prompt_version=config.prompt_version, max_queue=config.max_queue,
-                      engine=engine_options(config), sdpa_backend=config.sdpa_backend,
-                      random_weights=config.random_weights)
-        if config.max_pixels:
-            kwargs["max_pixels"] = config.max_pixels
-        return TransformersVisionBackend(**kwargs)
+        return TransformersVisionBackend.from_config(config)
     if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
         from vlm_service.triton_backend import TritonVisionBackend
 
         return TritonVisionBackend(config.triton_url, config.triton_model, prompt_version=config.prompt_version,
-                                   tls=config.triton_tls)
+                                   tls=config.triton_tls, concurrent_requests=config.engine_max_batch)
     raise ValueError(f"unknown VLM backend {config.backend!r}")
-
-
-def engine_options(config: VlmConfig):
-    """The decode engine's options from the service flags (None: the reference generate() path)."""
-    if not config.engine:
-        return None
-    from vlm_service.engine import EngineOptions
-
-    batch_buckets = tuple(sorted({min(2**i, config.engine_max_batch) for i in range(config.engine_max_batch.bit_length() + 1)}))
-    return EngineOptions(
-        max_batch=config.engine_max_batch, batch_buckets=batch_buckets,
-        token_buckets=config.engine_token_buckets,
-        length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
-        capture=config.engine_capture, jump_forward=config.engine_jump_forward,
-        prefix_cache=config.engine_prefix_cache, attention=config.engine_attention,
-        prefill_chunk=config.engine_prefill_chunk, self_check=config.self_check)
 
 
 def make_server(

@@ -29,6 +29,7 @@ Greedy decoding gives the same tokens on both (tests/integration/test_vlm_engine
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import secrets
@@ -38,14 +39,18 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from PIL import Image
 
+from i2s_formats.boxes import PixelFrame
+from serving import metrics
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
+from serving.priority import INTERACTIVE, PriorityOrder
 from serving.pump import Pump
-from serving.models import DEFAULT_VLM_MODEL, hf_token, torch_dtype
+from serving.models import DEFAULT_VLM_MODEL, checkpoint_revision, hf_token, torch_dtype
 from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
 from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
+from vlm_service.config import VlmConfig, engine_options
 from vlm_service.decoding import (
     GrammarLogitsProcessor,
     StopCriterion,
@@ -113,6 +118,17 @@ def random_model(path: str, dtype: Any, device: str, attn_implementation: str):
     return model
 
 
+def _prompt_text(tokenizer: Any, prompt: PromptTemplate) -> str:
+    """The chat-templated prompt (ChatML when the tokenizer has no template), with its one image placeholder."""
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(prompt.messages(), tokenize=False, add_generation_prompt=True)
+    else:
+        text = render_chatml(prompt)
+    if text.count(IMAGE_TOKEN) != 1:
+        raise RuntimeError(f"chat template produced {text.count(IMAGE_TOKEN)} image placeholders, expected 1")
+    return text
+
+
 def _load_image_processor(model: str, revision: str | None, token: str | None, **kwargs: Any):
     """The Qwen2-VL image processor of the checkpoint: the torchvision class when torchvision works,
     else the PIL class (AutoImageProcessor itself refuses to load without torchvision in transformers 5.x)."""
@@ -166,6 +182,8 @@ class TransformersVisionBackend(VisionBackend):
         random_weights: bool = False,
         engine: EngineOptions | None = None,
         max_queue: int = 16,
+        batch_aging: int = 4,
+        interactive_rows: int = 1,
     ) -> None:
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, int) or value < PATCH_FACTOR * PATCH_FACTOR):
@@ -190,9 +208,12 @@ class TransformersVisionBackend(VisionBackend):
         self._sdpa_backend = sdpa_backend
         self._random_weights = random_weights
         self._max_queue = max_queue
+        self._batch_aging = batch_aging  # the scheduler's priority aging (serving.priority)
+        self._interactive_rows = interactive_rows  # decode rows batch work leaves free
+        for state in ("queued", "running"):  # both series exist from the start (at 0)
+            metrics.WORK_CANCELLED.labels(stage="vlm", state=state)
         # The model thread; the scheduler (made at load) queues requests for it and runs the decode loop there.
         self.worker = ModelWorker("vlm-model")
-        self.model_threads: set[int] = set()  # threads that ran model code (tests: exactly one)
         self.scheduler: Scheduler | None = None
         self._loaded = False
         self._warm = False
@@ -204,21 +225,32 @@ class TransformersVisionBackend(VisionBackend):
         self.model = None
         self.engine = None
         self._grammar = None
+        self._tokenizer_info = None
+        self._located: tuple[Any, str] | None = None  # (grammar, prompt text) with boxes, made when first asked
+        self._located_lock = threading.Lock()
         self._vocab_size = 0
         self._stop_ids: list[int] = []
         self._pad_id = 0
         self._image_token_id = 0
         self._merge_size = 2
+        self._patch_size = 14
         self.prompt_text = ""
+
+    @classmethod
+    def from_config(cls, config: VlmConfig) -> "TransformersVisionBackend":
+        """The backend the VLM service's settings describe (the service and the Triton model build it so)."""
+        kwargs = dict(revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype,
+                      prompt_version=config.prompt_version, max_queue=config.max_queue, engine=engine_options(config),
+                      batch_aging=config.priority.batch_aging, interactive_rows=config.engine_interactive_rows,
+                      sdpa_backend=config.sdpa_backend, random_weights=config.random_weights)
+        if config.max_pixels:
+            kwargs["max_pixels"] = config.max_pixels
+        return cls(config.model, **kwargs)
 
     # -- life cycle (each step a job on the model thread) -----------------------------------------
 
     def _on_model_thread(self, fn: Callable, *args) -> Any:
-        def job():
-            self.model_threads.add(threading.get_ident())
-            return fn(*args)
-
-        return self.worker.submit(job).result()
+        return self.worker.submit(fn, *args).result()
 
     def load(self) -> None:
         if self._closed:
@@ -281,16 +313,10 @@ class TransformersVisionBackend(VisionBackend):
         tokenizer_info = build_tokenizer_info(tokenizer, vocab_size, stop_ids)
         grammar = compile_schema(tokenizer_info, self.prompt.schema)
 
-        if tokenizer.chat_template:
-            prompt_text = tokenizer.apply_chat_template(
-                self.prompt.messages(), tokenize=False, add_generation_prompt=True
-            )
-        else:
-            prompt_text = render_chatml(self.prompt)
-        if prompt_text.count(IMAGE_TOKEN) != 1:
-            raise RuntimeError(f"chat template produced {prompt_text.count(IMAGE_TOKEN)} image placeholders, expected 1")
+        prompt_text = _prompt_text(tokenizer, self.prompt)
 
         self.tokenizer = tokenizer
+        self._tokenizer_info = tokenizer_info
         self.image_processor = image_processor
         self.model = model
         self.device = device
@@ -300,6 +326,7 @@ class TransformersVisionBackend(VisionBackend):
         self._pad_id = int(pad_id)
         self._image_token_id = image_token_id
         self._merge_size = int(getattr(image_processor, "merge_size", 2) or 2)
+        self._patch_size = int(getattr(image_processor, "patch_size", 14) or 14)
         self.prompt_text = prompt_text
         if self.engine_options is not None:
             from vlm_service.engine import DecodeEngine
@@ -310,9 +337,20 @@ class TransformersVisionBackend(VisionBackend):
                 repetition_penalty=self._repetition_penalty, prefix_ids=ids[: ids.index(image_token_id)],
                 options=self.engine_options)
         self.scheduler = Scheduler(self.worker, max_queue=self._max_queue, engine=self.engine,
-                                   reference=self._generate_reference, threads=self.model_threads)
+                                   reference=self._generate_reference,
+                                   order=PriorityOrder(self._batch_aging, reserved=self._interactive_rows))
+        self.model_revision = checkpoint_revision(self.model_id, self._revision, token)
         self._loaded = True
         log.info("loaded %s on %s (%s) in %.1f s", self.model_id, device, dtype, time.perf_counter() - started)
+
+    def result_identity(self) -> dict | None:
+        identity = super().result_identity()
+        if identity is None:
+            return None
+        # The image's pixel budget, the precision, the device kind and the decode path change the tokens.
+        return {**identity, "dtype": str(self.model.dtype), "device": str(self.device).split(":")[0],
+                "pixels": [self._min_pixels, self._max_pixels], "repetition_penalty": self._repetition_penalty,
+                "engine": self.engine is not None}
 
     @property
     def ready(self) -> bool:
@@ -333,6 +371,7 @@ class TransformersVisionBackend(VisionBackend):
         image = Image.new("RGB", _WARMUP_IMAGE_SIZE, (128, 128, 128))
         for _ in self.stream(image, DecodingOptions(max_new_tokens=8), quiet=True):
             pass
+        self.grammar_and_prompt(locate_sources=True)  # compiled now, not on the first request's event loop
         self._warm = True
         log.info("warm in %.1f s", time.perf_counter() - started)
 
@@ -353,6 +392,7 @@ class TransformersVisionBackend(VisionBackend):
         if self.engine is not None:
             self.engine.close()
         self.engine = self.model = self.tokenizer = self.image_processor = self._grammar = None
+        self._located = self._tokenizer_info = None
         if cuda:
             import torch
 
@@ -360,9 +400,22 @@ class TransformersVisionBackend(VisionBackend):
 
     # -- inputs (caller's thread, CPU only) ---------------------------------------------------------
 
-    def prepare_inputs(self, image: Image.Image) -> dict[str, Any]:
+    def grammar_and_prompt(self, locate_sources: bool = False) -> tuple[Any, str]:
+        """The grammar and prompt text of a request: the version's own, or with boxes (compiled once, at
+        warm-up)."""
+        if not locate_sources:
+            return self._grammar, self.prompt_text
+        with self._located_lock:
+            if self._located is None:
+                located = self.prompt.located()
+                self._located = (compile_schema(self._tokenizer_info, located.schema),
+                                 _prompt_text(self.tokenizer, located))
+            return self._located
+
+    def prepare_inputs(self, image: Image.Image, prompt_text: str | None = None) -> dict[str, Any]:
         """Model inputs for one image, as CPU tensors: input_ids, attention_mask, pixel_values,
-        image_grid_thw, mm_token_type_ids (the model thread moves them to the device). Raises InvalidInput."""
+        image_grid_thw, mm_token_type_ids (the model thread moves them to the device); ``prompt_text``
+        defaults to the version's. Raises InvalidInput."""
         import torch
 
         self._require_loaded()
@@ -379,7 +432,7 @@ class TransformersVisionBackend(VisionBackend):
             raise InvalidInput(f"image cannot be processed: {exc}") from exc
         grid = vision["image_grid_thw"]
         n_image_tokens = int(grid[0].prod().item()) // (self._merge_size**2)
-        text = self.prompt_text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens, 1)
+        text = (prompt_text or self.prompt_text).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens, 1)
         encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         input_ids = encoded["input_ids"]
         is_image = input_ids == self._image_token_id
@@ -408,20 +461,24 @@ class TransformersVisionBackend(VisionBackend):
         return self.scheduler.queue_depth if self.scheduler is not None else 0
 
     def submit(self, image: Image.Image, options: DecodingOptions, deliver: Callable[[Delivery], None], *,
-               should_stop: Callable[[], bool] | None = None, deadline: float | None = None
-               ) -> tuple[EngineRequest, DescriptionAssembler]:
+               should_stop: Callable[[], bool] | None = None, deadline: float | None = None,
+               priority: str = INTERACTIVE) -> tuple[EngineRequest, DescriptionAssembler]:
         """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
         :class:`~vlm_service.engine.EngineRequest`). Raises InvalidInput,
         NotReady, Overloaded, before anything is queued."""
         started = time.perf_counter()
         self._require_loaded()
-        inputs = self.prepare_inputs(image)
+        grammar, prompt_text = self.grammar_and_prompt(options.locate_sources)
+        inputs = self.prepare_inputs(image, prompt_text)
         req = EngineRequest(inputs=inputs, max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                             top_p=options.top_p, seed=options.seed, deliver=deliver, should_stop=should_stop,
-                            deadline=deadline)
+                            deadline=deadline, grammar=grammar, priority=priority)
+        frame = PixelFrame.from_grid(inputs["image_grid_thw"][0].tolist(), self._patch_size) \
+            if options.locate_sources else None  # the model's boxes are in pixels of this resized frame
         assembler = DescriptionAssembler(
             self.tokenizer, prompt_version=self.prompt_version, model_id=self.model_id,
-            prompt_tokens=int(inputs["input_ids"].shape[1]), started=started, max_new_tokens=options.max_new_tokens)
+            prompt_tokens=int(inputs["input_ids"].shape[1]), started=started, max_new_tokens=options.max_new_tokens,
+            frame=frame)
         self.scheduler.submit(req)
         return req, assembler
 
@@ -452,10 +509,10 @@ class TransformersVisionBackend(VisionBackend):
         finally:
             req.cancelled.set()  # a consumer that leaves early stops its decoding at the next step
 
-    schedules_itself = True  # its scheduler's queue (max_queue) is the one in front of the model
+    concurrent_requests = None  # it schedules them: its scheduler's queue (max_queue) is the one in front of the model
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: Any = None,
-                      deadline: Deadline | None = None) -> AsyncIterator[StreamEvent]:
+                      deadline: Deadline | None = None, priority: str = INTERACTIVE) -> AsyncIterator[StreamEvent]:
         """Events for asyncio callers, decoded concurrently with other requests; ``worker`` is unused (the
         backend has its own model thread). Leaving early cancels the request."""
         gone = threading.Event()
@@ -466,14 +523,20 @@ class TransformersVisionBackend(VisionBackend):
                     gone.set()
 
             req, assembler = self.submit(image, options, deliver, should_stop=gone.is_set,
-                                         deadline=deadline.at if deadline is not None else None)  # the engine's instant
+                                         deadline=deadline.at if deadline is not None else None,  # the engine's instant
+                                         priority=priority)
+            started = False
             try:
                 async for item in pump:  # ends at the request's Finished (or Failed: raised)
+                    started = True
                     events, finished = _assemble(assembler, item)
                     for event in events:
                         yield event
                     if finished:
                         return
+            except (asyncio.CancelledError, GeneratorExit):  # the caller left: its row (or queue place) is freed
+                metrics.WORK_CANCELLED.labels(stage="vlm", state="running" if started else "queued").inc()
+                raise
             finally:
                 req.cancelled.set()
 
@@ -508,7 +571,8 @@ class TransformersVisionBackend(VisionBackend):
         if reason is not None:
             req.deliver(Finished(reason, 0))
             return
-        processors: list[Any] = [GrammarLogitsProcessor(self._grammar, self._vocab_size)]
+        grammar = req.grammar if req.grammar is not None else self._grammar
+        processors: list[Any] = [GrammarLogitsProcessor(grammar, self._vocab_size)]
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             processors.append(SeededSamplingLogitsProcessor(req.temperature, req.top_p, seed))

@@ -1,7 +1,7 @@
 """VisionBackend that forwards to a Triton Inference Server hosting the VLM (deploy/triton/vlm).
 
 The Triton model is decoupled: one request (the decoded RGB pixels and the decoding options) gets one
-response per StreamEvent, as the model decodes, then a final empty response. This module also holds the
+response per StreamEvent, as the model decodes, the last a DescriptionDone or an error. This module also holds the
 wire format of those events, used by both ends (the model in deploy/triton imports it), so the two
 cannot drift: every event is (EVENT_KIND, EVENT) where EVENT is a serialized protobuf.
 
@@ -9,9 +9,12 @@ tritonclient is imported lazily: building the backend, or the model importing th
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import queue
+import threading
 import time
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator
 
@@ -23,8 +26,8 @@ from i2s_formats.source_merge import SourceMerge
 from serving import tracing
 from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.errors import InvalidInput, NotReady
-from serving.triton_client import (Readiness, TritonClients, TritonTls, model_ready, translate_error,
-                                  wait_model_ready)
+from serving.triton_client import (Readiness, TritonClients, TritonTls, call_timeout, model_ready,
+                                   translate_error, wait_model_ready)
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
                                  StreamEvent, VisionBackend)
 
@@ -37,9 +40,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "vlm"
 # Tensor names of deploy/triton/vlm/config.pbtxt.
 IMAGE, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED = "IMAGE", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "SEED"
+LOCATE_SOURCES = "LOCATE_SOURCES"  # optional; sent only when true, so older models take every other request
 EVENT_KIND, EVENT = "EVENT_KIND", "EVENT"
 HEADER, SOURCE, DONE, ERROR = b"header", b"source", b"done", b"error"
-# How often a waiting stream looks at should_stop (the Triton callback cannot be told to look).
+# How often a waiting stream looks at should_stop.
 _STOP_POLL_SECONDS = 0.05
 
 
@@ -102,27 +106,33 @@ def request_arrays(image: Image.Image, options: DecodingOptions) -> dict[str, np
     }
     if options.seed is not None:
         arrays[SEED] = np.array([options.seed], dtype=np.int64)
+    if options.locate_sources:
+        arrays[LOCATE_SOURCES] = np.array([True], dtype=np.bool_)
     return arrays
 
 
 def options_from_arrays(arrays: dict[str, np.ndarray | None]) -> DecodingOptions:
-    seed = arrays.get(SEED)
+    seed, locate = arrays.get(SEED), arrays.get(LOCATE_SOURCES)
     return DecodingOptions(
         max_new_tokens=int(arrays[MAX_NEW_TOKENS].reshape(-1)[0]),
         temperature=float(arrays[TEMPERATURE].reshape(-1)[0]),
         top_p=float(arrays[TOP_P].reshape(-1)[0]),
         seed=None if seed is None else int(seed.reshape(-1)[0]),
+        locate_sources=bool(locate is not None and locate.reshape(-1)[0]),
     )
 
 
 # -- the client side --------------------------------------------------------------------------------
 
 class TritonVisionBackend(VisionBackend):
-    """Describes images through Triton's gRPC streaming API; events arrive as the model decodes them."""
+    """Describes images through Triton's gRPC streaming API; events arrive as the model decodes them.
+
+    The service sends it `concurrent_requests` streams at once (one worker thread each): Triton's model
+    decodes the requests in flight together, so this is the model's `engine_max_batch`."""
 
     def __init__(self, url: str, model_name: str = DEFAULT_MODEL_NAME, *, prompt_version: str = "v1",
                  load_timeout_seconds: float = 1800.0, request_timeout_seconds: float | None = DEFAULT_DEADLINE_SECONDS,
-                 readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None):
+                 readiness_ttl_seconds: float = 1.0, tls: TritonTls | None = None, concurrent_requests: int = 8):
         self.url = url
         self.tls = tls or TritonTls()
         self.model_name = model_name
@@ -130,15 +140,18 @@ class TritonVisionBackend(VisionBackend):
         self.prompt_version = prompt_version
         self.load_timeout_seconds = load_timeout_seconds
         self.request_timeout_seconds = request_timeout_seconds
-        # Readiness calls share a client; each stream opens its own (one stream per client). Both follow
+        self.concurrent_requests = concurrent_requests
+        # Readiness calls share a client; each stream opens its own on the backend's event loop. Both follow
         # rotated TLS files.
         self._clients = TritonClients(url, self.tls, "VLM service -> Triton")
+        self._io: _EventLoopThread | None = None
         self._loaded = self._warm = self._closed = False
         self._readiness = Readiness(readiness_ttl_seconds)
 
     def load(self) -> None:
         """Waits (bounded) until Triton says the model is ready: Triton loads it, not us."""
         wait_model_ready(self._clients.shared(), self.model_name, self.load_timeout_seconds)
+        self._io = _EventLoopThread("triton-vlm-io")
         self._loaded = True
 
     @property
@@ -156,62 +169,45 @@ class TritonVisionBackend(VisionBackend):
 
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
-               timeout_seconds: float | None = None,
+               deadline: "Deadline | None" = None,
                phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
+        """The events as Triton sends them; the time left to `deadline` (else `request_timeout_seconds`)
+        is the stream's timeout, so Triton itself stops there (TimeoutError)."""
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
         return self._stream(request_arrays(image, options), should_stop,
-                            timeout_seconds if timeout_seconds is not None else self.request_timeout_seconds, phases)
+                            call_timeout(deadline, self.request_timeout_seconds), phases)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: "Deadline | None" = None) -> AsyncIterator[StreamEvent]:
-        """The caller's deadline becomes Triton's stream timeout, so Triton itself stops at it."""
-        remaining = deadline.remaining() if deadline is not None else None
-        timeout = None if remaining is None else max(0.001, remaining)
+                      deadline: "Deadline | None" = None, priority: str = "interactive") -> AsyncIterator[StreamEvent]:
         # The in-process stages as seen from here: waiting for a model thread, then until Triton's first
         # event (its queue and the prefill), then the decoding.
         phases = tracing.request_phases("vlm.queue_wait", backend="triton")
         async for event in worker.stream(lambda should_stop: self.stream(
-                image, options, should_stop, timeout_seconds=timeout, phases=phases)):
+                image, options, should_stop, deadline=deadline, phases=phases)):
             yield event
 
     def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,
                 timeout_seconds: float | None, phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
-        import tritonclient.grpc as triton
-
+        """The events `_pump` receives on the backend's event loop, handed over through a queue, so this
+        thread can look at `should_stop` while it waits (the gRPC call cannot be told to look)."""
         phases.enter("vlm.prefill")
         started = time.perf_counter()
-        responses: queue.SimpleQueue = queue.SimpleQueue()
-        client = self._clients.new()
-        inputs = []
-        for name, array in arrays.items():
-            tensor = triton.InferInput(name, list(array.shape), triton.np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
-        outputs = [triton.InferRequestedOutput(EVENT_KIND), triton.InferRequestedOutput(EVENT)]
-        client.start_stream(callback=lambda result, error: responses.put((result, error)),
-                            stream_timeout=timeout_seconds)
-        finished = decoding = False
+        items: queue.SimpleQueue = queue.SimpleQueue()
+        pumping = self._io.submit(self._pump(arrays, timeout_seconds, items.put))
+        pumping.add_done_callback(items.put)  # its end (an error, or after the last event) comes last
+        decoding = False
         header: SceneHeader | None = None
         sources = SourceMerge()
         try:
-            client.async_stream_infer(self.model_name, inputs, outputs=outputs, enable_empty_final_response=True)
-            while True:
-                if should_stop is not None and should_stop():
-                    break
+            while not (should_stop is not None and should_stop()):
                 try:
-                    result, error = responses.get(timeout=_STOP_POLL_SECONDS)
+                    event = items.get(timeout=_STOP_POLL_SECONDS)
                 except queue.Empty:
                     continue
-                if error is not None:
-                    finished = True
-                    raise translate_error(error)
-                response = result.get_response()
-                if response.parameters["triton_final_response"].bool_param and not response.outputs:
-                    finished = True
-                    return
-                event = decode_event(result.as_numpy(EVENT_KIND).reshape(-1)[0],
-                                     result.as_numpy(EVENT).reshape(-1)[0])
+                if event is pumping:
+                    pumping.result()  # the pump's error
+                    raise RuntimeError("Triton ended the stream without a description")
                 if not decoding:  # the first event: the prompt is read, decoding goes on
                     decoding = True
                     phases.enter("vlm.decode")
@@ -220,6 +216,8 @@ class TritonVisionBackend(VisionBackend):
                 elif isinstance(event, SourceFound):
                     sources.add(event.source)
                 yield event
+                if isinstance(event, DescriptionDone):
+                    return
             # should_stop: the stream ends like the in-process one, with what was decoded so far.
             yield DescriptionDone(
                 description=common_pb2.SceneDescription(
@@ -230,16 +228,73 @@ class TritonVisionBackend(VisionBackend):
                 total_seconds=time.perf_counter() - started, finish_reason="cancelled",
             )
         finally:
-            # Not finished (stopped, or the consumer closed us): cancel, so Triton stops generating.
-            stream = getattr(client, "_stream", None)
-            client.stop_stream(cancel_requests=not finished)
-            if not finished and stream is not None:
-                # tritonclient 2.73 cancels without ending the request iterator, and gRPC's thread that
-                # reads it would wait forever: one leaked thread per cancelled stream. End it.
-                stream._request_queue.put(None)
-            client.close()
+            pumping.cancel()  # stopped or left early: the call is cancelled, so Triton stops generating
             phases.end()
+
+    async def _pump(self, arrays: dict[str, np.ndarray], timeout_seconds: float | None,
+                    put: Callable[[StreamEvent], None]) -> None:
+        """One decoupled request on a stream of its own (on the backend's event loop): puts its events until
+        the DescriptionDone the model always ends with, or raises the error it ends with instead."""
+        import grpc
+        import tritonclient.grpc.aio as triton
+        from tritonclient.utils import np_to_triton_dtype
+
+        client = self._clients.new_aio()
+        inputs = []
+        for name, array in arrays.items():
+            tensor = triton.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        outputs = [triton.InferRequestedOutput(EVENT_KIND), triton.InferRequestedOutput(EVENT)]
+
+        async def one_request():  # the request side ends after it: no sender is left waiting when we leave
+            yield {"model_name": self.model_name, "inputs": inputs, "outputs": outputs}
+
+        call = client.stream_infer(one_request(), stream_timeout=timeout_seconds)
+        try:
+            async for result, error in call:
+                if error is not None:
+                    raise translate_error(error)
+                event = decode_event(result.as_numpy(EVENT_KIND).reshape(-1)[0], result.as_numpy(EVENT).reshape(-1)[0])
+                put(event)
+                if isinstance(event, DescriptionDone):
+                    return
+        except grpc.RpcError as exc:  # the call's own end: its deadline, Triton gone
+            raise translate_error(exc) from None
+        finally:
+            call.cancel()  # a no-op once the call has ended
+            await client.close()
 
     def close(self) -> None:
         self._closed = True
+        if self._io is not None:
+            self._io.close()
+            self._io = None
         self._clients.close()
+
+
+class _EventLoopThread:
+    """An event loop on a thread of its own, for the backend's gRPC aio calls: an aio call belongs to the
+    loop it started on (a loop per stream, closed after it, leaves gRPC's poller calling a closed loop),
+    and the service's threads only wait for it."""
+
+    def __init__(self, name: str):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, coroutine) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self) -> None:
+        """Cancels the calls still running (each closes its channel), then ends the loop and its thread."""
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.submit(cancel_all()).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()

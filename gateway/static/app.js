@@ -5,8 +5,30 @@ import { audioContext, ClipPlayer } from "./player.js";
 
 const $ = (id) => document.getElementById(id);
 const state = window.i2s = { running: false, done: false, error: null, events: 0, clips: {}, firstPlayAt: null,
-                             firstPlayContextState: null, lastClipDoneAt: null, sceneAt: null };
+                             firstPlayContextState: null, lastClipDoneAt: null, sceneAt: null, serving: false,
+                             boxes: 0 };
 let photo = null;
+
+// The button works only when a photo is chosen and the orchestrator serves (its models are loaded).
+function updateButton() {
+  $("go").disabled = !(photo && state.serving && !state.running);
+}
+
+// Asks /v1/ready until the orchestrator serves: at once first, then the server holds each answer until it
+// serves (or ~20 s), so this loop waits on the server, not on a timer. A failed request waits 2 s.
+async function waitUntilServing() {
+  for (let wait = 0; !state.serving; wait = 20) {
+    try {
+      const response = await fetch(`/v1/ready?wait=${wait}`, { cache: "no-store" });
+      state.serving = response.ok && (await response.json()).serving === true;
+    } catch {
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+    }
+    if (!state.serving) setStatus("The models are still loading; the button turns on when they are ready.");
+  }
+  if (!state.running) setStatus(photo ? `${photo.name} ready.` : "Ready: choose a photo.");
+  updateButton();
+}
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -17,9 +39,28 @@ function choose(file) {
   if (!file || !file.type.startsWith("image/")) { setStatus("That is not an image.", true); return; }
   photo = file;
   $("preview").src = URL.createObjectURL(file);
-  $("preview").hidden = false;
-  $("go").disabled = false;
-  setStatus(`${file.name} (${Math.round(file.size / 1024)} KiB) ready.`);
+  $("photo-frame").hidden = false;
+  $("boxes").replaceChildren();
+  updateButton();
+  setStatus(state.serving ? `${file.name} (${Math.round(file.size / 1024)} KiB) ready.`
+                          : "The models are still loading; the button turns on when they are ready.");
+}
+
+// A source's box (0..1 of the image) drawn over the photo with its name.
+function drawBox(source) {
+  const b = source.location;
+  if (!b || $("boxes").querySelector(`[data-source-id="${source.id}"]`)) return;
+  const [x0, y0, x1, y1] = [b.xMin || 0, b.yMin || 0, b.xMax || 0, b.yMax || 0];
+  const box = document.createElement("div");
+  box.className = "box";
+  box.dataset.sourceId = source.id;
+  Object.assign(box.style, { left: `${x0 * 100}%`, top: `${y0 * 100}%`, width: `${(x1 - x0) * 100}%`,
+                             height: `${(y1 - y0) * 100}%` });
+  const label = document.createElement("span");
+  label.textContent = source.name;
+  box.append(label);
+  $("boxes").append(box);
+  state.boxes++;
 }
 
 function numberOrNull(id) {
@@ -31,8 +72,14 @@ function buildRequest(data) {
   const audio = { durationSeconds: numberOrNull("seconds"), numInferenceSteps: numberOrNull("steps"),
                   encoding: "AUDIO_ENCODING_PCM_S16LE" };
   if (numberOrNull("seed") !== null) audio.seed = String(numberOrNull("seed"));
-  const request = { image: { data, mimeType: photo.type }, audio, options: { sceneMix: true } };
-  if (numberOrNull("vlm-seed") !== null) request.decoding = { seed: String(numberOrNull("vlm-seed")) };
+  if (numberOrNull("loudness") !== null) audio.loudnessTargetLufs = numberOrNull("loudness");
+  if (Number($("rate").value)) audio.sampleRateHertz = Number($("rate").value);
+  if ($("loop").checked) audio.loop = true;
+  // Someone is waiting for this one: interactive (the default, said explicitly).
+  const request = { image: { data, mimeType: photo.type }, audio, options: { sceneMix: true, priority: "PRIORITY_INTERACTIVE" } };
+  const decoding = { locateSources: $("locate").checked };
+  if (numberOrNull("vlm-seed") !== null) decoding.seed = String(numberOrNull("vlm-seed"));
+  request.decoding = decoding;
   return request;
 }
 
@@ -47,7 +94,8 @@ function download(container, name, blob, label) {
 
 async function run() {
   Object.assign(state, { running: true, done: false, error: null, events: 0, clips: {}, firstPlayAt: null,
-                         lastClipDoneAt: null, sceneAt: null });
+                         lastClipDoneAt: null, sceneAt: null, boxes: 0 });
+  $("boxes").replaceChildren();
   audioContext().resume();  // inside the click: browsers allow sound after a user gesture
   for (const id of ["scene", "mood", "sources", "clips", "downloads"]) $(id).replaceChildren();
   $("result").hidden = false;
@@ -82,6 +130,7 @@ async function run() {
         item.textContent = `${event.source.name}${event.source.material ? ` (${event.source.material})` : ""}` +
                            (variants ? `: ${variants}` : "");
         $("sources").append(item);
+        drawBox(event.source);
         setStatus("Making the sounds…");
       } else if (event.audio) {
         player(event.audio.clip).addChunk(event.audio.chunk, base64Bytes(event.audio.chunk.data));
@@ -103,18 +152,23 @@ async function run() {
       }
     }
     const mix = [...players.values()].find((p) => p.ref.kind === "CLIP_KIND_SCENE_MIX" && p.wav);
-    if (mix) download($("downloads"), mix.ref.fileName || "scene_mix.wav", mix.wav, "Scene mix (WAV)").id = "scene-mix";
+    if (mix) download($("downloads"), mix.ref.fileName || "scene_mix.wav", mix.wav, "Stereo scene mix (WAV)").id = "scene-mix";
     state.done = true;
   } catch (error) {
     state.error = `${error.code || "error"}: ${error.message}`;
     setStatus(`Failed: ${error.message}`, true);
+    if (error.code === "unavailable") {  // the models went away: wait for them again
+      state.serving = false;
+      waitUntilServing();
+    }
   } finally {
     state.running = false;
-    $("go").disabled = false;
+    updateButton();
   }
 }
 
 $("photo").addEventListener("change", () => choose($("photo").files[0]));
+waitUntilServing();
 $("go").addEventListener("click", run);
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });

@@ -1,5 +1,7 @@
 // One clip on the page: its chunks are played through Web Audio as they arrive (each scheduled right after
-// the previous one), then the whole clip gets an <audio> player, a waveform, a spectrogram and a download.
+// the previous one), then the whole clip gets an <audio> player, a waveform, a spectrogram, its loudness and
+// a download. Variant clips are mono; the scene mix is stereo (chunks interleave left and right).
+// A long clip plays as its windows arrive (its joins are marked on the spectrogram); a loop's player loops.
 import { asFloats, pcm16Samples, wavBlob } from "./wav.js";
 
 let context = null;
@@ -13,13 +15,14 @@ export class ClipPlayer {
     this.ref = ref;
     this.samples = [];  // Int16Array per chunk
     this.sampleRate = 16000;
+    this.channels = 1;
     this.nextTime = 0;
     this.onFirstPlay = onFirstPlay;
     this.element = document.createElement("div");
     this.element.className = "clip";
     this.element.dataset.clipId = ref.clipId;
     const title = document.createElement("h3");
-    title.textContent = ref.kind === "CLIP_KIND_SCENE_MIX" ? "Scene mix" : ref.fileName || ref.clipId;
+    title.textContent = ref.kind === "CLIP_KIND_SCENE_MIX" ? "Stereo scene mix" : ref.fileName || ref.clipId;
     this.state = document.createElement("p");
     this.state.className = "state";
     this.state.textContent = "waiting for audio…";
@@ -29,12 +32,19 @@ export class ClipPlayer {
 
   addChunk(chunk, bytes) {
     if (chunk.sampleRateHertz) this.sampleRate = chunk.sampleRateHertz;
+    if (chunk.channels) this.channels = chunk.channels;
     const samples = pcm16Samples(bytes);
     this.samples.push(samples);
     if (!samples.length) return;
     const ctx = audioContext();
-    const buffer = ctx.createBuffer(1, samples.length, this.sampleRate);
-    buffer.copyToChannel(asFloats(samples), 0);
+    const frames = samples.length / this.channels;
+    const buffer = ctx.createBuffer(this.channels, frames, this.sampleRate);
+    const floats = asFloats(samples);
+    for (let c = 0; c < this.channels; c++) {
+      const channel = new Float32Array(frames);
+      for (let i = 0; i < frames; i++) channel[i] = floats[i * this.channels + c];
+      buffer.copyToChannel(channel, c);
+    }
     const source = ctx.createBufferSource();
     source.buffer = buffer;
     source.connect(ctx.destination);
@@ -57,15 +67,24 @@ export class ClipPlayer {
 
   finish(done) {
     const samples = this.pcm();
-    this.wav = wavBlob(samples, this.sampleRate);
+    this.wav = wavBlob(samples, this.sampleRate, this.channels);
     const floats = asFloats(samples);
-    const seconds = (floats.length / this.sampleRate).toFixed(1);
+    const seconds = (floats.length / this.channels / this.sampleRate).toFixed(1);
     const seed = done.metadata?.seed === undefined ? "" : ` · seed ${done.metadata.seed}`;
     this.state.textContent = `${seconds} s${seed} · ${done.prompt || ""}`;
-    this.element.append(canvas("waveform", (c) => drawWaveform(c, floats)),
-                        canvas("spectrogram", (c) => drawSpectrogram(c, floats)));
+    const level = document.createElement("p");
+    level.className = "level";
+    level.textContent = loudnessText(done.metadata || {}, this.sampleRate, this.channels);
+    this.element.append(level);
+    const mono = this.channels === 1 ? floats : downmix(floats, this.channels);  // what the pictures show
+    const joins = (done.metadata?.windowJoinSamples || []).map(Number);
+    this.element.append(canvas("waveform", (c) => drawWaveform(c, mono)),
+                        canvas("spectrogram", (c) => { drawSpectrogram(c, mono); markJoins(c, joins, mono.length); }));
     const audio = document.createElement("audio");
     audio.controls = true;
+    // A loop clip loops as written: [loopStartSample, loopEndSample) is the whole clip (audio_service/loops.py).
+    audio.loop = done.metadata?.loopEndSample !== undefined;
+    if (audio.loop) this.state.textContent += " · loop";
     audio.src = URL.createObjectURL(this.wav);
     const link = document.createElement("a");
     link.href = audio.src;
@@ -81,6 +100,23 @@ export class ClipPlayer {
   }
 }
 
+// Loudness (ITU-R BS.1770, measured by the services) and peak, as the gallery shows them.
+export function loudnessText(metadata, sampleRate, channels) {
+  const lufs = metadata.loudnessLufs === undefined ? "silent" : `${metadata.loudnessLufs.toFixed(1)} LUFS`;
+  const peak = metadata.peakDbfs === undefined ? "" : ` · peak ${metadata.peakDbfs.toFixed(1)} dBFS`;
+  return `${lufs}${peak} · ${sampleRate} Hz ${channels === 2 ? "stereo" : "mono"}`;
+}
+
+function downmix(floats, channels) {
+  const out = new Float32Array(floats.length / channels);
+  for (let i = 0; i < out.length; i++) {
+    let sum = 0;
+    for (let c = 0; c < channels; c++) sum += floats[i * channels + c];
+    out[i] = sum / channels;
+  }
+  return out;
+}
+
 function canvas(kind, draw) {
   const c = document.createElement("canvas");
   c.className = kind;
@@ -88,6 +124,12 @@ function canvas(kind, draw) {
   c.height = 64;
   draw(c);
   return c;
+}
+
+function markJoins(c, joins, total) {  // where a long clip's windows meet (the middle of each crossfade)
+  const g = c.getContext("2d");
+  g.fillStyle = "#fff";
+  for (const at of joins) g.fillRect(Math.round(at / total * c.width), 0, 1, c.height);
 }
 
 function drawWaveform(c, floats) {

@@ -12,15 +12,16 @@ export function asFloats(samples) {
   return out;
 }
 
-export function wavBlob(samples, sampleRate) {
+// `samples` interleave the channels (left, right, left, ... for stereo).
+export function wavBlob(samples, sampleRate, channels = 1) {
   const header = 44;
   const buffer = new ArrayBuffer(header + samples.length * 2);
   const view = new DataView(buffer);
   const text = (offset, s) => { for (let i = 0; i < s.length; i++) view.setUint8(offset + i, s.charCodeAt(i)); };
   text(0, "RIFF"); view.setUint32(4, 36 + samples.length * 2, true); text(8, "WAVE");
-  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
-  view.setUint32(24, sampleRate, true); view.setUint32(28, sampleRate * 2, true);
-  view.setUint16(32, 2, true); view.setUint16(34, 16, true);
+  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, channels, true);
+  view.setUint32(24, sampleRate, true); view.setUint32(28, sampleRate * 2 * channels, true);
+  view.setUint16(32, 2 * channels, true); view.setUint16(34, 16, true);
   text(36, "data"); view.setUint32(40, samples.length * 2, true);
   for (let i = 0; i < samples.length; i++) view.setInt16(header + 2 * i, samples[i], true);
   return new Blob([buffer], { type: "audio/wav" });

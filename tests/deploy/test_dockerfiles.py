@@ -318,9 +318,33 @@ def test_gpu_images_take_cuda_from_the_torch_wheel_not_a_cuda_base_image():
     for target in ("vlm", "audio"):
         chain = _stage_chain(target, all_stages)
         assert all_stages[chain[-1]][0][1].split(" AS ")[0] == "${GPU_BASE_IMAGE}"
-        torch_install = [args for args in _effective(target, "RUN", all_stages) if "torch==" in args]
-        assert any("download.pytorch.org/whl/${TORCH_CUDA}" in args for args in torch_install), target
         assert _env(target, all_stages)["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+
+
+@pytest.mark.parametrize("target, index", [("vlm", "TORCH_CUDA_INDEX"), ("audio", "TORCH_CUDA_INDEX"),
+                                           ("triton", "TORCH_CUDA_INDEX"), ("vlm-cpu", "TORCH_CPU_INDEX"),
+                                           ("audio-cpu", "TORCH_CPU_INDEX")])
+def test_torch_comes_from_the_index_the_builder_gives(target, index):
+    """The build of torch is the index's, which the builder passes as a build argument (the repository names no
+    index address); a build without one stops before pip, naming the argument."""
+    all_stages = stages()
+    (torch_install,) = [args for args in _effective(target, "RUN", all_stages) if "torch==" in args]
+    assert f'--index-url "${{{index}}}" "torch==${{TORCH_VERSION}}"' in torch_install, target
+    assert torch_install.index(f'test -n "${{{index}}}"') < torch_install.index("pip install"), target
+    assert f"--build-arg {index}=" in torch_install and "is required" in torch_install
+    assert index in _effective(target, "ARG", all_stages), target  # declared in the stage, so RUN sees it
+
+
+def test_every_pip_command_of_the_images_can_read_the_builders_pip_configuration():
+    """A mirror works: each RUN that asks an index mounts the optional build secret `pip.conf` as pip's
+    configuration file (absent: pip's defaults)."""
+    all_stages = stages()
+    for stage, instructions in all_stages.items():
+        for instruction, args in instructions:
+            asks_an_index = instruction == "RUN" and ("pip install" in args or "pip wheel" in args) and \
+                "--no-deps /wheels/" not in args
+            if asks_an_index:
+                assert "--mount=type=secret,id=pip.conf,target=/etc/pip.conf" in args, (stage, args)
 
 
 def _requirement_names(lines) -> set[str]:

@@ -4,6 +4,8 @@ through the decoupled model (the checkpoint set through the config parameter), A
 dynamically batched one (the checkpoint set through the environment)."""
 from __future__ import annotations
 
+import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -93,6 +95,79 @@ def test_concurrent_vlm_streams_decode_together_in_tritons_engine(triton, vlm, i
         assert (done.description, done.output_tokens, done.finish_reason) == \
             (expected.description, expected.output_tokens, expected.finish_reason)
     assert "vlm: decode engine, up to 8 requests decoded together" in triton.log_file.read_text(errors="replace")
+
+
+STREAMS = 8  # the Triton model's engine_max_batch (config.pbtxt: the VLM service's default)
+
+
+async def _timed_streams(stub, image: bytes, count: int) -> tuple[list[tuple[float, float]], list]:
+    """`count` concurrent StreamSceneDescription calls: each one's (first event, final) times and its final."""
+    from image_to_sound.v1 import common_pb2, vision_pb2
+
+    request = vision_pb2.StreamSceneDescriptionRequest(
+        image=common_pb2.Image(data=image), decoding=common_pb2.DecodingSettings(max_new_tokens=1024))
+
+    async def one() -> tuple[tuple[float, float], object]:
+        first = None
+        async for response in stub.StreamSceneDescription(request, timeout=600):
+            first = first if first is not None else time.monotonic()
+            if response.HasField("final"):
+                return (first, time.monotonic()), response.final
+        raise AssertionError("the stream ended without its final description")
+
+    results = await asyncio.gather(*(one() for _ in range(count)))
+    return [times for times, _ in results], [final for _, final in results]
+
+
+def _peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """The most streams that were between their first event and their final at one moment."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans], key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+async def test_eight_streams_through_the_vlm_service_decode_together_in_triton(triton, in_process_vlm):
+    """The service sends the Triton backend as many streams at once as it declares (the Triton model's
+    engine_max_batch): all eight are decoding at one moment, and each gets what it gets alone."""
+    import grpc
+
+    from image_to_sound.v1 import vision_pb2_grpc
+    from vlm_service.backend import DecodingOptions
+    from vlm_service.config import parse_args
+    from vlm_service.server import build_backend, load_and_warm, make_server
+
+    config = parse_args(["--backend", "triton", "--triton-url", triton.url, "--port", "0"])
+    backend = build_backend(config)
+    assert backend.concurrent_requests == config.engine_max_batch == STREAMS
+    server, servicer = make_server(config, backend)
+    await server.start()
+    await asyncio.to_thread(load_and_warm, backend)
+    await server.set_serving(True)
+    channel = grpc.aio.insecure_channel(server.address)
+    photo = (ROOT / "data" / "coffee.png").read_bytes()
+    try:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        started = time.monotonic()
+        alone, _ = await _timed_streams(stub, photo, 1)
+        alone_seconds, started = time.monotonic() - started, time.monotonic()
+        spans, finals = await _timed_streams(stub, photo, STREAMS)
+        together_seconds = time.monotonic() - started
+    finally:
+        await channel.close()
+        await server.stop()
+        servicer.close()
+        backend.close()
+    overlap = _peak_overlap(spans)
+    print(f"\n{STREAMS} streams through the VLM service to Triton: peak overlap {overlap}, "
+          f"{together_seconds:.1f} s together, one alone {alone_seconds:.1f} s")
+    assert overlap == STREAMS  # one at a time (a one-thread worker in front) would read 1
+    expected = in_process_vlm.describe(_photo(), DecodingOptions(max_new_tokens=1024))
+    for final in finals:
+        assert (final.description.sources, final.stats.output_tokens) == \
+            (expected.description.sources, expected.output_tokens)
 
 
 def test_a_stopped_vlm_stream_ends_cancelled_and_triton_serves_the_next_one(vlm):
@@ -206,6 +281,19 @@ def test_concurrent_audio_requests_are_batched_by_triton_and_match_the_in_proces
         if expected.score is not None:
             assert result.score == pytest.approx(expected.score, abs=1e-3)
         assert result.candidate_index == expected.candidate_index and result.model_id == expected.model_id
+
+
+def test_the_audio_backends_triton_call_carries_the_callers_deadline(audio):
+    from audio_service.backend import AudioRequest
+    from serving.deadline import Deadline
+
+    # Five hundred steps of a 10 s clip take many seconds here: Triton ends the call at the deadline, which the
+    # service answers DEADLINE_EXCEEDED (TimeoutError), instead of Triton's own 600 s.
+    long = AudioRequest(prompt="rain on a tin roof", duration_seconds=10.0, num_inference_steps=500, seed=1)
+    with pytest.raises(TimeoutError):
+        audio.generate([long], deadline=Deadline.after(0.5))
+    short = AudioRequest(prompt="rain", duration_seconds=1.0, num_inference_steps=2, seed=2)
+    assert audio.generate([short])[0].steps_run == 2  # and the next request is served
 
 
 def test_audio_readiness_follows_the_triton_model(triton, audio):

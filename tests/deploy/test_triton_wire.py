@@ -52,13 +52,14 @@ def test_vlm_errors_come_back_as_the_same_exception(error, expected):
 
 
 def test_vlm_inputs_carry_the_pixels_and_options():
-    from vlm_service.triton_backend import IMAGE, SEED, options_from_arrays, request_arrays
+    from vlm_service.triton_backend import IMAGE, LOCATE_SOURCES, SEED, options_from_arrays, request_arrays
 
     image = Image.fromarray(np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3))
     for options in (DecodingOptions(max_new_tokens=77, temperature=0.5, top_p=0.75, seed=2**62),
-                    DecodingOptions(max_new_tokens=5)):
+                    DecodingOptions(max_new_tokens=5), DecodingOptions(locate_sources=True)):
         arrays = request_arrays(image, options)
         assert np.array_equal(arrays[IMAGE], np.asarray(image)) and (SEED in arrays) == (options.seed is not None)
+        assert (LOCATE_SOURCES in arrays) == options.locate_sources
         assert options_from_arrays(arrays) == options
 
 

@@ -63,7 +63,7 @@ class StepWatchingBackend:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def generate(self, requests, *, should_stop=None, on_step=None):
+    def generate(self, requests, *, should_stop=None, on_step=None, deadline=None):
         self.calls += 1
         if self.fail_with:
             raise self.fail_with.pop(0)

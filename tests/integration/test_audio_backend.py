@@ -151,7 +151,10 @@ def test_progress_is_reported_every_step(tiny_audio_backend):
 
 BAD = [
     (dict(duration_seconds=0.5), "duration_seconds"),
-    (dict(duration_seconds=30.5), "duration_seconds"),
+    (dict(duration_seconds=300.5), "duration_seconds"),
+    (dict(duration_seconds=1.5, loop=True), "loop needs a clip of at least 2 s"),
+    (dict(reject_speech_music=-1), "reject_speech_music"),
+    (dict(reject_speech_music=9), "reject_speech_music"),
     (dict(duration_seconds=float("nan")), "duration_seconds"),
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(num_inference_steps=1001), "num_inference_steps"),

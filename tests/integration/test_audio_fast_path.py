@@ -180,6 +180,7 @@ async def test_every_model_call_runs_on_the_backends_one_thread(tiny_audio_dir):
     original_load = backend._load
     backend._load = lambda: (record("load"), original_load())[1]
     await asyncio.to_thread(load_and_warm, backend)  # as the service starts it: from a pool thread
+    model_thread = backend.worker.submit(threading.get_ident).result()  # the worker's one thread
     fail_next = threading.Event()
 
     def unet_hook(module, args, kwargs):
@@ -214,8 +215,7 @@ async def test_every_model_call_runs_on_the_backends_one_thread(tiny_audio_dir):
         encoder_hook.remove()
         await batcher.close()
         await asyncio.to_thread(backend.close)
-    model_thread = backend.thread_ident
-    assert model_thread is not None and model_thread != threading.get_ident()
+    assert model_thread != threading.get_ident()
     assert set(threads) == {"load", "unet", "encode"}
     assert all(idents == {model_thread} for idents in threads.values()), threads
 

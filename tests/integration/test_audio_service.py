@@ -158,3 +158,41 @@ async def test_a_cancelled_stream_stops_the_denoising_loop_early(audio):
     assert servicer.batcher.last_stopped_early is not None
     steps_run, steps_asked = servicer.batcher.last_stopped_early
     assert steps_asked == 400 and steps_run < 400
+
+
+@pytest.mark.parametrize("rate", [44100, 48000])
+async def test_a_studio_rate_clip_has_duration_times_rate_samples_and_says_its_rate(audio, rate):
+    stub, _, _ = audio
+    _, plain = await generate(stub, duration_seconds=1.5, seed=3)
+    _, chunks = await generate(stub, duration_seconds=1.5, seed=3, sample_rate_hertz=rate)
+    assert all(c.sample_rate_hertz == rate and c.channels == 1 for c in chunks)
+    wave = audio_encoding.decode_payloads([c.data for c in chunks], chunks[0].encoding)
+    meta = chunks[-1].metadata
+    assert abs(len(wave) - 1.5 * rate) <= 1 and meta.num_samples == len(wave) and meta.sample_rate_hertz == rate
+    # The default is the model's 16 kHz, as before, with its level measured and left alone.
+    assert plain[0].sample_rate_hertz == 16000 and plain[-1].metadata.loudness_gain_db == 0.0
+    assert plain[-1].metadata.HasField("loudness_lufs") and plain[-1].metadata.HasField("peak_dbfs")
+
+
+async def test_a_loudness_target_is_met_under_the_peak_ceiling_and_recorded(audio):
+    from i2s_formats import loudness
+
+    stub, _, _ = audio
+    _, chunks = await generate(stub, duration_seconds=2.0, seed=4, loudness_target_lufs=-20.0)
+    wave = audio_encoding.decode_payloads([c.data for c in chunks], chunks[0].encoding)
+    level = loudness.measure(wave, 16000)
+    meta = chunks[-1].metadata
+    assert level.peak_dbfs <= -1.0 + 0.01  # the ceiling (PCM rounding aside): never clips
+    # At the target, or as near as the ceiling lets it be (the gain held back, the peak at the ceiling).
+    assert abs(level.lufs + 20.0) < 0.5 or (level.lufs < -20.0 and abs(meta.peak_dbfs + 1.0) < 0.01)
+    assert abs(meta.loudness_lufs - level.lufs) < 0.05
+
+
+@pytest.mark.parametrize("field,value,words", [("sample_rate_hertz", 22050, "sample_rate_hertz=22050"),
+                                               ("loudness_target_lufs", -80.0, "loudness_target_lufs"),
+                                               ("loudness_target_lufs", 3.0, "loudness_target_lufs")])
+async def test_an_unsupported_rate_or_loudness_target_is_refused(audio, field, value, words):
+    stub, _, _ = audio
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await generate(stub, **{field: value})
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in raised.value.details()

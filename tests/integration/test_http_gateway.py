@@ -33,10 +33,11 @@ WAIT = 120  # seconds: bounds every wait on the page and the stack
 
 
 def reference_request(request_id: str = "http-test") -> pb.ImageToSoundRequest:
-    """What the page sends for 'seconds 1, steps 2, audio seed 7, VLM seed 1', and main.py for the same."""
+    """What the page sends for 'seconds 1, steps 2, audio seed 7, VLM seed 1' (sources located, the page's
+    default), and main.py for the same."""
     request = pb.ImageToSoundRequest(
         request_id=request_id,
-        decoding=common_pb2.DecodingSettings(seed=1),
+        decoding=common_pb2.DecodingSettings(seed=1, locate_sources=True),
         audio=common_pb2.AudioSettings(duration_seconds=1, num_inference_steps=2, seed=7,
                                        encoding=common_pb2.AUDIO_ENCODING_PCM_S16LE),
         options=pb.PipelineOptions(scene_mix=True))
@@ -193,6 +194,10 @@ async def test_page_plays_clips_as_they_stream(front, chromium, tmp_path):
         state = driver.execute_script("return window.i2s")
         state["scene_text"] = driver.find_element(By.ID, "scene").text
         state["players"] = len(driver.find_elements(By.CSS_SELECTOR, "#clips .clip audio"))
+        state["box_labels"] = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#boxes .box span")]
+        state["levels"] = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#clips .clip .level")]
+        driver.find_element(By.ID, "scene-mix").click()
+        WebDriverWait(driver, WAIT).until(lambda d: (driver.i2s_downloads / "scene_mix.wav").exists())
         links = driver.find_elements(By.CSS_SELECTOR, "#clips .clip a.wav")
         state["links"] = [link.get_attribute("download") for link in links]
         links[0].click()
@@ -215,7 +220,51 @@ async def test_page_plays_clips_as_they_stream(front, chromium, tmp_path):
     assert (chromium.i2s_downloads / first).read_bytes() == (expected_dir / first).read_bytes()
     description = json.loads((chromium.i2s_downloads / "description.json").read_text())
     assert description["scene"] == result.description.scene
+    # Each located source's box is drawn with its name; every clip shows its loudness; the mix is stereo and
+    # byte for byte what main.py writes.
+    located = [s.name for s in result.description.sources if s.HasField("location")]
+    assert located and state["box_labels"] == located
+    assert len(state["levels"]) == len(result.clips) and all("LUFS" in t or "silent" in t for t in state["levels"])
+    assert any("stereo" in t for t in state["levels"])
+    assert (chromium.i2s_downloads / "scene_mix.wav").read_bytes() == (expected_dir / "scene_mix.wav").read_bytes()
     assert state["console_errors"] == []
     keep = os.environ.get("I2S_HTTP_PAGE_SCREENSHOT")  # docs/screenshots/http-page.png was made this way
     if keep:
         shutil.copyfile(tmp_path / "http-page.png", keep)
+
+
+async def test_page_says_the_models_are_loading_and_enables_its_button_when_they_serve(chromium):
+    """Before the orchestrator serves, the page says the models are still loading and its button stays off
+    (a click would only end in 'unavailable'); once it serves, the button turns on by itself."""
+    from gateway.front import HttpFront
+    from gateway.options import HttpOptions
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from serving.server import GrpcServer
+
+    grpc_server = GrpcServer(ServerOptions(host="127.0.0.1", port=0, grace_seconds=0.5), lambda s: None, [])
+    await grpc_server.start()
+    await grpc_server.set_serving(False)
+    http = HttpFront(HttpOptions(http_port=0), ServerOptions(port=0), grpc_server.address)
+    await http.start()
+    try:
+        def loading() -> tuple[str, bool]:
+            chromium.get(f"http://127.0.0.1:{http.port}/")
+            WebDriverWait(chromium, WAIT).until(  # said before any photo is chosen
+                lambda d: "still loading" in d.find_element(By.ID, "status").text)
+            chromium.find_element(By.ID, "photo").send_keys(str(PHOTO))
+            return chromium.find_element(By.ID, "status").text, chromium.find_element(By.ID, "go").is_enabled()
+
+        status, enabled = await asyncio.to_thread(loading)
+        assert "models are still loading" in status and not enabled
+        await grpc_server.set_serving(True)
+
+        def ready() -> tuple[str, bool]:
+            WebDriverWait(chromium, WAIT).until(lambda d: d.find_element(By.ID, "go").is_enabled())
+            return chromium.find_element(By.ID, "status").text, chromium.execute_script("return window.i2s.serving")
+
+        status, serving = await asyncio.to_thread(ready)
+        assert serving and "ready" in status
+    finally:
+        await http.stop()
+        await grpc_server.stop()

@@ -226,9 +226,18 @@ def test_the_compiled_step_gives_the_same_tokens(tiny_vlm_dir, reference_tokens)
         b.close()
 
 
+def _forward_threads(model) -> tuple[set[int], object]:
+    """The threads the model's forward runs on, from now on (and the hook, to remove)."""
+    threads: set[int] = set()
+    hook = model.register_forward_pre_hook(lambda *_: threads.add(threading.get_ident()))
+    return threads, hook
+
+
 def test_all_model_work_runs_on_one_thread_across_requests_cancellations_and_errors(tiny_vlm_dir, reference):
     probe = reference.prepare_inputs(IMAGES[0])["input_ids"].shape[1]
     b = _backend(tiny_vlm_dir, _options(length_buckets=(probe + 64,), token_buckets=(1,)))
+    model_thread = b.worker.submit(threading.get_ident).result()  # the worker's one thread
+    forwards, hook = _forward_threads(b.model)
     try:
         ok = _submit(b, IMAGES[0], 20)
         cancelled = _submit(b, IMAGES[0], 60, cancel_after=5)
@@ -239,15 +248,21 @@ def test_all_model_work_runs_on_one_thread_across_requests_cancellations_and_err
         assert ok.end.reason == "length" and cancelled.end.reason == "cancelled"
         assert isinstance(too_long.end, Failed) and "does not fit" in str(too_long.end.error)
         assert again.tokens == ok.tokens
-        threads = {b.worker.thread_ident} | b.model_threads
+        threads = set(forwards)
         for c in (ok, cancelled, too_long, again):
             threads |= c.threads
-        assert threads == {b.worker.thread_ident}
-        assert b.worker.thread_ident != threading.get_ident()
+        assert threads == {model_thread}
+        assert model_thread != threading.get_ident()
     finally:
+        hook.remove()
         b.close()
-    # The reference path too: load, warm-up and every generate() on its one model thread.
-    assert reference.model_threads == {reference.worker.thread_ident}
+    # The reference path too: every generate() on its one model thread.
+    forwards, hook = _forward_threads(reference.model)
+    try:
+        _wait(_submit(reference, IMAGES[0], 4))
+    finally:
+        hook.remove()
+    assert forwards == {reference.worker.submit(threading.get_ident).result()}
 
 
 def test_a_full_queue_refuses_with_overloaded(tiny_vlm_dir):

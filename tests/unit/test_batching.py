@@ -30,6 +30,7 @@ class FakeCountingAudioBackend(AudioBackend):
 
     def __init__(self, *, gated: bool = False, fail_with: Exception | None = None):
         self.calls: list[list[AudioRequest]] = []
+        self.deadlines: list = []  # the deadline each call was given
         self.cancelled_after: list[int] = []
         self.gated = gated
         self.fail_with = fail_with
@@ -45,9 +46,11 @@ class FakeCountingAudioBackend(AudioBackend):
     def ready(self) -> bool:
         return True
 
-    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None) -> list[AudioResult]:
+    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None,
+                 deadline=None) -> list[AudioResult]:
         check_batch(requests)  # the batcher must only group compatible requests
         self.calls.append(list(requests))
+        self.deadlines.append(deadline)
         self.started.set()
         try:
             total = requests[0].num_inference_steps
@@ -234,7 +237,7 @@ async def test_invalid_requests_are_rejected_before_queueing_and_close_refuses_n
     backend = FakeCountingAudioBackend()
     batcher = Batcher(backend)
     with pytest.raises(ValueError, match="duration_seconds"):
-        await batcher.submit(req(1, duration_seconds=60.0))
+        await batcher.submit(req(1, duration_seconds=301.0))
     assert batcher.backend_calls == 0
     await batcher.close()
     with pytest.raises(NotReady):
@@ -264,7 +267,8 @@ class FakeBucketingAudioBackend(FakeCountingAudioBackend):
     def batch_key(self, request: AudioRequest) -> tuple:
         return ("bucket", 2.0 if request.duration_seconds <= 2.0 else request.duration_seconds) + request.batch_key()[1:]
 
-    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None) -> list[AudioResult]:
+    def generate(self, requests: Sequence[AudioRequest], *, should_stop=None, on_step=None,
+                 deadline=None) -> list[AudioResult]:
         assert len({self.batch_key(r) for r in requests}) == 1
         self.calls.append(list(requests))
         return [AudioResult(waveform=np.full(num_samples(r.duration_seconds, self.sample_rate_hertz), r.seed, np.float32),
@@ -284,3 +288,34 @@ async def test_requests_of_different_durations_in_one_bucket_share_a_batch_acros
     assert [[r.seed for r in call] for call in backend.calls] == [[1, 2, 3]]
     assert [r.waveform.shape[0] for r in results] == [100, 150, 200]  # each its own length
     await batcher.close()
+
+
+class FakeWindowingAudioBackend(FakeBucketingAudioBackend):
+    """NOT a model: the bucketing fake that also records the windows it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows: list = []
+
+    def generate(self, requests, *, should_stop=None, on_step=None, deadline=None, windows=None):
+        self.windows.append(windows)
+        return super().generate(requests, should_stop=should_stop, on_step=on_step, deadline=deadline)
+
+
+@pytest.mark.asyncio
+async def test_windows_of_different_long_clips_share_a_call_and_never_ride_with_plain_clips():
+    from audio_service.backend import Window
+
+    backend = FakeWindowingAudioBackend()
+    batcher = Batcher(backend, max_batch_size=3, max_wait_ms=10_000)  # leaves when full, not on time
+    first = Window(index=0, overlap_frames=4)
+    later = Window(index=3, overlap_frames=4, context=np.zeros((2, 4, 3), np.float32))
+    jobs = [asyncio.create_task(batcher.submit(req(1), window=first)),
+            asyncio.create_task(batcher.submit(req(2))),  # a plain clip of the same settings
+            asyncio.create_task(batcher.submit(req(3), window=later)),
+            asyncio.create_task(batcher.submit(req(4), window=first))]
+    await asyncio.wait_for(asyncio.gather(*jobs[:1], *jobs[2:]), WAIT)
+    assert [r.seed for r in backend.calls[0]] == [1, 3, 4] and backend.windows[0] == [first, later, first]
+    await batcher.close()
+    with pytest.raises(NotReady):  # the plain clip waited for a call of its own
+        await jobs[1]

@@ -215,3 +215,12 @@ async def test_export_phase2_lays_clips_out_by_instrument(workspace):
 def test_find_images_is_recursive_and_case_insensitive(workspace):
     found = [p.name for p in cli.find_images(Path("data"))]
     assert sorted(found) == sorted(["UPPER.PNG", "astronaut.png", "camera.png", "chelsea.png", "coffee.png", "rocket.jpg"])
+
+
+def test_long_loop_and_guard_flags_in_the_originals_style_reach_the_audio_settings():
+    args = cli.build_parser().parse_args(["--audio_seconds", "120", "--loop", "--reject_speech_music", "2"])
+    audio = cli.settings_from(args).audio
+    assert (audio.duration_seconds, audio.loop, audio.reject_speech_music) == (120.0, True, 2)
+    assert "sound settings" not in cli.check_inputs(args)
+    plain = cli.settings_from(cli.build_parser().parse_args([])).audio
+    assert (plain.loop, plain.reject_speech_music) == (False, 0)

@@ -57,7 +57,7 @@ class FakeCutVisionBackend(VisionBackend):
     def close(self): pass
     def stream(self, image, options, should_stop=None): raise AssertionError("astream is used")
 
-    async def astream(self, image, options, worker, deadline=None):
+    async def astream(self, image, options, worker, deadline=None, priority="interactive"):
         self.deadlines.append(deadline)
         description = common_pb2.SceneDescription(scene="a street")
         source = description.sources.add(id="s1", name="bell")
@@ -125,3 +125,25 @@ async def test_the_audio_servicer_hands_the_calls_deadline_to_the_batcher():
     assert any(r.HasField("chunk") for r in await asyncio.wait_for(first, WAIT))
     assert [[r.seed for r in call] for call in backend.calls] == [[1]]
     await servicer.close()
+
+
+@pytest.mark.asyncio
+async def test_the_audio_backend_is_given_the_last_deadline_of_its_batchs_callers():
+    """What a backend that calls out (Triton) bounds its call by: the longest any caller of the batch waits."""
+    backend = FakeCountingAudioBackend()
+    batcher = Batcher(backend, max_batch_size=2, max_wait_ms=10_000)  # leaves when full
+    sooner, later = Deadline.after(30), Deadline.after(60)
+    await asyncio.wait_for(asyncio.gather(batcher.submit(_request(1), deadline=sooner),
+                                          batcher.submit(_request(2), deadline=later)), WAIT)
+    await asyncio.wait_for(asyncio.gather(batcher.submit(_request(3), deadline=sooner),
+                                          batcher.submit(_request(4))), WAIT)  # one caller waits forever
+    assert [[r.seed for r in call] for call in backend.calls] == [[1, 2], [3, 4]]
+    assert backend.deadlines[0].at == later.at
+    assert backend.deadlines[1].at is None
+    await batcher.close()
+
+
+def test_the_latest_of_several_deadlines():
+    assert Deadline.latest([Deadline(5.0), Deadline(7.0), Deadline(6.0)]).at == 7.0
+    assert Deadline.latest([Deadline(5.0), None]).at is None  # a caller without a deadline
+    assert Deadline.latest([Deadline(5.0), Deadline()]).at is None

@@ -79,6 +79,9 @@ CLI_CASES = [
     (["--skip_vlm", "--audio_model", "{tiny}/vlm"], 3, "not an AudioLDM2 pipeline (model_index.json)"),
     (["--data_dir", "empty"], 2, "no images (bmp, jpeg, jpg, png, webp) found under empty/"),
     (["--single", "data/cofee.png"], 2, "--single data/cofee.png: no such file"),
+    (["--audio_seconds", "400"], 2, "sound settings: duration_seconds=400.0 must be within 1..300"),
+    (["--audio_seconds", "1.5", "--loop"], 2, "loop needs a clip of at least 2 s"),
+    (["--reject_speech_music", "-1"], 2, "-1 is not within 0..8"),
 ]
 
 
@@ -112,6 +115,14 @@ SERVICE_CASES = [
     ("orchestrator", ["--port", "{busy}"], "python -m orchestrator: error: port {busy} on 127.0.0.1 is already in "
      "use (another service still running?): stop it, or pass --port N (0: any free port)"),
     ("audio_service", ["--model", "models/tiny/audio", "--port", "{busy}"], "is already in use"),
+    ("audio_service", ["--model", "models/tiny/audio", "--cache-url", "redis://127.0.0.1:port/0"],
+     "python -m audio_service: error: --cache-url redis://127.0.0.1:port/0: malformed (Port could not be cast to "
+     "integer value as 'port'); give redis://host:port/db"),
+    ("vlm_service", ["--model", "models/tiny/vlm", "--cache-url", "http://cache:6379"], "--cache-url "
+     "http://cache:6379: not a redis://host:port/db URL (empty: this process's memory; off: no cache)"),
+    # Something listens there, but it is no Redis: no answer to PING within the start-up check's bound.
+    ("vlm_service", ["--model", "models/tiny/vlm", "--cache-url", "redis://127.0.0.1:{busy}/0"],
+     "python -m vlm_service: error: --cache-url redis://127.0.0.1:{busy}/0: Redis does not answer"),
 ]
 
 

@@ -149,3 +149,18 @@ def test_the_drawer_draws_each_clip_as_it_comes_and_the_gallery_keeps_them(tmp_p
     assert set(pngs) == {"01_a.png", "02_b.png"}
     gallery.write_gallery(result)  # finds them drawn and newer than their clips: draws none again
     assert {p.name: p.stat().st_mtime_ns for p in (folder / gallery.SPECTROGRAM_DIR).glob("*.png")} == pngs
+
+
+def test_a_loop_plays_looped_and_a_long_clip_says_where_its_windows_join(tmp_path):
+    result = tmp_path / "result"
+    image_folder(result, "street", [
+        clip("01_loop.wav", loop_samples=[0, 16000]),
+        clip("02_long.wav", windows=3, window_join_samples=[163840, 286720], sample_rate_hertz=16000,
+             guard_attempts=[{"seed": 7, "rejected": True}, {"seed": 9, "rejected": False}]),
+        clip("03_plain.wav"),
+    ])
+    html = gallery.write_gallery(result).read_text()
+    audios = {line.split('src="street/')[1].split('"')[0]: line for line in html.splitlines() if "<audio" in line}
+    assert audios["01_loop.wav"].rstrip().endswith(" loop></audio>") and " loop" not in audios["03_plain.wav"]
+    assert "samples 0 to 16000" in html
+    assert "3, joined at 10.24 s, 17.92 s" in html and "2 tries, 1 refused" in html

@@ -69,3 +69,12 @@ async def test_cors_is_off_unless_origins_are_configured(client_for):
     other = await client_for("https://app.example").options("/v1/image-to-sound",
                                                        headers={**preflight, "origin": "https://evil.example"})
     assert other.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+async def test_readiness_says_not_serving_when_nothing_answers_and_refuses_a_bad_wait(client_for):
+    client = client_for()
+    response = await client.get("/v1/ready")  # nothing listens upstream: not serving, at once
+    assert response.status_code == 200 and response.json() == {"serving": False}
+    assert response.headers["cache-control"] == "no-store"
+    bad = await client.get("/v1/ready?wait=soon")
+    assert bad.status_code == 400 and "wait" in bad.json()["message"]

@@ -193,7 +193,9 @@ async def test_scene_mix_is_streamed_as_its_own_clip(image_bytes):
     mix = clips_of_kind(events, pb.CLIP_KIND_SCENE_MIX)
     assert len(mix) == 1 and mix[0].file_name == "scene_mix.wav" and mix[0].done
     wave = mix[0].waveform
-    assert wave.shape == (16000,) and np.max(np.abs(wave)) <= 0.99 and np.std(wave) > 0.01
+    assert mix[0].channels == 2 and wave.shape == (16000, 2) and np.std(wave) > 0.001
+    assert mix[0].metadata.peak_dbfs <= -1.0 + 1e-3 and mix[0].metadata.HasField("loudness_lufs")
+    assert len(mix[0].mix.stems) == len(clips_of_kind(events, pb.CLIP_KIND_VARIANT))  # the data that rebuilds it
 
 
 async def test_scene_mix_follows_the_clips_sample_rates(image_bytes):
@@ -207,8 +209,8 @@ async def test_scene_mix_follows_the_clips_sample_rates(image_bytes):
     assert sorted(c.sample_rate_hertz for c in clips_of_kind(events, pb.CLIP_KIND_VARIANT)) == [16000, 24000]
     (mix,) = clips_of_kind(events, pb.CLIP_KIND_SCENE_MIX)
     assert mix.sample_rate_hertz == mix.metadata.sample_rate_hertz == 24000
-    assert mix.waveform.shape == (24000,) and abs(mix.metadata.duration_seconds - 1.0) < 1e-6
-    spectrum = np.abs(np.fft.rfft(mix.waveform))  # 1 s at 24 kHz: bin i is i Hz
+    assert mix.waveform.shape == (24000, 2) and abs(mix.metadata.duration_seconds - 1.0) < 1e-6
+    spectrum = np.abs(np.fft.rfft(mix.waveform.sum(axis=1)))  # 1 s at 24 kHz: bin i is i Hz
     assert sorted(np.argsort(spectrum)[-2:].tolist()) == [201, 202]  # the fake's tones: 200 Hz + call number
 
 
@@ -248,6 +250,7 @@ async def test_orchestrator_health_follows_the_model_services():
 @pytest.mark.parametrize("sent", [
     common_pb2.AudioSettings(),  # every value the contract's default
     common_pb2.AudioSettings(scheduler=common_pb2.SCHEDULER_DDIM, duration_seconds=2.5, seed=7, negative_prompt="hum"),
+    common_pb2.AudioSettings(sample_rate_hertz=48000, loudness_target_lufs=-16),  # material for music
 ])
 async def test_the_model_services_receive_exactly_what_the_orchestrator_resolved(image_bytes, sent):
     """Validated once, handed on: the orchestrator resolves the request (i2s_formats.contract) and sends every
@@ -273,6 +276,7 @@ async def test_the_model_services_receive_exactly_what_the_orchestrator_resolved
         assert received.HasField("negative_prompt") == sent.HasField("negative_prompt")
         # What the audio service makes of them is what the orchestrator resolved.
         assert contract.clip_settings(received) == resolved.audio
+        assert contract.audio_output(received) == resolved.output
     expected_steps = 200 if sent.scheduler == common_pb2.SCHEDULER_DDIM else 20
     assert audio.settings[0].num_inference_steps == expected_steps
     assert vision.decoding == [resolved.decoding.to_proto()] and vision.decoding[0].max_new_tokens == 1024

@@ -38,6 +38,7 @@ class FakeCalls:
     model_id: str = "fake"
     sample_rate_hertz: int = 16000
     queue_depth: int = 0  # read by the queue-depth gauge
+    concurrent_requests: int | None = 1  # a backend that takes one request at a time (a worker in front)
 
     def __getattr__(self, name):
         if name.startswith("__"):
@@ -202,3 +203,14 @@ def test_the_old_module_name_still_imports_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="i2s_formats.contract"):
         old = importlib.import_module("i2s_formats.requests")
     assert old.image_to_sound is contract.image_to_sound and old.clean_request_id is contract.clean_request_id
+
+
+def test_locate_sources_survives_resolving_and_sending_on():
+    """The orchestrator resolves DecodingSettings once and sends DecodingOptions.to_proto(): the VLM must
+    still see locate_sources (without it, the description it makes has no boxes)."""
+    from i2s_formats import contract
+
+    for locate in (False, True):
+        options = contract.decoding_options(common_pb2.DecodingSettings(locate_sources=locate, seed=3))
+        assert options.locate_sources is locate
+        assert contract.decoding_options(options.to_proto()) == options

@@ -6,39 +6,37 @@ and returns: the requests in flight decode together in the backend's engine (bat
 VLM service), up to `engine_max_batch` at once, `max_queue` more waiting. The project must be importable in
 Triton's Python environment (`pip install .` there; see deploy/README.md).
 """
-import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import triton_python_backend_utils as pb_utils
 
-from serving.models import hf_token
 from serving.triton_client import instance_device, model_parameters
 from vlm_service import triton_backend as wire
-from vlm_service.config import VlmConfig
-from vlm_service.server import engine_options
+from vlm_service.config import VlmConfig, parse_args
 from vlm_service.transformers_backend import TransformersVisionBackend
 
 CHECKPOINT_ENV = "I2S_TRITON_VLM_CHECKPOINT"
 REVISION_ENV = "I2S_TRITON_VLM_REVISION"  # with the checkpoint variable: what the Kubernetes pod pins
 
 
+def vlm_config(params: dict[str, str], device: str) -> VlmConfig:
+    """The VLM service's own configuration (vlm_service.config: its defaults, its I2S_VLM_* variables)
+    with this model's config.pbtxt parameters as its flags: `checkpoint` is --model, "" keeps the default."""
+    params = {**params, "checkpoint": os.environ.get(CHECKPOINT_ENV) or params.get("checkpoint", ""),
+              "revision": os.environ.get(REVISION_ENV) or params.get("revision", "")}
+    argv = ["--device", device]
+    for key, value in params.items():
+        if value:
+            argv += ["--model" if key == "checkpoint" else f"--{key.replace('_', '-')}", value]
+    return parse_args(argv)
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(json.loads(args["model_config"]))
-        kwargs = dict(revision=os.environ.get(REVISION_ENV) or params.get("revision") or None, token=hf_token(),
-                      device=instance_device(args),
-                      dtype=params.get("dtype") or None, prompt_version=params.get("prompt_version") or "v1")
-        if params.get("max_pixels"):
-            kwargs["max_pixels"] = int(params["max_pixels"])
-        # The VLM service's own engine settings (its defaults; config parameters override the batch and queue).
-        config = VlmConfig()
-        config = dataclasses.replace(
-            config, engine_max_batch=int(params.get("engine_max_batch") or config.engine_max_batch),
-            max_queue=int(params.get("max_queue") or config.max_queue))
-        kwargs.update(engine=engine_options(config), max_queue=config.max_queue)
-        self.backend = TransformersVisionBackend(os.environ.get(CHECKPOINT_ENV) or params["checkpoint"], **kwargs)
+        config = vlm_config(model_parameters(json.loads(args["model_config"])), instance_device(args))
+        self.backend = TransformersVisionBackend.from_config(config)
         self.backend.load()
         self.backend.warmup()  # Triton says READY only after initialize returns: ready means warm
         # A thread per request in flight: each blocks on its stream while the engine decodes them together.
@@ -52,7 +50,8 @@ class TritonPythonModel:
         # inputs are read here, while the request is certainly alive.
         for request in requests:
             arrays = {name: _input(request, name)
-                      for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED)}
+                      for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED,
+                                   wire.LOCATE_SOURCES)}
             self.streams.submit(self._serve, arrays, request.get_response_sender())
         return None
 
