@@ -92,9 +92,12 @@ run: setup
 
 # The wheels a GPU device image lacks (Python 3.12, manylinux x86-64), for bench/device_run.sh.
 DEVICE_WHEELS := grpcio==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 protobuf==6.33.6 \
-	xgrammar==0.2.8 apache-tvm-ffi diffusers==0.42.1 importlib_metadata soundfile==0.14.0 cffi pycparser \
-	jsonschema==4.26.0 jsonschema-specifications referencing rpds-py pydantic pydantic_core annotated-types \
-	typing-inspection soxr==1.1.0
+	xgrammar==0.2.8 apache-tvm-ffi==0.1.15.post2 diffusers==0.42.1 importlib_metadata==10.2.0 soundfile==0.14.0 \
+	cffi==2.1.1 pycparser==3.12 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 \
+	rpds-py==2026.9.1 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	soxr==1.1.0
+# Every one pinned to the lock (tests/setup/test_device_wheels.py): pydantic refuses another pydantic_core,
+# and xgrammar imports pydantic, so one unpinned wheel could keep the VLM service from starting on the GPU.
 device-wheels:
 	mkdir -p .whl
 	for w in $(DEVICE_WHEELS); do $(PY) -m pip download --quiet --disable-pip-version-check --no-deps \

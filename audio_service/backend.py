@@ -15,7 +15,7 @@ import numpy as np
 
 from i2s_formats.contract import AudioRequest
 from serving.deadline import Deadline
-from serving.errors import Cancelled
+from serving.errors import Cancelled, ServiceError
 
 __all__ = ["AudioBackend", "AudioRequest", "AudioResult", "BackendCancelled", "StepCallback", "StopCheck",
            "Window", "WindowShape", "check_batch", "num_samples"]
@@ -63,6 +63,11 @@ class Window:
     context: np.ndarray | None = None
 
 
+class NonFiniteAudio(ServiceError):
+    """The model produced NaN or infinite samples for a clip (e.g. float16 overflow): the clip fails rather
+    than going out as silence. A backend's `generate` returns it in that request's place."""
+
+
 class BackendCancelled(Cancelled):
     """`should_stop()` turned true and the denoising loop was interrupted after `steps_run` steps."""
 
@@ -94,6 +99,11 @@ def check_batch(requests: Sequence[AudioRequest],
 class AudioBackend(ABC):
     """One text-to-audio model on one device."""
 
+    # Which UNet serves once warm (serving.fast_path.report: "compiled" or "eager"; "remote" for Triton), and
+    # why it is not the one asked for, if it is not.
+    serving_path: str = "remote"
+    serving_path_reason: str | None = None
+
     model_id: str
     sample_rate_hertz: int
     model_revision: str | None = None  # the loaded weights (serving.models.checkpoint_revision); None: unknown
@@ -123,8 +133,9 @@ class AudioBackend(ABC):
         on_step: StepCallback | None = None,
         deadline: Deadline | None = None,
         windows: Sequence[Window | None] | None = None,
-    ) -> list[AudioResult]:
-        """Generates one clip per request, in order, in one model call.
+    ) -> list[AudioResult | NonFiniteAudio]:
+        """Generates one clip per request, in order, in one model call (a :class:`NonFiniteAudio` in the
+        place of a request whose clip came out NaN or infinite).
 
         All requests must share `batch_key()` (else ValueError). `on_step(done, total)` is called from the
         calling thread after each denoising step; `should_stop()` is polled before the call and after each

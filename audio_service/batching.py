@@ -286,7 +286,11 @@ class Batcher:
                         job.future.set_exception(error)
             else:
                 for job, result in zip(batch, results):
-                    if not job.future.done():
+                    if job.future.done():
+                        continue
+                    if isinstance(result, Exception):  # this clip failed, its batch-mates did not
+                        job.future.set_exception(result)
+                    else:
                         job.future.set_result(result)
         finally:
             phases.end()

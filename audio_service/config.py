@@ -37,6 +37,8 @@ class AudioConfig:
     max_queue: int = setting(64, "queued requests before RESOURCE_EXHAUSTED")
     default_negative_prompt: str = setting(DEFAULT_NEGATIVE_PROMPT, "negative prompt for requests that set none",
                                            flag="negative-prompt")
+    self_check: bool = setting(False, "check the compiled UNet against the eager one before SERVING also off CUDA "
+                               "(on CUDA it always runs); a mismatch serves the eager UNet")
     compile: str = setting("none", "torch.compile the UNet; compiled and warmed before SERVING",
                            choices=["none", "default", "reduce-overhead", "max-autotune", "aot_eager"])
     duration_buckets: tuple[float, ...] = setting((), 'seconds, e.g. "4,10,30": requests run at the next bucket and '

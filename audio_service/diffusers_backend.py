@@ -51,6 +51,7 @@ from audio_service.backend import (
     AudioRequest,
     AudioResult,
     BackendCancelled,
+    NonFiniteAudio,
     StepCallback,
     StopCheck,
     Window,
@@ -58,7 +59,8 @@ from audio_service.backend import (
     check_batch,
     num_samples,
 )
-from serving import tracing
+from i2s_formats.contract import DEFAULT_GUIDANCE_SCALE
+from serving import metrics, tracing
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import NotReady
@@ -166,6 +168,7 @@ class DiffusersAudioBackend(AudioBackend):
         prompt_cache_size: int = 0,
         warmup_batch_sizes: Sequence[int] = (1,),
         warmup_duration_seconds: float = 1.0,
+        self_check: bool = False,
         window_frames: int | None = None,
     ):
         if compile not in COMPILE_MODES:
@@ -180,6 +183,9 @@ class DiffusersAudioBackend(AudioBackend):
         self.prompt_cache_size = int(prompt_cache_size)
         self.warmup_batch_sizes = tuple(sorted(set(int(b) for b in warmup_batch_sizes)))
         self.warmup_duration_seconds = float(warmup_duration_seconds)
+        self.self_check = self_check  # compiled UNet against eager at warm-up also off CUDA (always on CUDA)
+        self.serving_path = "eager" if compile == "none" else "compiled"
+        self.serving_path_reason: str | None = None
         # Compiled shapes must not depend on caption length: the per-caption path pads T5 to a fixed length.
         self._own_encoding = self.prompt_cache_size > 0 or compile != "none"
         self._encodings: OrderedDict[str, _Encoding] = OrderedDict()
@@ -259,7 +265,7 @@ class DiffusersAudioBackend(AudioBackend):
         self.sample_rate_hertz = int(pipe.vocoder.config.sampling_rate)
         self.device, self.dtype = device, dtype
         if self.compile_mode != "none":
-            kwargs = {"backend": "aot_eager"} if self.compile_mode == "aot_eager" else {"mode": self.compile_mode}
+            kwargs = compile_options(self.compile_mode)
             # dynamic=None (automatic): the first shape compiles static, the second batch size recompiles
             # once with the batch dimension symbolic, and later sizes reuse it (CUDA graphs still record
             # one graph per size, in warm-up). dynamic=True (all dims symbolic from the start) traced
@@ -278,25 +284,80 @@ class DiffusersAudioBackend(AudioBackend):
 
     def _warmup(self) -> None:
         """Runs every shape requests will use before the service says SERVING: each duration bucket (or
-        the warm-up duration without buckets) at each warm-up batch size, guided, plus one 2-candidate
-        request so CLAP scoring is warm too. With `compile` set this is where compiling happens."""
+        the warm-up duration without buckets) at each warm-up batch size, guided and (compiled) unguided,
+        plus one 2-candidate request so CLAP scoring is warm too. With `compile` set this is where compiling
+        happens, then the compiled UNet is checked against the eager one (on CUDA always, elsewhere with
+        `self_check`); a compile that fails or a check that does not pass leaves the eager UNet serving."""
         started = time.perf_counter()
+        compiled = self.compile_mode != "none"
+        try:
+            self._warm_shapes()
+            problem = self._self_check() if compiled and (self.self_check or self.device.startswith("cuda")) else None
+        except Exception as exc:  # noqa: BLE001 - Inductor, a CUDA graph: the eager UNet is always correct
+            if not compiled:
+                raise
+            problem = f"{type(exc).__name__}: {exc}"
+        if problem is not None:
+            self.serving_path_reason = f"the compiled UNet ({self.compile_mode}) failed at warm-up: {problem}"
+            log.error("%s; serving the eager UNet", self.serving_path_reason)
+            self.pipeline.unet._compiled_call_impl = None  # undoes nn.Module.compile (no public way)
+            self.serving_path = "eager"
+            self._warm_shapes()
+        log.info("warm-up (compile=%s) of %d shapes in %.1f s", self.compile_mode if self.serving_path != "eager"
+                 else "none", len(self.warmed_shapes), time.perf_counter() - started)
+
+    def _warm_shapes(self) -> None:
         durations = self.duration_buckets or (self.warmup_duration_seconds,)
+        compiled = self.serving_path == "compiled"
         # Eager kernels only need their first call (lazy initialisation); every step is the same UNet call.
-        steps = WARMUP_STEPS if self.compile_mode != "none" else 1
+        steps = WARMUP_STEPS if compiled else 1
+        # Guidance <= 1 runs the UNet on half the batch: a shape of its own, warmed too when compiled.
+        guidance = (DEFAULT_GUIDANCE_SCALE, 1.0) if compiled else (DEFAULT_GUIDANCE_SCALE,)
         self.warmed_shapes = []
         for duration in durations:
             for size in self.warmup_batch_sizes:
-                self._generate_candidates([
-                    AudioRequest(prompt=f"warm up {i}", duration_seconds=duration, num_inference_steps=steps,
-                                 seed=i, negative_prompt="warm up negative" if i % 2 else "")
-                    for i in range(size)
-                ])
+                for scale in guidance:
+                    self._generate_candidates([
+                        AudioRequest(prompt=f"warm up {i}", duration_seconds=duration, num_inference_steps=steps,
+                                     seed=i, negative_prompt="warm up negative" if i % 2 else "",
+                                     guidance_scale=scale)
+                        for i in range(size)
+                    ])
                 self.warmed_shapes.append((duration, size))
         self._generate_candidates([AudioRequest(prompt="warm up", duration_seconds=durations[0],
                                                 num_inference_steps=min(steps, 2), seed=0, num_candidates=2)])
-        log.info("warm-up (compile=%s) of %d shapes in %.1f s", self.compile_mode, len(self.warmed_shapes),
-                 time.perf_counter() - started)
+
+    def _self_check(self) -> str | None:
+        """One denoising step's UNet call, recorded from a real generation, run compiled and eager on the
+        same latents and conditioning: None when they agree within :func:`serving.fast_path.tolerance`."""
+        import torch
+
+        from serving.fast_path import compare, tolerance
+
+        unet = self.pipeline.unet
+        compiled, calls = unet._compiled_call_impl, []
+
+        def recording(*args, **kwargs):
+            if not calls:
+                calls.append((_cloned(args), _cloned(kwargs)))
+            return compiled(*args, **kwargs)
+
+        unet._compiled_call_impl = recording
+        try:
+            durations = self.duration_buckets or (self.warmup_duration_seconds,)
+            self._generate_candidates([AudioRequest(prompt="self check", duration_seconds=durations[0],
+                                                    num_inference_steps=1, seed=0)])
+        finally:
+            unet._compiled_call_impl = compiled
+        args, kwargs = calls[0]
+        with torch.no_grad():
+            fast = compiled(*_cloned(args), **_cloned(kwargs))[0].float().clone()
+            eager = unet._call_impl(*_cloned(args), **_cloned(kwargs))[0].float()
+        problem = compare(fast, eager, tolerance(self.dtype))
+        if problem is not None:
+            log.error("self-check of the compiled UNet: %s; compiled mean %.4g std %.4g, eager mean %.4g std %.4g",
+                      problem, float(fast.mean()), float(fast.std()), float(eager.mean()), float(eager.std()))
+        return problem
 
     def close(self) -> None:
         self.worker.run(self._close)
@@ -325,7 +386,7 @@ class DiffusersAudioBackend(AudioBackend):
         on_step: StepCallback | None = None,
         deadline: Deadline | None = None,  # its callers leave at their deadlines, which turns should_stop true
         windows: Sequence[Window | None] | None = None,
-    ) -> list[AudioResult]:
+    ) -> list[AudioResult | NonFiniteAudio]:
         return self.worker.run(lambda: self._generate(requests, should_stop, on_step, windows))
 
     def window_shape(self) -> WindowShape:
@@ -338,12 +399,19 @@ class DiffusersAudioBackend(AudioBackend):
                            sample_rate_hertz=self.sample_rate_hertz)
 
     def _generate(self, requests: Sequence[AudioRequest], should_stop: StopCheck | None,
-                  on_step: StepCallback | None, windows: Sequence[Window | None] | None = None) -> list[AudioResult]:
+                  on_step: StepCallback | None, windows: Sequence[Window | None] | None = None,
+                  ) -> list[AudioResult | NonFiniteAudio]:
         requests = list(requests)
         candidates = self._generate_candidates(requests, should_stop=should_stop, on_step=on_step, windows=windows)
         results = []
         for request, cands in zip(requests, candidates):
             best = int(np.argmax(cands.scores))
+            if not np.isfinite(cands.scores[best]):
+                metrics.NONFINITE_AUDIO.inc()
+                results.append(NonFiniteAudio(
+                    f"the audio model produced NaN or infinite samples for this clip ({self.dtype}); the clip "
+                    f"failed instead of going out as silence"))
+                continue
             results.append(
                 AudioResult(
                     waveform=cands.waveforms[best].copy(),
@@ -461,9 +529,11 @@ class DiffusersAudioBackend(AudioBackend):
             phases.end()
 
             audio = fit_length(np.asarray(output.audios), n).reshape(len(requests), k, n)
-            if not np.all(np.isfinite(audio)):
-                log.warning("non-finite samples in generated audio (dtype %s); replaced by 0", self.dtype)
-                audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+            finite = np.isfinite(audio).all(axis=-1)  # (B, K): a candidate with any NaN or inf is no clip
+            if not finite.all():
+                log.error("%d of %d generated clips have NaN or infinite samples (dtype %s); they fail",
+                          int((~finite).sum()), finite.size, self.dtype)
+                audio = np.where(finite[..., None], audio, 0.0).astype(np.float32)  # scored below, never sent
             clips = [np.ascontiguousarray(audio[b, :, : num_samples(r.duration_seconds, self.sample_rate_hertz)])
                      for b, r in enumerate(requests)]
             # Every clip is scored (its quality number), not only when there are candidates to rank.
@@ -473,9 +543,11 @@ class DiffusersAudioBackend(AudioBackend):
             else:
                 scores = [self._score_candidates([p], c[None])[0] for p, c in zip(prompts, clips)]
             phases.end()
+        # A non-finite candidate ranks last (-inf) and never wins: _generate fails a request with no other.
         latents = None if hold is None else hold.final.reshape(len(requests), k, *hold.final.shape[1:])
         return [
-            Candidates(waveforms=clips[b], scores=scores[b], steps_run=steps_run or total,
+            Candidates(waveforms=clips[b], scores=np.where(finite[b], scores[b], -np.inf).astype(np.float32),
+                       steps_run=steps_run or total,
                        latents=None if latents is None else latents[b])
             for b in range(len(requests))
         ]
@@ -566,6 +638,24 @@ class DiffusersAudioBackend(AudioBackend):
             audio = torch.nn.functional.normalize(out.audio_embeds.float(), dim=-1)
             similarity = (text @ audio.T).cpu().numpy()  # (B, B*K)
         return np.stack([similarity[i, i * k : (i + 1) * k] for i in range(b)]).astype(np.float32)
+
+
+def compile_options(mode: str) -> dict[str, Any]:
+    """torch.compile's arguments for a compile mode ("aot_eager": dynamo tracing, eager kernels)."""
+    return {"backend": "aot_eager"} if mode == "aot_eager" else {"mode": mode}
+
+
+def _cloned(value: Any) -> Any:
+    """Tensors in (nested) args copied: a captured call's inputs may be overwritten by the next step."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cloned(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    return value
 
 
 def _keep_generation_order(text: Any, audio: Any, num_waveforms_per_prompt: int, device: Any, dtype: Any) -> Any:

@@ -19,7 +19,7 @@ from audio_service.config import AudioConfig, effective_buckets, effective_max_b
 from image_to_sound.v1 import audio_pb2, audio_pb2_grpc, common_pb2
 from i2s_formats import audio_encoding, contract, loudness
 from i2s_formats.chunk_stream import ChunkStream
-from serving import metrics, request_log, tracing
+from serving import fast_path, metrics, request_log, tracing
 from serving.deadline import Deadline
 from serving.errors import InvalidInput, NotReady
 from serving.priority import PriorityOrder
@@ -223,7 +223,7 @@ def build_backend(config: AudioConfig) -> AudioBackend:
             # (CUDA graphs record one graph per shape); eager kernels need no per-shape warm-up, only the
             # first call on the model thread (lazy initialisation), at the default clip length.
             warmup_batch_sizes=range(1, max_batch + 1) if config.compile != "none" else (1,),
-            warmup_duration_seconds=contract.DEFAULT_DURATION_SECONDS,
+            warmup_duration_seconds=contract.DEFAULT_DURATION_SECONDS, self_check=config.self_check,
         )
     if config.backend == "triton":  # the model runs in a Triton server (deploy/triton); --model is not used
         from audio_service.triton_backend import TritonAudioBackend
@@ -247,3 +247,4 @@ def load_and_warm(backend: AudioBackend) -> None:
     """Loads and warms; the in-process backend runs both on its own model thread, whoever calls this."""
     backend.load()
     backend.warmup()
+    fast_path.report("audio", backend.serving_path, backend.serving_path_reason)

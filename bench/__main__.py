@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default="", help="a name for this variant, kept in the JSON")
     p.add_argument("--cache-dir", default=os.environ.get("BENCH_CACHE", str(Path(tempfile.gettempdir()) / "i2s-bench")),
                    help="where random checkpoints are written once and reused")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="stop starting measurements this many seconds after the bench started; the table and "
+                        "JSON say what was skipped (the device run's budget)")
     p.add_argument("--json", default=None, help="write the JSON here (default: $OUT/bench.json when OUT is set)")
     return p.parse_args(argv)
 
@@ -129,8 +132,7 @@ def materialise(args: argparse.Namespace, device: str, need_vlm: bool, need_audi
         if args.vlm_model:
             out["vlm"], out["vlm_build_s"] = args.vlm_model, 0.0
         else:
-            path, seconds = (checkpoints.tiny_vlm(cache) if args.tiny else
-                             checkpoints.in_subprocess("vlm", cache, args.vlm_size, device))
+            path, seconds = (checkpoints.tiny_vlm(cache) if args.tiny else checkpoints.vlm_skeleton(cache, args.vlm_size))
             out["vlm"], out["vlm_build_s"] = str(path), seconds
     if need_audio:
         if args.audio_model:
@@ -142,12 +144,22 @@ def materialise(args: argparse.Namespace, device: str, need_vlm: bool, need_audi
     return out
 
 
-async def measure_all(args, profile: Profile, targets: dict[str, str], image: bytes) -> dict:
+async def measure_all(args, profile: Profile, targets: dict[str, str], image: bytes,
+                      time_left=lambda: float("inf")) -> dict:
+    """Every measurement the services allow, most important first; one whose turn comes with no time left
+    (``time_left()`` seconds <= 0) is skipped and named in ``results["skipped"]``."""
     from image_to_sound.v1 import audio_pb2_grpc, common_pb2, orchestrator_pb2_grpc, vision_pb2_grpc
     from serving import channels
 
     results: dict = {"vlm": None, "vlm_seed_sampling": None, "vlm_concurrent": None, "audio": None, "seed_audio": None, "e2e": None,
-                     "throughput": None}
+                     "throughput": None, "skipped": []}
+
+    def may(name: str) -> bool:
+        if time_left() > 0:
+            return True
+        results["skipped"].append(name)
+        return False
+
     opened = {name: channels.aio_channel(address) for name, address in targets.items()}
     try:
         if "vlm" in opened:
@@ -155,35 +167,42 @@ async def measure_all(args, profile: Profile, targets: dict[str, str], image: by
             ours = common_pb2.DecodingSettings(max_new_tokens=profile.vlm_tokens)
             runs = [await measure.vlm_once(stub, image, ours) for _ in range(profile.vlm_runs)]
             results["vlm"] = {**measure.summarise_vlm(runs), "runs": runs, "max_new_tokens": profile.vlm_tokens}
-            seed = common_pb2.DecodingSettings(max_new_tokens=profile.vlm_tokens, temperature=SEED_TEMPERATURE,
-                                               top_p=SEED_TOP_P, seed=1)
-            results["vlm_seed_sampling"] = await measure.vlm_once(stub, image, seed)
             results["vlm_concurrent"] = [await measure.vlm_concurrent(stub, image, ours, n)
-                                         for n in profile.vlm_clients]
-        if "audio" in opened:
+                                         for n in profile.vlm_clients if may(f"vlm {n} concurrent")]
+        if "audio" in opened and may("audio"):
             stub = audio_pb2_grpc.AudioServiceStub(opened["audio"])
             dpm = common_pb2.AudioSettings(duration_seconds=profile.clip_seconds, num_inference_steps=profile.dpm_steps,
                                            seed=1, scheduler=common_pb2.SCHEDULER_DPM_SOLVER)
             per_clip = {}
             for batch in profile.audio_batches:
-                per_clip[str(batch)] = await measure.audio_per_clip(stub, batch, dpm, profile.audio_repeats)
+                if batch == profile.audio_batches[0] or may(f"audio batch {batch}"):
+                    per_clip[str(batch)] = await measure.audio_per_clip(stub, batch, dpm, profile.audio_repeats)
             first = per_clip[str(profile.audio_batches[0])]
             results["audio"] = {"clip_seconds": profile.clip_seconds, "steps": profile.dpm_steps, "scheduler": "dpm",
                                 "per_clip_s": per_clip,
                                 "realtime_factor": profile.clip_seconds / first if first else None}
-            ddim = common_pb2.AudioSettings(duration_seconds=profile.clip_seconds,
-                                            num_inference_steps=profile.seed_ddim_steps, seed=1,
-                                            scheduler=common_pb2.SCHEDULER_DDIM)
-            results["seed_audio"] = {"steps": profile.seed_ddim_steps, "scheduler": "ddim",
-                                     "clip_s": await measure.audio_clip(stub, measure.CAPTIONS[0], ddim)}
-        if "orchestrator" in opened:
+        if "orchestrator" in opened and may("e2e"):
             stub = orchestrator_pb2_grpc.OrchestratorStub(opened["orchestrator"])
             decoding = common_pb2.DecodingSettings(max_new_tokens=profile.vlm_tokens)
             audio = common_pb2.AudioSettings(duration_seconds=profile.clip_seconds,
                                              num_inference_steps=profile.dpm_steps, seed=1)
             results["e2e"] = await measure.e2e_image(stub, image, decoding, audio, profile.max_clips)
-            results["throughput"] = await measure.e2e_throughput(stub, image, decoding, audio, profile.max_clips,
-                                                                 profile.clients, profile.images_per_client)
+            if may("throughput"):
+                results["throughput"] = await measure.e2e_throughput(stub, image, decoding, audio, profile.max_clips,
+                                                                     profile.clients, profile.images_per_client)
+        # The seed-style baseline last: a comparison, not a measurement of this design.
+        if "vlm" in opened and may("vlm seed sampling"):
+            stub = vision_pb2_grpc.VisionServiceStub(opened["vlm"])
+            seed = common_pb2.DecodingSettings(max_new_tokens=profile.vlm_tokens, temperature=SEED_TEMPERATURE,
+                                               top_p=SEED_TOP_P, seed=1)
+            results["vlm_seed_sampling"] = await measure.vlm_once(stub, image, seed)
+        if "audio" in opened and may("seed ddim clip"):
+            stub = audio_pb2_grpc.AudioServiceStub(opened["audio"])
+            ddim = common_pb2.AudioSettings(duration_seconds=profile.clip_seconds,
+                                            num_inference_steps=profile.seed_ddim_steps, seed=1,
+                                            scheduler=common_pb2.SCHEDULER_DDIM)
+            results["seed_audio"] = {"steps": profile.seed_ddim_steps, "scheduler": "ddim",
+                                     "clip_s": await measure.audio_clip(stub, measure.CAPTIONS[0], ddim)}
     finally:
         for channel in opened.values():
             await channel.close()
@@ -218,19 +237,26 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     env = environment(device)
     built = materialise(args, device, need_vlm, need_audio)
-    vlm_args, audio_args = shlex.split(args.vlm_args), default_audio_args(args.tiny) + shlex.split(args.audio_args)
+    time_left = ((lambda: started + args.deadline_s - time.perf_counter()) if args.deadline_s
+                 else (lambda: float("inf")))
+    # Without --vlm-model the VLM service builds its random weights on its device (bench/checkpoints.py).
+    random_vlm = [] if args.vlm_model else ["--random-weights"]
+    vlm_args = random_vlm + shlex.split(args.vlm_args)
+    audio_args = default_audio_args(args.tiny) + shlex.split(args.audio_args)
     # Tiny runs share a few CPU cores with other work: with one intra-op thread per service, two OpenMP
     # teams per process don't spin against each other (a 1 s tiny clip took 0.3 s or 13 s at random).
     extra_env = {"OMP_NUM_THREADS": "1"} if args.tiny else {}
     services = BenchServices(vlm_model=built["vlm"], audio_model=built["audio"], device=device,
-                             vlm_args=vlm_args, audio_args=audio_args, start_timeout_seconds=1500,
+                             vlm_args=vlm_args, audio_args=audio_args,
+                             start_timeout_seconds=max(60.0, min(1500.0, time_left())),
                              extra_env=extra_env)
     try:
         started_services = services.start_services(vlm=need_vlm, audio=need_audio, orchestrator=args.what == "all")
         pids = {name: s.child.process.pid for name, s in started_services.items()}
+        serving_paths = services.serving_paths()
         with GpuMemorySampler(pids) as memory:
             results = asyncio.run(measure_all(args, profile, {n: s.address for n, s in started_services.items()},
-                                              test_image(profile.image_size)))
+                                              test_image(profile.image_size), time_left))
         startup = {name: {"port_s": s.port_seconds, "serving_s": s.serving_seconds}
                    for name, s in started_services.items()}
         if "audio" in startup:
@@ -238,20 +264,31 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         codes = services.stop()
     engine_vs_generate = None
-    if need_vlm and args.engine_compare:  # after the services stop: the same model, in this process
+    eager = None
+    if need_vlm and time_left() > 0:  # after the services stop: the same model in this process, step eager
+        from bench import engine_compare
+
+        eager = engine_compare.eager_step(built["vlm"], device, test_image(profile.image_size), profile.vlm_tokens,
+                                          random_weights=not args.vlm_model)
+    elif need_vlm:
+        results["skipped"].append("vlm eager step")
+    if need_vlm and args.engine_compare and time_left() > 0:  # after the services stop: the same model, here
         from bench import engine_compare
 
         engine_vs_generate = engine_compare.compare(built["vlm"], device, test_image(profile.image_size),
-                                                    profile.vlm_tokens, threads=1 if args.tiny else None)
+                                                    profile.vlm_tokens, threads=1 if args.tiny else None,
+                                                    random_weights=not args.vlm_model)
     out = {
         "label": args.label, "mode": "tiny" if args.tiny else "full", "what": args.what,
         "environment": env, "profile": asdict(profile),
         "one_gpu_for_both": bool(need_vlm and need_audio and device.startswith("cuda")),
         "service_args": {"vlm": vlm_args, "audio": audio_args},
-        "checkpoints": built, "startup": startup,
+        "checkpoints": built, "startup": startup, "serving_paths": serving_paths,
         **results,
         "vlm_engine_vs_generate": engine_vs_generate,
-        "seed_baseline": seed_baseline(profile, results) if args.what == "all" else None,
+        "vlm_eager_step": eager,
+        "seed_baseline": seed_baseline(profile, results) if args.what == "all" and results["seed_audio"]
+        and results["vlm_seed_sampling"] else None,
         "peak_gpu_memory_mib": {"per_service": memory.peak_mib, "whole_gpu": memory.peak_gpu_mib,
                                 "source": "nvidia-smi" if memory.available else None},
         "exit_codes": codes,

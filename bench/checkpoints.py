@@ -1,8 +1,10 @@
 """Checkpoints for the benchmark: the tiny ones, or the full-size architectures with random weights.
 
-Full size: the real configs (bench/model_configs/) built with random weights on the benchmark's device
-and written with `save_pretrained`, so the services load them through the same `from_pretrained` path
-as the real checkpoints (same compute and memory; nothing learned). The tokenizers are the tiny
+Full size: the VLM as a skeleton (the real config from bench/model_configs/, tokenizer and processor, no
+weights): the VLM service builds random weights on its own device (`--random-weights`: meta-device
+construction, then initialisation on the device), so no 16 GB are written and read back. The audio
+pipeline (2.2 GB) is still built with random weights on the device and written with `save_pretrained`,
+loaded through the real `from_pretrained` path (same compute and memory as the real checkpoints). The tokenizers are the tiny
 builders' locally trained ones: they put Qwen's special tokens at the real ids, and every id they make
 is inside the real vocabularies. Written once into a cache folder and reused (a `.complete` marker);
 the time it takes is reported apart from the services' start-up.
@@ -25,7 +27,7 @@ MARKER = ".complete"
 def in_subprocess(kind: str, cache: Path, name: str, device: str) -> tuple[Path, float]:
     """Builds a full-size checkpoint in a child process, so the bench process never holds GPU memory
     (its own CUDA context or a 16 GB model's leftovers) while it measures the services."""
-    path = cache / (f"random-qwen2.5-vl-{name}" if kind == "vlm" else f"random-audioldm2-{name}")
+    path = cache / (f"random-qwen2.5-vl-{name}-skeleton" if kind == "vlm" else f"random-audioldm2-{name}")
     if _done(path):
         return path, 0.0  # built by an earlier run
     subprocess.run([sys.executable, "-m", "bench.checkpoints", kind, str(cache), name, device], check=True)
@@ -64,29 +66,23 @@ def tiny_audio(cache: Path) -> tuple[Path, float]:
     return path, _finish(path, started)
 
 
-def full_vlm(cache: Path, size: str, device: str) -> tuple[Path, float]:
-    """Qwen2.5-VL-{7B,3B} with random bf16 weights (about 16.6 / 7.5 GB on disk)."""
-    import torch
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def vlm_skeleton(cache: Path, size: str) -> tuple[Path, float]:
+    """Qwen2.5-VL-{7B,3B}'s config, tokenizer and processor files without weights (seconds, a few MB): the
+    VLM service builds the weights itself on its device (``--random-weights``): nothing written or read."""
+    from transformers import Qwen2_5_VLConfig
 
     from tiny_models.vlm import QWEN_VL_GENERATION_CONFIG, build_tiny_vlm
 
-    path = cache / f"random-qwen2.5-vl-{size}"
+    path = cache / f"random-qwen2.5-vl-{size}-skeleton"
     if _done(path):
         return path, 0.0
     started = time.perf_counter()
     if path.exists():
         shutil.rmtree(path)
-    build_tiny_vlm(path)  # tokenizer, chat template, processor files; its weights are replaced below
+    build_tiny_vlm(path)  # tokenizer, chat template, processor files; its weights and config are replaced
     for f in list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json")):
         f.unlink()
-    config = Qwen2_5_VLConfig(**json.loads((CONFIGS / VLM_CONFIGS[size]).read_text()))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(**QWEN_VL_GENERATION_CONFIG)
-    model.save_pretrained(path, max_shard_size="5GB")
-    del model
+    Qwen2_5_VLConfig(**json.loads((CONFIGS / VLM_CONFIGS[size]).read_text())).save_pretrained(path)
     (path / "generation_config.json").write_text(json.dumps(QWEN_VL_GENERATION_CONFIG, indent=2) + "\n")
     # The real image-size bounds (one visual token per 28x28 pixels), not the tiny ones.
     pre = json.loads((path / "preprocessor_config.json").read_text())
@@ -153,5 +149,5 @@ def full_audio(cache: Path, variant: str, device: str) -> tuple[Path, float]:
 
 if __name__ == "__main__":  # python -m bench.checkpoints vlm|audio CACHE SIZE_OR_VARIANT DEVICE
     _kind, _cache, _name, _device = sys.argv[1:5]
-    build = full_vlm if _kind == "vlm" else full_audio
-    print(build(Path(_cache), _name, _device))
+    build = vlm_skeleton if _kind == "vlm" else full_audio
+    print(build(Path(_cache), _name) if _kind == "vlm" else build(Path(_cache), _name, _device))

@@ -52,12 +52,11 @@ def _decode(backend: Any, image: Any, tokens: int, clients: int = 1) -> list[dic
     return out
 
 
-def _engine(model: str, device: str, image: Any, tokens: int) -> dict:
-    from vlm_service.config import VlmConfig
-    from vlm_service.server import engine_options
+def _engine(model: str, device: str, image: Any, tokens: int, random_weights: bool = False) -> dict:
+    from vlm_service.config import VlmConfig, engine_options
     from vlm_service.transformers_backend import TransformersVisionBackend
 
-    b = TransformersVisionBackend(model, device=device, engine=engine_options(VlmConfig()))
+    b = TransformersVisionBackend(model, device=device, engine=engine_options(VlmConfig()), random_weights=random_weights)
     b.load()
     b.warmup()
     try:
@@ -78,12 +77,31 @@ def _engine(model: str, device: str, image: Any, tokens: int) -> dict:
         b.close()
 
 
-def _generate(model: str, device: str, image: Any, tokens: int) -> dict:
+def eager_step(model: str, device: str, image_png: bytes, tokens: int, random_weights: bool = False) -> dict:
+    """The engine with its decode step eager (``--engine-capture none``), one request: ms per output token,
+    against which the captured step's number (the service's) reads. Public APIs only."""
+    from PIL import Image
+
+    from vlm_service.config import VlmConfig, engine_options
+    from vlm_service.transformers_backend import TransformersVisionBackend
+
+    b = TransformersVisionBackend(model, device=device, engine=engine_options(VlmConfig(engine_capture="none")),
+                                  random_weights=random_weights)
+    b.load()
+    b.warmup()
+    try:
+        one = _decode(b, Image.open(io.BytesIO(image_png)).convert("RGB"), tokens)[0]
+        return {"ms_per_token": one["ms_per_token"], "output_tokens": one["output_tokens"], "path": b.serving_path}
+    finally:
+        b.close()
+
+
+def _generate(model: str, device: str, image: Any, tokens: int, random_weights: bool = False) -> dict:
     """generate(): ms per token; host work per step = (call - prefill - forwards) / steps, and its ops and
     reads per step with the model's forward left out (counted over one whole call, divided by its steps)."""
     from vlm_service.transformers_backend import TransformersVisionBackend
 
-    b = TransformersVisionBackend(model, device=device, engine=None)
+    b = TransformersVisionBackend(model, device=device, engine=None, random_weights=random_weights)
     b.load()
     b.warmup()
     try:
@@ -139,7 +157,10 @@ def _decode_inline(backend: Any, inputs: dict, tokens: int) -> int:
     return len(got)
 
 
-def compare(model: str, device: str, image_png: bytes, tokens: int, threads: int | None = None) -> dict:
+def compare(model: str, device: str, image_png: bytes, tokens: int, threads: int | None = None,
+            random_weights: bool = False) -> dict:
+    """``random_weights``: the model's architecture with random weights made on the device (a skeleton
+    checkpoint, as the bench's VLM service gets it)."""
     import torch
     from PIL import Image
 
@@ -147,4 +168,5 @@ def compare(model: str, device: str, image_png: bytes, tokens: int, threads: int
         torch.set_num_threads(threads)
     image = Image.open(io.BytesIO(image_png)).convert("RGB")
     return {"threads": torch.get_num_threads(), "tokens": tokens,
-            "engine": _engine(model, device, image, tokens), "generate": _generate(model, device, image, tokens)}
+            "engine": _engine(model, device, image, tokens, random_weights),
+            "generate": _generate(model, device, image, tokens, random_weights)}

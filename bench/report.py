@@ -13,6 +13,10 @@ def rows(out: dict) -> list[tuple[str, str]]:
     r.append(("run", f"{out['mode']} {out['what']} {out['label']}".strip() + f" on {where}"))
     if out["one_gpu_for_both"]:
         r.append(("note", "both models on ONE GPU (the design puts each on its own): contention in e2e numbers"))
+    paths = out.get("serving_paths") or {}
+    for name, said in paths.items():  # a row says cuda-graph only where the service's health said so
+        reason = f" ({said['%s-path-reason' % name]})" if f"{name}-path-reason" in said else ""
+        r.append((f"{name} serving path (self-checked at start-up)", said.get(f"{name}-path", "unknown") + reason))
     vlm = out.get("vlm")
     if vlm:
         r.append(("VLM prefill / ms per output token", f"{_s(vlm['prefill_s'])} ({_s(vlm['prompt_tokens'], '', 0)} prompt tokens)"
@@ -22,6 +26,9 @@ def rows(out: dict) -> list[tuple[str, str]]:
         r.append((f"VLM {c['clients']} concurrent: images/min, ms/token, first source",
                   f"{_s(c['images_per_minute'], '', 1)}, {_s(c['ms_per_token'], ' ms', 1)}, "
                   f"{_s(c['time_to_first_source_s'])}"))
+    eager = out.get("vlm_eager_step")
+    if eager:
+        r.append(("VLM eager step, 1 request (in process): ms/token", _s(eager["ms_per_token"], " ms", 1)))
     cmp = out.get("vlm_engine_vs_generate")
     if cmp:
         for name in ("engine", "generate"):
@@ -64,6 +71,8 @@ def rows(out: dict) -> list[tuple[str, str]]:
         r.append(("peak GPU memory", "- (no nvidia-smi: CPU run)"))
     built = out["checkpoints"]
     r.append(("checkpoint build (not in start-up)", f"vlm {_s(built['vlm_build_s'])}, audio {_s(built['audio_build_s'])}"))
+    if out.get("skipped"):
+        r.append(("skipped at the deadline", ", ".join(out["skipped"])))
     r.append(("bench wall time", _s(out["bench_seconds"])))
     return r
 

@@ -13,15 +13,16 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from i2s_cli.embedded import EmbeddedServices, ServiceFailed, _Child
+from i2s_cli.embedded import EmbeddedServices, ServiceFailed
 from serving import channels
 from serving.health import wait_serving
 
 
 @dataclass
 class Started:
-    child: _Child
+    child: Any  # the spawned service (EmbeddedServices' child: name, process, log_tail())
     address: str
     spawned_at: float
     port_seconds: float = 0.0  # spawn -> port file (process up, gRPC listening, NOT_SERVING)
@@ -79,7 +80,7 @@ class BenchServices(EmbeddedServices):
             finally:
                 await channel.close()
 
-        async def exited(child: _Child) -> None:
+        async def exited(child: Any) -> None:
             while child.process.poll() is None:
                 await asyncio.sleep(0.2)
             raise ServiceFailed(f"{child.name} exited with {child.process.returncode}:\n{child.log_tail()}")
@@ -97,6 +98,27 @@ class BenchServices(EmbeddedServices):
             for task in watchers:
                 task.cancel()
             waiters.cancel()
+
+    def serving_paths(self) -> dict[str, dict[str, str]]:
+        """What each model service's health answer says serves it (serving.fast_path: the path after its
+        self-check, and why it is not the fast one, if it is not): the bench labels rows by this only."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        async def one(item: Started) -> dict[str, str]:
+            channel = channels.aio_channel(item.address)
+            try:
+                call = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
+                await call
+                return {k.removeprefix("i2s-"): v for k, v in (await call.initial_metadata() or ())
+                        if k.startswith("i2s-")}
+            finally:
+                await channel.close()
+
+        async def every() -> dict[str, dict[str, str]]:
+            names = [n for n in self.started if n != "orchestrator"]
+            return dict(zip(names, await asyncio.gather(*(one(self.started[n]) for n in names))))
+
+        return asyncio.run(every())
 
     def log_text(self, name: str) -> str:
         try:

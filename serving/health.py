@@ -9,6 +9,32 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 
+# What a health answer says besides the status (serving.fast_path: which path serves each model), sent as
+# initial metadata "i2s-<key>" on Check and Watch, and in the SERVING log line. One process, one service.
+DETAILS: dict[str, str] = {}
+
+
+def set_detail(key: str, value: str) -> None:
+    DETAILS[key] = value
+
+
+def clear_detail(key: str) -> None:
+    DETAILS.pop(key, None)
+
+
+def _one_line(value: str) -> str:
+    """Printable ASCII on one line: what a gRPC metadata value may hold (an exception's text may not)."""
+    return " ".join(value.encode("ascii", "replace").decode().split())
+
+
+def details_metadata() -> tuple[tuple[str, str], ...]:
+    return tuple((f"i2s-{key}", _one_line(value)) for key, value in sorted(DETAILS.items()))
+
+
+def details_text() -> str:
+    return ", ".join(f"{key}={_one_line(value)}" for key, value in sorted(DETAILS.items()))
+
+
 class HealthServicer(health.aio.HealthServicer):
     """The library's asyncio health servicer with a Watch that survives other watchers leaving.
 
@@ -23,10 +49,17 @@ class HealthServicer(health.aio.HealthServicer):
 
     watching = 0  # Watch streams open now (clients checking health: they need a moment to hear of a drain)
 
+    async def Check(self, request: health_pb2.HealthCheckRequest, context):
+        if DETAILS:
+            await context.send_initial_metadata(details_metadata())
+        return await super().Check(request, context)
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
         condition = self._server_watchers[request.service]
         last_status = None
         self.watching += 1
+        if DETAILS:
+            await context.send_initial_metadata(details_metadata())
         try:
             async with condition:
                 while True:

@@ -49,6 +49,28 @@ VLM_TOKENS = Counter("i2s_vlm_tokens_total", "VLM tokens of finished description
                      ["kind"])
 
 
+
+class _FastPath:
+    """i2s_fast_path{service, path}: 1 for the path that serves (serving.fast_path.report)."""
+
+    def __init__(self) -> None:
+        self.gauge = Gauge("i2s_fast_path", "The path that serves a model, after its self-check at start-up "
+                           "(1; e.g. vlm cuda-graph, compile or eager; audio compiled or eager)", ["service", "path"])
+        self._paths: dict[str, set[str]] = {}
+
+    def labels(self, *, service: str, path: str):
+        self._paths.setdefault(service, set()).add(path)
+        return self.gauge.labels(service=service, path=path)
+
+    def clear_service(self, service: str) -> None:
+        for path in self._paths.pop(service, set()):
+            self.gauge.remove(service, path)
+
+
+FAST_PATH = _FastPath()
+NONFINITE_AUDIO = Counter("i2s_audio_nonfinite_clips_total",
+                          "Audio clips failed because the model produced NaN or infinite samples")
+
 class GpuMemoryCollector:
     """i2s_gpu_memory_bytes{device, kind}: torch's allocated and reserved CUDA memory, read at scrape time.
     Only when the process already uses torch with CUDA (nothing is imported for it); else no samples."""

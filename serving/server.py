@@ -20,7 +20,7 @@ from serving import metrics
 from serving.channels import MiB, channel_options
 from serving.atomic_files import write_text_atomic
 from serving.config import setting
-from serving.health import HealthServicer
+from serving.health import HealthServicer, details_text
 from serving.interceptors import standard_interceptors
 from serving import security, tracing
 
@@ -196,7 +196,8 @@ async def run_until_signal(
         if readying in done:
             readying.result()  # a failed load ends the process with its error
             await server.set_serving(True)
-            log.info("SERVING on %s", server.address)
+            details = details_text()  # e.g. which path serves the model (serving.fast_path)
+            log.info("SERVING on %s%s", server.address, f" ({details})" if details else "")
             await waiter
         log.info("shutting down")
     finally:

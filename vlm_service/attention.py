@@ -106,3 +106,24 @@ def use_row_cache_attention(model, kind: str = "gqa") -> None:
     AttentionInterface.register(NAME, row_cache_gqa_attention)
     model.config.text_config._attn_implementation = name
     model.model.language_model.config._attn_implementation = name
+
+
+SDPA_BACKENDS = ("flash-efficient", "any", "math")
+
+
+def choose_sdpa_backends(choice: str) -> None:
+    """Which kernels torch's scaled_dot_product_attention may pick, process-wide (prefill, the vision tower,
+    the "gqa" step). "flash-efficient": FlashAttention and memory-efficient, not cuDNN (on Hopper torch may
+    route to cuDNN, which builds a plan per new prompt length and has had intermittent failures with
+    masks; the default until a GPU run measures it); "any": torch's own choice, cuDNN included; "math":
+    the unfused reference. The math kernel stays allowed in every choice: it is what runs where no fused
+    kernel fits (CPU, odd shapes)."""
+    import torch
+
+    if choice not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa backend must be one of {SDPA_BACKENDS}, got {choice!r}")
+    fused = choice != "math"
+    torch.backends.cuda.enable_cudnn_sdp(choice == "any")
+    torch.backends.cuda.enable_flash_sdp(fused)
+    torch.backends.cuda.enable_mem_efficient_sdp(fused)
+    torch.backends.cuda.enable_math_sdp(True)

@@ -96,6 +96,10 @@ class VisionBackend(ABC):
         if self.model_revision is None:
             return None
         return {"model_id": self.model_id, "revision": self.model_revision, "prompt_version": self.prompt_version}
+    # Which path serves, once warm (serving.fast_path.report; the engine's: its decode step), and why it is
+    # not the one asked for, if it is not.
+    serving_path: str = "remote"
+    serving_path_reason: str | None = None
 
     @abstractmethod
     def load(self) -> None:

@@ -59,6 +59,13 @@ class VlmConfig:
     engine_max_len: int = setting(3072, "KV slots per request (prompt + output); the step also runs at half of it")
     engine_token_buckets: tuple[int, ...] = setting((1, 8), "new tokens per row in one step (comma list, starts at 1)",
                                                     check=_starts_at_one)
+    sdpa_backend: str = setting("flash-efficient", "kernels torch's SDPA may use on CUDA: flash-efficient (no cuDNN: "
+                                "it plans per prompt length), any (torch's choice, cuDNN included), math",
+                                choices=["flash-efficient", "any", "math"])
+    self_check: bool = setting(False, "check the captured decode step against the eager one before SERVING also "
+                               "off CUDA (on CUDA it always runs); a mismatch serves the eager step")
+    random_weights: bool = setting(False, "benchmarks only: --model's architecture with random weights made on the "
+                                   "device (its weight files are not read)")
     image_limits: ImageLimits = ImageLimits()
     priority: PriorityOptions = PriorityOptions()
     engine_interactive_rows: int = setting(1, "decode rows batch work leaves free for interactive requests that "
@@ -81,7 +88,7 @@ def engine_options(config: VlmConfig) -> EngineOptions | None:
         length_buckets=tuple(sorted({config.engine_max_len // 2, config.engine_max_len})),
         capture=config.engine_capture, jump_forward=config.engine_jump_forward,
         prefix_cache=config.engine_prefix_cache, attention=config.engine_attention,
-        prefill_chunk=config.engine_prefill_chunk)
+        prefill_chunk=config.engine_prefill_chunk, self_check=config.self_check)
 
 
 def parse_args(argv: list[str] | None = None) -> VlmConfig:

@@ -1,4 +1,5 @@
-"""Decoding helpers: the incremental JSON stream parser, grammar constraint and seeded sampling.
+"""Decoding helpers: the incremental JSON stream parser and the grammar constraint (sampling:
+:mod:`vlm_service.sampling`).
 
 The stream parser is pure Python (no torch), so any backend (in-process or a Triton client) can use it.
 The xgrammar / torch parts import their dependencies lazily.
@@ -355,71 +356,6 @@ class GrammarLogitsProcessor:
                 scores, mask, vocab_size=self._vocab_size, backend="torch_native"
             )
         return scores
-
-
-class SeededSamplingLogitsProcessor:
-    """Temperature + nucleus sampling with its own ``torch.Generator`` (no global RNG, so a seed gives the
-    same output whatever else runs). It samples one token and leaves only that token finite, so run
-    ``generate`` greedily (``do_sample=False``) with this as the last logits processor."""
-
-    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.seed = int(seed)
-        self._generator = None
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        if scores.shape[0] != 1:
-            raise ValueError("SeededSamplingLogitsProcessor supports batch size 1")
-        if self._generator is None or self._generator.device != scores.device:
-            self._generator = torch.Generator(device=scores.device)
-            self._generator.manual_seed(self.seed)
-        # Work on the tokens the grammar left open only (a few hundred of ~152k): cheap sort for top-p.
-        candidates = torch.nonzero(torch.isfinite(scores[0]), as_tuple=True)[0]
-        if candidates.numel() == 0:
-            return scores
-        logits = scores[0, candidates].float() / self.temperature
-        probs = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            remove = (cumulative - sorted_probs) >= self.top_p  # keeps at least the top token
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(remove, 0.0))
-        chosen = candidates[torch.multinomial(probs, num_samples=1, generator=self._generator)]
-        out = torch.full_like(scores, float("-inf"))
-        out[0, chosen] = 0.0
-        return out
-
-
-class DeviceSampler:
-    """Temperature + nucleus sampling of one row on its device without reading anything back (the engine's
-    sampled rows): the exponential race (argmax of p / Exp(1) draws a token with probability p, as vLLM
-    samples), with its own seeded ``torch.Generator``, so a seed gives the same tokens whatever else is in
-    the batch. It draws from another random stream than :class:`SeededSamplingLogitsProcessor` (the
-    reference path's), so the same seed gives different samples on the two paths."""
-
-    def __init__(self, temperature: float, top_p: float, seed: int) -> None:
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.seed = int(seed)
-        self._generator = None
-
-    def __call__(self, scores):
-        """``scores [1, V]`` (masked entries -inf) -> the chosen token id as a 0-d device tensor."""
-        import torch
-
-        if self._generator is None or self._generator.device != scores.device:
-            self._generator = torch.Generator(device=scores.device)
-            self._generator.manual_seed(self.seed)
-        probs = torch.softmax(scores[0].float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            remove = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= self.top_p  # keeps the top token
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(remove, 0.0))
-        race = torch.empty_like(probs).exponential_(generator=self._generator).clamp_min_(1e-30)  # never 0/0
-        return (probs / race).argmax()
 
 
 class StopCriterion:

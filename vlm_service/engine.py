@@ -22,7 +22,8 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
   engine's grammar thread *while the forward runs* (xgrammar releases the GIL, so this overlaps on CPU
   too, where the forward itself is synchronous); then, on the device, the repetition penalty (over each
   row's token history, fed from the step's own inputs), the mask, the argmax or a sampled row's draw
-  (:class:`~vlm_service.decoding.DeviceSampler`); one host read of the chosen tokens per step.
+  (:func:`~vlm_service.sampling.sample_rows`: every sampled row of the step at once); one host read of the
+  chosen tokens per step.
 - **Jump-forward.** Where the grammar forces the continuation, tokens are appended without a model step
   each: they ride along in the row's next forward (``T > 1``). "exact" appends a token only when the grammar
   allows exactly one, so the output is token for token what ``generate()`` gives; "retokenize" takes
@@ -75,6 +76,7 @@ class EngineOptions:
     #                         (vlm_service.attention) | model: the model's own (repeats K/V)
     prefill_chunk: int = 0  # prompt tokens prefilled per step while others decode (0: the whole prompt at once)
     compile_backend: str | None = None  # torch.compile backend (None: inductor); tests use "eager" on CPU
+    self_check: bool = False  # compare the captured step with the eager one at warm-up also off CUDA
 
     def __post_init__(self) -> None:
         for name in ("batch_buckets", "token_buckets", "length_buckets"):
@@ -205,6 +207,7 @@ class DecodeEngine:
         self._offsets = np.arange(t_max)
         self.bitmask = xgr.allocate_token_bitmask(options.max_batch, vocab_size)
         self.device_bitmask = None
+        self.mask_backend = "auto"  # xgrammar's own kernel; warm() may choose "torch_native"
         if self.device.type == "cuda":
             self.bitmask = self.bitmask.pin_memory()
             self.device_bitmask = torch.empty_like(self.bitmask, device=self.device)
@@ -218,6 +221,7 @@ class DecodeEngine:
         self.prefix_ids = list(prefix_ids) if options.prefix_cache else []
         self._prefix_kv: list[tuple[Any, Any]] | None = None
         self.model_steps = 0  # forwards run (prefills and prefill chunks included), for stats
+        self.path_reason: str | None = None  # why the step is not the fast path asked for, if it is not
         self.peak_rows = 0  # most rows decoded in one step
         self.times = StepTimes()
 
@@ -263,7 +267,7 @@ class DecodeEngine:
         import torch
         import xgrammar as xgr
 
-        from vlm_service.decoding import DeviceSampler
+        from vlm_service.sampling import RowSampler
 
         req, model, opts = row.req, self.model, self.options
         inputs = {k: v.to(self.device) for k, v in req.inputs.items()}
@@ -286,7 +290,7 @@ class DecodeEngine:
         row.matcher = xgr.GrammarMatcher(req.grammar if req.grammar is not None else self.grammar)
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
-            row.sampler = DeviceSampler(req.temperature, req.top_p, seed)
+            row.sampler = RowSampler(req.temperature, req.top_p, seed)
         self.history[row.slot].fill_(ids[0, 0])
         self.history[row.slot, :total] = ids[0]
         decoding = any(r is not None and r.prompt is None and r.finished is None for r in self.rows)
@@ -383,6 +387,7 @@ class DecodeEngine:
 
         # Step inputs, through numpy views of the staging buffer (no tensor op): rows without a token this
         # step (free, finished or still prefilling) write into their row's last slots, which no row reaches.
+        inp.wait_staged()  # the last step's copy has read the buffer (no-op on CPU)
         inp.host_tokens[:batch, :width] = self.pad_id
         inp.host_history_at[:batch, :width] = self._spare[:width]
         inp.host_base[:batch] = opts.max_len - width
@@ -452,8 +457,8 @@ class DecodeEngine:
             mask.copy_(self.bitmask[:rows], non_blocking=True)
             self._apply_mask(scores, mask)
             drawn = scores.argmax(dim=-1)
-            for i, row in sampled:  # their own seeded sampler, on the device
-                drawn[i] = row.sampler(scores[i : i + 1])
+            if sampled:
+                self._draw(scores, sampled, drawn)
             chosen = drawn.tolist()  # the step's one read from the device
         for i, row in picks:
             self._append(row, [chosen[i]])
@@ -475,19 +480,22 @@ class DecodeEngine:
             chosen[greedy] = masked_argmax(host, self._mask_words, greedy, self.vocab_size)
         if sampled:
             self._apply_mask(scores, self.bitmask[: scores.shape[0]], [i for i, _ in sampled])
-            drawn = torch.from_numpy(chosen)
-            for i, row in sampled:
-                drawn[i] = row.sampler(scores[i : i + 1])
+            self._draw(scores, sampled, torch.from_numpy(chosen))
         return chosen.tolist()
+
+    @staticmethod
+    def _draw(scores, sampled: list[tuple[int, _Row]], into) -> None:
+        """The sampled rows' tokens into ``into`` (at their rows of ``scores``), all rows in one sampler call."""
+        from vlm_service.sampling import sample_rows
+
+        rows = [i for i, _ in sampled]
+        into[rows] = sample_rows(scores[rows], [row.sampler for _, row in sampled])
 
     def _apply_mask(self, scores, mask, indices: list[int] | None = None) -> None:
         import xgrammar as xgr
 
-        try:
-            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices)
-        except (ImportError, RuntimeError):  # e.g. no Triton on this CUDA host
-            xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices,
-                                            backend="torch_native")
+        xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices,
+                                        backend=self.mask_backend)
 
     def _append(self, row: _Row, tokens: list[int]) -> None:
         """Accept tokens into the row's grammar, hand them to the request; decide whether it ends. Tokens
@@ -583,7 +591,31 @@ class DecodeEngine:
 
         self.compute_prefix()
         shapes = self.runner.warm()
-        self.bitmask.fill_(-1)
+        self.path_reason = self.runner.capture_error
+        if self.device.type == "cuda" or self.options.self_check:  # a fast path proves itself where it runs
+            problem = self.runner.self_check()
+            if problem is not None:
+                self.path_reason = f"self-check of the {self.runner.path} step failed: {problem}"
+                log.error("%s; serving the eager step", self.path_reason)
+                self.runner.fall_back_to_eager()
+                self.runner.warm()
+        try:  # xgrammar's own kernel (Triton on CUDA), chosen once here: any failure -> the plain torch path
+            self._warm_mask()
+        except Exception as exc:  # noqa: BLE001 - e.g. no Triton, a compiler error: the plain path is correct
+            log.warning("grammar-mask kernel failed at warm-up (%s: %s); using xgrammar's torch_native path",
+                        type(exc).__name__, exc)
+            self.mask_backend = "torch_native"
+            self._warm_mask()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return shapes
+
+    def _warm_mask(self) -> None:
+        """The grammar-mask kernel at every row count a step applies it to (checked on a known mask)."""
+        import torch
+
+        self.bitmask.fill_(0)
+        self.bitmask[:, 0] = 1  # only token 0 allowed
         for rows in sorted({1, *self.options.batch_buckets}):  # prefill applies it to 1 row, steps to a bucket
             scores = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=self.device)
             mask = self.bitmask[:rows]
@@ -591,6 +623,6 @@ class DecodeEngine:
                 mask = self.device_bitmask[:rows]
                 mask.copy_(self.bitmask[:rows])
             self._apply_mask(scores, mask)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return shapes
+            if not bool(torch.isinf(scores[:, 1:]).all()) or bool(torch.isinf(scores[:, 0]).any()):
+                raise RuntimeError(f"the mask kernel ({self.mask_backend}) masked {rows} rows wrongly")
+        self.bitmask.fill_(-1)

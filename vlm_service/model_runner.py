@@ -55,6 +55,10 @@ class StepInputs:
         self.device_tokens, self.device_history_at, self.device_base, self.device_delta, self.device_last = self._split(
             self.device_buffer)
         self._views: dict[tuple[int, int], tuple] = {}
+        # Recorded after each copy, waited on before the host buffer is written again: a step whose rows
+        # all choose nothing returns without a sync, and the next step's host writes could otherwise
+        # overwrite the buffer before the asynchronous copy has read it (holes in the KV cache).
+        self._staged = torch.cuda.Event() if on_cuda else None
 
     def _split(self, flat):
         b, t = self.max_batch, self.max_width
@@ -66,6 +70,12 @@ class StepInputs:
         """Send the filled host buffer to the device (one copy; asynchronous from pinned memory)."""
         if self.copy_needed:
             self.device_buffer.copy_(self.host, non_blocking=True)
+            self._staged.record()
+
+    def wait_staged(self) -> None:
+        """Block until the last :meth:`stage` copy has read the host buffer: call before writing it."""
+        if self._staged is not None:
+            self._staged.synchronize()
 
     def views(self, batch: int, width: int) -> tuple:
         """Device ``(tokens, history_at, base, delta, last)`` for a shape; the same tensors every time (captured
@@ -221,12 +231,12 @@ class ModelRunner:
                 self._setup_compile()
             self._warm_shapes()
         except Exception as exc:  # noqa: BLE001 - any capture failure: eager is always correct
-            if self.capture == "none":
+            if self.capture == "none" and not self.block_masks:
                 raise
             self.capture_error = f"{type(exc).__name__}: {exc}"
             log.warning("decode step capture (%s) failed at warm-up, running eager: %s", self.capture,
                         self.capture_error)
-            self.capture, self._compiled, self._graphs = "none", None, {}
+            self.fall_back_to_eager()
             self._warm_shapes()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -234,8 +244,60 @@ class ModelRunner:
                  time.perf_counter() - started)
         return len(self.shapes())
 
+    @property
+    def path(self) -> str:
+        """The decode step that serves: "cuda-graph", "compile" or "eager"."""
+        return "eager" if self.capture == "none" else self.capture
+
+    def self_check(self) -> str | None:
+        """Each captured or compiled step shape against the eager forward on the same staged inputs (every
+        row at its own length, its last token at its own place): None when all agree within
+        :func:`serving.fast_path.tolerance` of the model's dtype, else what differed (both logged). The
+        rows' contents are junk afterwards: call before any request is admitted."""
+        import torch
+
+        from serving.fast_path import compare, tolerance
+
+        if self.capture == "none":
+            return None
+        tol, inputs = tolerance(self.model.dtype), self.inputs
+        vocab = int(self.model.config.text_config.vocab_size)
+        for batch, width, span in self.shapes():
+            inputs.wait_staged()
+            rows, cols = self._rows[:batch].cpu().numpy()[:, None], self._slots[:width].cpu().numpy()[None, :]
+            inputs.host_tokens[:batch, :width] = (rows * 7919 + cols * 104729 + span) % vocab
+            inputs.host_base[:batch] = (rows[:, 0] * 97 + 13) % (span - width + 1)
+            inputs.host_delta[:batch] = rows[:, 0] % 3
+            inputs.host_last[:batch] = (width - 1 - rows[:, 0]) % width
+            try:
+                fast = self.decode(batch, width, span).float().clone()
+                tokens, _, base, delta, last = inputs.views(batch, width)
+                with torch.inference_mode():
+                    eager = self._forward(tokens, base, delta, last, batch=batch, width=width, span=span).float()
+            except Exception as exc:  # noqa: BLE001 - a fast path that fails is no fast path
+                return f"shape (batch {batch}, tokens {width}, span {span}) failed: {type(exc).__name__}: {exc}"
+            problem = compare(fast, eager, tol, rows_argmax=True)
+            if problem is not None:
+                log.error("self-check of the %s step at (batch %d, tokens %d, span %d): %s; %s argmax %s max %.4g, "
+                          "eager argmax %s max %.4g", self.capture, batch, width, span, problem, self.capture,
+                          fast.argmax(-1).tolist(), float(fast.abs().max()), eager.argmax(-1).tolist(),
+                          float(eager.abs().max()))
+                return f"shape (batch {batch}, tokens {width}, span {span}): {problem}"
+        return None
+
+    def fall_back_to_eager(self) -> None:
+        """The plain step from now on: no graphs, no compiled forward, and with attention=flex the plain "gqa"
+        attention registered again (the flex kernel is compiled on CUDA: the fallback must not call it)."""
+        self.capture, self._compiled, self._graphs = "none", None, {}
+        if self.block_masks:
+            from vlm_service.attention import use_row_cache_attention
+
+            use_row_cache_attention(self.model, "gqa")
+            self.block_masks = False
+
     def _warm_shapes(self) -> None:
         inputs = self.inputs
+        inputs.wait_staged()
         inputs.host_tokens[:] = 0
         inputs.host_base[:] = 0
         inputs.host_delta[:] = 0
@@ -263,6 +325,8 @@ class ModelRunner:
         graph = torch.cuda.CUDAGraph()
         if not hasattr(self, "_pool"):
             self._pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: a CUDA call from another thread during the capture (the grammar thread, an
+        # empty_cache in some error handling) fails there, instead of spoiling this capture.
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             static_out = self._forward(*args, batch=batch, width=width, span=span)
         self._graphs[(batch, width, span)] = (static_out, graph)

@@ -7,7 +7,7 @@ from typing import Sequence
 import grpc
 
 from image_to_sound.v1 import vision_pb2, vision_pb2_grpc
-from serving import metrics, request_log, tracing
+from serving import fast_path, metrics, request_log, tracing
 from serving.blocking import ModelWorker
 from serving.deadline import Deadline
 from serving.errors import DeadlineExceeded, NotReady
@@ -116,3 +116,4 @@ def make_server(
 def load_and_warm(backend: VisionBackend) -> None:
     backend.load()
     backend.warmup()
+    fast_path.report("vlm", backend.serving_path, backend.serving_path_reason)

@@ -53,12 +53,12 @@ from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
 from vlm_service.config import VlmConfig, engine_options
 from vlm_service.decoding import (
     GrammarLogitsProcessor,
-    SeededSamplingLogitsProcessor,
     StopCriterion,
     build_tokenizer_info,
     compile_schema,
 )
 from vlm_service.engine import EngineOptions, EngineRequest
+from vlm_service.sampling import SeededSamplingLogitsProcessor
 from vlm_service.messages import Delivery, Failed, Finished, Tokens
 from vlm_service.scheduler import Scheduler
 
@@ -93,6 +93,29 @@ def render_chatml(prompt: PromptTemplate) -> str:
         f"<|im_start|>user\n{user}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
+
+
+def random_model(path: str, dtype: Any, device: str, attn_implementation: str):
+    """Qwen2.5-VL of the config in ``path`` with random weights, built without touching the host's memory or
+    the disk (a full-size model for a GPU benchmark in seconds instead of writing and reading 16 GB): the
+    modules are constructed on the meta device, given storage on ``device``, then initialised there
+    (transformers' ``init_weights``: the usual random init, and the rotary buffers computed again)."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype,
+                                                                 attn_implementation=attn_implementation)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.init_weights()
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the model's defaults
+        pass
+    return model
 
 
 def _prompt_text(tokenizer: Any, prompt: PromptTemplate) -> str:
@@ -137,6 +160,9 @@ class TransformersVisionBackend(VisionBackend):
         repetition_penalty: applied in greedy and sampled decoding (1.0 disables it).
         engine: the decode engine's options; None decodes with ``generate()``, one request at a time.
         max_queue: requests waiting for the model (not yet decoding) before ``Overloaded``.
+        sdpa_backend: the SDPA kernels allowed on CUDA (:func:`vlm_service.attention.choose_sdpa_backends`).
+        random_weights: benchmarks only: the architecture of ``model``'s config.json with random weights made
+            on the device (:func:`random_model`); its weight files, if any, are not read.
     """
 
     def __init__(
@@ -152,6 +178,8 @@ class TransformersVisionBackend(VisionBackend):
         prompt_version: str = "v1",
         repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
         attn_implementation: str = "sdpa",
+        sdpa_backend: str = "flash-efficient",
+        random_weights: bool = False,
         engine: EngineOptions | None = None,
         max_queue: int = 16,
         batch_aging: int = 4,
@@ -177,6 +205,8 @@ class TransformersVisionBackend(VisionBackend):
         self._max_pixels = max_pixels
         self._repetition_penalty = float(repetition_penalty)
         self._attn_implementation = attn_implementation
+        self._sdpa_backend = sdpa_backend
+        self._random_weights = random_weights
         self._max_queue = max_queue
         self._batch_aging = batch_aging  # the scheduler's priority aging (serving.priority)
         self._interactive_rows = interactive_rows  # decode rows batch work leaves free
@@ -211,7 +241,8 @@ class TransformersVisionBackend(VisionBackend):
         """The backend the VLM service's settings describe (the service and the Triton model build it so)."""
         kwargs = dict(revision=config.revision, token=hf_token(), device=config.device, dtype=config.dtype,
                       prompt_version=config.prompt_version, max_queue=config.max_queue, engine=engine_options(config),
-                      batch_aging=config.priority.batch_aging, interactive_rows=config.engine_interactive_rows)
+                      batch_aging=config.priority.batch_aging, interactive_rows=config.engine_interactive_rows,
+                      sdpa_backend=config.sdpa_backend, random_weights=config.random_weights)
         if config.max_pixels:
             kwargs["max_pixels"] = config.max_pixels
         return cls(config.model, **kwargs)
@@ -239,6 +270,10 @@ class TransformersVisionBackend(VisionBackend):
         token = hf_token(self._token)
         device = self._device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch_dtype(self._dtype_arg, device, gpu_default="bfloat16")
+        if device.startswith("cuda"):
+            from vlm_service.attention import choose_sdpa_backends
+
+            choose_sdpa_backends(self._sdpa_backend)
         common = {"revision": self._revision, "token": token}
 
         tokenizer = AutoTokenizer.from_pretrained(self.model_id, **common)
@@ -248,9 +283,12 @@ class TransformersVisionBackend(VisionBackend):
         if self._max_pixels is not None:
             pixel_kwargs["max_pixels"] = self._max_pixels
         image_processor = _load_image_processor(self.model_id, self._revision, token, **pixel_kwargs)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            self.model_id, dtype=dtype, attn_implementation=self._attn_implementation, device_map=device, **common
-        )
+        if self._random_weights:
+            model = random_model(self.model_id, dtype, device, self._attn_implementation)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                self.model_id, dtype=dtype, attn_implementation=self._attn_implementation, device_map=device,
+                **common)
         model.eval()
 
         image_token_id = int(model.config.image_token_id)
@@ -327,6 +365,9 @@ class TransformersVisionBackend(VisionBackend):
         started = time.perf_counter()
         if self.engine is not None:
             self._on_model_thread(self.engine.warm)
+            self.serving_path, self.serving_path_reason = self.engine.runner.path, self.engine.path_reason
+        else:
+            self.serving_path = "generate"
         image = Image.new("RGB", _WARMUP_IMAGE_SIZE, (128, 128, 128))
         for _ in self.stream(image, DecodingOptions(max_new_tokens=8), quiet=True):
             pass

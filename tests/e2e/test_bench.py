@@ -17,19 +17,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 TOP_LEVEL = {"label", "mode", "what", "environment", "profile", "one_gpu_for_both", "service_args", "checkpoints",
              "startup", "vlm", "vlm_seed_sampling", "vlm_concurrent", "vlm_engine_vs_generate", "audio", "seed_audio", "e2e", "throughput", "seed_baseline",
-             "peak_gpu_memory_mib", "exit_codes", "bench_seconds"}
+             "peak_gpu_memory_mib", "exit_codes", "bench_seconds", "serving_paths", "skipped", "vlm_eager_step"}
 VLM = {"prompt_tokens", "output_tokens", "prefill_s", "ms_per_token", "time_to_first_source_s", "wall_s"}
 SEED = {"vlm_tokens", "temperature", "top_p", "vlm_s", "ddim_steps", "ddim_clip_s", "clips_per_image",
         "per_image_s", "ours_per_image_s", "ratio"}
 
 
-@pytest.mark.timeout(900)  # three services start, load and warm on 2 shared cores
+@pytest.mark.timeout(1200)  # three services start, load and warm on 2 shared cores
 def test_tiny_bench_writes_every_field_and_prints_the_table_last(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    # The device script itself (bench/device_run.sh), in tiny mode: the same code the GPU run executes.
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PY": sys.executable}
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--tiny", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+        ["bash", "bench/device_run.sh", "--tiny", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
          "--label", "ci", "--audio-args", "--max-wait-ms 50"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1150,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads((tmp_path / "out" / "bench.json").read_text())
@@ -69,6 +70,12 @@ def test_tiny_bench_writes_every_field_and_prints_the_table_last(tmp_path):
     assert out["startup"]["audio"]["warmed_shapes"] == 1 and out["startup"]["audio"]["load_s"] is not None
     assert out["peak_gpu_memory_mib"]["source"] is None  # no nvidia-smi on a CPU machine: said, not invented
 
+    # Each model service's path after its self-check, as its health answer said; no time ran out.
+    assert out["serving_paths"] == {"vlm": {"vlm-path": "eager"}, "audio": {"audio-path": "eager"}}
+    assert out["skipped"] == [] and out["vlm_eager_step"]["ms_per_token"] > 0
+
     lines = done.stdout.strip().splitlines()
+    assert lines[-1].startswith("[") and lines[-1].endswith(" s] done")  # the script's last phase line
+    lines = lines[:-1]
     assert lines[-1].startswith("JSON: ")
     assert lines[-2].startswith("| bench wall time |") and "| what | measured |" in lines

@@ -146,11 +146,15 @@ def test_compiled_path_is_warmed_on_every_bucket_and_batch_size_and_matches_plai
     build is too slow for CPU tests). T5 states are padded to the fixed length, masked."""
     # One batch size: each traced shape costs about a minute on CPU (the GPU warm-up covers all of them).
     compiled = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", compile="aot_eager", duration_buckets="1",
-                                     warmup_batch_sizes=(1,))
+                                     warmup_batch_sizes=(1,), self_check=True)
     compiled.load()
     try:
         compiled.warmup()
         assert compiled.warmed_shapes == [(1.0, 1)]
+        # The self-check (compiled UNet against eager, one step, same latents) passed: the compiled UNet serves.
+        assert compiled.serving_path == "compiled" and compiled.serving_path_reason is None
+        unguided = req(guidance_scale=1.0)  # half the UNet batch: warmed too, so it compiles nothing new
+        assert compiled.generate([unguided])[0].waveform.shape == (num_samples(1.0, SR),)
         prompt, _, negative = same_t5_length_pair(tiny_audio_backend)
         request = req(prompt, negative_prompt=negative)
         plain = req(prompt, negative_prompt=negative, duration_seconds=compiled.generation_samples(request) / SR)
@@ -214,3 +218,50 @@ async def test_every_model_call_runs_on_the_backends_one_thread(tiny_audio_dir):
     assert model_thread != threading.get_ident()
     assert set(threads) == {"load", "unet", "encode"}
     assert all(idents == {model_thread} for idents in threads.values()), threads
+
+
+def test_nan_audio_fails_its_clip_with_a_message_and_a_count_and_its_batch_mate_is_served(tiny_audio_backend):
+    """A clip whose samples come out NaN (float16 overflow on a GPU, here a hook on the vocoder) fails on its
+    own instead of going out as silence; the other clip of the batch is unchanged."""
+    from prometheus_client import REGISTRY
+
+    from audio_service.backend import AudioResult, NonFiniteAudio
+
+    before = REGISTRY.get_sample_value("i2s_audio_nonfinite_clips_total") or 0.0
+    requests = [req("A dog barks", seed=1), req("Waves break", seed=2)]
+    expected = tiny_audio_backend.generate(requests)[1].waveform
+
+    def poison_first_clip(module, inputs, output):
+        output[0] = float("nan")
+        return output
+
+    hook = tiny_audio_backend.pipeline.vocoder.register_forward_hook(poison_first_clip)
+    try:
+        results = tiny_audio_backend.generate(requests)
+    finally:
+        hook.remove()
+    assert isinstance(results[0], NonFiniteAudio) and "NaN or infinite" in str(results[0])
+    assert isinstance(results[1], AudioResult)
+    np.testing.assert_array_equal(results[1].waveform, expected)
+    assert REGISTRY.get_sample_value("i2s_audio_nonfinite_clips_total") == before + 1
+
+
+def test_a_compile_failing_at_warm_up_serves_the_eager_unet(tiny_audio_dir, monkeypatch, caplog):
+    from audio_service import diffusers_backend
+    from prometheus_client import REGISTRY
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("inductor failed (a forced failure)")
+
+    monkeypatch.setattr(diffusers_backend, "compile_options", lambda mode: {"backend": failing_backend})
+    backend = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", compile="default", duration_buckets="1",
+                                    self_check=True)
+    try:
+        with caplog.at_level("ERROR"):
+            load_and_warm(backend)
+        assert backend.serving_path == "eager" and "forced failure" in backend.serving_path_reason
+        assert any("serving the eager UNet" in r.getMessage() for r in caplog.records)
+        assert REGISTRY.get_sample_value("i2s_fast_path", {"service": "audio", "path": "eager"}) == 1.0
+        assert backend.generate([req()])[0].waveform.shape == (SR,)
+    finally:
+        backend.close()
