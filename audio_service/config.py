@@ -1,6 +1,7 @@
 """The audio service's configuration: one frozen dataclass; flags and I2S_AUDIO_* variables derive from it."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from serving.config import parse_config, setting
@@ -12,6 +13,15 @@ from serving.threads import ThreadOptions
 from serving.triton_client import TritonTls
 
 DEFAULT_PORT = 50052
+# The compile modes and the bucket check, written once: the flags and the backend (a public constructor) use them.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "aot_eager")
+
+
+def check_buckets(buckets) -> None:
+    """Duration buckets are positive, finite seconds."""
+    if any(not math.isfinite(b) or b <= 0 for b in buckets):
+        raise ValueError(f"duration buckets must be positive seconds, got {tuple(buckets)!r}")
+
 ENV_PREFIX = "AUDIO"
 # What every clip should avoid unless the request says otherwise: AudioLDM2 drifts towards music and voices.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -40,9 +50,10 @@ class AudioConfig:
     self_check: bool = setting(False, "check the compiled UNet against the eager one before SERVING also off CUDA "
                                "(on CUDA it always runs); a mismatch serves the eager UNet")
     compile: str = setting("none", "torch.compile the UNet; compiled and warmed before SERVING",
-                           choices=["none", "default", "reduce-overhead", "max-autotune", "aot_eager"])
+                           choices=list(COMPILE_MODES))
     duration_buckets: tuple[float, ...] = setting((), 'seconds, e.g. "4,10,30": requests run at the next bucket and '
-                                                  'are trimmed back ("": exact lengths; with --compile: 4,10,30)')
+                                                  'are trimmed back ("": exact lengths; with --compile: 4,10,30)',
+                                                  check=check_buckets)
     prompt_cache_size: int = setting(256, "captions whose encodings are kept (LRU); 0 lets the pipeline encode "
                                      "every batch")
     max_clip_seconds: float = setting(300.0, "the longest clip made (clips over 30 s are made in model windows, "

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from audio_service.config import COMPILE_MODES, check_buckets
 from audio_service.backend import (
     AudioBackend,
     AudioRequest,
@@ -67,12 +68,11 @@ from serving.errors import NotReady
 from serving.models import checkpoint_revision, hf_token, torch_dtype
 
 __all__ = ["DiffusersAudioBackend", "Candidates", "COMPILE_MODES", "bucket_for", "candidate_seed", "fit_length",
-           "parse_buckets", "resample"]
+           "resample"]
 
 log = logging.getLogger(__name__)
 
 # torch.compile modes; "aot_eager" traces with dynamo but runs eagerly (CPU tests of the compiled path).
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "aot_eager")
 WARMUP_STEPS = 3  # CUDA graph trees run a shape eagerly, then record it, then replay: three calls
 
 
@@ -124,16 +124,6 @@ def resample(audio: np.ndarray, orig_hertz: int, target_hertz: int) -> np.ndarra
     return (np.fft.irfft(out, n=m, axis=-1) * (m / n)).astype(np.float32)
 
 
-def parse_buckets(text: str | Sequence[float] | None) -> tuple[float, ...]:
-    """"4,10,30" (or a sequence) -> (4.0, 10.0, 30.0), sorted; "" or None -> () (no bucketing)."""
-    if text is None or text == "":
-        return ()
-    values = [float(v) for v in (text.split(",") if isinstance(text, str) else text) if str(v).strip()]
-    if any(not math.isfinite(v) or v <= 0 for v in values):
-        raise ValueError(f"duration buckets must be positive seconds, got {text!r}")
-    return tuple(sorted(set(values)))
-
-
 def bucket_for(duration_seconds: float, buckets: Sequence[float]) -> float:
     """The smallest bucket that holds the duration; the duration itself when none does (or no buckets)."""
     for bucket in buckets:
@@ -164,7 +154,7 @@ class DiffusersAudioBackend(AudioBackend):
         *,
         local_files_only: bool = False,
         compile: str = "none",
-        duration_buckets: str | Sequence[float] | None = None,
+        duration_buckets: Sequence[float] = (),
         prompt_cache_size: int = 0,
         warmup_batch_sizes: Sequence[int] = (1,),
         warmup_duration_seconds: float = 1.0,
@@ -179,7 +169,8 @@ class DiffusersAudioBackend(AudioBackend):
             raise ValueError("warmup_batch_sizes must be positive")
         self.compile_mode = compile
         self.window_frames = window_frames  # long clips' window in latent frames; None: the model's native one
-        self.duration_buckets = parse_buckets(duration_buckets)
+        check_buckets(duration_buckets)
+        self.duration_buckets = tuple(sorted({float(b) for b in duration_buckets}))
         self.prompt_cache_size = int(prompt_cache_size)
         self.warmup_batch_sizes = tuple(sorted(set(int(b) for b in warmup_batch_sizes)))
         self.warmup_duration_seconds = float(warmup_duration_seconds)

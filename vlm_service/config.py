@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from serving.config import parse_config, setting
 from serving.priority import PriorityOptions
@@ -12,9 +11,8 @@ from serving.models import DEFAULT_VLM_MODEL, DTYPE_NAMES
 from serving.server import ServerOptions
 from serving.threads import ThreadOptions
 from serving.triton_client import TritonTls
+from vlm_service.engine_options import ATTENTION_MODES, CAPTURE_MODES, JUMP_FORWARD_MODES, EngineOptions
 
-if TYPE_CHECKING:  # imported when used: the engine module is not needed to read flags
-    from vlm_service.engine import EngineOptions
 
 DEFAULT_PORT = 50051
 
@@ -43,21 +41,21 @@ class VlmConfig:
     # The decode engine (docs/architecture.md "The VLM decode engine"); engine=False decodes with generate(),
     # one request at a time (the reference).
     engine: bool = setting(True, "decode engine: batched steps, static KV cache (false: generate(), the reference)")
-    engine_max_batch: int = setting(8, "requests decoded together; batch buckets are the powers of two up to it "
+    engine_max_batch: int = setting(EngineOptions.max_batch, "requests decoded together; batch buckets are the powers of two up to it "
                                     "(--backend triton: streams sent to Triton at once, its model's own setting)")
-    engine_capture: str = setting("auto", "decode step: auto (CUDA graphs on CUDA, eager elsewhere; eager if "
+    engine_capture: str = setting(EngineOptions.capture, "decode step: auto (CUDA graphs on CUDA, eager elsewhere; eager if "
                                   "capture fails at warm-up), none (eager), torch.compile reduce-overhead, CUDA graphs",
-                                  choices=["auto", "none", "compile", "cuda-graph"])
-    engine_attention: str = setting("gqa", "attention over the row cache: gqa (K/V heads read once, over the "
+                                  choices=list(CAPTURE_MODES))
+    engine_attention: str = setting(EngineOptions.attention, "attention over the row cache: gqa (K/V heads read once, over the "
                                     "length bucket), flex (FlexAttention over each row's own length; compiled on "
-                                    "CUDA) or model (transformers' own, repeats K/V)", choices=["gqa", "flex", "model"])
-    engine_prefill_chunk: int = setting(512, "prompt tokens prefilled per step while other requests decode "
+                                    "CUDA) or model (transformers' own, repeats K/V)", choices=list(ATTENTION_MODES))
+    engine_prefill_chunk: int = setting(EngineOptions.prefill_chunk, "prompt tokens prefilled per step while other requests decode "
                                         "(0: a whole prompt at once, stalling them)")
-    engine_jump_forward: str = setting("exact", "grammar-forced tokens without a model step (retokenize: more, "
-                                       "but tokens differ from generate())", choices=["off", "exact", "retokenize"])
-    engine_prefix_cache: bool = setting(True, "reuse the KV of the prompt text before the image")
-    engine_max_len: int = setting(3072, "KV slots per request (prompt + output); the step also runs at half of it")
-    engine_token_buckets: tuple[int, ...] = setting((1, 8), "new tokens per row in one step (comma list, starts at 1)",
+    engine_jump_forward: str = setting(EngineOptions.jump_forward, "grammar-forced tokens without a model step (retokenize: more, "
+                                       "but tokens differ from generate())", choices=list(JUMP_FORWARD_MODES))
+    engine_prefix_cache: bool = setting(EngineOptions.prefix_cache, "reuse the KV of the prompt text before the image")
+    engine_max_len: int = setting(EngineOptions.length_buckets[-1], "KV slots per request (prompt + output); the step also runs at half of it")
+    engine_token_buckets: tuple[int, ...] = setting(EngineOptions.token_buckets, "new tokens per row in one step (comma list, starts at 1)",
                                                     check=_starts_at_one)
     sdpa_backend: str = setting("flash-efficient", "kernels torch's SDPA may use on CUDA: flash-efficient (no cuDNN: "
                                 "it plans per prompt length), any (torch's choice, cuDNN included), math",
@@ -79,8 +77,6 @@ def engine_options(config: VlmConfig) -> EngineOptions | None:
     """The decode engine's options from the service flags (None: the reference generate() path)."""
     if not config.engine:
         return None
-    from vlm_service.engine import EngineOptions
-
     batch_buckets = tuple(sorted({min(2**i, config.engine_max_batch) for i in range(config.engine_max_batch.bit_length() + 1)}))
     return EngineOptions(
         max_batch=config.engine_max_batch, batch_buckets=batch_buckets,

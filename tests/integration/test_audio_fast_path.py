@@ -15,7 +15,7 @@ import pytest
 
 from audio_service.backend import AudioRequest, BackendCancelled, num_samples
 from audio_service.batching import Batcher
-from audio_service.diffusers_backend import DiffusersAudioBackend, bucket_for, parse_buckets
+from audio_service.diffusers_backend import DiffusersAudioBackend, bucket_for
 from audio_service.server import load_and_warm
 
 SR = 16000
@@ -54,16 +54,22 @@ def cached_backend(tiny_audio_dir):
     backend.close()
 
 
-def test_buckets_parse_and_pick_the_smallest_that_holds():
-    assert parse_buckets("10, 4,30") == (4.0, 10.0, 30.0) and parse_buckets("") == ()
+def test_buckets_parse_once_and_pick_the_smallest_that_holds():
+    from audio_service.config import parse_args
+
+    # Parsed by the flag (the one parser of comma lists), checked by the flag and by the backend alike.
+    assert sorted(parse_args(["--duration-buckets", "10, 4,30"]).duration_buckets) == [4.0, 10.0, 30.0]
+    assert DiffusersAudioBackend("unused", device="cpu", duration_buckets=(10.0, 4.0, 30.0)).duration_buckets == (4.0, 10.0, 30.0)
     assert bucket_for(3.2, (4.0, 10.0)) == 4.0 and bucket_for(4.0, (4.0, 10.0)) == 4.0
     assert bucket_for(12.0, (4.0, 10.0)) == 12.0 and bucket_for(2.5, ()) == 2.5
-    with pytest.raises(ValueError):
-        parse_buckets("4,-1")
+    with pytest.raises(SystemExit):
+        parse_args(["--duration-buckets", "4,-1"])
+    with pytest.raises(ValueError, match="positive seconds"):
+        DiffusersAudioBackend("unused", device="cpu", duration_buckets=(4.0, -1.0))
 
 
 def test_a_request_padded_to_its_bucket_is_the_bucket_clip_trimmed(tiny_audio_dir, tiny_audio_backend):
-    bucketed = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", duration_buckets="2", prompt_cache_size=8)
+    bucketed = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", duration_buckets=(2.0,), prompt_cache_size=8)
     bucketed.load()
     try:
         prompt, other, negative = same_t5_length_pair(tiny_audio_backend)
@@ -145,7 +151,7 @@ def test_compiled_path_is_warmed_on_every_bucket_and_batch_size_and_matches_plai
     """torch.compile through dynamo (the aot_eager backend: traced graphs, eager kernels; Inductor's C++
     build is too slow for CPU tests). T5 states are padded to the fixed length, masked."""
     # One batch size: each traced shape costs about a minute on CPU (the GPU warm-up covers all of them).
-    compiled = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", compile="aot_eager", duration_buckets="1",
+    compiled = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", compile="aot_eager", duration_buckets=(1.0,),
                                      warmup_batch_sizes=(1,), self_check=True)
     compiled.load()
     try:
@@ -254,7 +260,7 @@ def test_a_compile_failing_at_warm_up_serves_the_eager_unet(tiny_audio_dir, monk
         raise RuntimeError("inductor failed (a forced failure)")
 
     monkeypatch.setattr(diffusers_backend, "compile_options", lambda mode: {"backend": failing_backend})
-    backend = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", compile="default", duration_buckets="1",
+    backend = DiffusersAudioBackend(str(tiny_audio_dir), device="cpu", compile="default", duration_buckets=(1.0,),
                                     self_check=True)
     try:
         with caplog.at_level("ERROR"):

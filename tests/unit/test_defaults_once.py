@@ -1,7 +1,9 @@
 """Each default is written once (issue 25: the 600 s deadline stood in four places, the prefill chunk was
 512 in the config and 0 in the engine). For each setting in the table, every literal default bound to a
 name of that setting anywhere in the packages (a function parameter, a dataclass field, a `setting(...)`,
-a module constant) must stand in its one home; everywhere else the name takes the home's constant."""
+a module constant) must stand in its one home; everywhere else the name takes the home's constant. The
+engine's mode names and the audio compile modes are written once too (vlm_service/engine_options.py,
+audio_service/config.py): the flags take their choices from there (test_the_flags_offer_the_modes_the_code_knows)."""
 from __future__ import annotations
 
 import ast
@@ -20,6 +22,7 @@ TABLE = {
                          600, "serving/deadline.py"),
     "clip length": (r"^(DEFAULT_)?DURATION_SECONDS$|^duration_seconds$|^audio_seconds$", 4, "i2s_formats/contract.py"),
     "guidance": (r"^(DEFAULT_)?GUIDANCE_SCALE$|^guidance_scale$|^audio_guidance$", 3.5, "i2s_formats/contract.py"),
+    "prefill chunk": (r"prefill_chunk", 512, "vlm_service/engine_options.py"),
 }
 
 
@@ -62,3 +65,19 @@ def homes_of(pattern: str, value: float) -> set[str]:
 def test_each_default_is_written_in_one_place(setting):
     pattern, value, home = TABLE[setting]
     assert homes_of(pattern, value) == {home}
+
+
+def test_the_flags_offer_the_modes_the_code_knows():
+    from audio_service.config import COMPILE_MODES, AudioConfig
+    from serving.config import settings
+    from vlm_service.config import VlmConfig
+    from vlm_service.engine_options import ATTENTION_MODES, CAPTURE_MODES, JUMP_FORWARD_MODES, EngineOptions
+
+    vlm = {s.flag: s for s in settings(VlmConfig)}
+    assert tuple(vlm["engine-capture"].choices) == CAPTURE_MODES
+    assert tuple(vlm["engine-attention"].choices) == ATTENTION_MODES
+    assert tuple(vlm["engine-jump-forward"].choices) == JUMP_FORWARD_MODES
+    config = VlmConfig()
+    assert (config.engine_prefill_chunk, config.engine_capture, config.engine_max_batch) == \
+        (EngineOptions.prefill_chunk, EngineOptions.capture, EngineOptions.max_batch)
+    assert tuple({s.flag: s for s in settings(AudioConfig)}["compile"].choices) == COMPILE_MODES
