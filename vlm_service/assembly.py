@@ -12,7 +12,8 @@ from typing import Any, Iterable
 from i2s_formats import boxes, seed_format
 from vlm_service import rules
 from vlm_service.backend import DescriptionDone, SceneHeader, SourceFound, StreamEvent
-from vlm_service.decoding import IncrementalDetokenizer, JsonStreamParser, ParsedHeader, ParsedSource
+from vlm_service.detokenizer import IncrementalDetokenizer
+from vlm_service.json_stream import JsonStreamParser, ParsedHeader, ParsedSource
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ No torch or transformers here (the command line's ``--skip_vlm`` path imports th
 - :func:`description_from_dict` reads a parsed answer (compact keys or the seed's) and applies the rules;
   :func:`to_compact_dict` writes the compact shape the model answers in. The seed's file format itself
   lives in :mod:`i2s_formats.seed_format` (``to_seed_dict`` / ``from_seed_dict``). Model output is parsed
-  as it streams by :class:`vlm_service.decoding.JsonStreamParser`.
+  as it streams by :class:`vlm_service.json_stream.JsonStreamParser`.
 
 Rules (from the seed, docs/architecture.md "Compatibility with the seed"), as implemented here:
 

@@ -51,12 +51,8 @@ from vlm_prompt import PromptTemplate, load_prompt
 from vlm_service.assembly import DescriptionAssembler
 from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
 from vlm_service.config import VlmConfig, engine_options
-from vlm_service.decoding import (
-    GrammarLogitsProcessor,
-    StopCriterion,
-    build_tokenizer_info,
-    compile_schema,
-)
+from vlm_service.grammar import GrammarLogitsProcessor, build_tokenizer_info, compile_schema
+from vlm_service.stop_criterion import StopCriterion
 from vlm_service.engine import EngineOptions, EngineRequest
 from vlm_service.sampling import SeededSamplingLogitsProcessor
 from vlm_service.messages import Delivery, Failed, Finished, Tokens

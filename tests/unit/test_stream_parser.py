@@ -1,4 +1,4 @@
-"""The incremental JSON stream parser and detokenizer (vlm_service.decoding), on realistic model outputs
+"""The incremental JSON stream parser and detokenizer (vlm_service.json_stream, vlm_service.detokenizer), on realistic model outputs
 cut into random pieces."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from vlm_service.decoding import IncrementalDetokenizer, JsonStreamParser, ParsedHeader, ParsedSource
+from vlm_service.detokenizer import IncrementalDetokenizer
+from vlm_service.json_stream import JsonStreamParser, ParsedHeader, ParsedSource
 
 COMPACT = json.dumps(
     {

@@ -88,7 +88,7 @@ def test_examples_validate_against_the_schema_and_survive_the_rules():
 def grammar(tiny_vlm_dir):
     from transformers import AutoTokenizer
 
-    from vlm_service.decoding import build_tokenizer_info, compile_schema
+    from vlm_service.grammar import build_tokenizer_info, compile_schema
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_vlm_dir)
     info = build_tokenizer_info(tokenizer, 151936, [151645, 151643])
@@ -177,7 +177,7 @@ def test_any_path_through_the_grammar_is_schema_valid(tiny_vlm_dir, version):
     import xgrammar as xgr
     from transformers import AutoTokenizer
 
-    from vlm_service.decoding import build_tokenizer_info
+    from vlm_service.grammar import build_tokenizer_info
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_vlm_dir)
     info = build_tokenizer_info(tokenizer, 151936, [151645, 151643])

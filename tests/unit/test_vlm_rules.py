@@ -347,7 +347,7 @@ def test_from_seed_dict_accepts_older_files_and_applies_no_rules():
 
 def test_rules_module_does_not_import_torch_or_transformers():
     code = (
-        "import sys, vlm_service.rules, vlm_service.backend, vlm_service.decoding, vlm_prompt; "
+        "import sys, vlm_service.rules, vlm_service.backend, vlm_service.json_stream, vlm_service.detokenizer, vlm_service.grammar, vlm_prompt; "
         "print('torch' in sys.modules, 'transformers' in sys.modules)"
     )
     root = Path(__file__).resolve().parents[2]
