@@ -36,7 +36,7 @@ def services(tiny_vlm_dir, tiny_audio_dir):
     assert codes == {"vlm": 0, "audio": 0, "orchestrator": 0}
 
 
-def test_every_photo_gets_a_description_and_a_clip_per_variant(services):
+def test_every_photo_gets_a_description_and_a_clip_per_variant(services, early_audio_required=True):
     config = pb.StreamConfig(
         audio=common_pb2.AudioSettings(duration_seconds=SECONDS, num_inference_steps=2, seed=1),
         decoding=common_pb2.DecodingSettings(max_new_tokens=1024),
@@ -70,7 +70,9 @@ def test_every_photo_gets_a_description_and_a_clip_per_variant(services):
     # Pipelining observed on the real processes: audio was requested, and audio arrived, while the VLM was
     # still decoding the same image (it streams each source as it closes; the tiny VLM needs ~2 s for its
     # ~700 tokens, a 1 s two-step clip ~0.3 s). Seen for 5 of 5 photos here; one is required.
-    assert pipelined > 0 and first_audio_early >= 1
+    assert pipelined > 0
+    if early_audio_required:  # the Triton variant calls this with False (tests/deploy/test_triton.py says why)
+        assert first_audio_early >= 1
 
 
 def test_the_command_line_writes_the_seed_tree(tmp_path, tiny_vlm_dir, tiny_audio_dir):
