@@ -132,9 +132,9 @@ def _generate(model: str, device: str, image: Any, tokens: int, random_weights: 
 
         try:
             b.model.forward = timed
-            res, wall = b._on_model_thread(timed_run)
+            res, wall = b.worker.run(timed_run)
             b.model.forward = counter.excluded(forward)
-            b._on_model_thread(counted_run)
+            b.worker.run(counted_run)
         finally:
             b.model.forward = forward
         steps = max(1, res)  # one forward per output token (the first one is the prefill)
@@ -147,13 +147,13 @@ def _generate(model: str, device: str, image: Any, tokens: int, random_weights: 
 
 def _decode_inline(backend: Any, inputs: dict, tokens: int) -> int:
     """One reference request run directly on the model thread (we are on it); returns its output tokens."""
-    from vlm_service.engine import EngineRequest
+    from vlm_service.engine_request import EngineRequest
     from vlm_service.messages import Tokens
 
     got = []
     req = EngineRequest(inputs=inputs, max_new_tokens=tokens, temperature=0.0, top_p=1.0, seed=None,
                         deliver=lambda item: got.extend(item.ids) if isinstance(item, Tokens) else None)
-    backend._generate_reference(req)
+    backend.generate_reference(req)
     return len(got)
 
 

@@ -91,34 +91,33 @@ def count_engine_steps(backend: Any, images: list, batches: tuple[int, ...] = (1
     (greedy, or sampled at ``temperature`` with seeds 0, 1, ...), step until every prompt is in, then count one
     decode step with the forward excluded. Returns ``{batch: {"ops": n, "reads": n, "op_names": {...},
     "read_names": {...}, "rows": n}}``. The rows are cancelled afterwards."""
-    from vlm_service.engine import EngineRequest
+    from vlm_service.engine_request import EngineRequest
+    from vlm_service.scheduler import plan_step
 
     engine = backend.engine
     counter = HostWorkCounter()
     runner = engine.runner
-    forward = runner._forward
     out: dict[int, dict] = {}
 
     def job() -> None:
-        runner._forward = counter.excluded(forward)
+        runner.forward = counter.excluded(runner.forward)  # the eager step's forward (an instance attribute)
         try:
             for batch in batches:
-                for i in range(batch):
-                    inputs = backend.prepare_inputs(images[i % len(images)])
-                    engine.admit(EngineRequest(inputs=inputs, max_new_tokens=10_000, temperature=temperature,
-                                               top_p=0.9, seed=i, deliver=lambda item: None))
-                engine.step()
-                while any(r is not None and r.prompt is not None for r in engine.rows):
-                    engine.step()  # chunked prefills done: the counted step is a plain decode step
+                admit = [EngineRequest(inputs=backend.prepare_inputs(images[i % len(images)]), max_new_tokens=10_000,
+                                       temperature=temperature, top_p=0.9, seed=i, deliver=lambda item: None)
+                         for i in range(batch)]
+                engine.run(plan_step(engine, admit))
+                while any(r is not None and r.prompt_left for r in engine.rows):
+                    engine.run(plan_step(engine, []))  # chunked prefills done: the counted step only decodes
                 counter.reset()
                 with counter.counting():
-                    engine.step()
+                    engine.run(plan_step(engine, []))
                 out[batch] = {"ops": counter.op_count, "reads": counter.read_count,
                               "op_names": dict(counter.ops), "read_names": dict(counter.reads),
-                              "rows": sum(r is not None and r.finished is None for r in engine.rows)}
+                              "rows": sum(r is not None and r.decoding for r in engine.rows)}
                 engine.cancel_all()
         finally:
-            runner._forward = forward
+            del runner.forward
 
-    backend._on_model_thread(job)
+    backend.worker.run(job)
     return out

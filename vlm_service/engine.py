@@ -6,29 +6,25 @@ the 3-D rope offsets on the model, so requests could neither join nor leave it):
 
 - **Rows.** Each request owns one row of a :class:`~vlm_service.kv_cache.RowKVCache` with its own length,
   its own 3-D rope offset (``rope_delta``, from ``get_rope_index`` at prefill), grammar matcher,
-  repetition-penalty row (on the device), sampler, token budget, deadline and cancellation. A request
-  that arrives while others decode is admitted at the next step boundary (:mod:`vlm_service.scheduler`);
-  while others decode, its prompt is prefilled in chunks of ``prefill_chunk`` tokens, one chunk per step
-  between the running rows' decode steps (so they are not stalled for a whole prefill; a request that
-  arrives alone is prefilled at once), then it joins the running batch; a
-  finished or cancelled one frees its row for the next (continuous batching).
+  repetition-penalty row (on the device), sampler, token budget, deadline and cancellation.
+- **Who runs is not decided here.** The scheduler (:mod:`vlm_service.scheduler`) reads :attr:`DecodeEngine.rows`
+  and hands :meth:`DecodeEngine.run` a :class:`~vlm_service.step_plan.StepPlan` per step: rows to stop,
+  requests to admit into which free rows (prefilled whole, or in chunks of ``prefill_chunk`` tokens while
+  others decode), the prompt that gets a chunk, the rows that decode. A finished or cancelled row frees its
+  slot for the next request (continuous batching).
 - **Step.** One forward over the rows ``0..B-1`` (``B`` rounded up to a batch bucket) with ``T`` new tokens
   per row (``T`` rounded up to a token bucket; rows with fewer are padded and the padding masked), over the
   first ``Lb`` cache slots (a length bucket). Shapes come from the small fixed bucket sets only, so the
   step can be captured once per shape at warm-up (:mod:`vlm_service.model_runner`).
 - **Host work per step** (what runs on the CPU besides the forward, in the manner of vLLM v1 / SGLang):
   the step's inputs are written into one preallocated buffer and sent in one copy; the grammar masks of
-  every row that chooses are filled in one batched call (xgrammar's ``BatchGrammarMatcher``) on the
-  engine's grammar thread *while the forward runs* (xgrammar releases the GIL, so this overlaps on CPU
-  too, where the forward itself is synchronous); then, on the device, the repetition penalty (over each
-  row's token history, fed from the step's own inputs), the mask, the argmax or a sampled row's draw
-  (:func:`~vlm_service.sampling.sample_rows`: every sampled row of the step at once); one host read of the
-  chosen tokens per step.
-- **Jump-forward.** Where the grammar forces the continuation, tokens are appended without a model step
-  each: they ride along in the row's next forward (``T > 1``). "exact" appends a token only when the grammar
-  allows exactly one, so the output is token for token what ``generate()`` gives; "retokenize" takes
-  xgrammar's ``find_jump_forward_string`` and appends its canonical tokenization (SGLang's jump-forward:
-  more tokens skipped, same JSON text for the forced parts, but other token boundaries).
+  every row that chooses are filled *while the forward runs* (:mod:`vlm_service.structured_output`); then,
+  on the device, the repetition penalty (over each row's token history, fed from the step's own inputs),
+  the mask, the argmax or a sampled row's draw (:func:`~vlm_service.sampling.sample_rows`: every sampled
+  row of the step at once); one host read of the chosen tokens per step.
+- **Jump-forward.** Where the grammar forces the continuation (:meth:`StructuredOutput.forced
+  <vlm_service.structured_output.StructuredOutput.forced>`), tokens are appended without a model step each:
+  they ride along in the row's next forward (``T > 1``).
 - **Prefix cache.** The prompt's text before the image is the same for every request: its keys and values
   are computed once (at warm-up) and copied into each new row, so prefill runs only from the image on.
 
@@ -42,49 +38,23 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
-from serving import tracing
 from serving.errors import InvalidInput
-from vlm_service.engine_options import EngineOptions  # noqa: F401 (where callers have always found it)
-from vlm_service.messages import Delivery, Failed, Finished, Tokens
+from vlm_service.engine_options import EngineOptions
+from vlm_service.engine_request import EngineRequest
+from vlm_service.messages import Failed, Finished, Tokens
+from vlm_service.step_plan import NewRow, StepPlan
 
 log = logging.getLogger(__name__)
 
+
 def _bucket(value: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= value), None)
-
-
-@dataclass
-class EngineRequest:
-    """What the engine needs of one request. ``inputs`` are CPU tensors (moved to the device here)."""
-
-    inputs: dict[str, Any]
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    deliver: Callable[[Delivery], None]  # on the model thread: Tokens..., then one Finished or Failed
-    should_stop: Callable[[], bool] | None = None
-    deadline: float | None = None  # time.monotonic() after which the request stops ("deadline")
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    grammar: Any = None  # the request's compiled grammar (None: the engine's), e.g. with boxes (locate_sources)
-    priority: str = "interactive"  # the scheduler's admission order (serving.priority)
-    # Made where the request is submitted, on its RPC's task: its trace spans (no-op when tracing is off).
-    phases: tracing.Phases = field(default_factory=lambda: tracing.request_phases("vlm.queue_wait"))
-
-    def stop_reason(self) -> str | None:
-        if self.cancelled.is_set() or (self.should_stop is not None and self.should_stop()):
-            return "cancelled"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "deadline"
-        return None
 
 
 class _PendingPrompt:
@@ -96,7 +66,10 @@ class _PendingPrompt:
         self.embeds, self.positions, self.done, self.total = embeds, positions, done, total
 
 
-class _Row:
+class Row:
+    """One request's row (the scheduler reads ``req``, ``slot``, ``finished``, :attr:`decoding` and
+    :attr:`prompt_left`; the engine alone writes)."""
+
     __slots__ = ("req", "slot", "length", "delta", "matcher", "sampler", "feed", "emitted", "steps", "finished",
                  "prompt")
 
@@ -111,6 +84,16 @@ class _Row:
         self.steps = 0
         self.finished: str | None = None
         self.prompt: _PendingPrompt | None = None  # set while its prompt is prefilled in chunks
+
+    @property
+    def decoding(self) -> bool:
+        """Its prompt is in and it has not ended: it goes through the next decode forward."""
+        return self.prompt is None and self.finished is None
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt tokens still to prefill in chunks (0: none)."""
+        return 0 if self.prompt is None else self.prompt.total - self.prompt.done
 
 
 class StepTimes:
@@ -132,18 +115,18 @@ class StepTimes:
 
 
 class DecodeEngine:
-    """Owns the row cache, the model runner and the rows. The scheduler calls :meth:`admit` for each waiting
-    request while a row is free and :meth:`step` while rows are active (model thread only)."""
+    """Owns the row cache, the model runner and the rows, and runs the scheduler's step plans
+    (:meth:`run`; model thread only)."""
 
     def __init__(self, model: Any, tokenizer: Any, grammar: Any, *, vocab_size: int, stop_ids: list[int],
                  pad_id: int, repetition_penalty: float, prefix_ids: list[int], options: EngineOptions) -> None:
         import torch
-        import xgrammar as xgr
 
         from vlm_service.kv_cache import RowKVCache
         from vlm_service.model_runner import ModelRunner
+        from vlm_service.structured_output import StructuredOutput
 
-        self.model, self.tokenizer, self.grammar = model, tokenizer, grammar
+        self.model, self.tokenizer = model, tokenizer
         self.options = options
         self.vocab_size = vocab_size
         self.stop_ids = set(stop_ids)
@@ -153,7 +136,9 @@ class DecodeEngine:
         self.cache = RowKVCache.for_model(model, options.max_batch, options.max_len)
         self.runner = ModelRunner(model, self.cache, options)
         self.inputs = self.runner.inputs
-        self.rows: list[_Row | None] = [None] * options.max_batch
+        self.structured = StructuredOutput(grammar, tokenizer, vocab_size=vocab_size, max_rows=options.max_batch,
+                                           device=self.device, jump_forward=options.jump_forward)
+        self.rows: list[Row | None] = [None] * options.max_batch
         # Repetition-penalty state on the device: each row's token ids so far (prompt, then what it was fed) at
         # their cache slots, as generate() penalises its input_ids; slots past the row's length hold its first
         # prompt token (a repeat changes nothing), and the last ``t_max`` columns take a step's padding.
@@ -161,19 +146,6 @@ class DecodeEngine:
         self.history = torch.zeros(options.max_batch, options.max_len + t_max, dtype=torch.long, device=self.device)
         self._spare = options.max_len + np.arange(t_max)  # where padding goes
         self._offsets = np.arange(t_max)
-        self.bitmask = xgr.allocate_token_bitmask(options.max_batch, vocab_size)
-        self.device_bitmask = None
-        self.mask_backend = "auto"  # xgrammar's own kernel; warm() may choose "torch_native"
-        if self.device.type == "cuda":
-            self.bitmask = self.bitmask.pin_memory()
-            self.device_bitmask = torch.empty_like(self.bitmask, device=self.device)
-        self._mask_words = self.bitmask.numpy()  # the CPU path reads the masks' bits directly
-        self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=max(1, torch.get_num_threads()))
-        # The grammar thread: fills the masks of a step while the model thread runs its forward.
-        self._grammar_thread = ThreadPoolExecutor(1, thread_name_prefix="vlm-grammar")
-        self._jump_mask = xgr.allocate_token_bitmask(1, vocab_size)  # jump-forward "exact" looks at its words
-        words = self._jump_mask.numpy()[0]  # scanned as 64-bit words where they pair up: half the length
-        self._jump_words = words.view(np.uint64) if len(words) % 2 == 0 else words.view(np.uint32)
         self.prefix_ids = list(prefix_ids) if options.prefix_cache else []
         self._prefix_kv: list[tuple[Any, Any]] | None = None
         self.model_steps = 0  # forwards run (prefills and prefill chunks included), for stats
@@ -181,7 +153,7 @@ class DecodeEngine:
         self.peak_rows = 0  # most rows decoded in one step
         self.times = StepTimes()
 
-    # -- admission ---------------------------------------------------------------------------------
+    # -- what the scheduler reads ------------------------------------------------------------------
 
     @property
     def free_slots(self) -> int:
@@ -191,24 +163,45 @@ class DecodeEngine:
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
 
-    def admit(self, req: EngineRequest) -> None:
-        """Take ``req`` into a free row (there must be one): prefill it whole and choose its first token, or
-        set up its chunked prefill (:meth:`step` runs the chunks)."""
+    def prompt_work(self, req: EngineRequest) -> int:
+        """Prompt tokens ``req``'s prefill would run (its prompt less the cached prefix it starts with)."""
+        return int(req.inputs["input_ids"].shape[1]) - self._cached_prefix(req.inputs["input_ids"])
+
+    def _cached_prefix(self, ids: Any) -> int:
+        n = len(self.prefix_ids)
+        return n if self._prefix_kv is not None and ids[0, :n].tolist() == self.prefix_ids else 0
+
+    # -- running a plan ----------------------------------------------------------------------------
+
+    def run(self, plan: StepPlan) -> None:
+        """Carry out one step's plan (:mod:`vlm_service.step_plan`): its stops, its admissions, its prompt
+        chunk, then one forward for its decoding rows and each row's next choice; ended rows free their slot."""
         import torch
 
         with torch.inference_mode():  # the logits are inference tensors, updated in place
-            self._admit(req)
+            for slot, reason in plan.stop:
+                row = self.rows[slot]
+                if row is not None and row.finished is None:
+                    row.finished = reason
+            self._finish_rows()
+            for admission in plan.admit:
+                self._admit(admission)
+            started = time.perf_counter()
+            if plan.chunk is not None:
+                self._prefill_chunk(plan.chunk)
+                self._finish_rows()
+            self._decode(plan.decode, started, chunk_s=time.perf_counter() - started)
 
-    def _admit(self, req: EngineRequest) -> None:
-        reason = req.stop_reason()
-        if reason is not None:  # left while queued: never starts
-            req.deliver(Finished(reason, 0))
-            return
-        slot = self.rows.index(None)
-        row = _Row(req, slot)
+    def _admit(self, new: NewRow) -> None:
+        """Take the request into its planned row: prefill it whole and choose its first token, or set up its
+        chunked prefill (the plans' ``chunk`` runs the chunks)."""
+        req, slot = new.req, new.slot
+        if self.rows[slot] is not None:
+            raise RuntimeError(f"the plan admits into row {slot}, which is taken")  # a scheduler bug
+        row = Row(req, slot)
         req.phases.enter("vlm.prefill")
         try:
-            first_logits = self._prefill(row)
+            first_logits = self._prefill(row, new.chunked)
         except BaseException as exc:  # noqa: BLE001 - this request fails, the others go on
             req.deliver(Failed(exc))
             return
@@ -218,10 +211,9 @@ class DecodeEngine:
             self._choose(first_logits, [(0, row)], self.history[slot : slot + 1, : row.length])
             self._finish_rows()
 
-    def _prefill(self, row: _Row):
+    def _prefill(self, row: Row, chunked: bool = False):
         """The first logits [1, V], or None when the prompt is left to chunked prefill."""
         import torch
-        import xgrammar as xgr
 
         from vlm_service.sampling import RowSampler
 
@@ -236,21 +228,18 @@ class DecodeEngine:
         positions, delta = model.model.get_rope_index(
             ids, image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
             mm_token_type_ids=inputs["mm_token_type_ids"])
-        start = 0
-        if self._prefix_kv is not None and ids[0, : len(self.prefix_ids)].tolist() == self.prefix_ids:
-            start = len(self.prefix_ids)
-            for layer, (k, v) in enumerate(self._prefix_kv):
-                self.cache.keys[layer][row.slot, :, :start] = k
-                self.cache.values[layer][row.slot, :, :start] = v
+        start = self._cached_prefix(ids)
+        for layer, (k, v) in enumerate(self._prefix_kv if start else ()):
+            self.cache.keys[layer][row.slot, :, :start] = k
+            self.cache.values[layer][row.slot, :, :start] = v
         row.delta, row.steps = int(delta.reshape(-1)[0]), 1
-        row.matcher = xgr.GrammarMatcher(req.grammar if req.grammar is not None else self.grammar)
+        row.matcher = self.structured.matcher(req.grammar)
         if req.temperature > 0:
             seed = req.seed if req.seed is not None else secrets.randbits(63)
             row.sampler = RowSampler(req.temperature, req.top_p, seed)
         self.history[row.slot].fill_(ids[0, 0])
         self.history[row.slot, :total] = ids[0]
-        decoding = any(r is not None and r.prompt is None and r.finished is None for r in self.rows)
-        if opts.prefill_chunk and total - start > opts.prefill_chunk and decoding:  # alone: no one to stall
+        if chunked:
             with torch.inference_mode():
                 embeds = self._embed(ids, inputs["pixel_values"], inputs["image_grid_thw"])
             row.prompt = _PendingPrompt(embeds, positions, start, total)
@@ -274,12 +263,12 @@ class DecodeEngine:
         where = (ids == self.model.config.image_token_id)[..., None].expand_as(embeds)
         return embeds.masked_scatter(where, image)
 
-    def _prefill_chunk(self) -> bool:
-        """One chunk of the lowest waiting prompt (at most ``prefill_chunk`` tokens); its first token is
-        chosen after the last chunk. Returns whether a chunk ran."""
-        row = next((r for r in self.rows if r is not None and r.prompt is not None and r.finished is None), None)
-        if row is None:
-            return False
+    def _prefill_chunk(self, slot: int) -> None:
+        """The next chunk (at most ``prefill_chunk`` tokens) of row ``slot``'s prompt; its first token is chosen
+        after the last chunk."""
+        row = self.rows[slot]
+        if row is None or row.prompt is None or row.finished is not None:
+            return
         p = row.prompt
         end = min(p.done + self.options.prefill_chunk, p.total)
         try:
@@ -289,14 +278,13 @@ class DecodeEngine:
             row.prompt, row.finished = None, "error"
             self.rows[row.slot] = None
             row.req.deliver(Failed(exc))
-            return True
+            return
         self.model_steps += 1
         p.done = row.length = end
         if end == p.total:
             row.prompt = None
             row.req.phases.enter("vlm.decode")
             self._choose(logits, [(0, row)], self.history[row.slot : row.slot + 1, : row.length])
-        return True
 
     def compute_prefix(self) -> None:
         """The KV of the prompt text before the image, once (warm-up); reused by every prefill."""
@@ -312,24 +300,9 @@ class DecodeEngine:
 
     # -- decoding ----------------------------------------------------------------------------------
 
-    def step(self) -> None:
-        """One prompt chunk if one waits, then one forward for every decoding row and each row's next
-        choice; finished rows free their slot."""
-        import torch
-
-        with torch.inference_mode():
-            self._step()
-
-    def _step(self) -> None:
-        started = time.perf_counter()
-        self._poll_stops()
-        chunk_s = 0.0
-        if self.options.prefill_chunk:
-            chunk_started = time.perf_counter()
-            if self._prefill_chunk():
-                chunk_s = time.perf_counter() - chunk_started
-            self._finish_rows()
-        live = [r for r in self.rows if r is not None and r.finished is None and r.prompt is None]
+    def _decode(self, slots: tuple[int, ...], started: float, chunk_s: float) -> None:
+        """One forward for the planned rows still decoding, then each row's next choice."""
+        live = [r for r in (self.rows[s] for s in slots) if r is not None and r.decoding]
         if not live:
             self._finish_rows()
             return
@@ -356,7 +329,7 @@ class DecodeEngine:
         # Rows whose whole feed goes through this step choose after it: their grammars already hold every
         # token fed, so their masks can be filled now, on the grammar thread, while the forward runs.
         picks = [(r.slot, r) for r, n in zip(live, counts) if n == len(r.feed)]
-        masks = self._fill_masks(picks)
+        masks = self.structured.fill([(i, r.matcher) for i, r in picks])
         forward_started = time.perf_counter()
         logits = self.runner.decode(batch, width, span)  # launched (asynchronous on CUDA)
         forward_s = time.perf_counter() - forward_started + chunk_s
@@ -375,22 +348,7 @@ class DecodeEngine:
         self._finish_rows()
         self.times.add(len(live), time.perf_counter() - started, forward_s)
 
-    def _poll_stops(self) -> None:
-        for r in self.rows:
-            if r is not None and r.finished is None:
-                reason = r.req.stop_reason()
-                if reason is not None:
-                    r.finished = reason
-
-    def _fill_masks(self, picks: list[tuple[int, _Row]]) -> Future | None:
-        """Starts filling the grammar masks of every row in ``picks`` into :attr:`bitmask` (row ``i`` of each
-        pair), in one batched call on the grammar thread; the caller joins the future (None: no picks)."""
-        if not picks:
-            return None
-        return self._grammar_thread.submit(self.batch_matcher.batch_fill_next_token_bitmask,
-                                           [r.matcher for _, r in picks], self.bitmask, [i for i, _ in picks])
-
-    def _choose(self, logits, picks: list[tuple[int, _Row]], history, masks: Future | None = None) -> None:
+    def _choose(self, logits, picks: list[tuple[int, Row]], history, masks: Future | None = None) -> None:
         """Next token of each row in ``picks`` ((row of ``logits``, row)): repetition penalty, grammar mask,
         sampler (generate()'s order). ``history``: token ids to penalise, one row per row of ``logits``
         (gathered and scattered back, as generate() does: the work is the rows' length, not the vocabulary).
@@ -399,19 +357,17 @@ class DecodeEngine:
 
         if not picks:
             return
-        rows = int(logits.shape[0])
         scores = logits.float()
         if self.penalty != 1.0:
             picked = scores.gather(1, history)
             scores.scatter_(1, history, torch.where(picked < 0, picked * self.penalty, picked / self.penalty))
         sampled = [(i, row) for i, row in picks if row.sampler is not None]
-        (masks or self._fill_masks(picks)).result()  # the fill started before the forward, or now
+        # The fill started before the forward, or now.
+        (masks or self.structured.fill([(i, row.matcher) for i, row in picks])).result()
         if self.device.type == "cpu":
             chosen = self._choose_on_cpu(scores, picks, sampled)
         else:
-            mask = self.device_bitmask[:rows]
-            mask.copy_(self.bitmask[:rows], non_blocking=True)
-            self._apply_mask(scores, mask)
+            self.structured.apply(scores)
             drawn = scores.argmax(dim=-1)
             if sampled:
                 self._draw(scores, sampled, drawn)
@@ -421,7 +377,7 @@ class DecodeEngine:
             if row.finished is None and self.options.jump_forward != "off":
                 self._jump_forward(row)
 
-    def _choose_on_cpu(self, scores, picks: list[tuple[int, _Row]], sampled: list[tuple[int, _Row]]) -> list[int]:
+    def _choose_on_cpu(self, scores, picks: list[tuple[int, Row]], sampled: list[tuple[int, Row]]) -> list[int]:
         """The logits already are host memory: the greedy rows' masked argmax in numpy, all rows at once
         (:mod:`vlm_service.masked_argmax`: only the allowed tokens where the grammar allows few, the plain
         argmax checked against the mask where it allows many). Sampled rows draw from the masked scores."""
@@ -433,27 +389,21 @@ class DecodeEngine:
         chosen = np.zeros(host.shape[0], dtype=np.int64)
         greedy = [i for i, row in picks if row.sampler is None]
         if greedy:
-            chosen[greedy] = masked_argmax(host, self._mask_words, greedy, self.vocab_size)
+            chosen[greedy] = masked_argmax(host, self.structured.words, greedy, self.vocab_size)
         if sampled:
-            self._apply_mask(scores, self.bitmask[: scores.shape[0]], [i for i, _ in sampled])
+            self.structured.apply(scores, indices=[i for i, _ in sampled])
             self._draw(scores, sampled, torch.from_numpy(chosen))
         return chosen.tolist()
 
     @staticmethod
-    def _draw(scores, sampled: list[tuple[int, _Row]], into) -> None:
+    def _draw(scores, sampled: list[tuple[int, Row]], into) -> None:
         """The sampled rows' tokens into ``into`` (at their rows of ``scores``), all rows in one sampler call."""
         from vlm_service.sampling import sample_rows
 
         rows = [i for i, _ in sampled]
         into[rows] = sample_rows(scores[rows], [row.sampler for _, row in sampled])
 
-    def _apply_mask(self, scores, mask, indices: list[int] | None = None) -> None:
-        import xgrammar as xgr
-
-        xgr.apply_token_bitmask_inplace(scores, mask, vocab_size=self.vocab_size, indices=indices,
-                                        backend=self.mask_backend)
-
-    def _append(self, row: _Row, tokens: list[int]) -> None:
+    def _append(self, row: Row, tokens: list[int]) -> None:
         """Accept tokens into the row's grammar, hand them to the request; decide whether it ends. Tokens
         that go on into the model join the penalty state in the step that feeds them."""
         out = []
@@ -474,45 +424,18 @@ class DecodeEngine:
         if row.finished is None and not self._room(row):
             row.finished = "length"
 
-    def _room(self, row: _Row) -> bool:
+    def _room(self, row: Row) -> bool:
         """Whether the row may take one more token: its budget, and cache slots for a padded step."""
         return (row.emitted < row.req.max_new_tokens
                 and row.length + len(row.feed) + self.options.token_buckets[-1] < self.options.max_len)
 
-    def _jump_forward(self, row: _Row) -> None:
+    def _jump_forward(self, row: Row) -> None:
         """Append what the grammar forces, without a model step for it (see the module docstring)."""
         while row.finished is None:
-            forced = row.matcher.find_jump_forward_string()
+            forced = self.structured.forced(row.matcher)
             if not forced:
                 return
-            if self.options.jump_forward == "retokenize":
-                tokens = self.tokenizer.encode(forced, add_special_tokens=False)
-                accepted = []
-                probe = row.matcher.fork() if hasattr(row.matcher, "fork") else None
-                for t in tokens:  # keep the prefix the grammar takes as tokens (boundaries may not fit)
-                    if probe is None or not probe.accept_token(t):
-                        break
-                    accepted.append(t)
-                if not accepted:
-                    return
-                self._append(row, accepted)
-                continue
-            token = self._only_allowed(row.matcher)
-            if token is None:
-                return
-            self._append(row, [token])
-
-    def _only_allowed(self, matcher) -> int | None:
-        """The one token the grammar allows next, or None: looks at the mask's words (a handful are nonzero)
-        instead of unpacking every token's bit (bit order: little-endian hosts, as xgrammar's kernels)."""
-        matcher.fill_next_token_bitmask(self._jump_mask)
-        words = np.flatnonzero(self._jump_words)
-        if len(words) != 1:
-            return None
-        word = int(self._jump_words[words[0]])
-        if word & (word - 1):  # more than one bit
-            return None
-        return int(words[0]) * 8 * self._jump_words.itemsize + word.bit_length() - 1
+            self._append(row, forced)
 
     def _finish_rows(self) -> None:
         for i, r in enumerate(self.rows):
@@ -530,7 +453,7 @@ class DecodeEngine:
 
     def close(self) -> None:
         """Stop the grammar thread (the backend's release; no step may run after this)."""
-        self._grammar_thread.shutdown(wait=True)
+        self.structured.close()
 
     def cancel_all(self, reason: str = "cancelled") -> None:
         for r in self.rows:
@@ -541,7 +464,7 @@ class DecodeEngine:
     # -- warm-up -----------------------------------------------------------------------------------
 
     def warm(self) -> int:
-        """Run (and capture, when asked) the step at every bucket shape, and the grammar-mask kernel at
+        """Run (and capture, when asked) the step at every bucket shape, and choose the grammar-mask kernel at
         every row count a step applies it to; returns how many step shapes."""
         import torch
 
@@ -555,30 +478,7 @@ class DecodeEngine:
                 log.error("%s; serving the eager step", self.path_reason)
                 self.runner.fall_back_to_eager()
                 self.runner.warm()
-        try:  # xgrammar's own kernel (Triton on CUDA), chosen once here: any failure -> the plain torch path
-            self._warm_mask()
-        except Exception as exc:  # noqa: BLE001 - e.g. no Triton, a compiler error: the plain path is correct
-            log.warning("grammar-mask kernel failed at warm-up (%s: %s); using xgrammar's torch_native path",
-                        type(exc).__name__, exc)
-            self.mask_backend = "torch_native"
-            self._warm_mask()
+        self.structured.warm({1, *self.options.batch_buckets})  # prefill applies it to 1 row, steps to a bucket
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return shapes
-
-    def _warm_mask(self) -> None:
-        """The grammar-mask kernel at every row count a step applies it to (checked on a known mask)."""
-        import torch
-
-        self.bitmask.fill_(0)
-        self.bitmask[:, 0] = 1  # only token 0 allowed
-        for rows in sorted({1, *self.options.batch_buckets}):  # prefill applies it to 1 row, steps to a bucket
-            scores = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=self.device)
-            mask = self.bitmask[:rows]
-            if self.device_bitmask is not None:
-                mask = self.device_bitmask[:rows]
-                mask.copy_(self.bitmask[:rows])
-            self._apply_mask(scores, mask)
-            if not bool(torch.isinf(scores[:, 1:]).all()) or bool(torch.isinf(scores[:, 0]).any()):
-                raise RuntimeError(f"the mask kernel ({self.mask_backend}) masked {rows} rows wrongly")
-        self.bitmask.fill_(-1)

@@ -124,7 +124,7 @@ class ModelRunner:
             kwargs["backend"] = self.options.compile_backend
         elif self.device.type == "cuda":
             kwargs["mode"] = "reduce-overhead"
-        self._compiled = torch.compile(self._forward, **kwargs)
+        self._compiled = torch.compile(self.forward, **kwargs)
         self._allow_recompiles()
         if self.device.type == "cuda":
             for k, v in zip(self.cache.keys, self.cache.values):  # fixed addresses: no copies into graph inputs
@@ -152,7 +152,7 @@ class ModelRunner:
         zero = torch.zeros((), dtype=self.model.dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.finfo(self.model.dtype).min)
 
-    def _forward(self, tokens, base, delta, last, batch: int, width: int, span: int):
+    def forward(self, tokens, base, delta, last, batch: int, width: int, span: int):
         """Logits ``[batch, vocab]`` at row ``b``'s token ``last[b]`` after writing ``width`` tokens per row
         at slots ``base[b] ..``; positions ``slot + delta[b]`` (Qwen2.5-VL text tokens: same on all 3 axes)."""
         write = base[:, None] + self._slots[None, :width]  # [B, T]
@@ -209,7 +209,7 @@ class ModelRunner:
             return static_out
         with torch.inference_mode():
             if self._compiled is None:
-                return self._forward(tokens, base, delta, last, batch=batch, width=width, span=span)
+                return self.forward(tokens, base, delta, last, batch=batch, width=width, span=span)
             if self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer used
             return self._compiled(tokens, base, delta, last, batch=batch, width=width, span=span)
@@ -273,7 +273,7 @@ class ModelRunner:
                 fast = self.decode(batch, width, span).float().clone()
                 tokens, _, base, delta, last = inputs.views(batch, width)
                 with torch.inference_mode():
-                    eager = self._forward(tokens, base, delta, last, batch=batch, width=width, span=span).float()
+                    eager = self.forward(tokens, base, delta, last, batch=batch, width=width, span=span).float()
             except Exception as exc:  # noqa: BLE001 - a fast path that fails is no fast path
                 return f"shape (batch {batch}, tokens {width}, span {span}) failed: {type(exc).__name__}: {exc}"
             problem = compare(fast, eager, tol, rows_argmax=True)
@@ -320,7 +320,7 @@ class ModelRunner:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(2):  # let lazy initialisation and autotuning happen outside the capture
-                self._forward(*args, batch=batch, width=width, span=span)
+                self.forward(*args, batch=batch, width=width, span=span)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if not hasattr(self, "_pool"):
@@ -328,5 +328,5 @@ class ModelRunner:
         # thread_local: a CUDA call from another thread during the capture (the grammar thread, an
         # empty_cache in some error handling) fails there, instead of spoiling this capture.
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            static_out = self._forward(*args, batch=batch, width=width, span=span)
+            static_out = self.forward(*args, batch=batch, width=width, span=span)
         self._graphs[(batch, width, span)] = (static_out, graph)

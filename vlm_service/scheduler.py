@@ -1,10 +1,22 @@
-"""The VLM request queue and decode loop, on the backend's model thread (vLLM's scheduler, in small).
+"""The VLM request queue and the decisions of every decode step, on the backend's model thread (vLLM v1's
+scheduler, in small).
 
-Callers submit from any thread into a bounded queue (``Overloaded`` when full). One loop runs on the
-model thread while there is work: at each step boundary it admits waiting requests into the engine's free
-rows (interactive before batch, with aging; batch work leaving rows to interactive work: serving.priority),
-then runs one engine step; without an engine it runs the reference ``generate()`` for one request
-after another. The loop returns when there is nothing left, and the next submission starts it again.
+Callers submit from any thread into a bounded queue (``Overloaded`` when full). One loop runs on the model
+thread while there is work. At each step boundary it decides, and the engine runs, a
+:class:`~vlm_service.step_plan.StepPlan` (:func:`plan_step`):
+
+- **Stops.** A running row whose caller left or whose deadline passed ends now; a waiting request that did
+  either ends without being admitted.
+- **Admission.** Waiting requests take the engine's free rows (interactive before batch, with aging; batch
+  work leaving rows to interactive work: :mod:`serving.priority`), lowest row first.
+- **Prefill chunks.** A prompt that arrives while other rows decode is prefilled in chunks of
+  ``prefill_chunk`` tokens, one chunk per step between their decode steps, so they are not stalled for a
+  whole prefill (the lowest row's prompt first); a prompt that arrives when no row decodes is prefilled at
+  once, as is one no longer than a chunk.
+- **Rows.** Every row whose prompt is in decodes, a row whose last chunk runs in this step included.
+
+Without an engine the loop runs the reference ``generate()`` for one request after another. The loop
+returns when there is nothing left, and the next submission starts it again.
 """
 from __future__ import annotations
 
@@ -14,8 +26,10 @@ from typing import Any, Callable
 
 from serving.errors import NotReady, Overloaded
 from serving.priority import BATCH, PriorityOrder
-from vlm_service.engine import DecodeEngine, EngineRequest
+from vlm_service.engine import DecodeEngine
+from vlm_service.engine_request import EngineRequest
 from vlm_service.messages import Finished
+from vlm_service.step_plan import NewRow, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +86,14 @@ class Scheduler:
                     admit, self._pending = self._pending, []
                     self._running = False
                 else:
+                    left = self._take_left()
                     if engine is None:
                         admit = self.order.take(self._pending, 1, _priority)
                     else:
                         holding = sum(row is not None and row.req.priority != BATCH for row in engine.rows)
                         admit = self.order.admit(self._pending, engine.free_slots, len(engine.rows), holding,
                                                  _priority)
-                    if not admit and (engine is None or engine.active == 0):
+                    if not admit and not left and (engine is None or engine.active == 0):
                         self._running = False
                         return
             if self._closed:
@@ -87,17 +102,54 @@ class Scheduler:
                 if engine is not None:
                     engine.cancel_all()
                 return
+            for req, reason in left:
+                req.deliver(Finished(reason, 0))
             if engine is None:
                 for req in admit:
                     self.reference(req)
                 continue
             try:
-                for req in admit:
-                    engine.admit(req)
-                engine.step()
+                engine.run(plan_step(engine, admit))
             except BaseException as exc:  # noqa: BLE001 - a broken step fails its batch, not the service
                 log.exception("decode step failed")
                 engine.fail_all(exc)
+
+    def _take_left(self) -> list[tuple[EngineRequest, str]]:
+        """Waiting requests whose caller left or whose deadline passed, removed from the queue (under the lock)."""
+        left = [(req, reason) for req in self._pending if (reason := req.stop_reason()) is not None]
+        if left:
+            gone = {id(req) for req, _ in left}
+            self._pending = [req for req in self._pending if id(req) not in gone]
+        return left
+
+
+def plan_step(engine: DecodeEngine, admit: list[EngineRequest]) -> StepPlan:
+    """The next step of ``engine`` (read, not changed), with ``admit`` (already chosen, in order) taking its
+    free rows, lowest first (see the module docstring for the decisions)."""
+    rows = [row for row in engine.rows if row is not None and row.finished is None]
+    stop = tuple((row.slot, reason) for row in rows if (reason := row.req.stop_reason()) is not None)
+    stopping = {slot for slot, _ in stop}
+    rows = [row for row in rows if row.slot not in stopping]
+    decode = [row.slot for row in rows if row.decoding]
+    chunk_size = engine.options.prefill_chunk
+    free = [slot for slot, row in enumerate(engine.rows) if row is None]
+    if len(admit) > len(free):
+        raise ValueError(f"{len(admit)} requests to admit into {len(free)} free rows")
+    admissions = []
+    for req, slot in zip(admit, free):
+        chunked = bool(chunk_size and decode) and engine.prompt_work(req) > chunk_size
+        admissions.append(NewRow(req, slot, chunked))
+        if not chunked:
+            decode.append(slot)  # prefilled now, its first token chosen: it decodes in this step
+    chunk = None
+    if chunk_size:
+        waiting = {row.slot: row.prompt_left for row in rows if row.prompt_left}
+        waiting.update((a.slot, engine.prompt_work(a.req)) for a in admissions if a.chunked)
+        if waiting:
+            chunk = min(waiting)
+            if waiting[chunk] <= chunk_size:  # its last chunk: the row decodes right after it
+                decode.append(chunk)
+    return StepPlan(stop=stop, admit=tuple(admissions), chunk=chunk, decode=tuple(sorted(decode)))
 
 
 def _priority(req: EngineRequest) -> str:

@@ -22,7 +22,7 @@ loading, input preparation and the reference ``generate()`` path.
 
 Two decoding paths, chosen by ``engine``:
 - ``None``: the reference, ``model.generate()`` per request, one request at a time;
-- :class:`~vlm_service.engine.EngineOptions`: the decode engine (static per-row KV cache, captured decode
+- :class:`~vlm_service.engine_options.EngineOptions`: the decode engine (static per-row KV cache, captured decode
   step, grammar jump-forward, concurrent requests decoded together, prefix cache), each part switchable.
 Greedy decoding gives the same tokens on both (tests/integration/test_vlm_engine.py).
 """
@@ -53,7 +53,8 @@ from vlm_service.backend import DecodingOptions, StreamEvent, VisionBackend
 from vlm_service.config import VlmConfig, engine_options
 from vlm_service.grammar import GrammarLogitsProcessor, build_tokenizer_info, compile_schema
 from vlm_service.stop_criterion import StopCriterion
-from vlm_service.engine import EngineOptions, EngineRequest
+from vlm_service.engine_options import EngineOptions
+from vlm_service.engine_request import EngineRequest
 from vlm_service.sampling import SeededSamplingLogitsProcessor
 from vlm_service.messages import Delivery, Failed, Finished, Tokens
 from vlm_service.scheduler import Scheduler
@@ -333,7 +334,7 @@ class TransformersVisionBackend(VisionBackend):
                 repetition_penalty=self._repetition_penalty, prefix_ids=ids[: ids.index(image_token_id)],
                 options=self.engine_options)
         self.scheduler = Scheduler(self.worker, max_queue=self._max_queue, engine=self.engine,
-                                   reference=self._generate_reference,
+                                   reference=self.generate_reference,
                                    order=PriorityOrder(self._batch_aging, reserved=self._interactive_rows))
         self.model_revision = checkpoint_revision(self.model_id, self._revision, token)
         self._loaded = True
@@ -460,7 +461,7 @@ class TransformersVisionBackend(VisionBackend):
                should_stop: Callable[[], bool] | None = None, deadline: float | None = None,
                priority: str = INTERACTIVE) -> tuple[EngineRequest, DescriptionAssembler]:
         """Queue one request; ``deliver`` gets its token ids and its end on the model thread (see
-        :class:`~vlm_service.engine.EngineRequest`). Raises InvalidInput,
+        :class:`~vlm_service.engine_request.EngineRequest`). Raises InvalidInput,
         NotReady, Overloaded, before anything is queued."""
         started = time.perf_counter()
         self._require_loaded()
@@ -557,8 +558,10 @@ class TransformersVisionBackend(VisionBackend):
             use_cache=True,
         )
 
-    def _generate_reference(self, req: EngineRequest) -> None:
-        """The reference path: ``model.generate()`` with the grammar as a logits processor (batch 1)."""
+    def generate_reference(self, req: EngineRequest) -> None:
+        """The reference path: ``model.generate()`` with the grammar as a logits processor (batch 1), on the
+        calling thread, which must be the model thread (the scheduler's loop without an engine; the bench, in a
+        job of :attr:`worker`)."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer

@@ -75,20 +75,20 @@ async def _drain(call) -> list:
 
 
 class StepCountingEngine:
-    """Counts the real engine's steps and, from the third step, waits until the watched request is cancelled
+    """Counts the real engine's steps (plans run) and, from the third step, waits until the watched request is cancelled
     (so its caller's cancel lands while the row decodes, whatever the tiny model generates)."""
 
     def __init__(self, engine):
         self.engine, self.steps = engine, 0
         self.paused, self.cancel_seen = threading.Event(), threading.Event()
-        self.original = engine.step
+        self.original = engine.run
 
-    def step(self):
+    def run(self, plan):
         self.steps += 1
         if self.steps == 3:
             self.paused.set()
             assert self.cancel_seen.wait(BOUND)
-        return self.original()
+        return self.original(plan)
 
 
 class WatchedCancel(threading.Event):
@@ -141,7 +141,7 @@ async def test_a_caller_leaving_frees_its_vlm_row_at_the_next_step(tiny_vlm_dir)
     async with engine_stack(tiny_vlm_dir) as (target, backend):
         engine, scheduler = backend.engine, backend.scheduler
         counter = StepCountingEngine(engine)
-        engine.step = counter.step
+        engine.run = counter.run
         watched, flags, ended = [], [], threading.Event()
         submit = scheduler.submit
 
@@ -171,7 +171,7 @@ async def test_a_caller_leaving_frees_its_vlm_row_at_the_next_step(tiny_vlm_dir)
                 call.cancel()
                 assert await asyncio.to_thread(ended.wait, BOUND)
         finally:
-            del engine.step, scheduler.submit
+            del engine.run, scheduler.submit
         (reason, finished_at), = watched
         (flag,) = flags
         assert reason == "cancelled" and flag.at_step == 3  # set while the third step waited

@@ -20,7 +20,7 @@ from tests.vlm_fixtures import description_schema
 from i2s_formats.source_merge import merge_sources
 from vlm_service import rules
 from vlm_service.backend import DecodingOptions, DescriptionDone, SceneHeader, SourceFound
-from vlm_service.engine import EngineOptions
+from vlm_service.engine_options import EngineOptions
 from vlm_service.messages import Failed, Finished, Tokens
 from vlm_service.transformers_backend import TransformersVisionBackend, render_chatml
 from vlm_prompt import load_prompt
@@ -197,7 +197,7 @@ def test_every_output_is_schema_valid(tiny_vlm_dir, version, jump):
 
 def test_prefix_cache_prefill_matches_the_full_prefill(tiny_vlm_dir):
     """The system turn's KV computed once and reused gives the same first-token logits as a full prefill."""
-    from vlm_service.engine import EngineRequest, _Row
+    from vlm_service.engine import EngineRequest, Row
 
     logits = {}
     for cached in (False, True):
@@ -207,7 +207,7 @@ def test_prefix_cache_prefill_matches_the_full_prefill(tiny_vlm_dir):
             assert bool(engine._prefix_kv) is cached
             req = EngineRequest(inputs=b.prepare_inputs(IMAGES[1]), max_new_tokens=8, temperature=0, top_p=1,
                                 seed=None, deliver=lambda item: None)
-            logits[cached] = b._on_model_thread(lambda: engine._prefill(_Row(req, 0)).clone())
+            logits[cached] = b._on_model_thread(lambda: engine._prefill(Row(req, 0)).clone())
         finally:
             b.close()
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)

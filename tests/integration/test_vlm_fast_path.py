@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from serving import health
 from vlm_service.attention import FLEX_NAME, NAME
 from vlm_service.backend import DecodingOptions
-from vlm_service.engine import EngineOptions
+from vlm_service.engine_options import EngineOptions
 from vlm_service.messages import Finished, Tokens
 from vlm_service.model_runner import StepInputs
 from vlm_service.server import load_and_warm
@@ -203,7 +203,7 @@ def test_the_mask_kernel_is_chosen_once_and_a_failing_one_leaves_the_plain_path(
     b = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu", engine=_options())
     try:
         load_and_warm(b)
-        assert b.engine.mask_backend == "torch_native"
+        assert b.engine.structured.backend == "torch_native"
         failed = calls.count("auto")
         c = _Collect()
         b.submit(IMAGES[0], DecodingOptions(max_new_tokens=20, temperature=0.8, seed=3), c)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from bench.host_work import HostWorkCounter, count_engine_steps
-from vlm_service.engine import DecodeEngine, EngineOptions
+from vlm_service.engine_options import EngineOptions
 from vlm_service.transformers_backend import TransformersVisionBackend
 
 MAX_OPS = 16
@@ -34,15 +34,16 @@ def both(tiny_vlm_dir):
                             length_buckets=(1024,), jump_forward="off", prefix_cache=True)
     b = TransformersVisionBackend(str(tiny_vlm_dir), device="cpu", engine=options)
     b.load()
-    apply = DecodeEngine._apply_mask
+    structured = b.engine.structured
+    apply = structured.apply
 
-    def recording(self, scores, mask):
+    def recording(scores, rows=None, indices=None):
         WARMED_ROWS.add(int(scores.shape[0]))
-        return apply(self, scores, mask)
+        return apply(scores, rows, indices)
 
-    b.engine._apply_mask = recording.__get__(b.engine)
+    structured.apply = recording
     b._on_model_thread(b.engine.warm)
-    del b.engine._apply_mask
+    del structured.apply
     b.warmup()
     try:
         images = [_image(i, (48 + 8 * i, 40)) for i in range(8)]

@@ -11,7 +11,7 @@ from PIL import Image
 from i2s_formats import boxes
 from vlm_prompt import load_prompt
 from vlm_service.backend import DecodingOptions, DescriptionDone
-from vlm_service.engine import EngineOptions
+from vlm_service.engine_options import EngineOptions
 from vlm_service.transformers_backend import TransformersVisionBackend, render_chatml
 
 MAX_NEW_TOKENS = 1024

@@ -9,7 +9,7 @@ from PIL import Image
 
 from serving import tracing
 from vlm_service.backend import DecodingOptions, DescriptionDone
-from vlm_service.engine import EngineOptions
+from vlm_service.engine_options import EngineOptions
 from vlm_service.transformers_backend import TransformersVisionBackend
 
 STAGES = ["vlm.queue_wait", "vlm.prefill", "vlm.decode"]

@@ -17,7 +17,7 @@ from audio_service.batching import Batcher
 from orchestrator.admission import Admission, StreamShare
 from serving.blocking import ModelWorker
 from serving.priority import BATCH, INTERACTIVE, PriorityOptions, PriorityOrder
-from vlm_service.engine import EngineRequest
+from vlm_service.engine_request import EngineRequest
 from vlm_service.messages import Finished
 from vlm_service.scheduler import Scheduler
 from tests.unit.test_batching import FakeCountingAudioBackend, req, wait_thread_event, wait_until
@@ -88,8 +88,10 @@ async def test_orchestrator_admission_serves_an_interactive_image_before_60_wait
 
 class FakeRowsEngine:
     """NOT a model: the scheduler's view of a decode engine with `rows` rows, where each admitted request
-    finishes at the next step. The first step waits for `go`, so requests queue up behind a running one.
-    `admitted` records (step, request name) of every admission."""
+    finishes at the end of its first step. The first step waits for `go`, so requests queue up behind a
+    running one. `admitted` records (step, request name) of every admission."""
+
+    options = SimpleNamespace(prefill_chunk=0)
 
     def __init__(self, rows: int = 1):
         self.rows: list = [None] * rows
@@ -105,11 +107,11 @@ class FakeRowsEngine:
     def active(self) -> int:
         return len(self.rows) - self.free_slots
 
-    def admit(self, request: EngineRequest) -> None:
-        self.admitted.append((self.steps, request.inputs["name"]))
-        self.rows[self.rows.index(None)] = SimpleNamespace(req=request)
-
-    def step(self) -> None:
+    def run(self, plan) -> None:
+        for new in plan.admit:
+            self.admitted.append((self.steps, new.req.inputs["name"]))
+            self.rows[new.slot] = SimpleNamespace(req=new.req, slot=new.slot, finished=None, decoding=True,
+                                                  prompt_left=0)
         self.first_step.set()
         assert self.go.wait(BOUND)
         self.steps += 1
