@@ -41,6 +41,11 @@ class ModelWorker:
     def _enter(self) -> None:
         _thread.worker = self
 
+    @property
+    def queue_depth(self) -> int:
+        """Streams waiting for a free thread (the queue-depth gauge of a service whose worker queues)."""
+        return max(0, self._in_flight - self.concurrency)
+
     def on_thread(self) -> bool:
         """True on one of this worker's threads."""
         return getattr(_thread, "worker", None) is self

@@ -89,6 +89,12 @@ class VisionBackend(ABC):
     concurrent_requests: int | None = 1
     model_revision: str | None = None  # the loaded weights (serving.models.checkpoint_revision); None: unknown
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests accepted and not yet started, for a backend that queues them itself (``concurrent_requests``
+        None); a backend the servicer's worker queues for has none of its own."""
+        return 0
+
     def result_identity(self) -> dict | None:
         """What decides a description besides the image and decoding options: the model (id and revision),
         the prompt version and the settings of this backend that change the tokens. Part of every

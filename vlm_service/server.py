@@ -32,7 +32,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         # send the backend as many requests at once as it takes.
         self.worker = None if backend.concurrent_requests is None else ModelWorker(
             "vlm", max_queue=config.max_queue, concurrency=backend.concurrent_requests)
-        metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: getattr(backend, "queue_depth", 0))
+        queue = backend if self.worker is None else self.worker
+        metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: queue.queue_depth)
         self.cache = open_cache(config.cache, "vlm")
 
     async def _events(self, request, context):

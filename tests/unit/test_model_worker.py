@@ -72,9 +72,11 @@ async def test_beyond_the_running_streams_at_most_max_queue_wait():
     streams = [asyncio.ensure_future(_drain(worker, produce)) for _ in range(4)]
     with pytest.raises(Overloaded, match="1 requests already waiting"):
         await asyncio.wait_for(streams[3], WAIT)
+    assert worker.queue_depth == 1  # what the service's queue-depth gauge reads: the one waiting, not the two running
     release.set()
     try:
         assert await asyncio.wait_for(asyncio.gather(*streams[:3]), WAIT) == [["done"]] * 3
+        assert worker.queue_depth == 0
     finally:
         worker.close()
 
