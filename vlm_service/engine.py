@@ -184,8 +184,13 @@ class DecodeEngine:
                 if row is not None and row.finished is None:
                     row.finished = reason
             self._finish_rows()
-            for admission in plan.admit:
-                self._admit(admission)
+            for i, new in enumerate(plan.admit):
+                try:
+                    self._admit(new)
+                except BaseException as exc:  # the step breaks (fail_all ends its rows); those not yet admitted end too
+                    for later in plan.admit[i + 1 :]:
+                        later.req.deliver(Failed(exc))
+                    raise
             started = time.perf_counter()
             if plan.chunk is not None:
                 self._prefill_chunk(plan.chunk)
@@ -196,8 +201,9 @@ class DecodeEngine:
         """Take the request into its planned row: prefill it whole and choose its first token, or set up its
         chunked prefill (the plans' ``chunk`` runs the chunks)."""
         req, slot = new.req, new.slot
-        if self.rows[slot] is not None:
-            raise RuntimeError(f"the plan admits into row {slot}, which is taken")  # a scheduler bug
+        if self.rows[slot] is not None:  # a scheduler bug: this request fails, the others go on
+            req.deliver(Failed(RuntimeError(f"the plan admits into row {slot}, which is taken")))
+            return
         row = Row(req, slot)
         req.phases.enter("vlm.prefill")
         try:

@@ -28,7 +28,7 @@ from serving.errors import NotReady, Overloaded
 from serving.priority import BATCH, PriorityOrder
 from vlm_service.engine import DecodeEngine
 from vlm_service.engine_request import EngineRequest
-from vlm_service.messages import Finished
+from vlm_service.messages import Failed, Finished
 from vlm_service.step_plan import NewRow, StepPlan
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,14 @@ class Scheduler:
                     self.reference(req)
                 continue
             try:
-                engine.run(plan_step(engine, admit))
+                plan = plan_step(engine, admit)
+            except BaseException as exc:  # noqa: BLE001 - a bug: these requests fail, the service goes on
+                log.exception("planning a decode step failed")
+                for req in admit:
+                    req.deliver(Failed(exc))
+                continue
+            try:
+                engine.run(plan)
             except BaseException as exc:  # noqa: BLE001 - a broken step fails its batch, not the service
                 log.exception("decode step failed")
                 engine.fail_all(exc)

@@ -12,7 +12,7 @@ import pytest
 
 from serving.blocking import ModelWorker
 from vlm_service.engine_request import EngineRequest
-from vlm_service.messages import Finished
+from vlm_service.messages import Failed, Finished
 from vlm_service.scheduler import Scheduler, plan_step
 from vlm_service.step_plan import NewRow, StepPlan
 from tests.unit.test_priority import FakeRowsEngine
@@ -115,6 +115,40 @@ def test_a_request_whose_caller_left_while_it_waited_ends_without_being_admitted
         assert ended["left"] == Finished("cancelled", 0)
         assert ended["stays"] == Finished("stop", 1)
         assert [name for _, name in engine.admitted] == ["stays"]
+    finally:
+        scheduler.close()
+        worker.close()
+
+
+def test_a_plan_that_cannot_be_made_fails_its_requests_and_the_next_request_is_served(monkeypatch):
+    import vlm_service.scheduler as scheduler_module
+
+    def planning_bug(engine, admit):
+        if any(req.inputs["name"] == "bad" for req in admit):
+            raise KeyError("input_ids")  # e.g. a request built without its token ids
+        return plan_step(engine, admit)
+
+    monkeypatch.setattr(scheduler_module, "plan_step", planning_bug)
+    engine, worker = FakeRowsEngine(rows=1), ModelWorker("fake-vlm")
+    engine.go.set()
+    scheduler = Scheduler(worker, max_queue=10, engine=engine, reference=None)
+    got: dict[str, list] = {"bad": [], "good": []}
+    good_done = threading.Event()
+
+    def deliver_to(name: str):
+        def deliver(item) -> None:
+            got[name].append(item)
+            if name == "good":
+                good_done.set()
+        return deliver
+
+    try:
+        scheduler.submit(request(4, "bad", deliver=deliver_to("bad")))
+        scheduler.submit(request(4, "good", deliver=deliver_to("good")))
+        assert good_done.wait(BOUND)
+        (failed,) = got["bad"]  # exactly one message: its error
+        assert isinstance(failed, Failed) and isinstance(failed.error, KeyError)
+        assert got["good"] == [Finished("stop", 1)]
     finally:
         scheduler.close()
         worker.close()
