@@ -561,15 +561,11 @@ class TransformersVisionBackend(VisionBackend):
     def generate_reference(self, req: EngineRequest) -> None:
         """The reference path: ``model.generate()`` with the grammar as a logits processor (batch 1), on the
         calling thread, which must be the model thread (the scheduler's loop without an engine; the bench, in a
-        job of :attr:`worker`)."""
+        job of :attr:`worker`). A request that left while queued never gets here: the scheduler ends it."""
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
-        reason = req.stop_reason()
-        if reason is not None:
-            req.deliver(Finished(reason, 0))
-            return
         grammar = req.grammar if req.grammar is not None else self._grammar
         processors: list[Any] = [GrammarLogitsProcessor(grammar, self._vocab_size)]
         if req.temperature > 0:
