@@ -32,7 +32,7 @@ TIME_TO_FIRST_AUDIO = Histogram(
 QUEUE_DEPTH = Gauge("i2s_queue_depth", "Requests waiting, by queue (orchestrator admission, VLM, audio batcher)",
                     ["queue"])
 QUEUE_WAIT = Histogram("i2s_queue_wait_seconds", "From arrival to admission, by stage (orchestrator admission, "
-                       "audio batcher) and priority (interactive, batch)", ["stage", "priority"],
+                       "VLM scheduler, audio batcher) and priority (interactive, batch)", ["stage", "priority"],
                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
 CACHE_LOOKUPS = Counter("i2s_cache_lookups_total", "Result cache lookups, by cache (vlm, audio) and result (hit, "
                         "miss, bypass, uncacheable: no seed; error: the shared store failed, counted besides the "

@@ -28,6 +28,7 @@ class EngineRequest:
     priority: str = "interactive"  # the scheduler's admission order (serving.priority)
     # Made where the request is submitted, on its RPC's task: its trace spans (no-op when tracing is off).
     phases: tracing.Phases = field(default_factory=lambda: tracing.request_phases("vlm.queue_wait"))
+    queued_at: float = field(default_factory=time.perf_counter)  # its arrival (the queue-wait metric)
 
     def stop_reason(self) -> str | None:
         if self.cancelled.is_set() or (self.should_stop is not None and self.should_stop()):

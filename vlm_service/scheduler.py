@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 
+from serving import metrics
 from serving.errors import NotReady, Overloaded
-from serving.priority import BATCH, PriorityOrder
+from serving.priority import BATCH, PRIORITIES, PriorityOrder
 from vlm_service.engine import DecodeEngine
 from vlm_service.engine_request import EngineRequest
 from vlm_service.messages import Failed, Finished
@@ -51,6 +53,8 @@ class Scheduler:
         self._pending: list[EngineRequest] = []
         self._running = False
         self._closed = False
+        for priority in PRIORITIES:  # both series exist from the start (at 0)
+            metrics.QUEUE_WAIT.labels(stage="vlm", priority=priority)
 
     @property
     def queue_depth(self) -> int:
@@ -104,6 +108,9 @@ class Scheduler:
                 return
             for req, reason in left:
                 req.deliver(Finished(reason, 0))
+            admitted = time.perf_counter()
+            for req in admit:
+                metrics.QUEUE_WAIT.labels(stage="vlm", priority=req.priority).observe(admitted - req.queued_at)
             if engine is None:
                 for req in admit:
                     self.reference(req)

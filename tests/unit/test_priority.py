@@ -12,6 +12,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+from prometheus_client import REGISTRY
 
 from audio_service.batching import Batcher
 from orchestrator.admission import Admission, StreamShare
@@ -152,14 +153,22 @@ def run_scheduler(engine: FakeRowsEngine, order: PriorityOrder, later: list[tupl
         scheduler.close()
 
 
+def vlm_waits_counted(priority: str) -> float:
+    return REGISTRY.get_sample_value("i2s_queue_wait_seconds_count", {"stage": "vlm", "priority": priority}) or 0.0
+
+
 def test_vlm_scheduler_admits_an_interactive_request_before_60_waiting_batch_requests():
     engine = FakeRowsEngine(rows=1)
     later = [(f"batch-{i}", BATCH) for i in range(QUEUED_BATCH)] + [("interactive", INTERACTIVE)]
+    waits_before = {p: vlm_waits_counted(p) for p in (INTERACTIVE, BATCH)}
     done = run_scheduler(engine, PriorityOrder(batch_aging=4, reserved=1), later)
     admitted = [name for _, name in engine.admitted]
     assert admitted[:2] == ["running", "interactive"]  # the next free row went to the interactive request
     assert admitted[2:] == [f"batch-{i}" for i in range(QUEUED_BATCH)]  # batch work completes, in order
     assert sorted(done) == sorted(admitted)
+    # Each admission's wait is in i2s_queue_wait_seconds{stage="vlm"}, under its own priority.
+    assert vlm_waits_counted(INTERACTIVE) - waits_before[INTERACTIVE] == 1
+    assert vlm_waits_counted(BATCH) - waits_before[BATCH] == QUEUED_BATCH + 1
 
 
 def test_vlm_batch_work_leaves_a_row_free_and_yields_rows_while_interactive_work_decodes():
