@@ -51,16 +51,17 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         if generation.duration_seconds > self.config.max_clip_seconds:
             raise InvalidInput(f"settings: duration_seconds={generation.duration_seconds:g}; this service makes "
                                f"clips of at most {self.config.max_clip_seconds:g} s")
-        if clip_maker.needs_clip_maker(generation):  # streamed as made; not cached (yet)
-            async for response in self._made(call, context):
-                yield response
-            return
-        key = clip_key(call, self.backend)
+        made = clip_maker.needs_clip_maker(generation)  # long, looped or guarded: streamed as made
+        key = clip_key(call, self.backend, self.config.speech_music_margin)
         cached = await self.cache.lookup(key, call.handling.bypass_cache)
         if cached is not None:  # no model runs: the clip as it was rendered, encoded as this call asks
             waveform, metadata = unpack_clip(cached)
             request_log.note(clip_id=clip_id, cache_hit=True)
-            for response in self._chunks(call, waveform, metadata):
+            for response in (self._replayed if made else self._chunks)(call, waveform, metadata):
+                yield response
+            return
+        if made:
+            async for response in self._made(call, context, key):
                 yield response
             return
 
@@ -121,10 +122,18 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
         sending.end()
 
-    async def _made(self, call: contract.AudioCall, context: grpc.aio.ServicerContext):
+    @staticmethod
+    def _replayed(call: contract.AudioCall, waveform, metadata: common_pb2.ClipMetadata):
+        """A cached long, looped or guarded clip, chunked as :meth:`_made` chunked it (a ChunkStream cuts at the
+        same multiples of the chunk length however the samples arrive): the same bytes."""
+        stream = ChunkStream(call.clip_id, metadata.sample_rate_hertz, call.output.encoding, call.output.chunk_seconds)
+        for chunk in [*stream.add(waveform), *stream.finish(metadata)]:
+            yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+
+    async def _made(self, call: contract.AudioCall, context: grpc.aio.ServicerContext, key: str | None):
         """A long, looped or guarded clip (audio_service/clip_maker.py): progress over all its model calls, its
         chunks as soon as its samples are final (a long clip's first window streams before the second is
-        made), the metadata on the last chunk."""
+        made), the metadata on the last chunk; then it is cached under `key` (None: not cached)."""
         generation = call.generation
         shape = getattr(self.backend, "window_shape", lambda: None)()  # None: no windows (Triton, doubles)
         rate = shape.sample_rate_hertz if shape else self.backend.sample_rate_hertz
@@ -197,6 +206,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         request_log.note(clip_id=call.clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=first.steps_run, windows=made.windows, tries=max(1, len(made.attempts)))
         loudness.record(metadata, level, gain_db)
+        await self.cache.store(key, pack_clip(sent if whole else clip.astype(np.float32, copy=False), metadata))
         if whole:
             for chunk in stream.add(sent):
                 yield audio_pb2.GenerateAudioResponse(chunk=chunk)

@@ -76,6 +76,30 @@ async def test_an_audio_hit_streams_the_same_bytes_says_so_and_runs_no_model(aud
     assert servicer.batcher.backend_calls == calls and {c.clip_id for c in wav} == {"other"}
 
 
+@pytest.mark.parametrize("rate", [0, 48000], ids=["streamed-as-made", "sent-whole-at-48k"])
+async def test_a_looped_clip_is_cached_and_a_hit_streams_the_same_chunks(audio_service, rate):
+    """A looped clip goes through the clip maker (chunks as its samples are final, or whole at another rate);
+    a hit is chunked the same way: the same chunks, the same loop points, no model call."""
+    stub, servicer = audio_service
+    request = audio_request(seed=9)
+    request.settings.loop, request.settings.duration_seconds = True, 2.0  # a loop's shortest
+    request.settings.sample_rate_hertz = rate
+
+    async def chunks() -> list[common_pb2.AudioChunk]:
+        return [r.chunk async for r in stub.GenerateAudio(request, timeout=WAIT) if r.WhichOneof("event") == "chunk"]
+
+    first = await chunks()
+    calls = servicer.batcher.backend_calls
+    again = await chunks()
+    assert servicer.batcher.backend_calls == calls  # no model call for the second
+    assert len(first) > 1 and [(c.sequence_number, c.data, c.last) for c in again] == [
+        (c.sequence_number, c.data, c.last) for c in first]
+    first_meta, again_meta = first[-1].metadata, again[-1].metadata
+    assert again_meta.cache_hit and not first_meta.cache_hit and first_meta.loop_end_sample > 0
+    first_meta.cache_hit = True
+    assert again_meta == first_meta  # loop points, loudness, seed: as the render reported them
+
+
 async def test_seedless_bypassed_and_other_revision_requests_run_the_model(audio_service, tiny_audio_backend):
     stub, servicer = audio_service
     await clip(stub, audio_request(seed=6))

@@ -78,3 +78,25 @@ def test_a_password_in_the_url_never_reaches_a_message():
     with pytest.raises(StartupError) as refused:
         check_options(CacheOptions(cache_url="redis://user:s3cret@localhost:port/0"))
     assert "s3cret" not in str(refused.value) and ":***@" in str(refused.value)
+
+
+class FakeIdentityBackend:
+    """NOT a model: only the identity an audio backend puts into its cache keys."""
+
+    def result_identity(self) -> dict:
+        return {"model_id": "tiny", "revision": "r1"}
+
+
+def test_the_guard_margin_is_part_of_a_guarded_clips_key_only():
+    from audio_service.clip_cache import clip_key
+    from i2s_formats.contract import generate_audio
+    from image_to_sound.v1 import common_pb2
+
+    def key(margin: float, **settings) -> str | None:
+        call = generate_audio("rain on a tin roof", common_pb2.AudioSettings(seed=3, **settings), "c")
+        return clip_key(call, FakeIdentityBackend(), guard_margin=margin)
+
+    assert key(0.5, reject_speech_music=2) != key(1.5, reject_speech_music=2)  # the margin decides the kept try
+    assert key(0.5) == key(1.5)  # unguarded: the margin changes nothing, so it does not split the cache
+    assert key(0.5, loop=True) != key(0.5) != key(0.5, duration_seconds=45.0)  # loop and length are in the key
+    assert key(0.5, reject_speech_music=2) != key(0.5, reject_speech_music=3)
