@@ -33,6 +33,11 @@ def needs_clip_maker(request: AudioRequest) -> bool:
     return request.windowed or request.loop or request.reject_speech_music > 0
 
 
+def can_guard(backend) -> bool:
+    """Whether `backend` scores clips against texts, which the speech/music guard needs (diffusers does)."""
+    return hasattr(backend, "score_candidates")
+
+
 @dataclass
 class MadeClip:
     results: list[AudioResult]  # the kept try's model results (one per window)
@@ -66,7 +71,7 @@ async def make_clip(request: AudioRequest, *, sample_rate: int, shape: WindowSha
     total = num_samples(request.duration_seconds, sample_rate)
     attempts: list[speech_music_guard.GuardAttempt] = []
     tries = 1 + request.reject_speech_music
-    if request.reject_speech_music and not hasattr(backend, "score_candidates"):
+    if request.reject_speech_music and not can_guard(backend):
         raise InvalidInput("settings: reject_speech_music needs an audio backend that scores clips (diffusers)")
     for attempt in range(tries):
         seed = speech_music_guard.guard_seed(request.seed, attempt)

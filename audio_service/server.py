@@ -42,6 +42,19 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         self.cache = open_cache(config.cache, "audio")
         metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: self.batcher.queue_depth)
 
+    def limits(self) -> audio_pb2.AudioLimits:
+        """What this replica makes: its --max-clip-seconds (a backend without model windows makes one call's
+        length at most), and whether it has the speech/music guard."""
+        windows = getattr(self.backend, "window_shape", lambda: None)() is not None  # None: Triton, doubles
+        longest = self.config.max_clip_seconds if windows else min(self.config.max_clip_seconds,
+                                                                   contract.MAX_SINGLE_WINDOW_SECONDS)
+        return audio_pb2.AudioLimits(max_clip_seconds=longest, speech_music_guard=clip_maker.can_guard(self.backend))
+
+    async def GetAudioLimits(self, request: audio_pb2.GetAudioLimitsRequest, context: grpc.aio.ServicerContext):
+        if not self.backend.ready:  # the window shape is the loaded model's
+            raise NotReady("the audio model is still loading")
+        return self.limits()
+
     async def GenerateAudio(self, request: audio_pb2.GenerateAudioRequest, context: grpc.aio.ServicerContext):
         if not self.backend.ready:
             raise NotReady("the audio model is still loading")

@@ -37,6 +37,9 @@ class OrchestratorConfig:
                                                   "changes; new channels use the new files (0: never)")
     channel_close_grace_seconds: float = setting(60.0, "how long calls in flight on channels replaced after a TLS "
                                                  "file change may go on before those channels close")
+    audio_limits_refresh_seconds: float = setting(60.0, "how often the audio service is asked what it makes "
+                                                  "(longest clip, speech/music guard), which the orchestrator "
+                                                  "checks requests against at its edge (0: asked once, at start)")
     limits: PipelineLimits = PipelineLimits()
     priority: PriorityOptions = PriorityOptions()
     server: ServerOptions = ServerOptions(port=DEFAULT_PORT)

@@ -12,6 +12,7 @@ from i2s_formats import contract
 from i2s_formats.contract import clean_request_id, with_defaults
 from serving import channels
 from orchestrator.admission import Admission, StreamShare
+from orchestrator.audio_limits import AudioLimits
 from orchestrator.config import OrchestratorConfig
 from orchestrator.pipeline import Pipeline
 from serving import metrics, request_log, security
@@ -35,10 +36,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                                    wait_seconds=config.admission_wait_seconds,
                                    order=PriorityOrder(config.priority.batch_aging))
         metrics.QUEUE_DEPTH.labels(queue="orchestrator_admission").set_function(lambda: self.admission.waiting)
+        self.audio_limits = AudioLimits()  # what the audio service makes (asked once it serves)
 
     def _resolve(self, request: pb.ImageToSoundRequest, context: grpc.aio.ServicerContext) -> contract.ImageRequest:
         header = dict(context.invocation_metadata() or ()).get(contract.PRIORITY_HEADER, "")
-        return contract.image_to_sound(request, self.config.limits.max_clips_per_image, priority_header=header)
+        resolved = contract.image_to_sound(request, self.config.limits.max_clips_per_image, priority_header=header)
+        self.audio_limits.check(resolved)  # what every clip would fail at the audio service's edge
+        return resolved
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         return Deadline.from_context(context, self.config.default_deadline_seconds)
@@ -132,6 +136,7 @@ class Orchestrator:
         )
         self._mirror: asyncio.Task | None = None
         self._tls_watcher: asyncio.Task | None = None
+        self._limits_asker: asyncio.Task | None = None
         self._retired: list[grpc.aio.Channel] = []
         self._closing: set[asyncio.Task] = set()
 
@@ -188,11 +193,17 @@ class Orchestrator:
 
         await asyncio.gather(*(wait_channel_serving(channel, timeout=timeout) for channel in self.channels.values()))
         self._mirror = asyncio.create_task(mirror_serving(self.channels, self.server.set_serving))
+        pipeline, limits = self.servicer.pipeline, self.servicer.audio_limits
+        if pipeline.audio is not None:
+            await limits.ask(pipeline.audio)  # before this returns: the first request is checked
+            if self.config.audio_limits_refresh_seconds > 0:
+                self._limits_asker = asyncio.create_task(
+                    limits.keep_asking(lambda: pipeline.audio, self.config.audio_limits_refresh_seconds))
         if self._credentials.watched.files and self.config.downstream_tls_check_seconds > 0:
             self._tls_watcher = asyncio.create_task(self._watch_tls_files())
 
     async def close(self) -> None:
-        tasks = [t for t in (self._mirror, self._tls_watcher) if t is not None]
+        tasks = [t for t in (self._mirror, self._tls_watcher, self._limits_asker) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

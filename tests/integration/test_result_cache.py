@@ -76,6 +76,14 @@ async def test_an_audio_hit_streams_the_same_bytes_says_so_and_runs_no_model(aud
     assert servicer.batcher.backend_calls == calls and {c.clip_id for c in wav} == {"other"}
 
 
+async def test_the_audio_service_says_what_it_makes(audio_service):
+    """GetAudioLimits, which the orchestrator checks requests against: the diffusers backend makes windows
+    (so the setting's 300 s) and scores clips (so it has the speech/music guard)."""
+    stub, _ = audio_service
+    assert await stub.GetAudioLimits(audio_pb2.GetAudioLimitsRequest(), timeout=WAIT) == audio_pb2.AudioLimits(
+        max_clip_seconds=300.0, speech_music_guard=True)
+
+
 @pytest.mark.parametrize("rate", [0, 48000], ids=["streamed-as-made", "sent-whole-at-48k"])
 async def test_a_looped_clip_is_cached_and_a_hit_streams_the_same_chunks(audio_service, rate):
     """A looped clip goes through the clip maker (chunks as its samples are final, or whole at another rate);

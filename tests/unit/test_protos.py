@@ -31,7 +31,7 @@ def test_stubs_import_by_absolute_path_and_name_the_services():
     }
     assert names == {
         "image_to_sound.v1.VisionService": ["DescribeScene", "StreamSceneDescription"],
-        "image_to_sound.v1.AudioService": ["GenerateAudio"],
+        "image_to_sound.v1.AudioService": ["GenerateAudio", "GetAudioLimits"],
         "image_to_sound.v1.Orchestrator": ["ImageToSound", "StreamImagesToSound"],
     }
     assert vision_pb2_grpc.VisionServiceStub and audio_pb2_grpc.AudioServiceStub and orchestrator_pb2_grpc.OrchestratorStub
