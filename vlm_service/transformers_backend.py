@@ -486,11 +486,13 @@ class TransformersVisionBackend(VisionBackend):
         should_stop: Callable[[], bool] | None = None,
         *,
         deadline: float | None = None,
+        priority: str = INTERACTIVE,
         quiet: bool = False,
     ) -> Iterator[StreamEvent]:
         # Checks run now, in the caller's thread, not at the first next(): bad options, not loaded, bad image.
         items: queue.SimpleQueue = queue.SimpleQueue()
-        req, assembler = self.submit(image, options, items.put, should_stop=should_stop, deadline=deadline)
+        req, assembler = self.submit(image, options, items.put, should_stop=should_stop, deadline=deadline,
+                                     priority=priority)
         assembler.quiet = quiet
         return self._events(req, assembler, items)
 

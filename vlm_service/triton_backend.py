@@ -26,6 +26,7 @@ from i2s_formats.source_merge import SourceMerge
 from serving import tracing
 from serving.deadline import DEFAULT_DEADLINE_SECONDS
 from serving.errors import InvalidInput, NotReady
+from serving.priority import BATCH, INTERACTIVE, PRIORITIES
 from serving.triton_client import (Readiness, TritonClients, TritonTls, call_timeout, model_ready,
                                    translate_error, wait_model_ready)
 from vlm_service.backend import (DecodingOptions, DescriptionDone, SceneHeader, SourceFound,
@@ -41,6 +42,7 @@ DEFAULT_MODEL_NAME = "vlm"
 # Tensor names of deploy/triton/vlm/config.pbtxt.
 IMAGE, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, SEED = "IMAGE", "MAX_NEW_TOKENS", "TEMPERATURE", "TOP_P", "SEED"
 LOCATE_SOURCES = "LOCATE_SOURCES"  # optional; sent only when true, so older models take every other request
+PRIORITY = "PRIORITY"  # optional; sent only for batch work (serving.priority), likewise
 EVENT_KIND, EVENT = "EVENT_KIND", "EVENT"
 HEADER, SOURCE, DONE, ERROR = b"header", b"source", b"done", b"error"
 # How often a waiting stream looks at should_stop.
@@ -95,9 +97,9 @@ def decode_event(kind: bytes, payload: bytes) -> StreamEvent:
     raise RuntimeError(f"unknown event kind {kind!r} from Triton")
 
 
-def request_arrays(image: Image.Image, options: DecodingOptions) -> dict[str, np.ndarray]:
+def request_arrays(image: Image.Image, options: DecodingOptions, priority: str = INTERACTIVE) -> dict[str, np.ndarray]:
     """The model's inputs: raw RGB pixels (the service has decoded and size-checked the image already, so
-    nothing is re-encoded) and the options; SEED is optional and left out when None."""
+    nothing is re-encoded), the options and the priority; SEED is optional and left out when None."""
     arrays = {
         IMAGE: np.asarray(image.convert("RGB"), dtype=np.uint8),
         MAX_NEW_TOKENS: np.array([options.max_new_tokens], dtype=np.int32),
@@ -108,7 +110,21 @@ def request_arrays(image: Image.Image, options: DecodingOptions) -> dict[str, np
         arrays[SEED] = np.array([options.seed], dtype=np.int64)
     if options.locate_sources:
         arrays[LOCATE_SOURCES] = np.array([True], dtype=np.bool_)
+    if priority == BATCH:
+        arrays[PRIORITY] = np.array([priority.encode()], dtype=np.object_)
     return arrays
+
+
+def priority_from_arrays(arrays: dict[str, np.ndarray | None]) -> str:
+    """The request's priority: interactive unless PRIORITY says otherwise (ValueError for an unknown one)."""
+    sent = arrays.get(PRIORITY)
+    if sent is None:
+        return INTERACTIVE
+    value = sent.reshape(-1)[0]
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    if value not in PRIORITIES:
+        raise ValueError(f"PRIORITY={value!r}; one of {', '.join(PRIORITIES)}")
+    return value
 
 
 def options_from_arrays(arrays: dict[str, np.ndarray | None]) -> DecodingOptions:
@@ -169,22 +185,23 @@ class TritonVisionBackend(VisionBackend):
 
     def stream(self, image: Image.Image, options: DecodingOptions,
                should_stop: Callable[[], bool] | None = None, *,
-               deadline: "Deadline | None" = None,
+               deadline: "Deadline | None" = None, priority: str = INTERACTIVE,
                phases: tracing.Phases = tracing.NO_PHASES) -> Iterator[StreamEvent]:
         """The events as Triton sends them; the time left to `deadline` (else `request_timeout_seconds`)
-        is the stream's timeout, so Triton itself stops there (TimeoutError)."""
+        is the stream's timeout, so Triton itself stops there (TimeoutError). The model's decode engine
+        admits batch work after interactive work, as the in-process one does."""
         if not self._loaded or self._closed:
             raise NotReady("the Triton VLM backend is not loaded")
-        return self._stream(request_arrays(image, options), should_stop,
+        return self._stream(request_arrays(image, options, priority), should_stop,
                             call_timeout(deadline, self.request_timeout_seconds), phases)
 
     async def astream(self, image: Image.Image, options: DecodingOptions, worker: "ModelWorker",
-                      deadline: "Deadline | None" = None, priority: str = "interactive") -> AsyncIterator[StreamEvent]:
+                      deadline: "Deadline | None" = None, priority: str = INTERACTIVE) -> AsyncIterator[StreamEvent]:
         # The in-process stages as seen from here: waiting for a model thread, then until Triton's first
         # event (its queue and the prefill), then the decoding.
         phases = tracing.request_phases("vlm.queue_wait", backend="triton")
         async for event in worker.stream(lambda should_stop: self.stream(
-                image, options, should_stop, deadline=deadline, phases=phases)):
+                image, options, should_stop, deadline=deadline, priority=priority, phases=phases)):
             yield event
 
     def _stream(self, arrays: dict[str, np.ndarray], should_stop: Callable[[], bool] | None,

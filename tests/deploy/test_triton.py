@@ -97,6 +97,36 @@ def test_concurrent_vlm_streams_decode_together_in_tritons_engine(triton, vlm, i
     assert "vlm: decode engine, up to 8 requests decoded together" in triton.log_file.read_text(errors="replace")
 
 
+def test_batch_work_sent_through_triton_waits_for_the_interactive_stream_it_arrives_behind(vlm):
+    """The priority reaches the Triton model's decode engine: a batch stream sent while an interactive one
+    decodes starts only once that one has ended (batch work starts no row while interactive work holds one,
+    outside its aging turn), as in the in-process engine."""
+    import threading
+
+    from serving.priority import BATCH
+    from vlm_service.backend import DecodingOptions, DescriptionDone
+
+    options = DecodingOptions(max_new_tokens=1024)  # greedy: the tiny model writes ~700 tokens, about a second
+    decoding, marks = threading.Event(), {}
+
+    def interactive() -> None:
+        for event in vlm.stream(_photo(), options):
+            decoding.set()
+            if isinstance(event, DescriptionDone):
+                marks["interactive_done"] = time.perf_counter()
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(interactive)
+        assert decoding.wait(120)
+        marks["batch_sent"] = time.perf_counter()
+        batch = vlm.stream(_photo(), options, priority=BATCH)
+        next(batch)
+        marks["batch_first"] = time.perf_counter()
+        assert isinstance(list(batch)[-1], DescriptionDone)
+        running.result(timeout=120)
+    assert marks["batch_sent"] < marks["interactive_done"] < marks["batch_first"]
+
+
 STREAMS = 8  # the Triton model's engine_max_batch (config.pbtxt: the VLM service's default)
 
 

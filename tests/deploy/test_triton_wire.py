@@ -63,6 +63,19 @@ def test_vlm_inputs_carry_the_pixels_and_options():
         assert options_from_arrays(arrays) == options
 
 
+def test_vlm_inputs_carry_batch_priority_and_only_then_name_it():
+    from serving.priority import BATCH, INTERACTIVE
+    from vlm_service.triton_backend import PRIORITY, priority_from_arrays, request_arrays
+
+    image = Image.new("RGB", (6, 4))
+    interactive = request_arrays(image, DecodingOptions(), INTERACTIVE)
+    assert PRIORITY not in interactive  # an older model (no such input) still takes interactive work
+    assert priority_from_arrays(interactive) == INTERACTIVE
+    assert priority_from_arrays(request_arrays(image, DecodingOptions(), BATCH)) == BATCH
+    with pytest.raises(ValueError, match="PRIORITY='urgent'"):
+        priority_from_arrays({PRIORITY: np.array([b"urgent"], dtype=np.object_)})
+
+
 def test_audio_requests_and_results_survive_the_tensors():
     from audio_service.triton_backend import (request_arrays, requests_from_arrays, result_arrays,
                                               results_from_arrays)

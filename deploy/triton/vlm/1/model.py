@@ -51,7 +51,7 @@ class TritonPythonModel:
         for request in requests:
             arrays = {name: _input(request, name)
                       for name in (wire.IMAGE, wire.MAX_NEW_TOKENS, wire.TEMPERATURE, wire.TOP_P, wire.SEED,
-                                   wire.LOCATE_SOURCES)}
+                                   wire.LOCATE_SOURCES, wire.PRIORITY)}
             self.streams.submit(self._serve, arrays, request.get_response_sender())
         return None
 
@@ -66,7 +66,8 @@ class TritonPythonModel:
 
             image = Image.fromarray(arrays[wire.IMAGE])  # uint8 (H, W, 3): RGB
             # A cancelled request (the client stopped its stream) stops generation at the next token.
-            for event in self.backend.stream(image, wire.options_from_arrays(arrays), sender.is_cancelled):
+            for event in self.backend.stream(image, wire.options_from_arrays(arrays), sender.is_cancelled,
+                                             priority=wire.priority_from_arrays(arrays)):
                 if sender.is_cancelled():
                     break
                 respond(*wire.encode_event(event))
