@@ -63,16 +63,15 @@ def test_a_client_module_that_imports_the_orchestrator_breaks_the_contract(tmp_p
     assert "i2s_client_probe -> orchestrator.pipeline" in run.stdout
 
 
-def test_the_0_2_client_import_still_works_for_one_release_with_a_deprecation_warning():
-    code = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-            "try:\n    import orchestrator.client\nexcept DeprecationWarning as w:\n    print('warned:', w)\n"
-            "warnings.simplefilter('ignore')\nimport sys; sys.modules.pop('orchestrator.client', None)\n"
-            "import i2s_client, orchestrator.client as old\n"
-            "print(old.ImageToSoundClient is i2s_client.ImageToSoundClient, old.collect is i2s_client.collect)")
+def test_the_modules_deprecated_in_0_3_and_0_4_are_gone_in_0_5():
+    """README "Changed in 0.5": each old name was kept one release with a DeprecationWarning, then removed."""
+    code = ("import importlib\n"
+            "for name in ('orchestrator.client', 'i2s_formats.requests'):\n"
+            "    try:\n        importlib.import_module(name)\n    except ModuleNotFoundError as e:\n"
+            "        print('gone:', e.name)\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == [
-        "warned: orchestrator.client is deprecated: import from i2s_client instead (it goes in 0.4)", "True True"]
+    assert run.stdout.splitlines() == ["gone: orchestrator.client", "gone: i2s_formats.requests"]
 
 
 def test_a_circle_hidden_by_an_import_inside_a_function_breaks_the_contract(tmp_path):

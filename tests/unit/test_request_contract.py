@@ -195,16 +195,6 @@ def test_defaults_are_filled_in_once_by_the_contract():
     assert contract.decoding_options(common_pb2.DecodingSettings()) == contract.DecodingOptions(1024, 0.0, 1.0, None)
 
 
-def test_the_old_module_name_still_imports_with_a_deprecation_warning():
-    import importlib
-    import sys
-
-    sys.modules.pop("i2s_formats.requests", None)
-    with pytest.warns(DeprecationWarning, match="i2s_formats.contract"):
-        old = importlib.import_module("i2s_formats.requests")
-    assert old.image_to_sound is contract.image_to_sound and old.clean_request_id is contract.clean_request_id
-
-
 def test_locate_sources_survives_resolving_and_sending_on():
     """The orchestrator resolves DecodingSettings once and sends DecodingOptions.to_proto(): the VLM must
     still see locate_sources (without it, the description it makes has no boxes)."""
