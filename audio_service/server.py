@@ -151,11 +151,14 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         shape = getattr(self.backend, "window_shape", lambda: None)()  # None: no windows (Triton, doubles)
         rate = shape.sample_rate_hertz if shape else self.backend.sample_rate_hertz
         deadline = Deadline.from_context(context)
-        # Another rate or a loudness target needs the whole clip (resampled and measured once): sent at the end.
+        # A loudness target needs the whole clip (measured before its gain): sent at the end. Another rate
+        # streams: the resampler gives, piece by piece, exactly the samples of resampling the clip whole.
         out_rate = call.output.sample_rate_hertz or rate
-        whole = out_rate != rate or call.output.loudness_target_lufs is not None
+        whole = call.output.loudness_target_lufs is not None
+        resampler = loudness.StreamResampler(rate, out_rate)
         stream = ChunkStream(call.clip_id, out_rate, call.output.encoding, call.output.chunk_seconds)
         made_samples: list[np.ndarray] = []
+        sent_samples: list[np.ndarray] = []  # as sent, when streamed
         started = time.perf_counter()
         async with Pump() as pump:
 
@@ -185,8 +188,10 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             async for item in pump:
                 if isinstance(item, np.ndarray):
                     made_samples.append(item)
-                    for chunk in ([] if whole else stream.add(item)):
-                        yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+                    if not whole:
+                        sent_samples.append(resampler.add(item))
+                        for chunk in stream.add(sent_samples[-1]):
+                            yield audio_pb2.GenerateAudioResponse(chunk=chunk)
                 elif isinstance(item, clip_maker.MadeClip):
                     made = item
                 else:
@@ -197,13 +202,16 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             out = await asyncio.to_thread(loudness.deliver, clip, rate, out_rate, call.output.loudness_target_lufs)
             level, gain_db, sent = out.level, out.gain_db, out.samples
         else:
-            level, gain_db, sent = await asyncio.to_thread(loudness.measure, clip, rate), 0.0, None
+            sent_samples.append(resampler.finish())
+            for chunk in stream.add(sent_samples[-1]):
+                yield audio_pb2.GenerateAudioResponse(chunk=chunk)
+            sent = np.concatenate(sent_samples)
+            level, gain_db = await asyncio.to_thread(loudness.measure, sent, out_rate), 0.0
         scale = out_rate / rate  # sample offsets at the rate sent
         first = made.results[0]
         scores = [r.score for r in made.results if r.score is not None]
         metadata = common_pb2.ClipMetadata(
-            duration_seconds=(len(sent) if whole else stream.total_samples) / out_rate, sample_rate_hertz=out_rate,
-            num_samples=len(sent) if whole else stream.total_samples,
+            duration_seconds=len(sent) / out_rate, sample_rate_hertz=out_rate, num_samples=len(sent),
             seed=made.seed, num_inference_steps=first.steps_run, scheduler=contract.SCHEDULER_ENUM[first.scheduler],
             guidance_scale=generation.guidance_scale, model_id=first.model_id, prompt=generation.prompt,
             negative_prompt=generation.negative_prompt, num_candidates=generation.num_candidates,
@@ -213,13 +221,13 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         )
         if made.loop_points is not None:
             metadata.loop_start_sample = round(made.loop_points[0] * scale)
-            metadata.loop_end_sample = metadata.num_samples if whole else made.loop_points[1]
+            metadata.loop_end_sample = made.loop_points[1] if out_rate == rate else metadata.num_samples
         if scores:
             metadata.score = float(np.mean(scores))  # each window's against the caption
         request_log.note(clip_id=call.clip_id, generation_seconds=elapsed, audio_seconds=metadata.duration_seconds,
                          steps=first.steps_run, windows=made.windows, tries=max(1, len(made.attempts)))
         loudness.record(metadata, level, gain_db)
-        await self.cache.store(key, pack_clip(sent if whole else clip.astype(np.float32, copy=False), metadata))
+        await self.cache.store(key, pack_clip(sent, metadata))
         if whole:
             for chunk in stream.add(sent):
                 yield audio_pb2.GenerateAudioResponse(chunk=chunk)

@@ -91,6 +91,26 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return soxr.resample(data, from_rate, to_rate).astype(np.float32)
 
 
+class StreamResampler:
+    """:func:`resample` for a mono clip that arrives in pieces: soxr's stream runs the one-shot's filter with
+    its state carried across pieces, so the pieces put together are exactly the clip resampled whole."""
+
+    def __init__(self, from_rate: int, to_rate: int) -> None:
+        import soxr
+
+        self._stream = None if from_rate == to_rate else soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32")
+
+    def add(self, samples: np.ndarray) -> np.ndarray:
+        """The output samples that are final once `samples` (the clip's next) are in."""
+        data = np.asarray(samples, dtype=np.float32)
+        return data if self._stream is None else self._stream.resample_chunk(data)
+
+    def finish(self) -> np.ndarray:
+        """The last output samples (the filter's tail)."""
+        return np.zeros(0, np.float32) if self._stream is None else \
+            self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
+
+
 @dataclass(frozen=True)
 class Delivered:
     """A clip as it goes out: resampled, normalised when asked, and measured."""

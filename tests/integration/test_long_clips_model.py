@@ -185,7 +185,31 @@ async def test_a_long_loop_streams_its_windows_and_loops_as_a_whole(long_audio):
     assert kinds.index("chunk") < max(i for i, k in enumerate(kinds) if k == "progress")  # streamed before the end
 
 
-async def test_a_loop_asked_at_48_khz_is_sent_whole_at_that_rate_with_its_points_there(long_audio):
+async def test_a_long_clip_asked_at_48_khz_streams_before_its_last_window_and_is_the_clip_resampled_whole(long_audio):
+    """Another rate no longer holds a long clip back: its windows stream as they are made, resampled piece by
+    piece, and what arrives is exactly the clip at the model's rate resampled in one go (float32 on the wire)."""
+    from i2s_formats import loudness
+
+    servicer, _ = long_audio
+    as_float = {"encoding": common_pb2.AUDIO_ENCODING_FLOAT32_LE, "seed": 11}
+    at_model = [e async for e in servicer.GenerateAudio(request(31.0, **as_float), None)]
+    events = [e async for e in servicer.GenerateAudio(request(31.0, sample_rate_hertz=48000, **as_float), None)]
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds.index("chunk") < max(i for i, k in enumerate(kinds) if k == "progress")  # streamed before the end
+
+    def wave(evs):
+        chunks = [e.chunk for e in evs if e.WhichOneof("event") == "chunk"]
+        return audio_encoding.decode_payloads([c.data for c in chunks], chunks[0].encoding), chunks
+
+    model_wave, _ = wave(at_model)
+    wave_48k, chunks = wave(events)
+    np.testing.assert_array_equal(wave_48k, loudness.resample(model_wave, RATE, 48000))
+    meta = chunks[-1].metadata
+    assert meta.sample_rate_hertz == 48000 and all(c.sample_rate_hertz == 48000 for c in chunks)
+    assert meta.num_samples == len(wave_48k) and meta.window_count == 2
+
+
+async def test_a_loop_asked_at_48_khz_is_sent_at_that_rate_with_its_points_there(long_audio):
     servicer, _ = long_audio
     events = [e async for e in servicer.GenerateAudio(request(3.0, loop=True, sample_rate_hertz=48000), None)]
     chunks = [e.chunk for e in events if e.WhichOneof("event") == "chunk"]
