@@ -185,6 +185,23 @@ def _page_status_resuming(base: str, context: ssl.SSLContext, session: ssl.SSLSe
             return None, None, False
 
 
+def _grpc_port_resuming(target: str, context: ssl.SSLContext, session: ssl.SSLSession | None = None):
+    """A TLS handshake on the gRPC port (ALPN h2) that offers to resume `session`, then HTTP/2's client preface:
+    (whether the server answered with its SETTINGS frame, the connection's session, whether it was resumed)."""
+    host, port = target.rsplit(":", 1)
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=host, session=session) as tls:
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+                frame = b""
+                while len(frame) < 9 and (part := tls.recv(9 - len(frame))):
+                    frame += part
+                return len(frame) == 9 and frame[3] == 4, tls.session, tls.session_reused
+        except (ssl.SSLError, OSError):
+            return False, None, False
+
+
 async def _grpc_status(target: str, ca_file, client) -> str:
     """Health over the gRPC port on a new channel (a new handshake): the status, or the refusal's code."""
     credentials = security.client_credentials(str(ca_file), str(client.cert), str(client.key))
@@ -217,6 +234,15 @@ async def test_a_client_ca_rotated_out_is_refused_on_both_ports_without_a_restar
         raw_ca1 = client_context(ca1.cert_file, client1)  # HTTP/1.1 (httpx sets ALPN h2 on its contexts)
         status, session, _ = await asyncio.to_thread(_page_status_resuming, base, raw_ca1)
         assert status == 200
+        # The gRPC port resumes sessions (TLS 1.3 tickets, TLS 1.2 too): the probe below can see a resumption.
+        grpc_sessions = {}
+        for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            context = client_context(ca1.cert_file, client1)
+            context.maximum_version = version
+            answered, grpc_session, _ = await asyncio.to_thread(_grpc_port_resuming, target, context)
+            assert answered
+            assert (await asyncio.to_thread(_grpc_port_resuming, target, context, grpc_session))[::2] == (True, True)
+            grpc_sessions[version] = context, grpc_session
         # Mutual TLS on the HTTP port is TLS 1.3 without resumption (a resumed TLS 1.2 session, from the
         # server's cache that Python cannot turn off, would skip the client-certificate check).
         tls12 = client_context(ca1.cert_file, client1)
@@ -239,6 +265,11 @@ async def test_a_client_ca_rotated_out_is_refused_on_both_ports_without_a_restar
         # Nor does CA 1's client get back in on its session from before the rotation.
         status, _, resumed = await asyncio.to_thread(_page_status_resuming, base, raw_ca1, session)
         assert status is None and not resumed
+        # Nor on the gRPC port, TLS 1.3 or 1.2: the reload gives gRPC a new TLS context, which knows no
+        # session from before it (measured here; grpc's Python API has no setting for its sessions).
+        for context, grpc_session in grpc_sessions.values():
+            answered, _, resumed = await asyncio.to_thread(_grpc_port_resuming, target, context, grpc_session)
+            assert not answered and not resumed
         assert await _grpc_status(target, ca1.cert_file, client1) == "UNAVAILABLE"
         assert await _grpc_status(target, ca1.cert_file, client2) == accepted_health
         await asyncio.to_thread(output.wait_for, "HTTP port: TLS files reloaded", seen)
