@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from image_to_sound.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 from i2s_client import make_request
@@ -114,6 +115,9 @@ async def traced(tiny_vlm_dir, tiny_audio_dir):
                 async for _ in stub.ImageToSound(broken, timeout=60):
                     pass
             assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # A refused call's status is sent before the server's interceptors count it (they count on the way
+            # out), so the scrape could run in between; a later call answered on the same event loop cannot.
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
         scraped = {}
         for name, process in (("orchestrator", orchestrator), ("vlm", vlm), ("audio", audio)):
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port(process)}/metrics", timeout=30) as page:
