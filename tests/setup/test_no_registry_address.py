@@ -8,12 +8,13 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# Hosts of public package indexes and their file servers, and an index address written into a pip option.
-REGISTRY = re.compile(
-    r"pypi\.org|pypi\.python\.org|pythonhosted\.org|download\.pytorch\.org|pypi\.nvidia\.com|pypi\.ngc\.nvidia\.com"
-    r"|anaconda\.org|repo\.anaconda\.com|conda\.anaconda\.org"
-    r"|(index-url|find-links|extra-index-url)[ =]+['\"]?(https?|file)://",
-    re.IGNORECASE)
+# Hosts of public package indexes and their file servers, and an index address written into a pip option. Written
+# as patterns only, so this file names no address itself (its test builds the addresses it probes with).
+REGISTRY_HOSTS = (r"pypi\.org", r"pypi\.python\.org", r"pythonhosted\.org", r"download\.pytorch\.org",
+                  r"pypi\.nvidia\.com", r"pypi\.ngc\.nvidia\.com", r"anaconda\.org", r"repo\.anaconda\.com",
+                  r"conda\.anaconda\.org")
+PIP_OPTION_ADDRESS = r"(index-url|find-links|extra-index-url)[ =]+['\"]?(https?|file)://"
+REGISTRY = re.compile("|".join([*REGISTRY_HOSTS, PIP_OPTION_ADDRESS]), re.IGNORECASE)
 
 
 def tracked_text_files() -> list[Path]:
@@ -25,7 +26,7 @@ def registry_addresses(paths: list[Path], root: Path = ROOT) -> list[str]:
     """"path:line: text" of every line that names a registry."""
     found = []
     for path in paths:
-        if path == Path(__file__).resolve() or not path.is_file():  # this file spells the patterns
+        if not path.is_file():
             continue
         try:
             text = path.read_text(encoding="utf-8")
@@ -45,10 +46,12 @@ def test_no_tracked_file_names_a_package_registry():
 
 
 def test_the_check_finds_an_address_written_anywhere(tmp_path):
-    for i, line in enumerate(["pip install --index-url https://mirror.example/simple torch",
-                              "RUN pip install --extra-index-url=https://example.org/whl/cu128 torch",
-                              "# files come from files.PythonHosted.org", "see https://pypi.org/project/torch/"]):
-        (tmp_path / f"{i}.txt").write_text(f"first line\n{line}\n")
+    scheme = "https"  # joined at run time: the probes' addresses are not in this file
+    probes = [f"pip install --index-url {scheme}://mirror.invalid/simple torch",
+              f"RUN pip install --extra-index-url={scheme}://mirror.invalid/whl/cu128 torch"]
+    probes += [f"# files come from {host.replace(chr(92), '').upper()}" for host in REGISTRY_HOSTS]
+    for i, line in enumerate(probes):
+        (tmp_path / f"{i:02}.txt").write_text(f"first line\n{line}\n")
     (tmp_path / "clean.txt").write_text("pip install -r requirements.txt  # pip's configured index\n")
     found = registry_addresses(sorted(tmp_path.iterdir()), tmp_path)
-    assert [entry.split(":")[1] for entry in found] == ["2"] * 4
+    assert [entry.split(":")[1] for entry in found] == ["2"] * len(probes)
