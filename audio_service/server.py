@@ -42,10 +42,14 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         self.cache = open_cache(config.cache, "audio")
         metrics.QUEUE_DEPTH.labels(queue=QUEUE).set_function(lambda: self.batcher.queue_depth)
 
+    def _window_shape(self):
+        """The backend's model window for long clips; None: it has none (Triton, test doubles)."""
+        return getattr(self.backend, "window_shape", lambda: None)()
+
     def limits(self) -> audio_pb2.AudioLimits:
         """What this replica makes: its --max-clip-seconds (a backend without model windows makes one call's
         length at most), and whether it has the speech/music guard."""
-        windows = getattr(self.backend, "window_shape", lambda: None)() is not None  # None: Triton, doubles
+        windows = self._window_shape() is not None
         longest = self.config.max_clip_seconds if windows else min(self.config.max_clip_seconds,
                                                                    contract.MAX_SINGLE_WINDOW_SECONDS)
         return audio_pb2.AudioLimits(max_clip_seconds=longest, speech_music_guard=clip_maker.can_guard(self.backend))
@@ -148,7 +152,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         chunks as soon as its samples are final (a long clip's first window streams before the second is
         made), the metadata on the last chunk; then it is cached under `key` (None: not cached)."""
         generation = call.generation
-        shape = getattr(self.backend, "window_shape", lambda: None)()  # None: no windows (Triton, doubles)
+        shape = self._window_shape()
         rate = shape.sample_rate_hertz if shape else self.backend.sample_rate_hertz
         deadline = Deadline.from_context(context)
         # A loudness target needs the whole clip (measured before its gain): sent at the end. Another rate
@@ -157,7 +161,7 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
         whole = call.output.loudness_target_lufs is not None
         resampler = loudness.StreamResampler(rate, out_rate)
         stream = ChunkStream(call.clip_id, out_rate, call.output.encoding, call.output.chunk_seconds)
-        made_samples: list[np.ndarray] = []
+        made_samples: list[np.ndarray] = []  # kept when the clip goes out whole
         sent_samples: list[np.ndarray] = []  # as sent, when streamed
         started = time.perf_counter()
         async with Pump() as pump:
@@ -187,8 +191,9 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
             pump.spawn(render())
             async for item in pump:
                 if isinstance(item, np.ndarray):
-                    made_samples.append(item)
-                    if not whole:
+                    if whole:
+                        made_samples.append(item)
+                    else:
                         sent_samples.append(resampler.add(item))
                         for chunk in stream.add(sent_samples[-1]):
                             yield audio_pb2.GenerateAudioResponse(chunk=chunk)
@@ -197,8 +202,8 @@ class AudioServicer(audio_pb2_grpc.AudioServiceServicer):
                 else:
                     yield item
         elapsed = time.perf_counter() - started
-        clip = np.concatenate(made_samples) if made_samples else np.zeros(0, np.float32)
         if whole:
+            clip = np.concatenate(made_samples) if made_samples else np.zeros(0, np.float32)
             out = await asyncio.to_thread(loudness.deliver, clip, rate, out_rate, call.output.loudness_target_lufs)
             level, gain_db, sent = out.level, out.gain_db, out.samples
         else:

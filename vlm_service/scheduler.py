@@ -150,19 +150,18 @@ def plan_step(engine: DecodeEngine, admit: list[EngineRequest]) -> StepPlan:
     if len(admit) > len(free):
         raise ValueError(f"{len(admit)} requests to admit into {len(free)} free rows")
     admissions = []
+    waiting = {row.slot: row.prompt_left for row in rows if row.prompt_left}  # prompt tokens still to prefill
     for req, slot in zip(admit, free):
-        chunked = bool(chunk_size and decode) and engine.prompt_work(req) > chunk_size
+        work = engine.prompt_work(req) if chunk_size and decode else 0
+        chunked = work > chunk_size
         admissions.append(NewRow(req, slot, chunked))
-        if not chunked:
+        if chunked:
+            waiting[slot] = work
+        else:
             decode.append(slot)  # prefilled now, its first token chosen: it decodes in this step
-    chunk = None
-    if chunk_size:
-        waiting = {row.slot: row.prompt_left for row in rows if row.prompt_left}
-        waiting.update((a.slot, engine.prompt_work(a.req)) for a in admissions if a.chunked)
-        if waiting:
-            chunk = min(waiting)
-            if waiting[chunk] <= chunk_size:  # its last chunk: the row decodes right after it
-                decode.append(chunk)
+    chunk = min(waiting) if waiting else None  # the lowest row still prefilling (only with chunking)
+    if chunk is not None and waiting[chunk] <= chunk_size:  # its last chunk: the row decodes right after it
+        decode.append(chunk)
     return StepPlan(stop=stop, admit=tuple(admissions), chunk=chunk, decode=tuple(sorted(decode)))
 
 

@@ -40,18 +40,27 @@ async def clip(stub, request) -> tuple[bytes, common_pb2.ClipMetadata]:
 
 
 @contextlib.asynccontextmanager
+async def stub_on(server, stub_class):
+    """A stub on a channel to `server` (started; SERVING from here on); the channel and the server end after."""
+    await server.set_serving(True)
+    channel = grpc.aio.insecure_channel(server.address)
+    try:
+        yield stub_class(channel)
+    finally:
+        await channel.close()
+        await server.stop()
+
+
+@contextlib.asynccontextmanager
 async def audio_server(backend, cache: CacheOptions = CacheOptions()):
     """(stub, servicer) of an audio service on `backend`, its result cache as `cache` says."""
     config = AudioConfig(model="tiny", max_wait_ms=0, cache=cache, server=ServerOptions(port=0, grace_seconds=1))
     server, servicer = make_audio_server(config, backend)
     await server.start()
-    await server.set_serving(True)
-    channel = grpc.aio.insecure_channel(server.address)
     try:
-        yield audio_pb2_grpc.AudioServiceStub(channel), servicer
+        async with stub_on(server, audio_pb2_grpc.AudioServiceStub) as stub:
+            yield stub, servicer
     finally:
-        await channel.close()
-        await server.stop()
         await servicer.close()
 
 
@@ -163,13 +172,10 @@ async def vlm_service(tiny_vlm_dir):
     server, servicer = make_vlm_server(config, backend)
     await server.start()
     await asyncio.to_thread(warm_vlm, backend)
-    await server.set_serving(True)
-    channel = grpc.aio.insecure_channel(server.address)
     try:
-        yield vision_pb2_grpc.VisionServiceStub(channel), backend
+        async with stub_on(server, vision_pb2_grpc.VisionServiceStub) as stub:
+            yield stub, backend
     finally:
-        await channel.close()
-        await server.stop()
         servicer.close()
         backend.close()
 
